@@ -1,0 +1,107 @@
+# fanout: one plain Makefile. Objects go under $(BUILD), one tree per sanitizer.
+#   make            library, binary and test programs      make test   every suite
+#   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
+#   make bench      micro-benchmarks                       make install / clean
+# A command-line CFLAGS= adds to ours instead of replacing them.
+
+BUILD    ?= build
+PREFIX   ?= /usr/local
+CC       ?= cc
+OPT      ?= -O2 -g
+SAN      ?=
+PKGS      = libcurl libmicrohttpd libcjson cunit
+# Debian package providing each pkg-config module, in the same order as PKGS.
+DEB_PKGS  = libcurl4-openssl-dev libmicrohttpd-dev libcjson-dev libcunit1-dev
+
+WARN      = -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+            -Wformat=2 -Wvla -Wcast-qual -Wno-format-nonliteral
+ALL_CFLAGS   = -std=c11 $(WARN) $(OPT) $(SAN) -pthread $(CFLAGS)
+ALL_CPPFLAGS = -I. -D_GNU_SOURCE -MMD -MP $(PKG_CFLAGS) $(CPPFLAGS)
+ALL_LDFLAGS  = $(SAN) -pthread $(LDFLAGS)
+
+# pkg-config is asked only when something is compiled, after 'deps' has run.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs libcurl libmicrohttpd libcjson 2>/dev/null)
+CUNIT_LIBS = $(shell pkg-config --libs cunit 2>/dev/null)
+
+LIB_SRCS  = $(wildcard ctx/*.c pool/*.c fetch/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
+LIB_OBJS  = $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
+TEST_SRCS = $(wildcard tests/test_*.c)
+TEST_BINS = $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
+# Every tests/*.c that is not a test_* or bench_* program is shared support, linked into each.
+TEST_COMMON = $(patsubst %.c,$(BUILD)/obj/%.o,$(filter-out tests/test_% tests/bench_%,$(wildcard tests/*.c)))
+BENCH_SRCS = $(wildcard tests/bench_*.c)
+BENCH_BINS = $(BENCH_SRCS:tests/%.c=$(BUILD)/tests/%)
+LIB       = $(BUILD)/libfanout.a
+BIN       = $(BUILD)/bin/fanout
+
+# Suites run under 'timeout' so that a hang fails instead of blocking CI.
+TEST_TIMEOUT ?= 300
+
+.PHONY: all deps test asan tsan bench run install clean
+all: deps
+	@$(MAKE) --no-print-directory $(BIN) $(TEST_BINS) $(BENCH_BINS)
+
+# Installs the -dev packages that pkg-config cannot find (apt-get as root or through sudo), or
+# stops with a message naming them.
+deps:
+	@command -v pkg-config >/dev/null 2>&1 || need=pkg-config; \
+	set -- $(DEB_PKGS); for p in $(PKGS); do \
+	  pkg-config --exists $$p 2>/dev/null || need="$$need $$1"; shift; done; \
+	if [ -n "$$need" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	    else echo "fanout: missing build dependencies:$$need (run apt-get install as root)" >&2; exit 1; fi; \
+	    echo "fanout: installing build dependencies:$$need"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$need pkg-config >/dev/null || exit 1; \
+	  else \
+	    echo "fanout: missing build dependencies: $$need (Debian names; install your system's equivalents of libcurl, libmicrohttpd, cJSON and CUnit development packages)" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(LIB): $(LIB_OBJS)
+	@mkdir -p $(@D)
+	rm -f $@
+	$(AR) rcs $@ $^
+
+$(BIN): $(BUILD)/obj/server/main.o $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_COMMON) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
+
+# Benchmarks have their own main(); they share the support code but not the CUnit runner.
+$(BUILD)/tests/bench_%: $(BUILD)/obj/tests/bench_%.o $(filter-out %/main.o,$(TEST_COMMON)) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
+
+test: all
+	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) tests/run.sh $(TEST_BINS)
+
+asan:
+	$(MAKE) test BUILD=build/asan OPT="-O1 -g" \
+	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+tsan:
+	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread"
+
+bench: all
+	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+
+run: all
+	$(BIN) --demo --listen $${LISTEN:-127.0.0.1:8080}
+
+install: all
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/fanout
+
+clean:
+	rm -rf build
+
+.PRECIOUS: $(BUILD)/obj/%.o $(BUILD)/obj/tests/%.o
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,709 @@
+/* fetch: the curl-multi engine (see fetch.h for the contract).
+ *
+ * DESIGN
+ * The engine is an array of loops. A loop is one thread owning one CURLM, its connection cache,
+ * its easy handles and every transfer queued on it; nothing curl-related is touched by another
+ * thread. Other threads reach a loop only through its inbox: fetch_get() appends a transfer under
+ * the loop's mutex and, when the inbox was empty, calls curl_multi_wakeup() (still under the mutex,
+ * so a loop that has stopped is never woken after its multi is gone). A transfer's ctx hook does
+ * the same with a "cancel pending" flag: it marks, wakes and returns, never touching the transfer.
+ *
+ * Each pass of the loop thread: take the inbox and the flags; admit new transfers (a ctx already
+ * done completes them without starting); on "cancel pending", scan the active and waiting
+ * transfers and abort those whose ctx is done (curl_multi_remove_handle, on this thread, never
+ * from a curl callback); move waiting transfers into the multi while fewer than 'limit' are active;
+ * curl_multi_perform(); complete what curl reports done; curl_multi_poll() until curl has work
+ * or a wakeup arrives. 'limit' is the loop's connection cap (HTTP/1.1: one transfer per
+ * connection), or 100 streams per connection for h2c, so curl's own PENDING queue stays empty:
+ * its timeout clock would otherwise run while a transfer waits, and 7.88 walks PENDING handles on
+ * every perform (LIBRARY-NOTES 2.2, 2.3). The waiting FIFO is ours and costs nothing per pass.
+ *
+ * Completion (only on the loop thread): remove the ctx hook (ctx_hook_remove waits if the hook
+ * is running right now, so the transfer can be freed), recycle the easy handle onto the loop's
+ * free list, count, call the callback with no lock held, drop the ctx reference, free.
+ *
+ * Stop: fetch_free() sets 'stopping' under each loop's mutex and wakes it. fetch_get() checks
+ * the flag under the same mutex, so once the loop has seen it its inbox can only be what it took
+ * in that same critical section; it completes those, the active and the waiting transfers with
+ * FETCH_ESHUTDOWN (or their ctx's cause), frees its curl handles and exits; fetch_free() joins.
+ *
+ * Locks: one mutex per loop (the inbox); no other lock is ever taken while holding it, and no
+ * callback, hook or curl call except curl_multi_wakeup() runs under it. Counters are atomics. */
+#include "fetch/fetch.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctx/ctx.h"
+
+#define POLL_MS 1000          /* curl_multi_poll() cap; wakeups and curl's timers cut it short */
+#define H2_STREAMS_PER_CONN 100 /* curl's default CURLMOPT_MAX_CONCURRENT_STREAMS */
+#define BODY_MIN_CAP 1024     /* first body buffer when no Content-Length is known */
+
+struct fetch_loop;
+
+/* One transfer, from fetch_get() to its callback. Owned by its loop once queued. */
+struct xfer {
+    struct xfer *next, *prev;   /* on the inbox, the waiting FIFO or the active list */
+    struct fetch_loop *loop;    /* the loop it runs on */
+    struct ctx *ctx;            /* our reference on the caller's ctx */
+    struct ctx_hook hook;       /* wakes the loop when ctx is done; armed until completion */
+    fetch_cb cb;                /* the caller's callback and its argument */
+    void *arg;
+    size_t max_body;            /* body cap in bytes */
+    int64_t t0;                 /* ctx_now() at fetch_get() */
+    CURL *easy;                 /* the easy handle while started, else NULL */
+    struct curl_slist *hdrs;    /* extra request headers while started */
+    char *body;                 /* received body (NUL-terminated room kept), or NULL */
+    size_t len, cap;            /* body length and allocation */
+    uint64_t received;          /* body bytes curl delivered, kept or not */
+    bool too_big;               /* the write callback refused data past the cap */
+    const char *url;            /* points into 'strings' */
+    const char *request_id;     /* points into 'strings', or NULL */
+    char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
+    char strings[];             /* the URL, then the request id */
+};
+
+/* A FIFO of transfers (singly linked through 'next'). */
+struct xfer_queue {
+    struct xfer *head, *tail;
+};
+
+struct fetch_loop {
+    struct fetch *f;            /* the engine */
+    pthread_t thread;           /* the loop thread */
+    bool started;               /* thread created (for unwinding and joining) */
+    CURLM *multi;               /* owned by the loop thread; freed by it on exit */
+    pthread_mutex_t mu;         /* guards inbox, cancel_pending, stopping */
+    struct xfer_queue inbox;    /* handed over by fetch_get(); guarded by mu */
+    bool cancel_pending;        /* some transfer's ctx is done; guarded by mu */
+    bool stopping;              /* fetch_free() began; guarded by mu */
+    /* Loop thread only: */
+    struct xfer_queue waiting;  /* admitted, not started: FIFO */
+    struct xfer *active;        /* started (in the multi): doubly linked */
+    unsigned nactive;           /* length of 'active' */
+    unsigned limit;             /* most transfers in the multi at once */
+    CURL **spare;               /* configured easy handles not in use */
+    unsigned nspare, spare_cap; /* count and allocation */
+};
+
+struct fetch {
+    struct fetch_opts opts;     /* as given (validated) */
+    unsigned nloops;            /* loops in 'loops' that were initialised */
+    struct fetch_loop *loops;   /* the loops */
+    atomic_uint next_loop;      /* round-robin for fetch_pick_loop() */
+    atomic_bool stopping;       /* fetch_free() began (fast path; the loop's flag decides) */
+    atomic_uint_fast64_t ok, status, unreachable, deadline, canceled, too_large, in_flight,
+        conns_opened, bytes;    /* see struct fetch_stats */
+};
+
+/* ---------------------------------------------------------------- small helpers */
+
+static void queue_push(struct xfer_queue *q, struct xfer *x)
+{
+    x->next = NULL;
+    if (q->tail)
+        q->tail->next = x;
+    else
+        q->head = x;
+    q->tail = x;
+}
+
+static struct xfer *queue_pop(struct xfer_queue *q)
+{
+    struct xfer *x = q->head;
+    if (x) {
+        q->head = x->next;
+        if (!q->head)
+            q->tail = NULL;
+        x->next = NULL;
+    }
+    return x;
+}
+
+static void active_add(struct fetch_loop *l, struct xfer *x)
+{
+    x->prev = NULL;
+    x->next = l->active;
+    if (l->active)
+        l->active->prev = x;
+    l->active = x;
+    l->nactive++;
+}
+
+static void active_del(struct fetch_loop *l, struct xfer *x)
+{
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        l->active = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    x->next = x->prev = NULL;
+    l->nactive--;
+}
+
+void fetch_opts_default(struct fetch_opts *o)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    o->loops = n > 0 ? (unsigned)n : 1;
+    o->max_conns = 512;
+    o->max_body = 1 << 20;
+    o->connect_timeout_ms = 5000;
+    o->h2c = false;
+}
+
+const char *fetch_result_name(int err)
+{
+    switch (err) {
+    case 0:
+        return "ok";
+    case FETCH_ESTATUS:
+        return "upstream_status";
+    case FETCH_EUNREACH:
+        return "unreachable";
+    case FETCH_ETOOBIG:
+        return "too_large";
+    case -ETIMEDOUT:
+        return "deadline";
+    default:
+        return "canceled";
+    }
+}
+
+/* ---------------------------------------------------------------- easy handles */
+
+static size_t on_write(char *data, size_t size, size_t nmemb, void *arg)
+{
+    struct xfer *x = arg;
+    size_t n = size * nmemb;
+    x->received += n;
+    if (n > x->max_body - x->len) {
+        x->too_big = true;
+        return 0; /* CURLE_WRITE_ERROR: curl stops reading at once */
+    }
+    if (x->len + n + 1 > x->cap) {
+        size_t cap = x->cap;
+        if (cap == 0) {
+            curl_off_t cl = -1;
+            curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+            cap = cl > 0 && (uint64_t)cl <= x->max_body ? (size_t)cl + 1 : BODY_MIN_CAP;
+        }
+        while (cap < x->len + n + 1)
+            cap = cap > x->max_body / 2 ? x->max_body + 1 : cap * 2;
+        char *p = realloc(x->body, cap);
+        if (!p)
+            return 0; /* reported as a write error */
+        x->body = p;
+        x->cap = cap;
+    }
+    memcpy(x->body + x->len, data, n);
+    x->len += n;
+    x->body[x->len] = 0;
+    return n;
+}
+
+/* A configured easy handle from the free list, or a new one; NULL if out of memory. */
+static CURL *easy_get(struct fetch_loop *l)
+{
+    if (l->nspare > 0)
+        return l->spare[--l->nspare];
+    CURL *e = curl_easy_init();
+    if (!e)
+        return NULL;
+    const struct fetch_opts *o = &l->f->opts;
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    if (o->h2c) {
+        curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+        curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+    } else {
+        curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    }
+    return e;
+}
+
+/* Returns a handle (already removed from the multi) to the free list, or frees it. */
+static void easy_put(struct fetch_loop *l, CURL *e)
+{
+    /* Leave nothing pointing at the finished transfer. */
+    curl_easy_setopt(e, CURLOPT_PRIVATE, NULL);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, NULL);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, NULL);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
+    if (l->nspare == l->spare_cap) {
+        unsigned cap = l->spare_cap ? l->spare_cap * 2 : 16;
+        CURL **p = realloc(l->spare, cap * sizeof(*p));
+        if (!p) {
+            curl_easy_cleanup(e);
+            return;
+        }
+        l->spare = p;
+        l->spare_cap = cap;
+    }
+    l->spare[l->nspare++] = e;
+}
+
+/* ---------------------------------------------------------------- completion */
+
+/* Completes 'x' with 'err' (its easy handle, if any, already out of the multi): counts, calls the
+ * callback and frees the transfer. 'detail' may be NULL for the default text of 'err'. */
+static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *detail)
+{
+    struct fetch *f = l->f;
+    struct fetch_result r = {.err = err};
+    char buf[CURL_ERROR_SIZE + 64];
+    if (x->easy) {
+        long status = 0, conns = 0;
+        curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+        curl_easy_getinfo(x->easy, CURLINFO_NUM_CONNECTS, &conns);
+        r.status = status;
+        if (conns > 0)
+            atomic_fetch_add_explicit(&f->conns_opened, (uint64_t)conns, memory_order_relaxed);
+        easy_put(l, x->easy);
+        x->easy = NULL;
+    }
+    ctx_hook_remove(x->ctx, &x->hook); /* waits if the hook is running; never fires after */
+    curl_slist_free_all(x->hdrs);
+    x->hdrs = NULL;
+
+    atomic_uint_fast64_t *counter;
+    switch (err) {
+    case 0:
+        counter = &f->ok;
+        detail = "ok";
+        break;
+    case FETCH_ESTATUS:
+        counter = &f->status;
+        snprintf(buf, sizeof(buf), "upstream answered with status %ld", r.status);
+        detail = buf;
+        break;
+    case FETCH_EUNREACH:
+        counter = &f->unreachable;
+        break;
+    case FETCH_ETOOBIG:
+        counter = &f->too_large;
+        snprintf(buf, sizeof(buf), "upstream body larger than %zu bytes", x->max_body);
+        detail = buf;
+        break;
+    case -ETIMEDOUT:
+        counter = &f->deadline;
+        break;
+    default:
+        counter = &f->canceled;
+        break;
+    }
+    if (!detail) {
+        if (err == -ETIMEDOUT)
+            detail = "deadline exceeded";
+        else if (err == FETCH_ESHUTDOWN)
+            detail = "fetch engine shutting down";
+        else if (err == -ECANCELED)
+            detail = "canceled";
+        else if (err == FETCH_EUNREACH)
+            detail = "upstream unreachable";
+        else {
+            snprintf(buf, sizeof(buf), "canceled: %s", strerror(-err));
+            detail = buf;
+        }
+    }
+    r.detail = detail;
+    if (err == 0 || err == FETCH_ESTATUS) {
+        r.body = x->body; /* the callback owns it now */
+        r.len = x->len;
+    } else {
+        free(x->body);
+    }
+    x->body = NULL;
+    r.elapsed_ms = ctx_now() - x->t0;
+    atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&f->bytes, x->received, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&f->in_flight, 1, memory_order_relaxed);
+
+    x->cb(x->arg, &r);
+    ctx_unref(x->ctx);
+    free(x);
+}
+
+/* Maps a finished curl transfer to a result and completes it. */
+static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
+{
+    if (rc == CURLE_OK) {
+        long status = 0;
+        curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+        complete(l, x, status >= 200 && status <= 299 ? 0 : FETCH_ESTATUS, NULL);
+        return;
+    }
+    if (x->too_big || rc == CURLE_FILESIZE_EXCEEDED) {
+        complete(l, x, FETCH_ETOOBIG, NULL);
+        return;
+    }
+    const char *text = x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc);
+    if (rc == CURLE_OPERATION_TIMEDOUT) {
+        /* TIMEOUT_MS is the ctx's remaining time, so a curl timeout at the deadline is the
+         * deadline; one well before it came from the connect cap: the upstream is unreachable. */
+        int cause = ctx_err(x->ctx);
+        if (cause != 0 && cause != -ETIMEDOUT) {
+            complete(l, x, cause, NULL);
+            return;
+        }
+        if (cause == -ETIMEDOUT || (ctx_deadline(x->ctx) != CTX_FOREVER &&
+                                    ctx_remaining(x->ctx) <= 1)) {
+            complete(l, x, -ETIMEDOUT, text);
+            return;
+        }
+    }
+    complete(l, x, FETCH_EUNREACH, text);
+}
+
+/* Aborts a started transfer with 'err'. */
+static void abort_active(struct fetch_loop *l, struct xfer *x, int err)
+{
+    active_del(l, x);
+    curl_multi_remove_handle(l->multi, x->easy);
+    complete(l, x, err, NULL);
+}
+
+/* ---------------------------------------------------------------- the loop */
+
+/* Puts 'x' into the multi, or completes it if it must not start. */
+static void start(struct fetch_loop *l, struct xfer *x)
+{
+    int cause = ctx_err(x->ctx);
+    if (cause != 0) {
+        complete(l, x, cause, NULL);
+        return;
+    }
+    int64_t left = ctx_remaining(x->ctx);
+    if (left == 0) { /* past the deadline; the timer has not fired yet */
+        complete(l, x, -ETIMEDOUT, NULL);
+        return;
+    }
+    const struct fetch_opts *o = &l->f->opts;
+    char line[64];
+    if (x->request_id) {
+        size_t n = strlen(x->request_id) + sizeof("X-Request-Id: ");
+        char *h = malloc(n);
+        struct curl_slist *s = NULL;
+        if (h) {
+            snprintf(h, n, "X-Request-Id: %s", x->request_id);
+            s = curl_slist_append(x->hdrs, h);
+            free(h);
+        }
+        if (!s)
+            goto nomem;
+        x->hdrs = s;
+    }
+    if (left != CTX_FOREVER) {
+        snprintf(line, sizeof(line), "X-Request-Timeout-Ms: %lld", (long long)left);
+        struct curl_slist *s = curl_slist_append(x->hdrs, line);
+        if (!s)
+            goto nomem;
+        x->hdrs = s;
+    }
+    x->easy = easy_get(l);
+    if (!x->easy)
+        goto nomem;
+    int64_t conn_ms = o->connect_timeout_ms > 0 ? o->connect_timeout_ms : 0;
+    if (left != CTX_FOREVER && (conn_ms == 0 || left < conn_ms))
+        conn_ms = left;
+    x->errbuf[0] = 0;
+    CURL *e = x->easy;
+    if (curl_easy_setopt(e, CURLOPT_URL, x->url) != CURLE_OK)
+        goto nomem;
+    curl_easy_setopt(e, CURLOPT_PRIVATE, x);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->errbuf);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->hdrs);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(left == CTX_FOREVER ? 0 : left));
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)conn_ms);
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)x->max_body);
+    if (curl_multi_add_handle(l->multi, e) != CURLM_OK)
+        goto nomem;
+    active_add(l, x);
+    return;
+nomem:
+    complete(l, x, FETCH_EUNREACH, "out of memory starting the transfer");
+}
+
+/* Queues newly handed-over transfers, completing those whose ctx is already done. */
+static void admit(struct fetch_loop *l, struct xfer *in)
+{
+    while (in) {
+        struct xfer *x = in;
+        in = in->next;
+        int cause = ctx_err(x->ctx);
+        if (cause != 0)
+            complete(l, x, cause, NULL);
+        else
+            queue_push(&l->waiting, x);
+    }
+}
+
+/* Aborts or drops every transfer whose ctx is done. */
+static void reap_canceled(struct fetch_loop *l)
+{
+    for (struct xfer *x = l->active, *next; x; x = next) {
+        next = x->next;
+        int cause = ctx_err(x->ctx);
+        if (cause != 0)
+            abort_active(l, x, cause);
+    }
+    struct xfer_queue keep = {NULL, NULL};
+    struct xfer *x;
+    while ((x = queue_pop(&l->waiting)) != NULL) {
+        int cause = ctx_err(x->ctx);
+        if (cause != 0)
+            complete(l, x, cause, NULL);
+        else
+            queue_push(&keep, x);
+    }
+    l->waiting = keep;
+}
+
+static void reap_done(struct fetch_loop *l)
+{
+    CURLMsg *m;
+    int left;
+    while ((m = curl_multi_info_read(l->multi, &left)) != NULL) {
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        CURL *e = m->easy_handle;
+        CURLcode rc = m->data.result;
+        struct xfer *x = NULL;
+        curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&x);
+        curl_multi_remove_handle(l->multi, e); /* m is invalid from here on */
+        active_del(l, x);
+        finish(l, x, rc);
+    }
+}
+
+static int stop_cause(struct xfer *x)
+{
+    int cause = ctx_err(x->ctx);
+    return cause != 0 ? cause : FETCH_ESHUTDOWN;
+}
+
+static void drain_all(struct fetch_loop *l, struct xfer *in)
+{
+    while (in) {
+        struct xfer *x = in;
+        in = in->next;
+        complete(l, x, stop_cause(x), NULL);
+    }
+    while (l->active)
+        abort_active(l, l->active, stop_cause(l->active));
+    struct xfer *x;
+    while ((x = queue_pop(&l->waiting)) != NULL)
+        complete(l, x, stop_cause(x), NULL);
+}
+
+static void *loop_main(void *arg)
+{
+    struct fetch_loop *l = arg;
+    for (;;) {
+        pthread_mutex_lock(&l->mu);
+        struct xfer *in = l->inbox.head;
+        l->inbox.head = l->inbox.tail = NULL;
+        bool cancel = l->cancel_pending, stop = l->stopping;
+        l->cancel_pending = false;
+        pthread_mutex_unlock(&l->mu);
+        if (stop) {
+            drain_all(l, in);
+            break;
+        }
+        admit(l, in);
+        if (cancel)
+            reap_canceled(l);
+        while (l->waiting.head && l->nactive < l->limit)
+            start(l, queue_pop(&l->waiting));
+        int running;
+        curl_multi_perform(l->multi, &running);
+        reap_done(l);
+        if (l->waiting.head && l->nactive < l->limit)
+            continue; /* slots freed: start the next ones before sleeping */
+        curl_multi_poll(l->multi, NULL, 0, POLL_MS, NULL);
+    }
+    /* Callbacks run by drain_all() cannot have queued anything: fetch_get() saw 'stopping'. */
+    while (l->nspare > 0)
+        curl_easy_cleanup(l->spare[--l->nspare]);
+    return NULL;
+}
+
+/* The ctx hook: runs on whichever thread made the ctx done. Must not block or touch the xfer. */
+static void on_ctx_done(void *arg)
+{
+    struct fetch_loop *l = arg;
+    pthread_mutex_lock(&l->mu);
+    if (!l->cancel_pending && !l->stopping) {
+        l->cancel_pending = true;
+        curl_multi_wakeup(l->multi);
+    }
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* ---------------------------------------------------------------- API */
+
+static bool header_value_ok(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return false;
+    return true;
+}
+
+int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r)
+{
+    if (!f || !c || !r || !r->url || !r->cb || loop >= f->nloops)
+        return -EINVAL;
+    if (r->request_id && !header_value_ok(r->request_id))
+        return -EINVAL; /* no header injection through CR/LF */
+    if (atomic_load_explicit(&f->stopping, memory_order_acquire))
+        return FETCH_ESHUTDOWN;
+    size_t ulen = strlen(r->url) + 1, rlen = r->request_id ? strlen(r->request_id) + 1 : 0;
+    struct xfer *x = calloc(1, sizeof(*x) + ulen + rlen);
+    if (!x)
+        return -ENOMEM;
+    struct fetch_loop *l = &f->loops[loop];
+    memcpy(x->strings, r->url, ulen);
+    x->url = x->strings;
+    if (r->request_id) {
+        memcpy(x->strings + ulen, r->request_id, rlen);
+        x->request_id = x->strings + ulen;
+    }
+    x->loop = l;
+    x->cb = r->cb;
+    x->arg = r->arg;
+    x->max_body = r->max_body ? r->max_body : f->opts.max_body;
+    x->t0 = ctx_now();
+    x->ctx = ctx_ref(c);
+    atomic_fetch_add_explicit(&f->in_flight, 1, memory_order_relaxed);
+    ctx_hook_add(c, &x->hook, on_ctx_done, l); /* fires at once if c is already done */
+
+    pthread_mutex_lock(&l->mu);
+    if (l->stopping) {
+        pthread_mutex_unlock(&l->mu);
+        ctx_hook_remove(c, &x->hook);
+        ctx_unref(x->ctx);
+        free(x);
+        atomic_fetch_sub_explicit(&f->in_flight, 1, memory_order_relaxed);
+        return FETCH_ESHUTDOWN;
+    }
+    bool was_empty = l->inbox.head == NULL;
+    queue_push(&l->inbox, x);
+    if (was_empty) /* otherwise a wakeup is already on its way */
+        curl_multi_wakeup(l->multi);
+    pthread_mutex_unlock(&l->mu);
+    return 0;
+}
+
+unsigned fetch_loops(const struct fetch *f)
+{
+    return f->nloops;
+}
+
+unsigned fetch_pick_loop(struct fetch *f)
+{
+    return atomic_fetch_add_explicit(&f->next_loop, 1, memory_order_relaxed) % f->nloops;
+}
+
+void fetch_stats(struct fetch *f, struct fetch_stats *s)
+{
+    s->ok = atomic_load_explicit(&f->ok, memory_order_relaxed);
+    s->status = atomic_load_explicit(&f->status, memory_order_relaxed);
+    s->unreachable = atomic_load_explicit(&f->unreachable, memory_order_relaxed);
+    s->deadline = atomic_load_explicit(&f->deadline, memory_order_relaxed);
+    s->canceled = atomic_load_explicit(&f->canceled, memory_order_relaxed);
+    s->too_large = atomic_load_explicit(&f->too_large, memory_order_relaxed);
+    s->in_flight = atomic_load_explicit(&f->in_flight, memory_order_relaxed);
+    s->conns_opened = atomic_load_explicit(&f->conns_opened, memory_order_relaxed);
+    s->bytes = atomic_load_explicit(&f->bytes, memory_order_relaxed);
+}
+
+void fetch_free(struct fetch *f)
+{
+    if (!f)
+        return;
+    atomic_store_explicit(&f->stopping, true, memory_order_release);
+    for (unsigned i = 0; i < f->nloops; i++) {
+        struct fetch_loop *l = &f->loops[i];
+        pthread_mutex_lock(&l->mu);
+        l->stopping = true;
+        if (l->started)
+            curl_multi_wakeup(l->multi);
+        pthread_mutex_unlock(&l->mu);
+    }
+    for (unsigned i = 0; i < f->nloops; i++) {
+        struct fetch_loop *l = &f->loops[i];
+        if (l->started)
+            pthread_join(l->thread, NULL);
+        curl_multi_cleanup(l->multi);
+        free(l->spare);
+        pthread_mutex_destroy(&l->mu);
+    }
+    free(f->loops);
+    free(f);
+}
+
+static int loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
+{
+    l->f = f;
+    l->multi = curl_multi_init();
+    if (!l->multi)
+        return -ENOMEM;
+    int err = -pthread_mutex_init(&l->mu, NULL);
+    if (err) {
+        curl_multi_cleanup(l->multi);
+        return err;
+    }
+    curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)cap);
+    curl_multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)cap);
+    l->limit = f->opts.h2c ? cap * H2_STREAMS_PER_CONN : cap;
+    return 0;
+}
+
+int fetch_new(const struct fetch_opts *o, struct fetch **out)
+{
+    *out = NULL;
+    if (!o || o->loops == 0 || o->max_conns < o->loops || o->max_body == 0 ||
+        o->max_body > SIZE_MAX / 2)
+        return -EINVAL;
+    struct fetch *f = calloc(1, sizeof(*f));
+    if (!f)
+        return -ENOMEM;
+    f->opts = *o;
+    f->loops = calloc(o->loops, sizeof(*f->loops));
+    if (!f->loops) {
+        free(f);
+        return -ENOMEM;
+    }
+    unsigned cap = o->max_conns / o->loops;
+    if (cap < 1)
+        cap = 1;
+    int err = 0;
+    for (unsigned i = 0; i < o->loops && !err; i++) {
+        err = loop_init(f, &f->loops[i], cap);
+        if (!err)
+            f->nloops++;
+    }
+    for (unsigned i = 0; i < f->nloops && !err; i++) {
+        err = -pthread_create(&f->loops[i].thread, NULL, loop_main, &f->loops[i]);
+        if (!err)
+            f->loops[i].started = true;
+    }
+    if (err) {
+        fetch_free(f); /* stops and joins what started; nothing was queued */
+        return err;
+    }
+    *out = f;
+    return 0;
+}

@@ -1,0 +1,102 @@
+/* fetch: HTTP GETs on libcurl's multi interface, driven by ctx.
+ *
+ * A fetch engine runs N loop threads, each owning one CURLM and the easy handles and connections
+ * on it. Other threads hand work to a loop through its mutex-guarded inbox plus
+ * curl_multi_wakeup(); transfers are started, aborted and completed only on their loop thread, so
+ * no curl handle is ever touched by two threads. Callers keep all transfers of one request on one
+ * loop (fetch_pick_loop() once, then that index).
+ *
+ * Each transfer is bound to a ctx: its deadline becomes CURLOPT_TIMEOUT_MS; its cancellation wakes
+ * the loop, which removes the handle at once. Transfers of a ctx that is done before they start
+ * never start. The loops start in fetch_new() and stop in fetch_free(), which aborts everything in
+ * flight, calls every pending callback exactly once and joins the threads. */
+#ifndef FANOUT_FETCH_H
+#define FANOUT_FETCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ctx;
+struct fetch;
+
+/* Error codes in fetch's reserved range; ctx causes (-ETIMEDOUT, -ECANCELED, ...) pass through. */
+#define FETCH_ESTATUS (-2001)  /* the upstream answered with a non-2xx status */
+#define FETCH_EUNREACH (-2002) /* DNS, connect, reset, empty reply or another transport error */
+#define FETCH_ETOOBIG (-2003)  /* the body passed the cap (aborted as soon as it did) */
+#define FETCH_ESHUTDOWN (-2004) /* the engine is stopping */
+
+struct fetch_opts {
+    unsigned loops;            /* loop threads (>= 1) */
+    unsigned max_conns;        /* connections to upstreams, all loops together (>= loops) */
+    size_t max_body;           /* default body cap per transfer, bytes */
+    int64_t connect_timeout_ms; /* connect phase cap (still bounded by the ctx deadline) */
+    bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
+};
+
+/* What a transfer produced, handed to its callback. */
+struct fetch_result {
+    int err;            /* 0, FETCH_E*, or the ctx's cause (-ETIMEDOUT, -ECANCELED, ...) */
+    long status;        /* HTTP status if a response line arrived, else 0 */
+    char *body;         /* malloc'd body, NUL-terminated (not counted in len); the callback owns
+                           it and must free() it; NULL when there is none */
+    size_t len;         /* body length in bytes */
+    int64_t elapsed_ms; /* from fetch_get() to completion */
+    const char *detail; /* human-readable reason for err (curl's text where there is one); valid
+                           only during the callback */
+};
+
+typedef void (*fetch_cb)(void *arg, struct fetch_result *r);
+
+/* One transfer. Only 'url' and 'cb' are required; the strings are copied by fetch_get(). */
+struct fetch_req {
+    const char *url;        /* absolute http:// URL */
+    const char *request_id; /* sent as X-Request-Id when not NULL */
+    size_t max_body;        /* body cap, 0 for the engine's default */
+    fetch_cb cb;            /* called exactly once, on the loop thread */
+    void *arg;              /* passed to cb */
+};
+
+/* Engine-wide counters; every field is a snapshot of an atomic. */
+struct fetch_stats {
+    uint64_t ok;          /* completed with a 2xx */
+    uint64_t status;      /* FETCH_ESTATUS */
+    uint64_t unreachable; /* FETCH_EUNREACH */
+    uint64_t deadline;    /* -ETIMEDOUT */
+    uint64_t canceled;    /* any other ctx cause, or shutdown */
+    uint64_t too_large;   /* FETCH_ETOOBIG */
+    uint64_t in_flight;   /* submitted and not yet completed */
+    uint64_t conns_opened; /* new connections made to upstreams */
+    uint64_t bytes;       /* body bytes received */
+};
+
+/* Fills 'o' with the defaults: loops = CPUs, max_conns 512, max_body 1 MiB, connect 5000 ms. */
+void fetch_opts_default(struct fetch_opts *o);
+
+/* Starts the loops. curl_global_init() must have been called. Returns 0 and the engine in *out,
+ * or -EINVAL / -ENOMEM / another negative errno (nothing is left running). */
+int fetch_new(const struct fetch_opts *o, struct fetch **out);
+
+/* Number of loops. */
+unsigned fetch_loops(const struct fetch *f);
+
+/* A loop index for a new request (round-robin). Thread-safe. */
+unsigned fetch_pick_loop(struct fetch *f);
+
+/* Queues a GET on loop 'loop' bound to 'c' (the engine takes its own ctx reference). Returns 0, in
+ * which case r->cb is called exactly once with the outcome; or a negative code (-EINVAL,
+ * -ENOMEM, FETCH_ESHUTDOWN) and the callback is never called. Thread-safe. */
+int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r);
+
+/* Reads the counters. Thread-safe and lock-free. */
+void fetch_stats(struct fetch *f, struct fetch_stats *s);
+
+/* A short name for an error code: "ok", "upstream_status", "unreachable", "deadline", "canceled",
+ * "too_large" (the metrics label). */
+const char *fetch_result_name(int err);
+
+/* Aborts all transfers (callbacks get FETCH_ESHUTDOWN unless their ctx was already done), joins
+ * the loops and frees the engine. Must not be called from a fetch callback. */
+void fetch_free(struct fetch *f);
+
+#endif

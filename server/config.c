@@ -1,0 +1,341 @@
+/* config: table-driven flag and environment parsing.
+ *
+ * One table lists every setting once: its flag, kind, bounds, default text and help line. The
+ * environment is applied first (FANOUT_<NAME>, dashes as underscores), then the command line, so
+ * flags win. Numbers must be whole and within the setting's bounds; sizes take an optional
+ * KiB/MiB/GiB (or K/M/G) suffix; booleans take 1/0/true/false/yes/no. */
+#include "server/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "server/json.h"
+
+enum kind { K_LISTEN, K_STRING, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL };
+
+struct opt {
+    const char *name;  /* flag without the leading dashes */
+    enum kind kind;    /* how to parse it */
+    size_t off;        /* field offset in struct srv_config */
+    int64_t min, max;  /* bounds for numbers */
+    const char *help;  /* one line for --help */
+};
+
+#define F(field) offsetof(struct srv_config, field)
+static const struct opt opts[] = {
+    {"listen", K_LISTEN, 0, 0, 0, "address to serve, HOST:PORT (port 0 picks one) [0.0.0.0:8080]"},
+    {"upstream", K_STRING, F(upstream), 0, 0,
+     "upstream URL template with {id}, e.g. http://items:8080/items/{id}; required unless --demo"},
+    {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
+    {"limit", K_INT, F(limit), 1, 100000, "in-flight fetches per request (errgroup limit) [32]"},
+    {"max-conns", K_UINT, F(max_conns), 1, 1000000,
+     "connections to the upstream, all fetch loops together [512]"},
+    {"max-batch", K_UINT, F(max_batch), 1, 1000000, "ids per request [1000]"},
+    {"max-requests", K_UINT, F(max_requests), 1, 1000000,
+     "batch requests in flight before 503 overloaded [1024]"},
+    {"timeout-ms", K_MS, F(timeout_ms), 1, 86400000, "default request deadline, ms [5000]"},
+    {"max-timeout-ms", K_MS, F(max_timeout_ms), 1, 86400000,
+     "largest request deadline a client may ask for, ms [30000]"},
+    {"max-body", K_SIZE, F(max_body), 1, (int64_t)1 << 32, "upstream body per id, bytes [1MiB]"},
+    {"max-request-bytes", K_SIZE, F(max_request_bytes), 2, (int64_t)1 << 30,
+     "request body, bytes [1MiB]"},
+    {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
+    {"fetch-threads", K_UINT, F(fetch_threads), 1, 256, "upstream fetch loop threads [CPUs]"},
+    {"drain-ms", K_MS, F(drain_ms), 0, 3600000, "grace period for in-flight batches on SIGTERM [10000]"},
+    {"log-level", K_LEVEL, F(log_level), 0, 0, "error, warn, info or debug [info]"},
+    {"max-clients", K_UINT, F(max_clients), 1, 1000000, "client connections open at once [10000]"},
+    {"idle-timeout-s", K_UINT, F(idle_timeout_s), 1, 86400, "idle client connection timeout, s [60]"},
+    {"connect-timeout-ms", K_MS, F(connect_timeout_ms), 1, 3600000,
+     "upstream connect timeout, ms (the request deadline still bounds it) [2000]"},
+    {"h2c", K_BOOL, F(h2c), 0, 0, "speak HTTP/2 (prior knowledge, cleartext) to the upstream"},
+};
+#undef F
+
+static unsigned cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+void config_defaults(struct srv_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    strcpy(c->listen_host, "0.0.0.0");
+    c->listen_port = 8080;
+    c->limit = 32;
+    c->max_conns = 512;
+    c->max_batch = 1000;
+    c->max_requests = 1024;
+    c->timeout_ms = 5000;
+    c->max_timeout_ms = 30000;
+    c->max_body = 1 << 20;
+    c->max_request_bytes = 1 << 20;
+    c->http_threads = cpu_count();
+    c->fetch_threads = cpu_count();
+    c->drain_ms = 10000;
+    c->log_level = LOG_INFO;
+    c->max_clients = 10000;
+    c->idle_timeout_s = 60;
+    c->connect_timeout_ms = 2000;
+}
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -EINVAL;
+}
+
+/* Parses a whole decimal number with an optional size suffix (sizes only). */
+static bool parse_num(const char *v, bool size, int64_t *out)
+{
+    if (!isdigit((unsigned char)v[0]))
+        return false;
+    errno = 0;
+    char *end;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (errno || n > INT64_MAX)
+        return false;
+    uint64_t mult = 1;
+    if (size && *end) {
+        static const struct {
+            const char *sfx;
+            uint64_t mult;
+        } sfx[] = {{"KiB", 1024}, {"K", 1024},       {"k", 1024},      {"MiB", 1 << 20},
+                   {"M", 1 << 20}, {"GiB", 1u << 30}, {"G", 1u << 30}, {"B", 1}};
+        size_t i;
+        for (i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++)
+            if (strcmp(end, sfx[i].sfx) == 0)
+                break;
+        if (i == sizeof(sfx) / sizeof(sfx[0]))
+            return false;
+        mult = sfx[i].mult;
+        end += strlen(end);
+    }
+    if (*end || (mult > 1 && n > (uint64_t)INT64_MAX / mult))
+        return false;
+    *out = (int64_t)(n * mult);
+    return true;
+}
+
+static int parse_listen(struct srv_config *c, const char *v, const char *label, char *err,
+                        size_t errlen)
+{
+    const char *colon = strrchr(v, ':');
+    if (!colon || colon == v)
+        return fail(err, errlen, "%s: want HOST:PORT, got \"%s\"", label, v);
+    size_t hl = (size_t)(colon - v);
+    const char *h = v;
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') { /* [::1]:8080 */
+        h++;
+        hl -= 2;
+    }
+    if (hl == 0 || hl >= sizeof(c->listen_host))
+        return fail(err, errlen, "%s: bad host in \"%s\"", label, v);
+    int64_t port;
+    if (!parse_num(colon + 1, false, &port) || port > 65535)
+        return fail(err, errlen, "%s: port must be 0-65535, got \"%s\"", label, colon + 1);
+    memcpy(c->listen_host, h, hl);
+    c->listen_host[hl] = '\0';
+    c->listen_port = (uint16_t)port;
+    return 0;
+}
+
+/* Sets one option from text; 'label' names where it came from ("--limit", "FANOUT_LIMIT"). */
+static int set_opt(struct srv_config *c, const struct opt *o, const char *v, const char *label,
+                   char *err, size_t errlen)
+{
+    char *base = (char *)c;
+    int64_t n = 0;
+    switch (o->kind) {
+    case K_LISTEN:
+        return parse_listen(c, v, label, err, errlen);
+    case K_STRING:
+        if (strlen(v) >= sizeof(c->upstream))
+            return fail(err, errlen, "%s: value too long (%zu bytes max)", label,
+                        sizeof(c->upstream) - 1);
+        strcpy(base + o->off, v);
+        return 0;
+    case K_BOOL: {
+        bool b;
+        if (!strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "on"))
+            b = true;
+        else if (!strcmp(v, "0") || !strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "off"))
+            b = false;
+        else
+            return fail(err, errlen, "%s: want true or false, got \"%s\"", label, v);
+        *(bool *)(base + o->off) = b;
+        return 0;
+    }
+    case K_LEVEL:
+        for (int l = LOG_ERROR; l <= LOG_DEBUG; l++)
+            if (!strcmp(v, config_level_name((enum log_level)l))) {
+                *(enum log_level *)(base + o->off) = (enum log_level)l;
+                return 0;
+            }
+        return fail(err, errlen, "%s: want error, warn, info or debug, got \"%s\"", label, v);
+    case K_INT:
+    case K_UINT:
+    case K_MS:
+    case K_SIZE:
+        if (!parse_num(v, o->kind == K_SIZE, &n) || n < o->min || n > o->max)
+            return fail(err, errlen, "%s: want a whole number from %" PRId64 " to %" PRId64 "%s, got \"%s\"",
+                        label, o->min, o->max,
+                        o->kind == K_SIZE ? " (optional KiB/MiB/GiB suffix)" : "", v);
+        if (o->kind == K_INT)
+            *(int *)(base + o->off) = (int)n;
+        else if (o->kind == K_UINT)
+            *(unsigned *)(base + o->off) = (unsigned)n;
+        else if (o->kind == K_MS)
+            *(int64_t *)(base + o->off) = n;
+        else
+            *(size_t *)(base + o->off) = (size_t)n;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+static const struct opt *find_opt(const char *name, size_t len)
+{
+    for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++)
+        if (strlen(opts[i].name) == len && !strncmp(opts[i].name, name, len))
+            return &opts[i];
+    return NULL;
+}
+
+static int apply_env(struct srv_config *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+        char var[64] = "FANOUT_";
+        size_t k = strlen(var);
+        for (const char *p = opts[i].name; *p && k < sizeof(var) - 1; p++)
+            var[k++] = *p == '-' ? '_' : (char)toupper((unsigned char)*p);
+        var[k] = '\0';
+        const char *v = getenv(var);
+        if (!v)
+            continue;
+        int rc = set_opt(c, &opts[i], v, var, err, errlen);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int check(const struct srv_config *c, char *err, size_t errlen)
+{
+    if (c->demo && c->upstream[0])
+        return fail(err, errlen, "--demo and --upstream exclude each other");
+    if (!c->demo && !c->upstream[0])
+        return fail(err, errlen, "--upstream is required (or --demo for the built-in demo upstream)");
+    if (c->timeout_ms > c->max_timeout_ms)
+        return fail(err, errlen, "--timeout-ms (%" PRId64 ") exceeds --max-timeout-ms (%" PRId64 ")",
+                    c->timeout_ms, c->max_timeout_ms);
+    if (c->max_conns < c->fetch_threads)
+        return fail(err, errlen, "--max-conns (%u) must be at least --fetch-threads (%u)",
+                    c->max_conns, c->fetch_threads);
+    return 0;
+}
+
+int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
+                 char *err, size_t errlen)
+{
+    *action = CONFIG_RUN;
+    int rc = apply_env(c, err, errlen);
+    if (rc)
+        return rc;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            *action = CONFIG_HELP;
+            return 0;
+        }
+        if (!strcmp(a, "--version")) {
+            *action = CONFIG_VERSION;
+            return 0;
+        }
+        if (!strcmp(a, "--check-config")) {
+            *action = CONFIG_CHECK;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0)
+            return fail(err, errlen, "unexpected argument \"%s\" (see --help)", a);
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        const struct opt *o = find_opt(name, len);
+        if (!o)
+            return fail(err, errlen, "unknown flag --%.*s (see --help)", (int)len, name);
+        const char *v;
+        if (eq)
+            v = eq + 1;
+        else if (o->kind == K_BOOL)
+            v = "true";
+        else if (i + 1 < argc)
+            v = argv[++i];
+        else
+            return fail(err, errlen, "--%s needs a value", o->name);
+        char label[64];
+        snprintf(label, sizeof(label), "--%s", o->name);
+        if ((rc = set_opt(c, o, v, label, err, errlen)) != 0)
+            return rc;
+    }
+    return check(c, err, errlen);
+}
+
+const char *config_level_name(enum log_level l)
+{
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    return (unsigned)l < 4 ? names[l] : "info";
+}
+
+void config_usage(FILE *out)
+{
+    fprintf(out, "usage: fanout [flags]\n"
+                 "Fetches batches of ids from an upstream HTTP service concurrently.\n"
+                 "POST /v1/batch {\"ids\":[...],\"timeout_ms\":N}; GET /healthz /readyz /metrics.\n\n"
+                 "Each flag --name may also be set as FANOUT_NAME (dashes as underscores); flags "
+                 "win.\n\n");
+    for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+        const struct opt *o = &opts[i];
+        char flag[48];
+        snprintf(flag, sizeof(flag), "--%s%s", o->name, o->kind == K_BOOL ? "" : " V");
+        fprintf(out, "  %-24s %s\n", flag, o->help);
+    }
+    fprintf(out, "  %-24s %s\n  %-24s %s\n  %-24s %s\n", "--check-config",
+            "validate flags and environment, print the effective config as JSON, exit",
+            "--version", "print the version and exit", "-h, --help", "this text");
+}
+
+void config_print_json(const struct srv_config *c, FILE *out)
+{
+    struct json_buf b;
+    json_buf_init(&b);
+    json_buf_append_str(&b, "{\"listen\":");
+    char listen[300];
+    snprintf(listen, sizeof(listen), strchr(c->listen_host, ':') ? "[%s]:%u" : "%s:%u",
+             c->listen_host, c->listen_port);
+    json_append_string(&b, listen, strlen(listen));
+    json_buf_append_str(&b, ",\"upstream\":");
+    json_append_string(&b, c->upstream, strlen(c->upstream));
+    json_buf_printf(&b,
+                    ",\"demo\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
+                    "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
+                    ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"http_threads\":%u,"
+                    "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
+                    "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64
+                    ",\"h2c\":%s}",
+                    c->demo ? "true" : "false", c->limit, c->max_conns, c->max_batch,
+                    c->max_requests, c->timeout_ms, c->max_timeout_ms, c->max_body,
+                    c->max_request_bytes, c->http_threads, c->fetch_threads, c->drain_ms,
+                    config_level_name(c->log_level), c->max_clients, c->idle_timeout_s,
+                    c->connect_timeout_ms, c->h2c ? "true" : "false");
+    if (!json_buf_failed(&b))
+        fwrite(b.data, 1, b.len, out);
+    json_buf_destroy(&b);
+}

@@ -1,0 +1,59 @@
+/* config: fanout's settings from command-line flags and FANOUT_* environment variables.
+ *
+ * Every flag --some-name also reads FANOUT_SOME_NAME; a flag given on the command line wins.
+ * Values are checked at parse time: a bad value is an error with a one-line reason, never a
+ * silent default. Not thread-safe (parse once in main). */
+#ifndef FANOUT_CONFIG_H
+#define FANOUT_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+
+struct srv_config {
+    char listen_host[256];       /* --listen host part (IPv4/IPv6 literal or name) */
+    uint16_t listen_port;        /* --listen port; 0 picks a free one */
+    char upstream[2048];         /* --upstream URL template with {id}; empty with --demo */
+    bool demo;                   /* --demo: serve the built-in demo upstream and use it */
+    int limit;                   /* --limit: in-flight fetches per request */
+    unsigned max_conns;          /* --max-conns: upstream connections, all loops together */
+    unsigned max_batch;          /* --max-batch: ids per request */
+    unsigned max_requests;       /* --max-requests: batches in flight before 503 */
+    int64_t timeout_ms;          /* --timeout-ms: default request deadline */
+    int64_t max_timeout_ms;      /* --max-timeout-ms: largest request deadline */
+    size_t max_body;             /* --max-body: upstream body per id, bytes */
+    size_t max_request_bytes;    /* --max-request-bytes: request body, bytes */
+    unsigned http_threads;       /* --http-threads: libmicrohttpd worker threads */
+    unsigned fetch_threads;      /* --fetch-threads: fetch loop threads */
+    int64_t drain_ms;            /* --drain-ms: grace period on SIGTERM */
+    enum log_level log_level;    /* --log-level */
+    unsigned max_clients;        /* --max-clients: client connections held open at once */
+    unsigned idle_timeout_s;     /* --idle-timeout-s: idle client connection timeout */
+    int64_t connect_timeout_ms;  /* --connect-timeout-ms: upstream connect phase cap */
+    bool h2c;                    /* --h2c: HTTP/2 prior knowledge to the upstream */
+};
+
+/* What the command line asked for besides serving. */
+enum config_action { CONFIG_RUN, CONFIG_HELP, CONFIG_VERSION, CONFIG_CHECK };
+
+/* Fills 'c' with the defaults (CPU count for the thread settings). */
+void config_defaults(struct srv_config *c);
+
+/* Applies the environment, then argv[1..argc). Returns 0 and the action in *action, or -EINVAL
+ * with a one-line reason in err. */
+int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
+                 char *err, size_t errlen);
+
+/* Prints --help text. */
+void config_usage(FILE *out);
+
+/* Writes the effective configuration as one JSON object (no newline). */
+void config_print_json(const struct srv_config *c, FILE *out);
+
+/* "error", "warn", "info", "debug". */
+const char *config_level_name(enum log_level l);
+
+#endif

@@ -1,0 +1,162 @@
+/* log: a byte ring guarded by one mutex, drained to the fd by one writer thread.
+ *
+ * Producers copy a complete line into the ring under the mutex (a memcpy, no I/O) and signal
+ * the writer; if the line does not fit, it is dropped and counted. The writer takes the lock only
+ * to find the readable span, writes it with the lock released, then frees the span. */
+#include "server/log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "server/json.h"
+
+struct log {
+    int fd;                         /* where lines go */
+    enum log_level level;           /* most verbose level written */
+    atomic_uint_fast64_t *dropped;  /* drop counter, or NULL */
+    pthread_mutex_t mu;             /* guards the ring and stop */
+    pthread_cond_t cv;              /* data queued, or stop */
+    char *ring;                     /* cap bytes */
+    size_t cap, head, len;          /* size, first unread byte, bytes queued */
+    bool stop;                      /* log_free() has begun */
+    pthread_t thread;               /* the writer */
+};
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return; /* nowhere to report a failing stderr */
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void *log_main(void *arg)
+{
+    struct log *l = arg;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        while (l->len == 0 && !l->stop)
+            pthread_cond_wait(&l->cv, &l->mu);
+        if (l->len == 0)
+            break;
+        size_t head = l->head;
+        size_t n = l->len;
+        if (head + n > l->cap)
+            n = l->cap - head; /* up to the ring's end; the rest next round */
+        pthread_mutex_unlock(&l->mu);
+        write_all(l->fd, l->ring + head, n); /* producers only write outside [head, head+n) */
+        pthread_mutex_lock(&l->mu);
+        l->head = (l->head + n) % l->cap;
+        l->len -= n;
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+int log_new(int fd, enum log_level level, size_t ring_bytes, atomic_uint_fast64_t *dropped,
+            struct log **out)
+{
+    struct log *l = calloc(1, sizeof(*l));
+    if (!l)
+        return -ENOMEM;
+    int rc = -ENOMEM;
+    l->ring = malloc(ring_bytes);
+    if (!l->ring)
+        goto fail_free;
+    l->fd = fd;
+    l->level = level;
+    l->dropped = dropped;
+    l->cap = ring_bytes;
+    if ((rc = -pthread_mutex_init(&l->mu, NULL)) != 0)
+        goto fail_ring;
+    if ((rc = -pthread_cond_init(&l->cv, NULL)) != 0)
+        goto fail_mutex;
+    if ((rc = -pthread_create(&l->thread, NULL, log_main, l)) != 0)
+        goto fail_cond;
+    *out = l;
+    return 0;
+fail_cond:
+    pthread_cond_destroy(&l->cv);
+fail_mutex:
+    pthread_mutex_destroy(&l->mu);
+fail_ring:
+    free(l->ring);
+fail_free:
+    free(l);
+    return rc;
+}
+
+bool log_enabled(const struct log *l, enum log_level level)
+{
+    return l && level <= l->level;
+}
+
+void log_begin(struct json_buf *b, enum log_level level, const char *msg)
+{
+    json_buf_clear(b);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    json_buf_printf(b, "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":",
+                    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                    tm.tm_sec, ts.tv_nsec / 1000000, config_level_name(level));
+    json_append_string(b, msg, strlen(msg));
+}
+
+void log_end(struct log *l, struct json_buf *b)
+{
+    json_buf_append_str(b, "}\n");
+    if (!l || json_buf_failed(b))
+        return;
+    bool queued = false;
+    pthread_mutex_lock(&l->mu);
+    if (!l->stop && b->len <= l->cap - l->len) {
+        size_t tail = (l->head + l->len) % l->cap;
+        size_t first = b->len < l->cap - tail ? b->len : l->cap - tail;
+        memcpy(l->ring + tail, b->data, first);
+        memcpy(l->ring, b->data + first, b->len - first);
+        l->len += b->len;
+        queued = true;
+        pthread_cond_signal(&l->cv);
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (!queued && l->dropped)
+        atomic_fetch_add_explicit(l->dropped, 1, memory_order_relaxed);
+}
+
+void log_msg(struct log *l, enum log_level level, const char *msg)
+{
+    if (!log_enabled(l, level))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, level, msg);
+    log_end(l, &b);
+    json_buf_destroy(&b);
+}
+
+void log_free(struct log *l)
+{
+    if (!l)
+        return;
+    pthread_mutex_lock(&l->mu);
+    l->stop = true;
+    pthread_cond_signal(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    pthread_join(l->thread, NULL);
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+    free(l->ring);
+    free(l);
+}

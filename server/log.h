@@ -1,0 +1,40 @@
+/* log: JSON lines on a file descriptor (stderr), written by one thread so the request path never
+ * blocks on a slow reader.
+ *
+ * A line is built by the caller in a json_buf (log_begin() opens the object with time, level and
+ * msg; the caller appends ",\"key\":value" fields; log_end() closes it and queues it). The queue
+ * is a bounded byte ring: when it is full the line is dropped and counted, never waited for.
+ * log_free() writes what is queued, then stops and joins the thread. Thread-safe. */
+#ifndef FANOUT_LOG_H
+#define FANOUT_LOG_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "server/config.h"
+
+struct json_buf;
+struct log;
+
+/* Starts the writer thread for 'fd' with a 'ring_bytes' queue; lines above 'level' are skipped.
+ * '*dropped' (may be NULL) counts dropped lines. Returns 0 or a negative errno. */
+int log_new(int fd, enum log_level level, size_t ring_bytes, atomic_uint_fast64_t *dropped,
+            struct log **out);
+
+/* Whether lines at 'level' are written. */
+bool log_enabled(const struct log *l, enum log_level level);
+
+/* Clears 'b' and starts a line: {"time":"<RFC 3339 UTC>","level":"...","msg":"<msg>" */
+void log_begin(struct json_buf *b, enum log_level level, const char *msg);
+
+/* Closes the line in 'b' and queues it (or counts it dropped). 'b' stays the caller's. */
+void log_end(struct log *l, struct json_buf *b);
+
+/* A line with only a message. */
+void log_msg(struct log *l, enum log_level level, const char *msg);
+
+/* Flushes, stops and joins the writer, frees the log. */
+void log_free(struct log *l);
+
+#endif

@@ -1,0 +1,116 @@
+/* metrics: fixed-bucket histograms and counters on relaxed atomics; text rendering on scrape. */
+#include "server/metrics.h"
+
+#include <inttypes.h>
+#include <string.h>
+#include <time.h>
+
+#include "fetch/fetch.h"
+#include "server/json.h"
+#include "server/version.h"
+
+
+/* Upper bounds in microseconds and their rendering; the last bucket is +Inf. */
+static const int64_t bound_us[METRICS_BUCKETS - 1] = {
+    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000,
+    10000000};
+static const char *const bound_txt[METRICS_BUCKETS] = {
+    "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+    "0.25",  "0.5",    "1",     "2.5",  "5",     "10",   "+Inf"};
+
+void metrics_init(struct metrics *m)
+{
+    memset(m, 0, sizeof(*m));
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    m->start_time = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void metrics_observe(struct metrics_hist *h, int64_t us)
+{
+    if (us < 0)
+        us = 0;
+    int i = 0;
+    while (i < METRICS_BUCKETS - 1 && us > bound_us[i])
+        i++;
+    atomic_fetch_add_explicit(&h->bucket[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, (uint_fast64_t)us, memory_order_relaxed);
+}
+
+void metrics_count_status(struct metrics *m, unsigned status)
+{
+    if (status >= 600)
+        status = 0;
+    atomic_fetch_add_explicit(&m->by_status[status], 1, memory_order_relaxed);
+}
+
+static uint64_t ld(const atomic_uint_fast64_t *a)
+{
+    return atomic_load_explicit(a, memory_order_relaxed);
+}
+
+static void family(struct json_buf *o, const char *name, const char *type, const char *help)
+{
+    json_buf_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void hist(struct json_buf *o, const char *name, const char *help,
+                 const struct metrics_hist *h)
+{
+    family(o, name, "histogram", help);
+    uint64_t cum = 0;
+    for (int i = 0; i < METRICS_BUCKETS; i++) {
+        cum += ld(&h->bucket[i]);
+        json_buf_printf(o, "%s_bucket{le=\"%s\"} %" PRIu64 "\n", name, bound_txt[i], cum);
+    }
+    uint64_t sum = ld(&h->sum_us);
+    json_buf_printf(o, "%s_sum %" PRIu64 ".%06" PRIu64 "\n%s_count %" PRIu64 "\n", name,
+                    sum / 1000000, sum % 1000000, name, cum);
+}
+
+void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struct json_buf *o)
+{
+    family(o, "fanout_requests_total", "counter", "HTTP requests answered, by status code.");
+    for (unsigned s = 0; s < 600; s++) {
+        uint64_t v = ld(&m->by_status[s]);
+        if (v)
+            json_buf_printf(o, "fanout_requests_total{code=\"%u\"} %" PRIu64 "\n", s, v);
+    }
+    hist(o, "fanout_request_duration_seconds", "Time from request start to response queued.",
+         &m->request_seconds);
+    family(o, "fanout_fetches_total", "counter", "Upstream fetches completed, by result.");
+    const struct {
+        const char *label;
+        uint64_t v;
+    } res[] = {{"ok", fs->ok},
+               {"upstream_status", fs->status},
+               {"unreachable", fs->unreachable},
+               {"deadline", fs->deadline},
+               {"canceled", fs->canceled},
+               {"too_large", fs->too_large}};
+    for (size_t i = 0; i < sizeof(res) / sizeof(res[0]); i++)
+        json_buf_printf(o, "fanout_fetches_total{result=\"%s\"} %" PRIu64 "\n", res[i].label,
+                        res[i].v);
+    hist(o, "fanout_fetch_duration_seconds", "Upstream fetch duration, queued time included.",
+         &m->fetch_seconds);
+    family(o, "fanout_requests_in_flight", "gauge", "Batch requests admitted and not yet answered.");
+    json_buf_printf(o, "fanout_requests_in_flight %" PRIdFAST64 "\n",
+                    atomic_load_explicit(&m->in_flight, memory_order_relaxed));
+    family(o, "fanout_fetches_in_flight", "gauge", "Upstream fetches submitted and not completed.");
+    json_buf_printf(o, "fanout_fetches_in_flight %" PRIu64 "\n", fs->in_flight);
+    family(o, "fanout_upstream_connections_opened_total", "counter",
+           "Connections opened to the upstream.");
+    json_buf_printf(o, "fanout_upstream_connections_opened_total %" PRIu64 "\n", fs->conns_opened);
+    family(o, "fanout_upstream_bytes_total", "counter", "Upstream body bytes received.");
+    json_buf_printf(o, "fanout_upstream_bytes_total %" PRIu64 "\n", fs->bytes);
+    family(o, "fanout_admission_rejections_total", "counter",
+           "Batch requests answered 503 overloaded (admission cap or draining).");
+    json_buf_printf(o, "fanout_admission_rejections_total %" PRIu64 "\n", ld(&m->rejected));
+    family(o, "fanout_log_lines_dropped_total", "counter",
+           "Log lines dropped because stderr could not keep up.");
+    json_buf_printf(o, "fanout_log_lines_dropped_total %" PRIu64 "\n", ld(&m->log_dropped));
+    family(o, "fanout_process_start_time_seconds", "gauge", "Start time since the Unix epoch.");
+    json_buf_printf(o, "fanout_process_start_time_seconds %.3f\n", m->start_time);
+    family(o, "fanout_build_info", "gauge", "Build information; the value is always 1.");
+    json_buf_printf(o, "fanout_build_info{version=\"%s\"} 1\n", FANOUT_VERSION);
+}

@@ -1,0 +1,576 @@
+/* srv: the libmicrohttpd front end, routing, probes, metrics and the server's lifecycle.
+ *
+ * THREADS: libmicrohttpd runs --http-threads epoll workers (MHD_USE_EPOLL_INTERNAL_THREAD with a
+ * thread pool); every handler call happens on one of them. A batch suspends its connection and
+ * is resumed from a fetch loop thread when its group ends (server/batch.c). Responses are queued
+ * on the handler call after the first, never on the first (libmicrohttpd 0.9.75 closes the
+ * connection otherwise), except a body refused by its Content-Length.
+ *
+ * LIFECYCLE: srv_new() starts the log writer, the watch thread, the fetch loops, the demo
+ * upstream and the daemon. srv_drain() turns /readyz to 503, stops accepting, waits for batches
+ * in flight until the drain deadline, cancels the rest (they answer 503) and waits for their
+ * answers. srv_free() stops the daemon (no connection is suspended any more) and then every
+ * other thread, in reverse order of creation. */
+#include "server/srv_internal.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ctx/ctx.h"
+#include "fetch/fetch.h"
+#include "server/demo.h"
+#include "server/json.h"
+#include "server/log.h"
+#include "server/version.h"
+#include "server/watch.h"
+
+#define LOG_RING_BYTES (4u << 20)
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---------------------------------------------------------------- responses */
+
+enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, char *body,
+                            size_t len, bool owned)
+{
+    struct MHD_Response *resp =
+        owned ? MHD_create_response_from_buffer_with_free_callback(len, body, free)
+              : MHD_create_response_from_buffer(len, body, MHD_RESPMEM_PERSISTENT);
+    if (!resp) {
+        if (owned)
+            free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    MHD_add_response_header(resp, "X-Request-Id", r->request_id);
+    if (status == MHD_HTTP_SERVICE_UNAVAILABLE)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, "1");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
+                                r->route == R_BAD_METHOD && !strcmp(r->path, "/v1/batch")
+                                    ? "POST"
+                                    : "GET, HEAD");
+    if (atomic_load(&r->s->draining))
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
+    MHD_destroy_response(resp);
+    r->answered = true;
+    r->status = status;
+    return ret;
+}
+
+enum MHD_Result srv_error(struct req *r, unsigned status, const char *code, const char *message,
+                          const char *extra)
+{
+    struct json_buf b;
+    json_buf_init(&b);
+    json_buf_append_str(&b, "{\"error\":{\"code\":\"");
+    json_buf_append_str(&b, code);
+    json_buf_append_str(&b, "\",\"message\":");
+    json_append_string(&b, message, strlen(message));
+    if (extra)
+        json_buf_append_str(&b, extra);
+    json_buf_append_str(&b, "}}\n");
+    r->err_code = code;
+    if (json_buf_failed(&b)) {
+        json_buf_destroy(&b);
+        return MHD_NO;
+    }
+    size_t len;
+    char *body = json_buf_take(&b, &len);
+    return srv_respond(r, status, "application/json", body, len, true);
+}
+
+/* ---------------------------------------------------------------- routing */
+
+static enum route route_of(const char *url, const char *method)
+{
+    static const struct {
+        const char *path;
+        enum route route;
+        const char *method;
+    } routes[] = {{"/v1/batch", R_BATCH, "POST"},
+                  {"/healthz", R_HEALTHZ, "GET"},
+                  {"/readyz", R_READYZ, "GET"},
+                  {"/metrics", R_METRICS, "GET"}};
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+        if (strcmp(url, routes[i].path) != 0)
+            continue;
+        if (!strcmp(method, routes[i].method) ||
+            (!strcmp(routes[i].method, "GET") && !strcmp(method, "HEAD")))
+            return routes[i].route;
+        return R_BAD_METHOD;
+    }
+    return R_NOT_FOUND;
+}
+
+static bool request_id_ok(const char *v)
+{
+    size_t n = strlen(v);
+    if (n == 0 || n > REQUEST_ID_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (v[i] <= 0x20 || v[i] >= 0x7f || v[i] == '"' || v[i] == '\\')
+            return false;
+    return true;
+}
+
+static void new_request_id(struct srv *s, char *out)
+{
+    uint64_t x = s->id_seed + atomic_fetch_add(&s->seq, 1) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 30; /* splitmix64 finaliser: unique per sequence number, spread out */
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    snprintf(out, REQUEST_ID_MAX + 1, "%016" PRIx64, x);
+}
+
+static enum MHD_Result serve_metrics(struct req *r)
+{
+    struct fetch_stats fs;
+    fetch_stats(r->s->fetch, &fs);
+    struct json_buf b;
+    json_buf_init(&b);
+    metrics_render(&r->s->metrics, &fs, &b);
+    if (json_buf_failed(&b)) {
+        json_buf_destroy(&b);
+        return MHD_NO;
+    }
+    size_t len;
+    char *body = json_buf_take(&b, &len);
+    return srv_respond(r, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len,
+                       true);
+}
+
+static enum MHD_Result dispatch(struct req *r)
+{
+    static char ok[] = "{\"status\":\"ok\"}\n";
+    static char draining[] = "{\"status\":\"draining\"}\n";
+    char msg[160];
+    switch (r->route) {
+    case R_BATCH:
+        return batch_handle(r);
+    case R_HEALTHZ:
+        return srv_respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
+    case R_READYZ:
+        if (atomic_load(&r->s->draining))
+            return srv_respond(r, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", draining,
+                               sizeof(draining) - 1, false);
+        return srv_respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
+    case R_METRICS:
+        return serve_metrics(r);
+    case R_BAD_METHOD:
+        snprintf(msg, sizeof(msg), "method %s is not allowed on %s", r->method, r->path);
+        return srv_error(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", msg, NULL);
+    case R_NOT_FOUND:
+        break;
+    }
+    snprintf(msg, sizeof(msg), "no such path: %s", r->path);
+    return srv_error(r, MHD_HTTP_NOT_FOUND, "not_found", msg, NULL);
+}
+
+static enum MHD_Result body_too_large(struct req *r)
+{
+    char msg[128];
+    snprintf(msg, sizeof(msg), "request body exceeds %zu bytes (--max-request-bytes)",
+             r->s->cfg.max_request_bytes);
+    return srv_error(r, 413, "body_too_large", msg, NULL);
+}
+
+/* Reads the body into r->body. Returns false when the cap is passed. */
+static bool take_body(struct req *r, const char *data, size_t n)
+{
+    size_t cap = r->s->cfg.max_request_bytes;
+    if (n > cap - r->body_len)
+        return false;
+    if (r->body_len + n + 1 > r->body_cap) {
+        size_t want = r->body_cap ? r->body_cap : 4096;
+        while (want < r->body_len + n + 1)
+            want *= 2;
+        if (want > cap + 1)
+            want = cap + 1;
+        char *nb = realloc(r->body, want);
+        if (!nb)
+            return false;
+        r->body = nb;
+        r->body_cap = want;
+    }
+    memcpy(r->body + r->body_len, data, n);
+    r->body_len += n;
+    r->body[r->body_len] = '\0';
+    return true;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **req_cls)
+{
+    (void)version;
+    struct srv *s = cls;
+    struct req *r = *req_cls;
+    if (!r) {
+        r = calloc(1, sizeof(*r));
+        if (!r)
+            return MHD_NO;
+        r->s = s;
+        r->conn = conn;
+        r->start_us = now_us();
+        r->method = method;
+        snprintf(r->path, sizeof(r->path), "%s", url);
+        r->route = route_of(url, method);
+        *req_cls = r;
+        const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
+        if (rid && request_id_ok(rid))
+            snprintf(r->request_id, sizeof(r->request_id), "%s", rid);
+        else
+            new_request_id(s, r->request_id);
+        r->bad_request_id = rid && !request_id_ok(rid);
+        if (r->route == R_BATCH) {
+            /* Refuse a body that announces itself too large before reading it; this closes
+             * the connection, which is what we want for such a client. */
+            const char *cl =
+                MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+            if (cl && strtoull(cl, NULL, 10) > s->cfg.max_request_bytes)
+                return body_too_large(r);
+        }
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        size_t n = *upload_data_size;
+        *upload_data_size = 0;
+        if (r->answered)
+            return MHD_YES; /* discard */
+        if (r->route != R_BATCH)
+            return MHD_YES; /* bodies of other routes are ignored */
+        if (!take_body(r, upload_data, n))
+            return body_too_large(r);
+        return MHD_YES;
+    }
+    if (r->answered)
+        return MHD_YES;
+    return dispatch(r);
+}
+
+/* ---------------------------------------------------------------- completion and logging */
+
+static void log_request(struct srv *s, struct req *r, int64_t dur_us,
+                        enum MHD_RequestTerminationCode toe)
+{
+    bool probe = r->route == R_HEALTHZ || r->route == R_READYZ || r->route == R_METRICS;
+    enum log_level lvl = probe ? LOG_DEBUG : (r->status >= 500 ? LOG_WARN : LOG_INFO);
+    if (!log_enabled(s->log, lvl))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, lvl, "request");
+    json_buf_append_str(&b, ",\"request_id\":");
+    json_append_string(&b, r->request_id, strlen(r->request_id));
+    json_buf_append_str(&b, ",\"method\":");
+    json_append_string(&b, r->method, strlen(r->method));
+    json_buf_append_str(&b, ",\"path\":");
+    json_append_string(&b, r->path, strlen(r->path));
+    json_buf_printf(&b, ",\"status\":%u,\"ids\":%u,\"duration_ms\":%.3f", r->status, r->nids,
+                    (double)dur_us / 1000.0);
+    if (r->err_code)
+        json_buf_printf(&b, ",\"error\":\"%s\"", r->err_code);
+    if (r->fail_id) {
+        json_buf_append_str(&b, ",\"failed_id\":");
+        json_buf_append_str(&b, r->fail_id);
+    }
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        json_buf_printf(&b, ",\"terminated\":%d", (int)toe);
+    log_end(s->log, &b);
+    json_buf_destroy(&b);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)conn;
+    struct srv *s = cls;
+    struct req *r = *req_cls;
+    if (!r)
+        return;
+    *req_cls = NULL;
+    int64_t dur = now_us() - r->start_us;
+    metrics_count_status(&s->metrics, r->answered ? r->status : 0);
+    metrics_observe(&s->metrics.request_seconds, dur);
+    log_request(s, r, dur, toe);
+    if (r->batch)
+        batch_free(r->batch);
+    if (r->admitted) {
+        atomic_fetch_sub(&s->metrics.in_flight, 1);
+        pthread_mutex_lock(&s->mu);
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+    free(r->fail_id);
+    free(r->body);
+    free(r);
+}
+
+static void mhd_logger(void *cls, const char *fmt, va_list ap)
+{
+    struct srv *s = cls;
+    char msg[512];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    if (!log_enabled(s->log, LOG_WARN))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, LOG_WARN, "http");
+    json_buf_append_str(&b, ",\"detail\":");
+    json_append_string(&b, msg, n);
+    log_end(s->log, &b);
+    json_buf_destroy(&b);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static int resolve_listen(const struct srv_config *c, struct sockaddr_storage *ss, char *err,
+                          size_t errlen)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res;
+    char port[8];
+    snprintf(port, sizeof(port), "%u", c->listen_port);
+    int rc = getaddrinfo(c->listen_host, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errlen, "--listen: cannot resolve \"%s\": %s", c->listen_host,
+                 gai_strerror(rc));
+        return -EINVAL;
+    }
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    freeaddrinfo(res);
+    return 0;
+}
+
+static void log_startup(struct srv *s)
+{
+    if (!log_enabled(s->log, LOG_INFO))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, LOG_INFO, "starting");
+    json_buf_printf(&b, ",\"version\":\"%s\",\"port\":%u,\"http_threads\":%u,\"fetch_threads\":%u",
+                    FANOUT_VERSION, s->port, s->cfg.http_threads, s->cfg.fetch_threads);
+    json_buf_append_str(&b, ",\"upstream\":");
+    json_append_string(&b, s->upstream, strlen(s->upstream));
+    json_buf_append_str(&b, ",\"config\":");
+    char *cfg = NULL;
+    size_t cfglen = 0;
+    FILE *mem = open_memstream(&cfg, &cfglen);
+    if (mem) {
+        config_print_json(&s->cfg, mem);
+        fclose(mem);
+        json_buf_append(&b, cfg, cfglen);
+        free(cfg);
+    } else {
+        json_buf_append_str(&b, "null");
+    }
+    log_end(s->log, &b);
+    json_buf_destroy(&b);
+}
+
+int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen)
+{
+    struct srv *s = calloc(1, sizeof(*s));
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    s->cfg = *cfg;
+    s->listen_fd = -1;
+    metrics_init(&s->metrics);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    s->id_seed = (uint64_t)ts.tv_nsec * 6364136223846793005ull ^ (uint64_t)getpid() << 32 ^
+                 (uint64_t)ts.tv_sec;
+    int rc = log_new(log_fd, cfg->log_level, LOG_RING_BYTES, &s->metrics.log_dropped, &s->log);
+    if (rc) {
+        snprintf(err, errlen, "cannot start the log writer: %s", strerror(-rc));
+        goto fail;
+    }
+    if (!(s->root = ctx_new(ctx_background(), CTX_FOREVER))) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    if (cfg->demo) {
+        if ((rc = demo_start("127.0.0.1", 0, &s->demo)) != 0) {
+            snprintf(err, errlen, "cannot start the demo upstream: %s", strerror(-rc));
+            goto fail;
+        }
+        demo_url_template(s->demo, s->upstream, sizeof(s->upstream));
+    } else {
+        snprintf(s->upstream, sizeof(s->upstream), "%s", cfg->upstream);
+    }
+    char terr[256];
+    if (url_template_parse(s->upstream, &s->tmpl, terr, sizeof(terr)) != 0) {
+        rc = -EINVAL;
+        snprintf(err, errlen, "--upstream: %s", terr);
+        goto fail;
+    }
+    if ((rc = watch_new(&s->watch)) != 0) {
+        snprintf(err, errlen, "cannot start the disconnect watch: %s", strerror(-rc));
+        goto fail;
+    }
+    struct fetch_opts fo;
+    fetch_opts_default(&fo);
+    fo.loops = cfg->fetch_threads;
+    fo.max_conns = cfg->max_conns;
+    fo.max_body = cfg->max_body;
+    fo.connect_timeout_ms = cfg->connect_timeout_ms;
+    fo.h2c = cfg->h2c;
+    if ((rc = fetch_new(&fo, &s->fetch)) != 0) {
+        snprintf(err, errlen, "cannot start the fetch loops: %s", strerror(-rc));
+        goto fail;
+    }
+    struct sockaddr_storage ss;
+    if ((rc = resolve_listen(cfg, &ss, err, errlen)) != 0)
+        goto fail;
+    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
+                     MHD_USE_ERROR_LOG;
+    if (ss.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    struct MHD_OptionItem opts[] = {
+        {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_logger, s}, /* first, to catch all */
+        {MHD_OPTION_SOCK_ADDR, 0, &ss},
+        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_clients, NULL},
+        {MHD_OPTION_CONNECTION_TIMEOUT, cfg->idle_timeout_s, NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
+        {MHD_OPTION_LISTEN_BACKLOG_SIZE, 4096, NULL},
+        {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
+        {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
+        {cfg->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
+         cfg->http_threads, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    s->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_ARRAY, opts,
+                              MHD_OPTION_END);
+    if (!s->mhd) {
+        rc = -EADDRINUSE;
+        snprintf(err, errlen, "cannot listen on %s:%u (address in use, or not allowed)",
+                 cfg->listen_host, cfg->listen_port);
+        goto fail;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->listen_port;
+    log_startup(s);
+    *out = s;
+    return 0;
+fail:
+    srv_free(s);
+    return rc;
+}
+
+uint16_t srv_port(const struct srv *s)
+{
+    return s->port;
+}
+
+const char *srv_upstream(const struct srv *s)
+{
+    return s->upstream;
+}
+
+void srv_drain_start(struct srv *s)
+{
+    if (atomic_exchange(&s->draining, true))
+        return;
+    log_msg(s->log, LOG_INFO, "draining");
+    if (s->mhd) {
+        s->listen_fd = MHD_quiesce_daemon(s->mhd);
+        /* Refuse new connections now (pending ones too) instead of leaving them in the backlog;
+         * the fd itself is closed only after the daemon stops. */
+        if (s->listen_fd >= 0)
+            shutdown(s->listen_fd, SHUT_RDWR);
+    }
+}
+
+int64_t srv_in_flight(struct srv *s)
+{
+    return atomic_load(&s->metrics.in_flight);
+}
+
+void srv_cancel_all(struct srv *s)
+{
+    ctx_cancel(s->root, -ESHUTDOWN);
+}
+
+/* Waits until no batch is in flight or 'until' (monotonic ms) passes. */
+static bool wait_idle(struct srv *s, int64_t until)
+{
+    pthread_mutex_lock(&s->mu);
+    while (atomic_load(&s->metrics.in_flight) > 0 && ctx_now() < until) {
+        int64_t left = until - ctx_now();
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += left / 1000;
+        ts.tv_nsec += (left % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+    }
+    bool idle = atomic_load(&s->metrics.in_flight) == 0;
+    pthread_mutex_unlock(&s->mu);
+    return idle;
+}
+
+void srv_drain(struct srv *s, int64_t drain_ms)
+{
+    s->drained = true;
+    srv_drain_start(s);
+    if (!wait_idle(s, ctx_now() + drain_ms)) {
+        log_msg(s->log, LOG_WARN, "drain deadline passed; canceling batches in flight");
+        srv_cancel_all(s);
+        wait_idle(s, ctx_now() + 5000);
+    }
+}
+
+void srv_free(struct srv *s)
+{
+    if (!s)
+        return;
+    if (s->mhd && !s->drained)
+        srv_drain(s, s->cfg.drain_ms);
+    if (s->mhd)
+        MHD_stop_daemon(s->mhd);
+    if (s->listen_fd >= 0)
+        close(s->listen_fd);
+    fetch_free(s->fetch);
+    watch_free(s->watch);
+    demo_stop(s->demo);
+    url_template_destroy(&s->tmpl);
+    ctx_free(s->root);
+    if (s->log && s->mhd)
+        log_msg(s->log, LOG_INFO, "stopped");
+    log_free(s->log);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}

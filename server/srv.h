@@ -1,0 +1,42 @@
+/* srv: the fanout HTTP server: libmicrohttpd front end, batch fan-out, probes and metrics.
+ *
+ * srv_new() starts every thread the server will ever have: the libmicrohttpd workers
+ * (--http-threads), the fetch loops (--fetch-threads), the disconnect watch, the log writer, the
+ * ctx timer and, with --demo, the demo upstream. srv_drain() and srv_free() stop them; nothing
+ * is started per request or per fetch. */
+#ifndef FANOUT_SRV_H
+#define FANOUT_SRV_H
+
+#include <stdint.h>
+
+#include "server/config.h"
+
+struct srv;
+
+/* Starts a server for 'cfg' (copied). Logs go to 'log_fd' (stderr in main). Returns 0 and the
+ * server, or a negative errno with a one-line reason in err. curl_global_init() must have been
+ * called and SIGPIPE ignored. */
+int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen);
+
+/* The bound port (useful with --listen HOST:0). */
+uint16_t srv_port(const struct srv *s);
+
+/* The upstream URL template in use (the demo's when --demo). */
+const char *srv_upstream(const struct srv *s);
+
+/* Graceful drain: /readyz turns 503, the listener closes, batches in flight get until
+ * 'drain_ms' to finish; those still running are then canceled and answered 503. Returns when
+ * every admitted request has been answered (or a short grace after that has passed). */
+void srv_drain(struct srv *s, int64_t drain_ms);
+
+/* The pieces of srv_drain(), for a caller that must stay responsive while it waits (main
+ * watches for a second signal): start draining; batches in flight now; cancel them all. */
+void srv_drain_start(struct srv *s);
+int64_t srv_in_flight(struct srv *s);
+void srv_cancel_all(struct srv *s);
+
+/* Stops (draining with --drain-ms first if srv_drain was not called), joins every thread and
+ * frees everything. */
+void srv_free(struct srv *s);
+
+#endif

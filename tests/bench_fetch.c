@@ -1,0 +1,233 @@
+/* bench_fetch: transfers/s and client CPU per transfer of the fetch engine on loopback.
+ *
+ * The upstream is tests/upstub.c running in a forked child process, so getrusage(RUSAGE_SELF)
+ * in this process measures the client alone. Each cell is a closed loop: 'conc' transfers are
+ * kept outstanding (a completion queues the next one on the same loop), a short warm-up, then a
+ * timed window. Rows: 1 loop and one loop per CPU; columns: concurrency 1, 16, 256, 1000, with
+ * the default engine options (max_conns 512, split across the loops).
+ *
+ *   bench_fetch              run the table (about 20 s)
+ *   bench_fetch --stub [N]   only serve the stub with N threads; prints its port, runs until
+ *                            stdin closes (to drive another client against the same upstream)
+ *   BENCH_MS=<ms>            measuring window per cell (default 1500) */
+#include <curl/curl.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ctx/ctx.h"
+#include "fetch/fetch.h"
+#include "tests/upstub.h"
+
+struct bench {
+    struct fetch *f;          /* the engine under test */
+    char url[128];            /* the URL every transfer fetches */
+    atomic_uint_fast64_t done; /* completed transfers */
+    atomic_uint_fast64_t errors; /* of which not ok */
+    atomic_bool stop;         /* stop re-queueing */
+    atomic_uint outstanding;  /* transfers queued and not yet completed for good */
+};
+
+struct slot {
+    struct bench *b; /* the run */
+    unsigned loop;   /* the loop this slot's transfers use */
+};
+
+static void on_done(void *arg, struct fetch_result *r);
+
+static int submit(struct slot *s)
+{
+    struct fetch_req q = {.url = s->b->url, .cb = on_done, .arg = s};
+    return fetch_get(s->b->f, s->loop, ctx_background(), &q);
+}
+
+static void on_done(void *arg, struct fetch_result *r)
+{
+    struct slot *s = arg;
+    struct bench *b = s->b;
+    free(r->body);
+    atomic_fetch_add_explicit(&b->done, 1, memory_order_relaxed);
+    if (r->err != 0)
+        atomic_fetch_add_explicit(&b->errors, 1, memory_order_relaxed);
+    if (atomic_load(&b->stop) || submit(s) != 0)
+        atomic_fetch_sub(&b->outstanding, 1);
+}
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+           ru.ru_stime.tv_usec / 1e6;
+}
+
+static void sleep_ms(int64_t ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+struct cell {
+    double rate;     /* transfers per second */
+    double cpu_us;   /* client CPU microseconds per transfer */
+    uint64_t errors; /* failed transfers (should be 0) */
+    uint64_t conns;  /* connections the engine opened */
+};
+
+static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, struct cell *out)
+{
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = loops;
+    struct bench b = {0};
+    snprintf(b.url, sizeof(b.url), "http://127.0.0.1:%d/items/42", port);
+    int rc = fetch_new(&o, &b.f);
+    if (rc != 0)
+        return rc;
+    struct slot *slots = calloc(conc, sizeof(*slots));
+    if (!slots) {
+        fetch_free(b.f);
+        return -1;
+    }
+    atomic_store(&b.outstanding, conc);
+    for (unsigned i = 0; i < conc; i++) {
+        slots[i] = (struct slot){&b, i % loops};
+        if (submit(&slots[i]) != 0)
+            atomic_fetch_sub(&b.outstanding, 1);
+    }
+    sleep_ms(window_ms / 4); /* warm-up: connections open, caches fill */
+    uint64_t d0 = atomic_load(&b.done);
+    double c0 = cpu_s();
+    int64_t t0 = ctx_now();
+    sleep_ms(window_ms);
+    uint64_t d1 = atomic_load(&b.done);
+    double c1 = cpu_s();
+    int64_t t1 = ctx_now();
+    atomic_store(&b.stop, true);
+    while (atomic_load(&b.outstanding) > 0)
+        sleep_ms(1);
+    struct fetch_stats st;
+    fetch_stats(b.f, &st);
+    fetch_free(b.f);
+    free(slots);
+    out->rate = (double)(d1 - d0) * 1000.0 / (double)(t1 - t0);
+    out->cpu_us = d1 > d0 ? (c1 - c0) * 1e6 / (double)(d1 - d0) : 0;
+    out->errors = atomic_load(&b.errors);
+    out->conns = st.conns_opened;
+    return 0;
+}
+
+/* Runs the stub in a child; returns its pid and port through *port, or -1. */
+static pid_t spawn_stub(unsigned threads, int *port, int *ctl)
+{
+    int up[2], down[2];
+    if (pipe(up) != 0 || pipe(down) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);
+        struct upstub *s;
+        int p = upstub_new(threads, &s) == 0 ? upstub_port(s) : -1;
+        if (write(up[1], &p, sizeof(p)) != sizeof(p))
+            _exit(1);
+        char c;
+        while (read(down[0], &c, 1) > 0) /* until the parent closes its end */
+            ;
+        if (p > 0)
+            upstub_free(s);
+        _exit(0);
+    }
+    close(up[1]);
+    close(down[0]);
+    if (read(up[0], port, sizeof(*port)) != sizeof(*port) || *port <= 0) {
+        close(up[0]);
+        close(down[1]);
+        waitpid(pid, NULL, 0);
+        return -1;
+    }
+    close(up[0]);
+    *ctl = down[1];
+    return pid;
+}
+
+static int serve_only(unsigned threads)
+{
+    struct upstub *s;
+    if (upstub_new(threads, &s) != 0) {
+        fprintf(stderr, "bench_fetch: cannot start the stub\n");
+        return 1;
+    }
+    printf("%d\n", upstub_port(s));
+    fflush(stdout);
+    char buf[64];
+    while (fread(buf, 1, sizeof(buf), stdin) > 0)
+        ;
+    upstub_free(s);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu < 1)
+        ncpu = 1;
+    unsigned stub_threads = (unsigned)ncpu;
+    if (argc > 1 && strcmp(argv[1], "--stub") == 0)
+        return serve_only(argc > 2 ? (unsigned)atoi(argv[2]) : stub_threads);
+    const char *env = getenv("BENCH_MS");
+    int64_t window = env ? atoll(env) : 1500;
+    if (window < 100)
+        window = 100;
+
+    int port, ctl;
+    pid_t stub = spawn_stub(stub_threads, &port, &ctl); /* before any thread in this process */
+    if (stub < 0) {
+        fprintf(stderr, "bench_fetch: cannot start the stub\n");
+        return 1;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "bench_fetch: curl_global_init failed\n");
+        return 1;
+    }
+    static const unsigned concs[] = {1, 16, 256, 1000};
+    unsigned loop_rows[2] = {1, (unsigned)ncpu};
+    int nrows = ncpu > 1 ? 2 : 1;
+    printf("fetch engine, HTTP/1.1 keep-alive GETs on loopback against tests/upstub.c\n");
+    printf("(%ld CPUs shared by client and stub; stub: %u threads in a child process; "
+           "max_conns 512; window %lld ms per cell)\n\n",
+           ncpu, stub_threads, (long long)window);
+    printf("%-6s %6s %14s %16s %8s %7s\n", "loops", "conc", "transfers/s", "client CPU us/xfer",
+           "conns", "errors");
+    int failed = 0;
+    for (int r = 0; r < nrows; r++) {
+        for (size_t i = 0; i < sizeof(concs) / sizeof(concs[0]); i++) {
+            struct cell c;
+            if (run_cell(port, loop_rows[r], concs[i], window, &c) != 0) {
+                fprintf(stderr, "bench_fetch: run failed\n");
+                failed = 1;
+                continue;
+            }
+            printf("%-6u %6u %14.0f %18.1f %8llu %7llu\n", loop_rows[r], concs[i], c.rate,
+                   c.cpu_us, (unsigned long long)c.conns, (unsigned long long)c.errors);
+            fflush(stdout);
+            if (c.errors)
+                failed = 1;
+        }
+    }
+    close(ctl);
+    waitpid(stub, NULL, 0);
+    ctx_shutdown();
+    curl_global_cleanup();
+    return failed;
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs each test program given on the command line (under timeout), then prints one closing line
+# "tests: N passed, M failed" summed over all of them. Exit status 1 if any program failed,
+# crashed, hung or reported a failed test.
+set -u
+timeout_s=${TEST_TIMEOUT:-300}
+passed=0 failed=0 bad=()
+for bin in "$@"; do
+	name=$(basename "$bin")
+	echo "=== $name"
+	out=$(mktemp)
+	timeout -k 10 "$timeout_s" "$bin" 2>&1 | tee "$out"
+	rc=${PIPESTATUS[0]}
+	line=$(grep '^RESULT ' "$out" | tail -n 1)
+	rm -f "$out"
+	if [[ -z $line ]]; then
+		echo "*** $name: no result line (exit $rc: crashed or timed out)"
+		failed=$((failed + 1)) bad+=("$name")
+		continue
+	fi
+	run=$(sed -n 's/.*tests_run=\([0-9]*\).*/\1/p' <<<"$line")
+	nf=$(sed -n 's/.*tests_failed=\([0-9]*\).*/\1/p' <<<"$line")
+	passed=$((passed + run - nf)) failed=$((failed + nf))
+	if [[ $rc -ne 0 ]]; then
+		echo "*** $name: exit status $rc"
+		[[ $nf -gt 0 ]] || failed=$((failed + 1))
+		bad+=("$name")
+	fi
+done
+echo
+[[ ${#bad[@]} -eq 0 ]] || echo "failing programs: ${bad[*]}"
+echo "tests: $passed passed, $failed failed"
+[[ $failed -eq 0 && ${#bad[@]} -eq 0 ]]

@@ -1,0 +1,687 @@
+/* Tests for server/demo: routes, magic ids, id escaping, keep-alive, delays that hold no thread,
+ * clients that hang up mid-delay, and demo_stop() with requests suspended. Clients are libcurl
+ * easy handles (one at a time) or a multi handle driven from the test's own thread. */
+#include "server/demo.h"
+
+#include <CUnit/CUnit.h>
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctx/ctx.h"
+#include "tests/support.h"
+
+/* Generous bound for anything that should take milliseconds. */
+#define SLOW_MS 10000
+
+/* ---------------------------------------------------------------- client helpers */
+
+struct resp {
+    long status;       /* HTTP status, 0 if none */
+    CURLcode code;     /* transfer result */
+    char *body;        /* NUL-terminated, malloc'd */
+    size_t len;        /* body bytes */
+    char ctype[128];   /* Content-Type or "" */
+    bool allow_get;    /* an "Allow: GET" header came */
+    bool conn_close;   /* a "Connection: close" header came */
+    long connects;     /* new connections this transfer made */
+};
+
+static size_t on_body(char *p, size_t size, size_t n, void *arg)
+{
+    struct resp *r = arg;
+    size_t add = size * n;
+    char *nb = realloc(r->body, r->len + add + 1);
+    if (!nb)
+        return 0;
+    memcpy(nb + r->len, p, add);
+    r->len += add;
+    nb[r->len] = '\0';
+    r->body = nb;
+    return add;
+}
+
+static size_t on_header(char *p, size_t size, size_t n, void *arg)
+{
+    struct resp *r = arg;
+    size_t len = size * n;
+    if (len >= 10 && strncasecmp(p, "Allow: GET", 10) == 0)
+        r->allow_get = true;
+    if (len >= 17 && strncasecmp(p, "Connection: close", 17) == 0)
+        r->conn_close = true;
+    return len;
+}
+
+static void resp_free(struct resp *r)
+{
+    free(r->body);
+    memset(r, 0, sizeof(*r));
+}
+
+/* Prepares 'h' for one transfer of http://127.0.0.1:<port><path> into 'r'. */
+static void setup(CURL *h, struct demo *d, const char *path, struct resp *r)
+{
+    char url[1024];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%u%s", (unsigned)demo_port(d), path);
+    memset(r, 0, sizeof(*r));
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)SLOW_MS);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
+}
+
+/* Records the outcome of a finished transfer on 'h' into 'r'. */
+static void finish(CURL *h, CURLcode code, struct resp *r)
+{
+    r->code = code;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
+    curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &r->connects);
+    char *ct = NULL;
+    if (curl_easy_getinfo(h, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
+        snprintf(r->ctype, sizeof(r->ctype), "%s", ct);
+    if (!r->body) {
+        r->body = calloc(1, 1);
+        r->len = 0;
+    }
+}
+
+/* One GET on handle 'h' (reused connections stay with it). */
+static void get_on(CURL *h, struct demo *d, const char *path, struct resp *r)
+{
+    setup(h, d, path, r);
+    curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    finish(h, curl_easy_perform(h), r);
+}
+
+/* One GET on a fresh handle. */
+static void get(struct demo *d, const char *path, struct resp *r)
+{
+    CURL *h = curl_easy_init();
+    get_on(h, d, path, r);
+    curl_easy_cleanup(h);
+}
+
+static struct demo *start(void)
+{
+    struct demo *d = NULL;
+    int rc = demo_start("127.0.0.1", 0, &d);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+    return d;
+}
+
+/* Checks that 'body' is an item document for 'id' (n bytes, valid UTF-8); returns its price. */
+static double check_item(const char *body, const char *id, size_t n)
+{
+    cJSON *doc = cJSON_Parse(body);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(doc);
+    const cJSON *jid = cJSON_GetObjectItemCaseSensitive(doc, "id");
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(doc, "name");
+    const cJSON *price = cJSON_GetObjectItemCaseSensitive(doc, "price_cents");
+    const cJSON *tags = cJSON_GetObjectItemCaseSensitive(doc, "tags");
+    CU_ASSERT(cJSON_IsString(jid) && strlen(jid->valuestring) == n &&
+              memcmp(jid->valuestring, id, n) == 0);
+    char want[512];
+    snprintf(want, sizeof(want), "Item %.*s", (int)n, id);
+    CU_ASSERT(cJSON_IsString(name) && strcmp(name->valuestring, want) == 0);
+    CU_ASSERT(cJSON_IsNumber(price) && price->valuedouble >= 100 && price->valuedouble <= 99999 &&
+              price->valuedouble == (double)(long)price->valuedouble);
+    CU_ASSERT(cJSON_IsArray(tags) && cJSON_GetArraySize(tags) == 1 &&
+              cJSON_IsString(cJSON_GetArrayItem(tags, 0)) &&
+              strcmp(cJSON_GetArrayItem(tags, 0)->valuestring, "demo") == 0);
+    double p = cJSON_IsNumber(price) ? price->valuedouble : -1;
+    cJSON_Delete(doc);
+    return p;
+}
+
+struct stats_want {
+    struct demo *d;
+    uint64_t canceled, in_flight, sleeping;
+};
+
+static bool stats_reach(void *arg)
+{
+    struct stats_want *w = arg;
+    struct demo_stats s;
+    demo_stats(w->d, &s);
+    return s.canceled == w->canceled && s.in_flight == w->in_flight && s.sleeping == w->sleeping;
+}
+
+/* Makes sure the ctx timer thread is running, so thread counts taken next stay put. */
+static void warm_ctx_timer(void)
+{
+    struct ctx *c = ctx_with_timeout(ctx_background(), 60000);
+    ctx_free(c);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+static void test_demo_item_json(void)
+{
+    struct demo *d = start();
+    struct resp r, r2;
+    get(d, "/items/abc-42", &r);
+    CU_ASSERT_EQUAL(r.code, CURLE_OK);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+    double p1 = check_item(r.body, "abc-42", 6);
+    get(d, "/items/abc-42", &r2);
+    double p2 = check_item(r2.body, "abc-42", 6);
+    CU_ASSERT_EQUAL(p1, p2); /* deterministic */
+    CU_ASSERT_STRING_EQUAL(r.body, r2.body);
+    resp_free(&r);
+    resp_free(&r2);
+    /* Different ids mostly get different prices. */
+    int distinct = 0;
+    double first = -1;
+    for (int i = 0; i < 10; i++) {
+        char path[64];
+        snprintf(path, sizeof(path), "/items/id%d", i);
+        get(d, path, &r);
+        char id[16];
+        snprintf(id, sizeof(id), "id%d", i);
+        double p = check_item(r.body, id, strlen(id));
+        if (i == 0)
+            first = p;
+        else if (p != first)
+            distinct++;
+        resp_free(&r);
+    }
+    CU_ASSERT(distinct >= 5);
+    demo_stop(d);
+}
+
+static void test_demo_id_escaping_round_trip(void)
+{
+    static const char *const ids[] = {
+        "with space", "quo\"te", "back\\slash", "a/b", "\xc3\xbc", "caf\xc3\xa9 \xe2\x82\xac",
+        "ctl\x01\x1f", "tab\tnl\n", "{\"json\":1}", "%41", "?&=#", "\xe2\x80\xa8",
+    };
+    struct demo *d = start();
+    CURL *h = curl_easy_init();
+    for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++) {
+        char *enc = curl_easy_escape(h, ids[i], (int)strlen(ids[i])); /* '/' becomes %2F */
+        char path[512];
+        snprintf(path, sizeof(path), "/items/%s", enc);
+        curl_free(enc);
+        struct resp r;
+        get_on(h, d, path, &r);
+        CU_ASSERT_EQUAL(r.status, 200);
+        check_item(r.body, ids[i], strlen(ids[i]));
+        resp_free(&r);
+    }
+    /* Invalid UTF-8 is replaced, so the body is still valid JSON. */
+    struct resp r;
+    get_on(h, d, "/items/x%FFy", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "x\xef\xbf\xbdy", 5);
+    resp_free(&r);
+    curl_easy_cleanup(h);
+    demo_stop(d);
+}
+
+static void test_demo_fail_is_500(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    get(d, "/items/fail-7", &r);
+    CU_ASSERT_EQUAL(r.status, 500);
+    CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+    CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"injected failure\",\"id\":\"fail-7\"}");
+    resp_free(&r);
+    get(d, "/items/fail%22q", &r); /* the id is escaped here too */
+    CU_ASSERT_EQUAL(r.status, 500);
+    CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"injected failure\",\"id\":\"fail\\\"q\"}");
+    resp_free(&r);
+    demo_stop(d);
+}
+
+static void test_demo_text_is_plain(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    get(d, "/items/text-1", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(r.ctype, "text/plain");
+    CU_ASSERT_STRING_EQUAL(r.body, "plain text for text-1");
+    resp_free(&r);
+    demo_stop(d);
+}
+
+static void test_demo_status_ids(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    get(d, "/items/status418", &r);
+    CU_ASSERT_EQUAL(r.status, 418);
+    CU_ASSERT_STRING_EQUAL(r.body,
+                           "{\"error\":\"injected status\",\"status\":418,\"id\":\"status418\"}");
+    resp_free(&r);
+    get(d, "/items/status503-x", &r);
+    CU_ASSERT_EQUAL(r.status, 503);
+    resp_free(&r);
+    get(d, "/items/status201", &r);
+    CU_ASSERT_EQUAL(r.status, 201);
+    check_item(r.body, "status201", 9);
+    resp_free(&r);
+    get(d, "/items/status204", &r);
+    CU_ASSERT_EQUAL(r.status, 204);
+    CU_ASSERT_EQUAL(r.len, 0);
+    resp_free(&r);
+    /* Not a magic status: out of range or not three digits. */
+    get(d, "/items/status99", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    get(d, "/items/status4180", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    get(d, "/items/status100", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    demo_stop(d);
+}
+
+static void test_demo_sleep_delays(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    int64_t t0 = ctx_now();
+    get(d, "/items/sleep200", &r);
+    int64_t dt = ctx_now() - t0;
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "sleep200", 8);
+    CU_ASSERT(dt >= 200);
+    CU_ASSERT(dt < SLOW_MS);
+    resp_free(&r);
+
+    /* ?ms= on any id, added to sleep<N>. */
+    t0 = ctx_now();
+    get(d, "/items/plain?ms=150", &r);
+    dt = ctx_now() - t0;
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "plain", 5);
+    CU_ASSERT(dt >= 150);
+    resp_free(&r);
+    t0 = ctx_now();
+    get(d, "/items/sleep100-x?ms=100", &r);
+    dt = ctx_now() - t0;
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "sleep100-x", 10);
+    CU_ASSERT(dt >= 200);
+    resp_free(&r);
+    /* A delayed failure is still a failure. */
+    t0 = ctx_now();
+    get(d, "/items/fail-late?ms=50", &r);
+    CU_ASSERT(ctx_now() - t0 >= 50);
+    CU_ASSERT_EQUAL(r.status, 500);
+    resp_free(&r);
+    /* "sleep" without digits, or ?ms= that is not a number: no delay, a normal item. */
+    get(d, "/items/sleepy?ms=abc", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "sleepy", 6);
+    resp_free(&r);
+
+    struct demo_stats s;
+    demo_stats(d, &s);
+    CU_ASSERT_EQUAL(s.delayed, 4);
+    CU_ASSERT_EQUAL(s.requests, 5);
+    CU_ASSERT_EQUAL(s.sleeping, 0);
+    CU_ASSERT_EQUAL(s.canceled, 0);
+    demo_stop(d);
+}
+
+/* Delays do not hold a thread: many overlap, and the whole batch takes about one delay. */
+static void test_demo_delays_overlap(void)
+{
+    enum { N = 40 };
+    struct demo *d = start();
+    CURLM *m = curl_multi_init();
+    CURL *hs[N];
+    struct resp rs[N];
+    for (int i = 0; i < N; i++) {
+        hs[i] = curl_easy_init();
+        char path[64];
+        snprintf(path, sizeof(path), "/items/sleep300-%d", i);
+        setup(hs[i], d, path, &rs[i]);
+        curl_multi_add_handle(m, hs[i]);
+    }
+    int64_t t0 = ctx_now();
+    int running = 1;
+    while (running) {
+        curl_multi_perform(m, &running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(m, &left)) != NULL) {
+            struct resp *r = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+            finish(msg->easy_handle, msg->data.result, r);
+        }
+        if (running)
+            curl_multi_poll(m, NULL, 0, 100, NULL);
+    }
+    int64_t dt = ctx_now() - t0;
+    for (int i = 0; i < N; i++) {
+        CU_ASSERT_EQUAL(rs[i].status, 200);
+        curl_multi_remove_handle(m, hs[i]);
+        curl_easy_cleanup(hs[i]);
+        resp_free(&rs[i]);
+    }
+    curl_multi_cleanup(m);
+    CU_ASSERT(dt >= 300);
+    CU_ASSERT(dt < N * 300); /* serialised sleeps would take 12 s; a loose, non-timing bound */
+    demo_stop(d);
+}
+
+static void test_demo_keep_alive(void)
+{
+    struct demo *d = start();
+    CURL *h = curl_easy_init();
+    long connects = 0;
+    int ok = 0;
+    for (int i = 0; i < 100; i++) {
+        char path[64];
+        /* Mix in the other answers: none of them may close the connection. */
+        if (i % 10 == 3)
+            snprintf(path, sizeof(path), "/nothing/%d", i);
+        else if (i % 10 == 5)
+            snprintf(path, sizeof(path), "/items/fail%d", i);
+        else if (i % 25 == 7)
+            snprintf(path, sizeof(path), "/items/sleep5-%d", i);
+        else
+            snprintf(path, sizeof(path), "/items/k%d", i);
+        struct resp r;
+        get_on(h, d, path, &r);
+        ok += r.code == CURLE_OK && r.status != 0 && !r.conn_close;
+        connects += r.connects;
+        resp_free(&r);
+    }
+    /* A POST with a body (dropped by the demo) keeps the connection too. */
+    struct resp r;
+    setup(h, d, "/items/posted", &r);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, "{\"x\":1}");
+    finish(h, curl_easy_perform(h), &r);
+    CU_ASSERT_EQUAL(r.status, 405);
+    connects += r.connects;
+    resp_free(&r);
+    get_on(h, d, "/items/after-post", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    connects += r.connects;
+    resp_free(&r);
+    CU_ASSERT_EQUAL(ok, 100);
+    CU_ASSERT_EQUAL(connects, 1);
+    curl_easy_cleanup(h);
+    demo_stop(d);
+}
+
+static void test_demo_not_found_and_bad_method(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    static const char *const paths[] = {"/", "/items", "/items/", "/item/x", "/itemsx/y"};
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+        get(d, paths[i], &r);
+        CU_ASSERT_EQUAL(r.status, 404);
+        CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+        CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"not found\"}");
+        resp_free(&r);
+    }
+    static const char *const methods[] = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS"};
+    for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+        CURL *h = curl_easy_init();
+        setup(h, d, "/items/x", &r);
+        curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, methods[i]);
+        finish(h, curl_easy_perform(h), &r);
+        CU_ASSERT_EQUAL(r.status, 405);
+        CU_ASSERT(r.allow_get);
+        CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"method not allowed\"}");
+        resp_free(&r);
+        curl_easy_cleanup(h);
+    }
+    demo_stop(d);
+}
+
+static void test_demo_start_errors_and_template(void)
+{
+    struct demo *d = NULL;
+    CU_ASSERT_EQUAL(demo_start("localhost", 0, &d), -EINVAL); /* numeric addresses only */
+    CU_ASSERT_EQUAL(demo_start("127.0.0.1:80", 0, &d), -EINVAL);
+    CU_ASSERT_PTR_NULL(d);
+    d = start();
+    CU_ASSERT(demo_port(d) != 0);
+    char want[64], buf[64];
+    snprintf(want, sizeof(want), "http://127.0.0.1:%u/items/{id}", (unsigned)demo_port(d));
+    demo_url_template(d, buf, sizeof(buf));
+    CU_ASSERT_STRING_EQUAL(buf, want);
+    demo_url_template(d, buf, 8); /* truncated, terminated */
+    CU_ASSERT_STRING_EQUAL(buf, "http://");
+    struct demo *d2 = NULL;
+    CU_ASSERT_EQUAL(demo_start("127.0.0.1", demo_port(d), &d2), -EADDRINUSE);
+    CU_ASSERT_PTR_NULL(d2);
+    demo_stop(d);
+    demo_stop(NULL);
+
+    /* IPv6 loopback, when the machine has it. */
+    struct demo *d6 = NULL;
+    if (demo_start("::1", 0, &d6) == 0) {
+        demo_url_template(d6, buf, sizeof(buf));
+        snprintf(want, sizeof(want), "http://[::1]:%u/items/{id}", (unsigned)demo_port(d6));
+        CU_ASSERT_STRING_EQUAL(buf, want);
+        CURL *h = curl_easy_init();
+        struct resp r;
+        memset(&r, 0, sizeof(r));
+        char url[96];
+        snprintf(url, sizeof(url), "http://[::1]:%u/items/v6", (unsigned)demo_port(d6));
+        curl_easy_setopt(h, CURLOPT_URL, url);
+        curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+        curl_easy_setopt(h, CURLOPT_WRITEDATA, &r);
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)SLOW_MS);
+        finish(h, curl_easy_perform(h), &r);
+        CU_ASSERT_EQUAL(r.status, 200);
+        check_item(r.body, "v6", 2);
+        resp_free(&r);
+        curl_easy_cleanup(h);
+        demo_stop(d6);
+    }
+}
+
+/* A client that gives up mid-delay is noticed at once (long before the delay ends), counted as
+ * canceled, and its request is freed. */
+static void test_demo_client_disconnect_mid_sleep(void)
+{
+    warm_ctx_timer();
+    int threads = test_thread_count(), fds = test_fd_count();
+    struct demo *d = start();
+    for (int i = 1; i <= 3; i++) {
+        CURL *h = curl_easy_init();
+        struct resp r;
+        setup(h, d, i == 3 ? "/items/x?ms=30000" : "/items/sleep30000", &r);
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 200L);
+        CURLcode rc = curl_easy_perform(h);
+        curl_easy_cleanup(h); /* closes the connection */
+        CU_ASSERT_EQUAL(rc, CURLE_OPERATION_TIMEDOUT);
+        resp_free(&r);
+        struct stats_want w = {d, (uint64_t)i, 0, 0};
+        /* The delay is 30 s; detection is prompt, the bound is generous and well below that. */
+        CU_ASSERT(test_wait_until(stats_reach, &w, SLOW_MS));
+    }
+    struct demo_stats s;
+    demo_stats(d, &s);
+    CU_ASSERT_EQUAL(s.requests, 3);
+    CU_ASSERT_EQUAL(s.delayed, 3);
+    /* The demo still serves. */
+    struct resp r;
+    get(d, "/items/after", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    demo_stop(d);
+    CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
+}
+
+/* Runs 'm' until nothing is running or 'ms' pass, recording finished transfers. */
+static void drive(CURLM *m, int64_t ms, bool (*until)(void *), void *arg)
+{
+    int64_t end = ctx_now() + ms;
+    int running = 1;
+    while (running && ctx_now() < end) {
+        curl_multi_perform(m, &running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(m, &left)) != NULL) {
+            struct resp *r = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+            finish(msg->easy_handle, msg->data.result, r);
+        }
+        if (until && until(arg))
+            return;
+        if (running)
+            curl_multi_poll(m, NULL, 0, 10, NULL);
+    }
+}
+
+struct sleeping_want {
+    struct demo *d;
+    uint64_t n;
+};
+
+static bool sleeping_reach(void *arg)
+{
+    struct sleeping_want *w = arg;
+    struct demo_stats s;
+    demo_stats(w->d, &s);
+    return s.sleeping >= w->n;
+}
+
+/* demo_stop() with 50 requests suspended for a minute returns promptly, answers them 503 and
+ * leaves no thread or descriptor behind. */
+static void test_demo_stop_with_requests_mid_sleep(void)
+{
+    enum { N = 50 };
+    warm_ctx_timer();
+    int threads = test_thread_count(), fds = test_fd_count();
+    struct demo *d = start();
+    CURLM *m = curl_multi_init();
+    CURL *hs[N];
+    struct resp rs[N];
+    for (int i = 0; i < N; i++) {
+        hs[i] = curl_easy_init();
+        char path[64];
+        if (i % 2)
+            snprintf(path, sizeof(path), "/items/sleep60000-%d", i);
+        else
+            snprintf(path, sizeof(path), "/items/n%d?ms=60000", i);
+        setup(hs[i], d, path, &rs[i]);
+        curl_easy_setopt(hs[i], CURLOPT_TIMEOUT_MS, 120000L);
+        curl_multi_add_handle(m, hs[i]);
+    }
+    struct sleeping_want w = {d, N};
+    drive(m, SLOW_MS, sleeping_reach, &w);
+    struct demo_stats s;
+    demo_stats(d, &s);
+    CU_ASSERT_EQUAL(s.sleeping, N);
+
+    int64_t t0 = ctx_now();
+    demo_stop(d);
+    int64_t dt = ctx_now() - t0;
+    CU_ASSERT(dt < 5000); /* the delays are 60 s; this only says "did not wait for them" */
+
+    drive(m, SLOW_MS, NULL, NULL);
+    int got503 = 0;
+    for (int i = 0; i < N; i++) {
+        got503 += rs[i].status == 503 && rs[i].code == CURLE_OK &&
+                  strcmp(rs[i].body ? rs[i].body : "", "{\"error\":\"shutting down\"}") == 0;
+        curl_multi_remove_handle(m, hs[i]);
+        curl_easy_cleanup(hs[i]);
+        resp_free(&rs[i]);
+    }
+    curl_multi_cleanup(m);
+    CU_ASSERT_EQUAL(got503, N);
+    CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
+}
+
+static bool idle(void *arg)
+{
+    struct demo_stats s;
+    demo_stats(arg, &s);
+    return s.in_flight == 0 && s.sleeping == 0;
+}
+
+/* Race test (for make tsan): timers firing, clients hanging up at about the same moment, and
+ * demo_stop() arriving mid-way, over many rounds. Every transfer ends, every counter settles. */
+static void test_demo_races_timers_hangups_and_stop(void)
+{
+    enum { ROUNDS = 12, N = 40 };
+    warm_ctx_timer();
+    int threads = test_thread_count(), fds = test_fd_count();
+    for (int round = 0; round < ROUNDS; round++) {
+        struct demo *d = start();
+        CURLM *m = curl_multi_init();
+        CURL *hs[N];
+        struct resp rs[N];
+        for (int i = 0; i < N; i++) {
+            hs[i] = curl_easy_init();
+            char path[64];
+            int ms = 5 + (i * 7 + round * 3) % 40;
+            snprintf(path, sizeof(path), "/items/sleep%d-%d", ms, i);
+            setup(hs[i], d, path, &rs[i]);
+            /* A third give up at about the time their delay ends. */
+            if (i % 3 == 0)
+                curl_easy_setopt(hs[i], CURLOPT_TIMEOUT_MS, (long)(ms + (i % 5) - 2));
+            curl_multi_add_handle(m, hs[i]);
+        }
+        bool stop_early = round % 2 == 1;
+        if (stop_early) {
+            struct sleeping_want w = {d, N / 4};
+            drive(m, SLOW_MS, sleeping_reach, &w);
+            demo_stop(d);
+            d = NULL;
+        }
+        drive(m, SLOW_MS, NULL, NULL);
+        int finished = 0;
+        for (int i = 0; i < N; i++) {
+            /* 200, 503 (stopped), or a client-side timeout or a closed connection. */
+            bool sane = rs[i].status == 200 || rs[i].status == 503 || rs[i].code != CURLE_OK;
+            finished += sane;
+            curl_multi_remove_handle(m, hs[i]);
+            curl_easy_cleanup(hs[i]);
+            resp_free(&rs[i]);
+        }
+        curl_multi_cleanup(m);
+        CU_ASSERT_EQUAL(finished, N);
+        if (d) {
+            /* Every client is gone: nothing may stay in flight or asleep. */
+            CU_ASSERT(test_wait_until(idle, d, SLOW_MS));
+            struct demo_stats s;
+            demo_stats(d, &s);
+            CU_ASSERT_EQUAL(s.delayed, N);
+            CU_ASSERT(s.canceled <= (N + 2) / 3);
+            demo_stop(d);
+        }
+    }
+    CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
+}
+
+static CU_TestInfo demo_tests[] = {
+    {"item JSON body and content type", test_demo_item_json},
+    {"id escaping round trip", test_demo_id_escaping_round_trip},
+    {"fail ids answer 500", test_demo_fail_is_500},
+    {"text ids answer text/plain", test_demo_text_is_plain},
+    {"status ids answer that status", test_demo_status_ids},
+    {"sleep ids and ?ms= delay the answer", test_demo_sleep_delays},
+    {"delays overlap without holding threads", test_demo_delays_overlap},
+    {"keep-alive: 100 requests on one connection", test_demo_keep_alive},
+    {"unknown path 404, other methods 405", test_demo_not_found_and_bad_method},
+    {"start errors and URL template", test_demo_start_errors_and_template},
+    {"client disconnect mid-sleep is counted and freed", test_demo_client_disconnect_mid_sleep},
+    {"stop with 50 requests mid-sleep is prompt and clean", test_demo_stop_with_requests_mid_sleep},
+    {"timers, hang-ups and stop race cleanly", test_demo_races_timers_hangups_and_stop},
+    CU_TEST_INFO_NULL,
+};
+TEST_SUITE(demo, demo_tests)

@@ -1,0 +1,87 @@
+/* upstub: an in-process HTTP/1.1 upstream for tests and benchmarks.
+ *
+ * A raw-socket server on 127.0.0.1, port 0 (the kernel picks; see upstub_port()), run by a fixed
+ * number of event-loop threads started by upstub_new() and joined by upstub_free(). Keep-alive is
+ * supported (HTTP/1.1 default; "Connection: close" and HTTP/1.0 close after the response).
+ *
+ * What a request gets depends on the last segment of its path (after the final '/', before any
+ * '?'), matched by prefix; <N> is a decimal number right after the prefix:
+ *   status<NNN>*  status NNN with the body {"status":NNN}
+ *   fail*         500 with {"error":"fail"}
+ *   sleep<N>*     200 with the default body after N ms (a timer in the event loop; no thread
+ *                 sleeps, and a client that goes away meanwhile is noticed at once)
+ *   text*         200 text/plain "text"
+ *   big<N>*       200 with an N-byte body of 'x', written as the socket accepts it, so a client
+ *                 that aborts early stops the stub early (see bytes_sent)
+ *   stream<N>*    like big<N> but without Content-Length: the body ends when the stub closes
+ *   reset*        headers announcing 100000 bytes, 1000 of them, then an RST (SO_LINGER 0)
+ *   empty*        the connection is closed without any reply
+ *   close*        200 with the default body and "Connection: close", then a normal close
+ *   anything else 200 application/json {"id":"<segment, percent-decoded, JSON-escaped>"}
+ * New behaviours are one entry in the route table at the top of upstub.c.
+ *
+ * Every function is thread-safe. */
+#ifndef FANOUT_TESTS_UPSTUB_H
+#define FANOUT_TESTS_UPSTUB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct upstub;
+
+/* Counters since upstub_new(); each field is a snapshot of an atomic. */
+struct upstub_stats {
+    uint64_t requests;      /* requests received (request line and headers parsed) */
+    uint64_t in_flight;     /* requests received whose response is not complete yet */
+    uint64_t max_in_flight; /* the most requests in flight at once */
+    uint64_t accepted;      /* connections accepted */
+    uint64_t open;          /* connections open now */
+    uint64_t max_open;      /* the most connections open at once */
+    uint64_t canceled;      /* requests whose client closed before the response was complete */
+    uint64_t bytes_sent;    /* bytes written to clients (headers and bodies) */
+};
+
+#define UPSTUB_TARGET_MAX 512  /* longer request-targets are logged truncated */
+#define UPSTUB_HEADER_MAX 128  /* longer logged header values are truncated */
+#define UPSTUB_LOG_SIZE 2048   /* the log keeps this many most recent requests */
+
+/* One logged request. Strings are NUL-terminated copies. */
+struct upstub_req {
+    char target[UPSTUB_TARGET_MAX];     /* request-target exactly as on the request line */
+    char request_id[UPSTUB_HEADER_MAX]; /* X-Request-Id value, "" when absent */
+    char timeout_ms[UPSTUB_HEADER_MAX]; /* X-Request-Timeout-Ms value, "" when absent */
+    bool has_request_id;                /* the X-Request-Id header was present */
+    bool has_timeout_ms;                /* the X-Request-Timeout-Ms header was present */
+};
+
+/* Starts a stub with 'threads' event loops (0 means 1) listening on 127.0.0.1 at a free port.
+ * Returns 0 and the stub in *out, or a negative errno (nothing left running). */
+int upstub_new(unsigned threads, struct upstub **out);
+
+/* Stops the loops, closes every connection and the listener, joins the threads and frees. */
+void upstub_free(struct upstub *s);
+
+/* The TCP port the stub listens on. */
+int upstub_port(const struct upstub *s);
+
+/* Writes "http://127.0.0.1:<port>" followed by 'path' (e.g. "/items/{id}", copied verbatim) into
+ * buf. Returns the length written, or -ENOSPC if it does not fit in 'size' (buf then holds a
+ * truncated, NUL-terminated string when size > 0). */
+int upstub_url(const struct upstub *s, char *buf, size_t size, const char *path);
+
+/* Reads the counters. */
+void upstub_stats(struct upstub *s, struct upstub_stats *st);
+
+/* Copies up to 'max' of the most recently logged requests into out[], oldest first. Returns how
+ * many were copied. */
+size_t upstub_log(struct upstub *s, struct upstub_req *out, size_t max);
+
+/* Finds the most recent logged request whose target equals 'target'; copies it into *out (when
+ * not NULL) and returns true, or returns false. */
+bool upstub_find(struct upstub *s, const char *target, struct upstub_req *out);
+
+/* Counts the logged requests whose target equals 'target'. */
+size_t upstub_count(struct upstub *s, const char *target);
+
+#endif
