@@ -82,14 +82,20 @@ $(BUILD)/obj/%.o: %.c
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
 test: all
-	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) tests/run.sh $(TEST_BINS)
+	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
+# Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
+export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1
+export UBSAN_OPTIONS ?= print_stacktrace=1:halt_on_error=1
+export TSAN_OPTIONS ?= halt_on_error=1:second_deadlock_stack=1
 asan:
 	$(MAKE) test BUILD=build/asan OPT="-O1 -g" \
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
+# setarch -R: TSan cannot map its shadow memory on kernels with high mmap randomisation.
 tsan:
-	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread"
+	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread" \
+	  TEST_WRAP="setarch $$(uname -m) -R"
 
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done

@@ -310,20 +310,18 @@ fail_free:
 }
 
 /* Links a new ctx under its parent and arms its timer, or marks it done at once when the parent
- * already is or its deadline has passed. */
+ * already is (the parent's cause: it came first) or its deadline has passed. */
 static struct ctx *ctx_attach(struct ctx *c)
 {
-    if (c->timed && c->deadline <= ctx_now()) {
-        atomic_store(&c->err, -ETIMEDOUT);
-        return c;
-    }
+    bool past = c->timed && c->deadline <= ctx_now();
     struct ctx *p = c->parent;
+    int err = past ? -ETIMEDOUT : 0;
     if (p) {
         pthread_mutex_lock(&p->mu);
         int perr = atomic_load(&p->err);
         if (perr) {
-            atomic_store(&c->err, perr);
-        } else {
+            err = perr;
+        } else if (!past) {
             ctx_ref(c); /* the parent's reference on a linked child */
             c->linked = true;
             c->sib_prev = NULL;
@@ -333,11 +331,18 @@ static struct ctx *ctx_attach(struct ctx *c)
             p->kids = c;
         }
         pthread_mutex_unlock(&p->mu);
-        if (perr)
-            return c;
     }
-    if (c->timed)
+    if (err) {
+        atomic_store(&c->err, err);
+        return c;
+    }
+    if (c->timed) {
         timer_add(c); /* on failure waiters and transfers still honour the deadline value */
+        /* A cancel through the parent between the link above and timer_add() found no timer
+         * entry to remove: take ours out, or the heap would keep the ctx until its deadline. */
+        if (atomic_load(&c->err) != 0)
+            timer_remove(c);
+    }
     return c;
 }
 

@@ -21,7 +21,9 @@
  * epoll_wait() batch, so an event it handles never names a request already resumed and freed.
  * After the resume, the handler runs again on the MHD thread and queues the answer;
  * NOTIFY_COMPLETED then disarms the hook (waiting for it if it is still running) and frees the
- * request. A client that closes just before its deadline is caught by a poll() at that point.
+ * request. A client that closes just before its deadline is caught by a poll() at that point;
+ * if MHD itself finds the socket closed first, it skips the handler and goes straight to
+ * NOTIFY_COMPLETED, which then does the handler's bookkeeping.
  *
  * Shutdown: demo_stop() sets 'stopping' (delayed requests that arrive later get 503 at once),
  * cancels the root so every waiting request is woken, waits until no connection is suspended
@@ -58,6 +60,9 @@
 /* The cause a delayed request's ctx is canceled with when its client hangs up. */
 #define DEMO_ECLIENT (-ECONNRESET)
 
+/* What a client that hung up mid-delay is "answered" (nginx's "client closed request"). */
+#define DEMO_STATUS_CLIENT_GONE 499
+
 /* Events the watcher takes from one epoll_wait(). */
 #define WATCH_BATCH 64
 
@@ -70,7 +75,7 @@ struct demo_req {
     struct demo_req *next;        /* on d->wake; guarded by d->mu */
     int fd;                       /* socket in the watcher's epoll set, or -1; fixed once armed */
     atomic_bool woken;            /* set by the first wake-up: resume exactly once */
-    bool answered;                /* the handler ran after the resume; MHD thread only */
+    bool answered;                /* bookkeeping after the resume done; MHD thread only */
 };
 
 struct demo {
@@ -78,6 +83,7 @@ struct demo {
     struct MHD_Response *not_found;    /* shared 404 response (refcounted by MHD) */
     struct MHD_Response *bad_method;   /* shared 405 response */
     struct MHD_Response *shutting;     /* shared 503 response, with Connection: close */
+    struct MHD_Response *gone;         /* shared empty 499 response, with Connection: close */
     struct ctx *root;                  /* parent of every delayed request's ctx */
     pthread_t watcher;                 /* the watcher thread */
     int epfd;                          /* the watcher's epoll set: evfd and suspended sockets */
@@ -365,7 +371,9 @@ static enum MHD_Result finish_delay(struct demo *d, struct MHD_Connection *conn,
     int err = ctx_err(r->ctx);
     if (err == DEMO_ECLIENT || client_gone(conn)) {
         count(&d->canceled, 1);
-        return MHD_NO; /* nobody to answer: close */
+        /* Nobody to answer: a bodiless 499 with Connection: close ends it quietly (returning
+         * MHD_NO would do the same but log an "internal error"). */
+        return MHD_queue_response(conn, DEMO_STATUS_CLIENT_GONE, d->gone);
     }
     if (err != -ETIMEDOUT)
         return MHD_queue_response(conn, MHD_HTTP_SERVICE_UNAVAILABLE, d->shutting);
@@ -455,6 +463,13 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     if (p == &plain_request)
         return;
     struct demo_req *r = p;
+    if (!r->answered) {
+        /* Resumed, but MHD found the connection closed before calling the handler again: the
+         * client went away. (NOTIFY_COMPLETED never runs for a suspended connection.) */
+        r->answered = true;
+        unpark(d);
+        count(&d->canceled, 1);
+    }
     ctx_hook_remove(r->ctx, &r->hook); /* it has fired; this waits until it has returned */
     ctx_free(r->ctx);
     free(r);
@@ -485,6 +500,8 @@ static void destroy_responses(struct demo *d)
         MHD_destroy_response(d->bad_method);
     if (d->shutting)
         MHD_destroy_response(d->shutting);
+    if (d->gone)
+        MHD_destroy_response(d->gone);
 }
 
 static int make_responses(struct demo *d)
@@ -492,7 +509,9 @@ static int make_responses(struct demo *d)
     d->not_found = static_json("{\"error\":\"not found\"}", false);
     d->bad_method = static_json("{\"error\":\"method not allowed\"}", false);
     d->shutting = static_json("{\"error\":\"shutting down\"}", true);
-    if (!d->not_found || !d->bad_method || !d->shutting ||
+    d->gone = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    if (!d->not_found || !d->bad_method || !d->shutting || !d->gone ||
+        MHD_add_response_header(d->gone, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES ||
         MHD_add_response_header(d->bad_method, MHD_HTTP_HEADER_ALLOW, "GET") != MHD_YES) {
         destroy_responses(d);
         return -ENOMEM;

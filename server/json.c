@@ -257,12 +257,16 @@ static inline bool is_js_separator(const unsigned char *p)
 void json_append_string(struct json_buf *b, const char *s, size_t len)
 {
     const unsigned char *p = (const unsigned char *)s, *e = p + len;
-    /* One reservation covers the common case (nothing to escape) in full. */
-    if (len > SIZE_MAX - 2 || !json_buf_reserve(b, len + 2)) {
+    /* One reservation covers the common case (nothing to escape) in full. From then on the room
+     * left always exceeds the input left by 2 (closing quote and NUL): a run copies as many bytes
+     * as it consumes, and before each escape, which may write up to 6 bytes for 1 consumed, the
+     * room is topped up to the input left + 8. So the writes below need no further checks. */
+    if (len > SIZE_MAX - 8 || !json_buf_reserve(b, len + 2)) {
         b->oom = true;
         return;
     }
-    json_buf_append_char(b, '"');
+    char *q = b->data + b->len;
+    *q++ = '"';
     while (p < e) {
         /* Extend the run over plain bytes and well-formed UTF-8 other than U+2028/U+2029. */
         const unsigned char *run = p;
@@ -276,33 +280,44 @@ void json_append_string(struct json_buf *b, const char *s, size_t len)
                 break;
             p += n;
         }
-        if (p > run)
-            json_buf_append(b, run, (size_t)(p - run));
+        memcpy(q, run, (size_t)(p - run));
+        q += p - run;
         if (p == e)
             break;
-        char esc[6];
+        size_t used = (size_t)(q - b->data);
+        if (b->cap - used < (size_t)(e - p) + 8) {
+            b->len = used;
+            if (!json_buf_reserve(b, (size_t)(e - p) + 8)) {
+                b->data[b->len] = '\0';
+                return;
+            }
+            q = b->data + used;
+        }
         unsigned c = *p;
         if (c < 0x80) { /* control byte, '"' or '\\' */
-            esc[0] = '\\';
+            *q++ = '\\';
             if (short_esc[c]) {
-                esc[1] = short_esc[c];
-                json_buf_append(b, esc, 2);
+                *q++ = short_esc[c];
             } else {
-                memcpy(esc + 1, "u00", 3);
-                esc[4] = hexdig[c >> 4];
-                esc[5] = hexdig[c & 15];
-                json_buf_append(b, esc, 6);
+                memcpy(q, "u00", 3);
+                q[3] = hexdig[c >> 4];
+                q[4] = hexdig[c & 15];
+                q += 5;
             }
             p++;
         } else if (n == 3) { /* U+2028 or U+2029 */
-            json_buf_append(b, p[2] == 0xA8 ? "\\u2028" : "\\u2029", 6);
+            memcpy(q, p[2] == 0xA8 ? "\\u2028" : "\\u2029", 6);
+            q += 6;
             p += 3;
         } else { /* ill-formed: one U+FFFD for the maximal subpart */
-            json_buf_append(b, "\xEF\xBF\xBD", 3);
+            memcpy(q, "\xEF\xBF\xBD", 3);
+            q += 3;
             p += bad;
         }
     }
-    json_buf_append_char(b, '"');
+    *q++ = '"';
+    *q = '\0';
+    b->len = (size_t)(q - b->data);
 }
 
 size_t json_format_int64(int64_t v, char *dst)

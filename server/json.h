@@ -79,7 +79,8 @@ char *json_buf_take(struct json_buf *b, size_t *len);
  * UTF-8 never reaches the output: each maximal ill-formed subsequence (Unicode 15 §3.9, "U+FFFD
  * substitution of maximal subparts", the WHATWG and Python "replace" behaviour) becomes one U+FFFD,
  * written as the three raw bytes EF BF BD. So the output is always valid UTF-8 and valid JSON, and
- * equals the input plus quotes and escapes when the input is valid UTF-8. On failure sets 'oom'. */
+ * equals the input plus quotes and escapes when the input is valid UTF-8. 's' must not point into
+ * 'b' (the block may move). On failure sets 'oom'. */
 void json_append_string(struct json_buf *b, const char *s, size_t len);
 
 /* Appends the decimal text of 'v' (a valid JSON number). On failure sets 'oom'. */

@@ -6,10 +6,11 @@
  * timed window. Rows: 1 loop and one loop per CPU; columns: concurrency 1, 16, 256, 1000, with
  * the default engine options (max_conns 512, split across the loops).
  *
- *   bench_fetch              run the table (about 20 s)
+ *   bench_fetch              run the table (about 35 s)
  *   bench_fetch --stub [N]   only serve the stub with N threads; prints its port, runs until
  *                            stdin closes (to drive another client against the same upstream)
- *   BENCH_MS=<ms>            measuring window per cell (default 1500) */
+ *   BENCH_MS=<ms>            measuring window per cell run (default 1000)
+ *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port> */
 #include <curl/curl.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -80,6 +81,16 @@ struct cell {
     uint64_t errors; /* failed transfers (should be 0) */
     uint64_t conns;  /* connections the engine opened */
 };
+
+static double median3(double v[3])
+{
+    double a = v[0], b = v[1], c = v[2];
+    if ((a <= b && b <= c) || (c <= b && b <= a))
+        return b;
+    if ((b <= a && a <= c) || (c <= a && a <= b))
+        return a;
+    return c;
+}
 
 static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, struct cell *out)
 {
@@ -186,47 +197,69 @@ int main(int argc, char **argv)
     if (argc > 1 && strcmp(argv[1], "--stub") == 0)
         return serve_only(argc > 2 ? (unsigned)atoi(argv[2]) : stub_threads);
     const char *env = getenv("BENCH_MS");
-    int64_t window = env ? atoll(env) : 1500;
+    int64_t window = env ? atoll(env) : 1000;
     if (window < 100)
         window = 100;
 
-    int port, ctl;
-    pid_t stub = spawn_stub(stub_threads, &port, &ctl); /* before any thread in this process */
-    if (stub < 0) {
-        fprintf(stderr, "bench_fetch: cannot start the stub\n");
-        return 1;
+    int port = 0, ctl = -1;
+    pid_t stub = 0;
+    const char *given = getenv("BENCH_PORT");
+    if (given) {
+        port = atoi(given);
+    } else {
+        stub = spawn_stub(stub_threads, &port, &ctl); /* before any thread in this process */
+        if (stub < 0) {
+            fprintf(stderr, "bench_fetch: cannot start the stub\n");
+            return 1;
+        }
     }
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "bench_fetch: curl_global_init failed\n");
         return 1;
     }
     static const unsigned concs[] = {1, 16, 256, 1000};
+    enum { NCONC = sizeof(concs) / sizeof(concs[0]), REPS = 3 };
     unsigned loop_rows[2] = {1, (unsigned)ncpu};
     int nrows = ncpu > 1 ? 2 : 1;
     printf("fetch engine, HTTP/1.1 keep-alive GETs on loopback against tests/upstub.c\n");
-    printf("(%ld CPUs shared by client and stub; stub: %u threads in a child process; "
-           "max_conns 512; window %lld ms per cell)\n\n",
-           ncpu, stub_threads, (long long)window);
-    printf("%-6s %6s %14s %16s %8s %7s\n", "loops", "conc", "transfers/s", "client CPU us/xfer",
-           "conns", "errors");
+    printf("(%ld CPUs shared by client and stub; stub: %s; max_conns 512; median of %d "
+           "interleaved %lld ms windows per cell)\n\n",
+           ncpu, stub > 0 ? "a child process" : "BENCH_PORT", REPS, (long long)window);
+    /* Repetitions are interleaved so that a burst of outside load hits one run of many cells,
+     * not every run of one cell. */
+    struct cell cells[2][NCONC][REPS];
     int failed = 0;
+    for (int rep = 0; rep < REPS; rep++)
+        for (int r = 0; r < nrows; r++)
+            for (int i = 0; i < NCONC; i++)
+                if (run_cell(port, loop_rows[r], concs[i], window, &cells[r][i][rep]) != 0) {
+                    fprintf(stderr, "bench_fetch: run failed\n");
+                    return 1;
+                }
+    printf("%-6s %6s %14s %20s %8s %7s\n", "loops", "conc", "transfers/s", "client CPU us/xfer",
+           "conns", "errors");
     for (int r = 0; r < nrows; r++) {
-        for (size_t i = 0; i < sizeof(concs) / sizeof(concs[0]); i++) {
-            struct cell c;
-            if (run_cell(port, loop_rows[r], concs[i], window, &c) != 0) {
-                fprintf(stderr, "bench_fetch: run failed\n");
-                failed = 1;
-                continue;
+        for (int i = 0; i < NCONC; i++) {
+            double rate[REPS], cpu[REPS];
+            uint64_t errors = 0, conns = 0;
+            for (int k = 0; k < REPS; k++) {
+                rate[k] = cells[r][i][k].rate;
+                cpu[k] = cells[r][i][k].cpu_us;
+                errors += cells[r][i][k].errors;
+                if (cells[r][i][k].conns > conns)
+                    conns = cells[r][i][k].conns;
             }
-            printf("%-6u %6u %14.0f %18.1f %8llu %7llu\n", loop_rows[r], concs[i], c.rate,
-                   c.cpu_us, (unsigned long long)c.conns, (unsigned long long)c.errors);
-            fflush(stdout);
-            if (c.errors)
+            printf("%-6u %6u %14.0f %20.1f %8llu %7llu\n", loop_rows[r], concs[i],
+                   median3(rate), median3(cpu), (unsigned long long)conns,
+                   (unsigned long long)errors);
+            if (errors)
                 failed = 1;
         }
     }
-    close(ctl);
-    waitpid(stub, NULL, 0);
+    if (stub > 0) {
+        close(ctl);
+        waitpid(stub, NULL, 0);
+    }
     ctx_shutdown();
     curl_global_cleanup();
     return failed;

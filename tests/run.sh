@@ -4,12 +4,13 @@
 # crashed, hung or reported a failed test.
 set -u
 timeout_s=${TEST_TIMEOUT:-300}
+wrap=(${TEST_WRAP:-}) # e.g. "setarch x86_64 -R" for ThreadSanitizer
 passed=0 failed=0 bad=()
 for bin in "$@"; do
 	name=$(basename "$bin")
 	echo "=== $name"
 	out=$(mktemp)
-	timeout -k 10 "$timeout_s" "$bin" 2>&1 | tee "$out"
+	timeout -k 10 "$timeout_s" "${wrap[@]}" "$bin" 2>&1 | tee "$out"
 	rc=${PIPESTATUS[0]}
 	line=$(grep '^RESULT ' "$out" | tail -n 1)
 	rm -f "$out"
