@@ -20,7 +20,10 @@
 struct ctx;
 struct fetch;
 
-/* Error codes in fetch's reserved range; ctx causes (-ETIMEDOUT, -ECANCELED, ...) pass through. */
+/* Error codes in fetch's reserved range; ctx causes (-ETIMEDOUT, -ECANCELED, ...) pass through.
+ * -ETIMEDOUT means the ctx's deadline: the ctx expired, or curl's CURLOPT_TIMEOUT_MS (set to the
+ * ctx's remaining time) ran out. A connect phase that hits connect_timeout_ms while the deadline
+ * is still ahead is FETCH_EUNREACH. */
 #define FETCH_ESTATUS (-2001)  /* the upstream answered with a non-2xx status */
 #define FETCH_EUNREACH (-2002) /* DNS, connect, reset, empty reply or another transport error */
 #define FETCH_ETOOBIG (-2003)  /* the body passed the cap (aborted as soon as it did) */
@@ -28,9 +31,11 @@ struct fetch;
 
 struct fetch_opts {
     unsigned loops;            /* loop threads (>= 1) */
-    unsigned max_conns;        /* connections to upstreams, all loops together (>= loops) */
-    size_t max_body;           /* default body cap per transfer, bytes */
-    int64_t connect_timeout_ms; /* connect phase cap (still bounded by the ctx deadline) */
+    unsigned max_conns;        /* connections to upstreams, all loops together (>= loops);
+                                  each loop may open max_conns / loops */
+    size_t max_body;           /* default body cap per transfer, bytes (> 0) */
+    int64_t connect_timeout_ms; /* connect phase cap (still bounded by the ctx deadline); <= 0:
+                                   only the deadline */
     bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
 };
 
@@ -39,7 +44,8 @@ struct fetch_result {
     int err;            /* 0, FETCH_E*, or the ctx's cause (-ETIMEDOUT, -ECANCELED, ...) */
     long status;        /* HTTP status if a response line arrived, else 0 */
     char *body;         /* malloc'd body, NUL-terminated (not counted in len); the callback owns
-                           it and must free() it; NULL when there is none */
+                           it and must free() it. Only for err 0 and FETCH_ESTATUS; NULL for
+                           other errors and for an empty body */
     size_t len;         /* body length in bytes */
     int64_t elapsed_ms; /* from fetch_get() to completion */
     const char *detail; /* human-readable reason for err (curl's text where there is one); valid
@@ -51,7 +57,8 @@ typedef void (*fetch_cb)(void *arg, struct fetch_result *r);
 /* One transfer. Only 'url' and 'cb' are required; the strings are copied by fetch_get(). */
 struct fetch_req {
     const char *url;        /* absolute http:// URL */
-    const char *request_id; /* sent as X-Request-Id when not NULL */
+    const char *request_id; /* sent as X-Request-Id when not NULL or ""; control characters
+                               (CR, LF, ...) make fetch_get() fail with -EINVAL */
     size_t max_body;        /* body cap, 0 for the engine's default */
     fetch_cb cb;            /* called exactly once, on the loop thread */
     void *arg;              /* passed to cb */
@@ -84,8 +91,11 @@ unsigned fetch_loops(const struct fetch *f);
 unsigned fetch_pick_loop(struct fetch *f);
 
 /* Queues a GET on loop 'loop' bound to 'c' (the engine takes its own ctx reference). Returns 0, in
- * which case r->cb is called exactly once with the outcome; or a negative code (-EINVAL,
- * -ENOMEM, FETCH_ESHUTDOWN) and the callback is never called. Thread-safe. */
+ * which case r->cb is called exactly once with the outcome, on that loop's thread (never from
+ * inside fetch_get()); or a negative code (-EINVAL, -ENOMEM, FETCH_ESHUTDOWN) and the callback is
+ * never called. Thread-safe; may be called from a fetch callback (FETCH_ESHUTDOWN once
+ * fetch_free() has begun). Each loop keeps at most max_conns / loops transfers in curl at once
+ * (h2c: 100 times that) and queues the rest in order; the deadline runs while they wait. */
 int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r);
 
 /* Reads the counters. Thread-safe and lock-free. */

@@ -5,7 +5,11 @@
  * it freed and, once the group is sealed and empty, reports the end. Work that must happen with
  * the lock released (cancelling the ctx, starting the next task) is counted in 'busy' so that the
  * end is never reported, and the group never freed, while another thread still touches it.
- * A queued task that fails at once frees its slot again in the same loop, not by recursion. */
+ * A queued task that fails at once frees its slot again in the same loop, not by recursion; so
+ * does one that completes (eg_complete) inside its start function: a thread-local list of the
+ * eg_end() loops running on this thread lets that inner eg_end() only record the end and leave
+ * the slot to the loop. eg_wait() claims the end for itself ('notified') so that the thread
+ * ending the last task never touches the group after eg_wait() could have returned. */
 #include "pool/errgroup.h"
 
 #include <errno.h>
@@ -36,6 +40,15 @@ struct eg {
     eg_done_fn done;          /* eg_wait_async's callback */
     void *done_arg;
 };
+
+/* An eg_end() loop in progress on this thread (see in_loop()). */
+struct eg_frame {
+    const struct eg *g;   /* the group whose queue it serves */
+    struct eg_frame *up;  /* the next outer loop on this thread, or NULL */
+};
+
+/* This thread's eg_end() loops, innermost first. */
+static _Thread_local struct eg_frame *eg_frames;
 
 struct eg_task {
     struct eg *g; /* the group */
@@ -101,19 +114,40 @@ static void report_end(struct eg *g)
         g->done(g->done_arg, g->err);
 }
 
-/* Ends one task with result 'rc'. */
+/* With mu held: one task ended with 'rc'. Returns true if 'rc' is the group's first error, which
+ * the caller must then pass to ctx_cancel() with mu released. */
+static bool end_one(struct eg *g, int rc)
+{
+    g->running--;
+    if (rc == 0 || g->err != 0)
+        return false;
+    g->err = rc;
+    g->qlen = 0; /* queued tasks never start once the group failed */
+    return true;
+}
+
+/* True if an eg_end() loop of 'g' is running on this thread, i.e. we are inside a start function
+ * that it called. */
+static bool in_loop(const struct eg *g)
+{
+    for (const struct eg_frame *f = eg_frames; f; f = f->up)
+        if (f->g == g)
+            return true;
+    return false;
+}
+
+/* Ends one task with result 'rc', then starts queued tasks while slots are free. A task that
+ * ends inside a start function called by this loop (synchronously, on this thread) is only
+ * recorded: this loop hands out its slot, so a long queue of such tasks needs no recursion. */
 static void eg_end(struct eg *g, int rc)
 {
+    bool nested = in_loop(g);
+    struct eg_frame frame = {g, eg_frames};
     pthread_mutex_lock(&g->mu);
+    bool cancel = end_one(g, rc);
     for (;;) {
-        g->running--;
-        bool cancel = rc != 0 && g->err == 0;
-        if (cancel)
-            g->err = rc;
-        if (g->err)
-            g->qlen = 0; /* queued tasks never start once the group failed */
         struct eg_pending next = {0};
-        if (g->qlen && slot_free(g)) {
+        if (!nested && g->qlen && slot_free(g)) {
             next = g->queue[g->qhead];
             g->qhead = (g->qhead + 1) % g->qcap;
             g->qlen--;
@@ -125,12 +159,19 @@ static void eg_end(struct eg *g, int rc)
         pthread_mutex_unlock(&g->mu);
         if (cancel)
             ctx_cancel(g->ctx, rc);
-        int r = next.fn ? next.fn(g, g->ctx, next.arg) : 0;
+        cancel = false;
+        int r = 0;
+        if (next.fn) {
+            eg_frames = &frame;
+            r = next.fn(g, g->ctx, next.arg);
+            eg_frames = frame.up;
+        }
         pthread_mutex_lock(&g->mu);
         g->busy--;
-        if (r == 0)
-            break;
-        rc = r; /* the task we started ended at once: end it in this loop */
+        if (r != 0) { /* the task we started ended at once */
+            rc = r;
+            cancel = end_one(g, r);
+        }
     }
     pthread_cond_broadcast(&g->cv);
     bool due = end_due(g);
@@ -194,10 +235,7 @@ bool eg_try_go(struct eg *g, eg_fn fn, void *arg)
             return true;
         free(t);
     }
-    pthread_mutex_lock(&g->mu); /* undo: the task never existed */
-    g->running--;
-    pthread_cond_broadcast(&g->cv);
-    pthread_mutex_unlock(&g->mu);
+    eg_end(g, 0); /* undo: a task that never ran; hands its slot on, may end the group */
     return false;
 }
 
@@ -238,8 +276,13 @@ int eg_go_async(struct eg *g, eg_start_fn start, void *arg)
     pthread_mutex_lock(&g->mu);
     g->busy--;
     pthread_cond_broadcast(&g->cv);
+    /* The task may have completed during start and the group been sealed meanwhile: then the
+     * end is ours to report (while busy, nobody else could). */
+    bool due = end_due(g);
     pthread_mutex_unlock(&g->mu);
-    if (r != 0)
+    if (due)
+        report_end(g);
+    else if (r != 0)
         eg_end(g, r);
     return 0;
 }
@@ -253,9 +296,9 @@ int eg_wait(struct eg *g)
 {
     pthread_mutex_lock(&g->mu);
     g->sealed = true;
+    g->notified = true; /* the end is ours: a task ending must not touch the group after it */
     while (g->running || g->qlen || g->busy)
         pthread_cond_wait(&g->cv, &g->mu);
-    g->notified = true;
     int err = g->err;
     pthread_mutex_unlock(&g->mu);
     ctx_cancel(g->ctx, -ECANCELED);

@@ -63,6 +63,7 @@ struct batch {
     bool watched;              /* the socket is in the watch */
     uint64_t watch_token;      /* its token */
     atomic_bool resumed;       /* the connection was resumed (exactly once) */
+    bool nul_marked;           /* the body had \u0000 escapes, now NUL_MARK (parse only) */
 };
 
 /* ---------------------------------------------------------------- helpers */
@@ -80,17 +81,29 @@ static enum MHD_Result bad_request(struct req *r, const char *fmt, ...)
     return srv_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", msg, NULL);
 }
 
-/* Whether the raw JSON text has a \u0000 escape: cJSON would cut the string there. */
-static bool has_nul_escape(const char *s, size_t n)
+/* cJSON cuts a string at a \u0000 escape, so an id "a\u0000b" would silently become "a". Before
+ * parsing, every such escape in the raw text is overwritten with NUL_MARK: six 0xFF bytes, the
+ * escape's own length, which valid UTF-8 never holds. cJSON copies them into the string as they
+ * are, and the id check then names the position. The strict validity of the original text is
+ * decided before this (see parse()), so a marker elsewhere (a key, an unknown field) is harmless.
+ * Returns whether any escape was marked. */
+static const char NUL_MARK[6] = {'\xff', '\xff', '\xff', '\xff', '\xff', '\xff'};
+
+static bool mark_nul_escapes(char *s, size_t n)
 {
+    bool found = false;
     for (size_t i = 0; i + 1 < n; i++) {
         if (s[i] != '\\')
             continue;
-        if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4))
-            return true;
-        i++; /* skip the escaped character */
+        if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4)) {
+            memcpy(s + i, NUL_MARK, sizeof(NUL_MARK));
+            found = true;
+            i += 5;
+            continue;
+        }
+        i++; /* skip the escaped character, so "\\u0000" is left alone */
     }
-    return false;
+    return found;
 }
 
 /* A positive whole number of milliseconds from JSON or a header; false if it is not one. */
@@ -148,7 +161,8 @@ void batch_free(struct batch *b)
 /* ---------------------------------------------------------------- building the batch */
 
 /* The JSON text a position echoes, and the id's text for the URL. */
-static int id_of(struct req *r, const cJSON *it, size_t i, char **echo, char **url)
+static int id_of(struct req *r, const struct batch *bt, const cJSON *it, size_t i, char **echo,
+                 char **url)
 {
     const struct srv *s = r->s;
     struct json_buf b;
@@ -160,6 +174,10 @@ static int id_of(struct req *r, const cJSON *it, size_t i, char **echo, char **u
         size_t n = strlen(v);
         if (n == 0) {
             bad_request(r, "ids[%zu] is an empty string", i);
+            return -EINVAL;
+        }
+        if (bt->nul_marked && memmem(v, n, NUL_MARK, sizeof(NUL_MARK))) {
+            bad_request(r, "ids[%zu] contains \\u0000", i);
             return -EINVAL;
         }
         if (n > ID_MAX_BYTES) {
@@ -215,7 +233,7 @@ static int build_slots(struct req *r, struct batch *b, const cJSON *ids, size_t 
     cJSON_ArrayForEach(it, ids)
     {
         char *url = NULL;
-        int rc = id_of(r, it, i, &b->pos_echo[i], &url);
+        int rc = id_of(r, b, it, i, &b->pos_echo[i], &url);
         if (rc) {
             free(table);
             return rc;
@@ -429,10 +447,12 @@ static struct batch *parse(struct req *r, int64_t *timeout_ms)
         bad_request(r, "empty request body; want {\"ids\": [...]}");
         return NULL;
     }
-    if (has_nul_escape(r->body, r->body_len)) {
-        bad_request(r, "strings in the request must not contain \\u0000");
-        return NULL;
-    }
+    /* cJSON is lenient (raw control bytes and any bytes in strings, "01", "1.", trailing data
+     * with the length API); the strict validator decides what is JSON. It runs first, on the
+     * text as received, but its verdict is given last, so that a bad id is still reported with
+     * its index. */
+    bool strict = json_valid(r->body, r->body_len, NULL, NULL);
+    bool nul_marked = mark_nul_escapes(r->body, r->body_len);
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(r->body, r->body_len, &end, 0);
     if (!root) {
@@ -485,6 +505,7 @@ static struct batch *parse(struct req *r, int64_t *timeout_ms)
     if (!b)
         goto oom;
     b->r = r;
+    b->nul_marked = nul_marked;
     atomic_init(&b->fail_slot, -1);
     int rc = build_slots(r, b, ids, n);
     if (rc == -EINVAL) {
@@ -494,6 +515,20 @@ static struct batch *parse(struct req *r, int64_t *timeout_ms)
     }
     if (rc)
         goto oom;
+    if (!strict) {
+        /* cJSON took it and every id is fine, but the text is not RFC 8259 JSON: not UTF-8
+         * outside the ids, raw control bytes in a string (a raw NUL would cut an id), lone
+         * surrogates, non-standard numbers or nesting deeper than JSON_MAX_DEPTH. */
+        batch_free(b);
+        b = NULL;
+        if (!json_utf8_valid(r->body, r->body_len) && !nul_marked)
+            bad_request(r, "the request body is not valid UTF-8");
+        else
+            bad_request(r, "malformed JSON: not strict RFC 8259 (raw control characters in a "
+                           "string, a non-standard number, a lone surrogate or nesting deeper "
+                           "than %d)", JSON_MAX_DEPTH);
+        goto out;
+    }
     *timeout_ms = given < 0 ? s->cfg.timeout_ms : given;
     if (*timeout_ms > s->cfg.max_timeout_ms)
         *timeout_ms = s->cfg.max_timeout_ms;

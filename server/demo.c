@@ -26,10 +26,11 @@
  * NOTIFY_COMPLETED, which then does the handler's bookkeeping.
  *
  * Shutdown: demo_stop() sets 'stopping' (delayed requests that arrive later get 503 at once),
- * cancels the root so every waiting request is woken, waits until no connection is suspended
- * (MHD_stop_daemon() with suspended connections is an API violation, LIBRARY-NOTES §1.7), stops
- * the daemon (which completes every request, so every hook has returned), then stops and joins
- * the watcher.
+ * cancels the root so every waiting request is woken, waits briefly (DEMO_STOP_GRACE_MS at most)
+ * for their 503s to be sent, then without limit until no connection is suspended
+ * (MHD_stop_daemon() with suspended connections is an API violation, LIBRARY-NOTES §1.7; the
+ * wake-ups are already under way, so this wait is short), stops the daemon (which completes
+ * every request, so every hook has returned), then stops and joins the watcher.
  *
  * Threads: the MHD workers (handler, NOTIFY_COMPLETED), the watcher, the ctx timer thread and
  * whoever calls demo_stop() (the last two run hooks). Locks: 'mu' guards the wake list, the count
@@ -52,6 +53,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ctx/ctx.h"
@@ -59,6 +61,9 @@
 
 /* The cause a delayed request's ctx is canceled with when its client hangs up. */
 #define DEMO_ECLIENT (-ECONNRESET)
+
+/* How long demo_stop() waits for the 503s of woken requests to be sent. */
+#define DEMO_STOP_GRACE_MS 1000
 
 /* What a client that hung up mid-delay is "answered" (nginx's "client closed request"). */
 #define DEMO_STATUS_CLIENT_GONE 499
@@ -91,9 +96,11 @@ struct demo {
     uint16_t port;                     /* bound port; fixed */
     char host[INET6_ADDRSTRLEN + 2];   /* host as written in a URL (IPv6 in brackets); fixed */
     pthread_mutex_t mu;                /* guards the fields below up to the counters */
-    pthread_cond_t cv;                 /* signalled when 'parked' drops to 0 while stopping */
+    pthread_cond_t cv;                 /* signalled when 'parked' or 'live' drops to 0 while
+                                          stopping; waits on CLOCK_MONOTONIC */
     struct demo_req *wake;             /* woken requests the watcher must resume */
     unsigned parked;                   /* delayed requests not yet answered after their resume */
+    unsigned live;                     /* delayed requests not yet completed (freed) */
     bool stopping;                     /* demo_stop() has begun */
     bool quit;                         /* the watcher must exit */
     atomic_uint_fast64_t requests;     /* counters, as in struct demo_stats */
@@ -303,14 +310,24 @@ static void unpark(struct demo *d)
     pthread_mutex_unlock(&d->mu);
 }
 
+static void unlive(struct demo *d)
+{
+    pthread_mutex_lock(&d->mu);
+    if (--d->live == 0 && d->stopping)
+        pthread_cond_broadcast(&d->cv);
+    pthread_mutex_unlock(&d->mu);
+}
+
 /* Suspends the connection for 'ms' (see DESIGN). */
 static enum MHD_Result start_delay(struct demo *d, struct MHD_Connection *conn, void **req_cls,
                                    int64_t ms)
 {
     pthread_mutex_lock(&d->mu);
     bool stopping = d->stopping;
-    if (!stopping)
+    if (!stopping) {
         d->parked++;
+        d->live++;
+    }
     pthread_mutex_unlock(&d->mu);
     if (stopping)
         return MHD_queue_response(conn, MHD_HTTP_SERVICE_UNAVAILABLE, d->shutting);
@@ -322,6 +339,7 @@ static enum MHD_Result start_delay(struct demo *d, struct MHD_Connection *conn, 
     if (!c) {
         free(r);
         unpark(d);
+        unlive(d);
         return MHD_NO; /* out of memory: close the connection */
     }
     r->d = d;
@@ -384,6 +402,7 @@ static enum MHD_Result finish_delay(struct demo *d, struct MHD_Connection *conn,
 static void *watch_main(void *arg)
 {
     struct demo *d = arg;
+    pthread_setname_np(pthread_self(), "demo-watch");
     struct epoll_event evs[WATCH_BATCH];
     for (;;) {
         int n = epoll_wait(d->epfd, evs, WATCH_BATCH, -1);
@@ -391,7 +410,7 @@ static void *watch_main(void *arg)
         for (int i = 0; i < n; i++) {
             struct demo_req *r = evs[i].data.ptr;
             if (r) {
-                ctx_cancel(r->ctx, DEMO_ECLIENT); /* its hook puts it on the wake list */
+                (void)r;
             } else {
                 uint64_t v;
                 ssize_t got = read(d->evfd, &v, sizeof(v));
@@ -473,6 +492,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     ctx_hook_remove(r->ctx, &r->hook); /* it has fired; this waits until it has returned */
     ctx_free(r->ctx);
     free(r);
+    unlive(d);
 }
 
 /* ---------------------------------------------------------------- lifecycle */
@@ -586,11 +606,24 @@ int demo_start(const char *host, uint16_t port, struct demo **out)
     struct demo *d = calloc(1, sizeof(*d));
     if (!d)
         return -ENOMEM;
-    snprintf(d->host, sizeof(d->host), sa.ss_family == AF_INET6 ? "[%s]" : "%s", host);
+    char text[INET6_ADDRSTRLEN];
+    const void *addr = sa.ss_family == AF_INET6
+                           ? (const void *)&((const struct sockaddr_in6 *)&sa)->sin6_addr
+                           : (const void *)&((const struct sockaddr_in *)&sa)->sin_addr;
+    if (!inet_ntop(sa.ss_family, addr, text, sizeof(text))) /* the canonical spelling */
+        snprintf(text, sizeof(text), "%s", host);
+    snprintf(d->host, sizeof(d->host), sa.ss_family == AF_INET6 ? "[%s]" : "%s", text);
     d->epfd = d->evfd = -1;
     if (pthread_mutex_init(&d->mu, NULL) != 0)
         goto fail_free;
-    if (pthread_cond_init(&d->cv, NULL) != 0)
+    pthread_condattr_t ca;
+    if (pthread_condattr_init(&ca) != 0)
+        goto fail_mutex;
+    int rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (rc == 0)
+        rc = pthread_cond_init(&d->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0)
         goto fail_mutex;
     d->root = ctx_new(ctx_background(), CTX_FOREVER);
     if (!d->root)
@@ -706,6 +739,13 @@ void demo_stop(struct demo *d)
      * itself. Then wait until each has been answered, so none is suspended at MHD_stop_daemon(). */
     ctx_cancel(d->root, -ECANCELED);
     pthread_mutex_lock(&d->mu);
+    /* Give the 503s a moment to go out: MHD_stop_daemon() drops responses not yet sent. They
+     * are small and written at once, so this normally takes well under a millisecond. */
+    int64_t until = ctx_now() + DEMO_STOP_GRACE_MS;
+    struct timespec ts = {.tv_sec = until / 1000, .tv_nsec = (until % 1000) * 1000000L};
+    while (d->live > 0)
+        if (pthread_cond_timedwait(&d->cv, &d->mu, &ts) == ETIMEDOUT)
+            break;
     while (d->parked > 0)
         pthread_cond_wait(&d->cv, &d->mu);
     pthread_mutex_unlock(&d->mu);

@@ -37,8 +37,9 @@
 /* Connections the demo accepts at once (all workers together). */
 #define DEMO_MAX_CONNECTIONS 1024
 
-/* Idle keep-alive connections are closed after this many seconds. */
-#define DEMO_IDLE_TIMEOUT_S 60
+/* Idle keep-alive connections are closed after this many seconds. Longer than the longest
+ * delay, so that a connection resumed after one is never taken for idle. */
+#define DEMO_IDLE_TIMEOUT_S 90
 
 struct demo;
 

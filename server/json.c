@@ -30,6 +30,7 @@
 
 /* plain[c] is 1 for the bytes a JSON string may hold unescaped and that need no UTF-8 check:
  * 0x20-0x7F except '"' and '\\'. */
+/* clang-format off */
 static const unsigned char plain[256] = {
     ['\x20'] = 1, 1, 0 /* '"' */, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     ['\x30'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -38,6 +39,7 @@ static const unsigned char plain[256] = {
     ['\x60'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     ['\x70'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
+/* clang-format on */
 
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
@@ -54,7 +56,7 @@ static inline uint64_t load64(const unsigned char *p)
  * byte order. */
 static inline uint64_t word_special(uint64_t x)
 {
-    uint64_t ctl = (x - ONES * 0x20) & ~x;      /* high bit set where a byte < 0x20 (or >= 0x80) */
+    uint64_t ctl = (x - ONES * 0x20) & ~x; /* high bit set where a byte < 0x20 (or >= 0x80) */
     uint64_t q = x ^ (ONES * '"');
     uint64_t bs = x ^ (ONES * '\\');
     uint64_t quote = (q - ONES) & ~q;
@@ -169,10 +171,19 @@ bool json_buf_reserve(struct json_buf *b, size_t extra)
 
 void json_buf_append(struct json_buf *b, const void *p, size_t n)
 {
-    if (!json_buf_reserve(b, n))
-        return;
-    if (n)
-        memcpy(b->data + b->len, p, n);
+    uintptr_t src = (uintptr_t)p, base = (uintptr_t)b->data;
+    if (b->data && src >= base && src < base + b->len) {
+        /* Copying part of the buffer onto its end: the block may move, so keep an offset. */
+        size_t off = (size_t)(src - base);
+        if (!json_buf_reserve(b, n))
+            return;
+        memmove(b->data + b->len, b->data + off, n);
+    } else {
+        if (!json_buf_reserve(b, n))
+            return;
+        if (n)
+            memcpy(b->data + b->len, p, n);
+    }
     b->len += n;
     b->data[b->len] = '\0';
 }
@@ -227,11 +238,9 @@ char *json_buf_take(struct json_buf *b, size_t *len)
         json_buf_destroy(b);
         return NULL;
     }
-    if (!b->data && !json_buf_reserve(b, 0)) {
-        json_buf_init(b);
+    char *d = b->data ? b->data : calloc(1, 1); /* never used: "" */
+    if (!d)
         return NULL;
-    }
-    char *d = b->data;
     if (len)
         *len = b->len;
     json_buf_init(b);
@@ -241,10 +250,12 @@ char *json_buf_take(struct json_buf *b, size_t *len)
 /* ---- Writing ----------------------------------------------------------------------------- */
 
 /* Short escapes for the bytes that have one; 0 elsewhere. */
+/* clang-format off */
 static const char short_esc[128] = {
     ['\b'] = 'b', ['\f'] = 'f', ['\n'] = 'n', ['\r'] = 'r', ['\t'] = 't',
     ['"'] = '"', ['\\'] = '\\',
 };
+/* clang-format on */
 
 static const char hexdig[16] = "0123456789abcdef";
 
@@ -256,7 +267,6 @@ static inline bool is_js_separator(const unsigned char *p)
 
 void json_append_string(struct json_buf *b, const char *s, size_t len)
 {
-    const unsigned char *p = (const unsigned char *)s, *e = p + len;
     /* One reservation covers the common case (nothing to escape) in full. From then on the room
      * left always exceeds the input left by 2 (closing quote and NUL): a run copies as many bytes
      * as it consumes, and before each escape, which may write up to 6 bytes for 1 consumed, the
@@ -265,6 +275,9 @@ void json_append_string(struct json_buf *b, const char *s, size_t len)
         b->oom = true;
         return;
     }
+    if (!s)
+        s = ""; /* NULL with len 0; pointer arithmetic on NULL is undefined */
+    const unsigned char *p = (const unsigned char *)s, *e = p + len;
     char *q = b->data + b->len;
     *q++ = '"';
     while (p < e) {
@@ -359,6 +372,8 @@ int json_id_from_number(double v, int64_t *out)
 
 bool json_utf8_valid(const char *s, size_t len)
 {
+    if (len == 0)
+        return true; /* also keeps NULL + 0 out of the arithmetic below */
     const unsigned char *p = (const unsigned char *)s, *e = p + len;
     while (p < e) {
         while (e - p >= 8 && !(load64(p) & HIGHS))
@@ -376,11 +391,13 @@ bool json_utf8_valid(const char *s, size_t len)
 }
 
 /* hexval1[c] is 1 + the value of hex digit c, or 0 if c is not one. */
+/* clang-format off */
 static const unsigned char hexval1[256] = {
     ['0'] = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
     ['A'] = 11, 12, 13, 14, 15, 16,
     ['a'] = 11, 12, 13, 14, 15, 16,
 };
+/* clang-format on */
 
 /* The value of the four hex digits at p, or -1 if there are not four before e. */
 static inline long hex4(const unsigned char *p, const unsigned char *e)
@@ -506,6 +523,8 @@ static inline bool top_is_obj(const unsigned char *is_obj, unsigned depth)
 
 bool json_valid(const char *s, size_t len, size_t *start, size_t *end)
 {
+    if (len == 0)
+        return false; /* also keeps NULL + 0 out of the arithmetic below */
     const unsigned char *e = (const unsigned char *)s + len;
     const unsigned char *p = skip_ws((const unsigned char *)s, e);
     const unsigned char *vstart = p;

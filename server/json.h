@@ -49,7 +49,8 @@ void json_buf_clear(struct json_buf *b);
  * when 'oom' was already set. */
 bool json_buf_reserve(struct json_buf *b, size_t extra);
 
-/* Appends 'n' bytes from 'p' ('p' may be NULL when n is 0). On failure sets 'oom'. */
+/* Appends 'n' bytes from 'p' ('p' may be NULL when n is 0, and may point into b->data, e.g. to
+ * repeat earlier output, even if the block moves). On failure sets 'oom'. */
 void json_buf_append(struct json_buf *b, const void *p, size_t n);
 
 /* Appends one byte. On failure sets 'oom'. */
@@ -58,8 +59,8 @@ void json_buf_append_char(struct json_buf *b, char c);
 /* Appends the NUL-terminated string 's' verbatim (no escaping). On failure sets 'oom'. */
 void json_buf_append_str(struct json_buf *b, const char *s);
 
-/* Appends printf-formatted text (verbatim, no escaping). On failure (memory, or a format error)
- * sets 'oom'. */
+/* Appends printf-formatted text (verbatim, no escaping); the arguments must not point into b->data.
+ * On failure (memory, or a format error) sets 'oom'. */
 void json_buf_printf(struct json_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
@@ -68,19 +69,20 @@ bool json_buf_failed(const struct json_buf *b);
 
 /* Hands the block to the caller and leaves 'b' empty (oom cleared). Returns a NUL-terminated
  * malloc'd string that the caller frees with free() (so MHD_RESPMEM_MUST_FREE works), its length
- * in *len if 'len' is not NULL; an empty buffer gives "" (still malloc'd). If 'oom' was set, the
- * block is freed instead and NULL is returned. */
+ * in *len if 'len' is not NULL; an empty buffer gives "" (still malloc'd). Returns NULL if 'oom'
+ * was set (the block is freed instead), or if a never-used buffer cannot allocate its "". */
 char *json_buf_take(struct json_buf *b, size_t *len);
 
-/* Appends 's[0..len)' as a JSON string literal, quotes included. Escapes '"' and '\\'; \b \f \n
- * \r \t in short form; the other control bytes 0x00-0x1F as \u00XX (lower-case hex); and U+2028
- * and U+2029 as \u2028 and \u2029 so the output is also a valid JavaScript literal. Everything else,
- * including DEL and well-formed non-ASCII UTF-8, is copied as is; '/' is not escaped. Invalid
- * UTF-8 never reaches the output: each maximal ill-formed subsequence (Unicode 15 §3.9, "U+FFFD
- * substitution of maximal subparts", the WHATWG and Python "replace" behaviour) becomes one U+FFFD,
- * written as the three raw bytes EF BF BD. So the output is always valid UTF-8 and valid JSON, and
- * equals the input plus quotes and escapes when the input is valid UTF-8. 's' must not point into
- * 'b' (the block may move). On failure sets 'oom'. */
+/* Appends 's[0..len)' as a JSON string literal, quotes included ('s' may be NULL when len is 0).
+ * Escapes '"' and '\\'; \b \f \n \r \t in short form; the other control bytes 0x00-0x1F as
+ * \u00XX (lower-case hex); and U+2028 and U+2029 as \u2028 and \u2029 so the output is also a
+ * valid JavaScript literal. Everything else, including DEL and well-formed non-ASCII UTF-8, is
+ * copied as is; '/' is not escaped. Invalid UTF-8 never reaches the output: each maximal
+ * ill-formed subsequence (Unicode §3.9, "U+FFFD substitution of maximal subparts", the same as
+ * WHATWG's decoder and Python's "replace") becomes one U+FFFD, written as the three raw bytes
+ * EF BF BD. So the output is always valid UTF-8 and valid JSON, and equals the input plus quotes
+ * and escapes when the input is valid UTF-8. 's' must not point into 'b' (the block may move).
+ * On failure sets 'oom'. */
 void json_append_string(struct json_buf *b, const char *s, size_t len);
 
 /* Appends the decimal text of 'v' (a valid JSON number). On failure sets 'oom'. */

@@ -23,17 +23,20 @@
 #define ID_MARK_LEN 4
 
 /* RFC 3986 unreserved bytes, the only ones an encoded id holds raw. */
+/* clang-format off */
 static const unsigned char unreserved[256] = {
     ['-'] = 1, ['.'] = 1, ['_'] = 1, ['~'] = 1,
     ['0'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     ['A'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     ['a'] = 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
+/* clang-format on */
 
 static const char hexup[16] = "0123456789ABCDEF";
 
 /* Writes the reason to err (if there is room) and returns -EINVAL. */
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 static int fail(char *err, size_t errlen, const char *fmt, ...)
 {
@@ -100,9 +103,9 @@ int url_template_parse(const char *tmpl, struct url_template *out, char *err, si
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)tmpl[i];
         if (c < 0x21 || c > 0x7E)
-            return fail(err, errlen,
-                        "upstream URL has a space, control or non-ASCII byte (0x%02X) at offset %zu",
-                        c, i);
+            return fail(
+                err, errlen,
+                "upstream URL has a space, control or non-ASCII byte (0x%02X) at offset %zu", c, i);
     }
     size_t scheme;
     if (strncasecmp(tmpl, "http://", 7) == 0)
@@ -120,8 +123,8 @@ int url_template_parse(const char *tmpl, struct url_template *out, char *err, si
     for (size_t i = 0; i < len; i++) {
         if ((tmpl[i] == '{' || tmpl[i] == '}') &&
             !(tmpl + i >= mark && tmpl + i < mark + ID_MARK_LEN))
-            return fail(err, errlen, "upstream URL has a '%c' at offset %zu besides {id}",
-                        tmpl[i], i);
+            return fail(err, errlen, "upstream URL has a '%c' at offset %zu besides {id}", tmpl[i],
+                        i);
     }
 
     const char *auth = tmpl + scheme;
@@ -156,8 +159,8 @@ void url_template_destroy(struct url_template *t)
 size_t url_encode_id(const struct url_template *t, const char *id, size_t idlen, char *dst)
 {
     char *q = dst;
-    bool dots = t->id_seg_start && idlen >= 1 && idlen <= 2 && id[0] == '.' &&
-                (idlen == 1 || id[1] == '.');
+    bool dots =
+        t->id_seg_start && idlen >= 1 && idlen <= 2 && id[0] == '.' && (idlen == 1 || id[1] == '.');
     for (size_t i = 0; i < idlen; i++) {
         unsigned char c = (unsigned char)id[i];
         if (unreserved[c] && !dots) {

@@ -30,11 +30,11 @@
 /* A parsed template, embedded by its owner. Filled by url_template_parse(), released by
  * url_template_destroy(); read-only in between (callers may read the fields). */
 struct url_template {
-    char *text;         /* malloc'd copy of the whole template, NUL-terminated */
-    size_t prefix_len;  /* text[0..prefix_len) comes before "{id}" */
-    size_t suffix_off;  /* text[suffix_off..) comes after "{id}" (prefix_len + 4) */
-    size_t suffix_len;  /* its length */
-    bool id_seg_start;  /* "{id}" follows a '/': the ids "." and ".." get their dots escaped */
+    char *text;        /* malloc'd copy of the whole template, NUL-terminated */
+    size_t prefix_len; /* text[0..prefix_len) comes before "{id}" */
+    size_t suffix_off; /* text[suffix_off..) comes after "{id}" (prefix_len + 4) */
+    size_t suffix_len; /* its length */
+    bool id_seg_start; /* "{id}" follows a '/': the ids "." and ".." get their dots escaped */
 };
 
 /* Parses 'tmpl' (NUL-terminated). The rules, each with its own message in 'err':

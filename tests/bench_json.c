@@ -90,9 +90,10 @@ static void make_big_doc(struct json_buf *b, size_t size)
 /* Mostly-ASCII prose with an occasional quote, newline and non-ASCII word, about 'size' bytes. */
 static void make_text(struct json_buf *b, size_t size)
 {
-    static const char *words[] = {"the", "upstream", "returned", "a", "plain", "text", "body",
-                                  "with", "\"quotes\"", "and", "na\xC3\xAFve", "caf\xC3\xA9",
-                                  "lines\n", "of", "log", "output", "tab\there"};
+    static const char *words[] = {"the",          "upstream",    "returned", "a",          "plain",
+                                  "text",         "body",        "with",     "\"quotes\"", "and",
+                                  "na\xC3\xAFve", "caf\xC3\xA9", "lines\n",  "of",         "log",
+                                  "output",       "tab\there"};
     for (int i = 0; b->len < size; i++) {
         json_buf_append_str(b, words[(i * 7 + i / 3) % (sizeof(words) / sizeof(words[0]))]);
         json_buf_append_char(b, ' ');
@@ -113,7 +114,8 @@ int main(void)
         return 1;
     }
     size_t small_len = sizeof(small_doc) - 1;
-    if (!json_valid(small_doc, small_len, NULL, NULL) || !json_valid(big.data, big.len, NULL, NULL)) {
+    if (!json_valid(small_doc, small_len, NULL, NULL) ||
+        !json_valid(big.data, big.len, NULL, NULL)) {
         fprintf(stderr, "benchmark documents are not valid JSON\n");
         return 1;
     }

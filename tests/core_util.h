@@ -99,6 +99,35 @@ static inline bool latch_wait(struct latch *l, long n, int64_t ms)
     return ok;
 }
 
+/* A gate: tasks entering gate_task() bump 'entered' and wait until it opens (latch_add(&open,
+ * 1)), so a test can hold workers busy and know when they are. */
+struct gate {
+    struct latch entered; /* tasks that reached the gate */
+    struct latch open;    /* >= 1 once open */
+    atomic_long passed;   /* tasks that went through */
+};
+
+static inline void gate_init(struct gate *g)
+{
+    latch_init(&g->entered);
+    latch_init(&g->open);
+    atomic_init(&g->passed, 0);
+}
+
+static inline void gate_destroy(struct gate *g)
+{
+    latch_destroy(&g->entered);
+    latch_destroy(&g->open);
+}
+
+static inline void gate_task(void *arg)
+{
+    struct gate *g = arg;
+    latch_add(&g->entered, 1);
+    latch_wait(&g->open, 1, -1);
+    atomic_fetch_add(&g->passed, 1);
+}
+
 /* Threads and fds of the process with no ctx timer thread running. */
 struct baseline {
     int threads; /* /proc/self/task entries */

@@ -408,10 +408,11 @@ static void seed_workers(bool by_cancel)
         pthread_join(t[i], NULL);
         CU_ASSERT_EQUAL(w[i].rc, by_cancel ? -EIO : 0);
     }
-    if (by_cancel) /* what was not handled is still queued */
+    if (by_cancel) { /* what was not handled is still queued */
         CU_ASSERT_EQUAL(atomic_load(&processed) + (long)chan_len(ch), 1000);
-    else /* close: everything sent was drained */
+    } else { /* close: everything sent was drained */
         CU_ASSERT_EQUAL(atomic_load(&processed), 1000);
+    }
     CU_ASSERT_EQUAL(ctx_err(c), by_cancel ? -EIO : 0);
     ctx_free(c);
     chan_free(ch);

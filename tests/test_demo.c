@@ -660,7 +660,9 @@ static void test_demo_races_timers_hangups_and_stop(void)
             CU_ASSERT(test_wait_until(idle, d, SLOW_MS));
             struct demo_stats s;
             demo_stats(d, &s);
-            CU_ASSERT_EQUAL(s.delayed, N);
+            /* Clients that gave up very early may not have been received at all. */
+            CU_ASSERT_EQUAL(s.delayed, s.requests);
+            CU_ASSERT(s.delayed >= N - (N + 2) / 3 && s.delayed <= N);
             CU_ASSERT(s.canceled <= (N + 2) / 3);
             demo_stop(d);
         }

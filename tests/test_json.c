@@ -158,8 +158,12 @@ static void ref_escape(struct json_buf *b, const unsigned char *p, size_t n)
             json_buf_printf(b, "\\%c", c);
             i++;
         } else if (c < 0x20) {
-            const char *s = c == '\b' ? "\\b" : c == '\f' ? "\\f" : c == '\n' ? "\\n"
-                          : c == '\r' ? "\\r" : c == '\t' ? "\\t" : NULL;
+            const char *s = c == '\b'   ? "\\b"
+                            : c == '\f' ? "\\f"
+                            : c == '\n' ? "\\n"
+                            : c == '\r' ? "\\r"
+                            : c == '\t' ? "\\t"
+                                        : NULL;
             if (s)
                 json_buf_append_str(b, s);
             else
@@ -207,9 +211,9 @@ static bool ref_utf8_valid(const unsigned char *p, size_t n)
 /* Random bytes biased towards the interesting ones: ASCII, escapes, UTF-8 leads and tails. */
 static void random_bytes(unsigned char *p, size_t n)
 {
-    static const unsigned char pick[] = {'a', 'Z', ' ', '"', '\\', '/', '\n', 0x00, 0x1F, 0x7F,
-                                         0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xA8, 0xBF, 0xC0, 0xC2,
-                                         0xDF, 0xE0, 0xE2, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0xFF};
+    static const unsigned char pick[] = {'a',  'Z',  ' ',  '"',  '\\', '/',  '\n', 0x00, 0x1F, 0x7F,
+                                         0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xA8, 0xBF, 0xC0, 0xC2, 0xDF,
+                                         0xE0, 0xE2, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0xFF};
     for (size_t i = 0; i < n; i++) {
         uint64_t r = rng();
         if (r % 4 == 0)
@@ -274,6 +278,25 @@ static void test_json_buf_appends(void)
     json_buf_destroy(&b);
     CU_ASSERT_PTR_NULL(b.data);
     json_buf_destroy(&b); /* twice is fine */
+}
+
+/* Appending a part of the buffer to itself works even when that makes the block move. */
+static void test_json_buf_self_append(void)
+{
+    struct json_buf b;
+    json_buf_init(&b);
+    json_buf_append_str(&b, "0123456789");
+    for (int i = 0; i < 12; i++) /* doubles every time: 40 KB, several reallocations */
+        json_buf_append(&b, b.data, b.len);
+    CU_ASSERT_EQUAL(b.len, 10u << 12);
+    bool ok = true;
+    for (size_t i = 0; i < b.len; i++)
+        ok &= b.data[i] == (char)('0' + i % 10);
+    CU_ASSERT(ok);
+    json_buf_append(&b, b.data + 3, 4);
+    CU_ASSERT_EQUAL(memcmp(b.data + b.len - 4, "3456", 4), 0);
+    CU_ASSERT_EQUAL(b.data[b.len], '\0');
+    json_buf_destroy(&b);
 }
 
 static void test_json_buf_grows(void)
@@ -414,7 +437,7 @@ static void test_json_escape_ascii(void)
     check_escape("\\", 1, "\"\\\\\"");
     check_escape("a\"b\\c", 5, "\"a\\\"b\\\\c\"");
     check_escape("</script>", 9, "\"</script>\""); /* '/' stays */
-    check_escape("\x7f", 1, "\"\x7f\"");            /* DEL is not a JSON control */
+    check_escape("\x7f", 1, "\"\x7f\"");           /* DEL is not a JSON control */
     /* every printable byte but '"' and '\\' is copied as is */
     char in[96], want[100];
     size_t n = 0;
@@ -443,6 +466,7 @@ static void test_json_escape_ascii(void)
 
 static void test_json_escape_non_ascii_passthrough(void)
 {
+    /* clang-format off */
     const char *ok[] = {
         "\xC3\xBC",                         /* ü */
         "\xE2\x82\xAC",                     /* € */
@@ -453,8 +477,9 @@ static void test_json_escape_non_ascii_passthrough(void)
         "\xF0\x90\x80\x80",                 /* U+10000 */
         "\xF4\x8F\xBF\xBF",                 /* U+10FFFF */
         "\xE2\x80\xA7", "\xE2\x80\xAA",     /* U+2027, U+202A: neighbours of the separators */
-        "Gr\xC3\xBC\xC3\x9F" "e, \xE4\xB8\x96\xE7\x95\x8C!", /* mixed */
+        ("Gr\xC3\xBC\xC3\x9F" "e, \xE4\xB8\x96\xE7\x95\x8C!"), /* mixed */
     };
+    /* clang-format on */
     for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
         char want[64];
         snprintf(want, sizeof(want), "\"%s\"", ok[i]);
@@ -472,6 +497,7 @@ static void test_json_escape_js_separators(void)
 static void test_json_escape_invalid_utf8(void)
 {
 #define R "\xEF\xBF\xBD" /* U+FFFD */
+    /* clang-format off */
     static const struct {
         const char *in;
         const char *want; /* without the quotes */
@@ -503,6 +529,7 @@ static void test_json_escape_invalid_utf8(void)
         {"\xC3\xC3\xA9", R "\xC3\xA9"},
         {"abcdefgh\x80ijklmnop", "abcdefgh" R "ijklmnop"},
     };
+    /* clang-format on */
 #undef R
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char want[64];
@@ -568,17 +595,21 @@ static void test_json_escape_roundtrips_through_cjson(void)
 
 static void test_json_utf8_valid_table(void)
 {
+    /* clang-format off */
     static const char *good[] = {
         "", "plain ascii", "\xC3\xBC", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xC2\x80",
         "\xDF\xBF", "\xE0\xA0\x80", "\xED\x9F\xBF", "\xEE\x80\x80", "\xEF\xBF\xBF",
         "\xF0\x90\x80\x80", "\xF4\x8F\xBF\xBF", "abcdefgh\xC3\xBCijklmnop\xF0\x9F\x98\x80",
     };
+    /* clang-format on */
+    /* clang-format off */
     static const char *bad[] = {
         "\x80", "\xBF", "\xC0\x80", "\xC1\xBF", "\xC2", "\xC2\x41", "\xE0\x80\x80", "\xE0\x9F\xBF",
         "\xE0\xA0", "\xED\xA0\x80", "\xED\xBF\xBF", "\xF0\x80\x80\x80", "\xF0\x8F\xBF\xBF",
         "\xF0\x90\x80", "\xF4\x90\x80\x80", "\xF5\x80\x80\x80", "\xF8\x88\x80\x80\x80", "\xFE",
         "\xFF", "abcdefgh\x80", "abcdefghijklmno\xC3",
     };
+    /* clang-format on */
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
         CU_ASSERT_TRUE(json_utf8_valid(good[i], strlen(good[i])));
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
@@ -624,6 +655,7 @@ static void test_json_utf8_valid_matches_reference(void)
 
 /* ---- json_valid -------------------------------------------------------------------------- */
 
+/* clang-format off */
 static const char *valid_docs[] = {
     "0", "-0", "1", "-1", "123", "1e5", "1E5", "1e+5", "1e-5", "1.5E-3", "-0.0", "0.5",
     "1.25e10", "-12.5e+007", "0e0", "1e00", "123456789012345678901234567890",
@@ -638,7 +670,9 @@ static const char *valid_docs[] = {
     " \t\r\n[ 1 , { \"k\" : \"v\" } , true ]\n", "[\"a\",\"b\"]",
     "{\"x\":[1,2,{\"y\":\"\\u2028\"}],\"z\":-1.0e-1}",
 };
+/* clang-format on */
 
+/* clang-format off */
 static const char *invalid_docs[] = {
     "", " ", "\n\t ", "01", "-01", "00", "+1", ".5", "1.", "1.e5", "1e", "1e+", "1E-", "-",
     "--1", "0x10", "1.5.5", "NaN", "Infinity", "-Infinity", "1 2", "1,2", "[] []", "{}{}",
@@ -650,10 +684,11 @@ static const char *invalid_docs[] = {
     "\"\x80\"", "\"\xC0\x80\"", "\"\xED\xA0\x80\"", "\"\xF4\x90\x80\x80\"", "\"\xC3\"",
     "[", "]", "[1", "[1,", "[1,]", "[,1]", "[1 2]", "[1:2]", "{", "}", "{\"a\"}", "{\"a\":}",
     "{\"a\":1,}", "{,}", "{\"a\" 1}", "{a:1}", "{1:1}", "{\"a\":1 \"b\":2}", "{'a':1}",
-    "[1]]", "[1]}", "{\"a\":1]", "[}", "{]", "/* c */1", "1 // c", "\xEF\xBB\xBF" "1",
+    "[1]]", "[1]}", "{\"a\":1]", "[}", "{]", "/* c */1", "1 // c", ("\xEF\xBB\xBF" "1"),
     "'a'", "[01]", "[-]", "{\"a\":01}", "[1e]", "[\x0c]",
     "\"abc\" x", "nullnull",
 };
+/* clang-format on */
 
 static void test_json_valid_accepts(void)
 {
@@ -876,9 +911,11 @@ static void test_json_valid_agrees_with_cjson(void)
 
 static void test_json_int64_format(void)
 {
+    /* clang-format off */
     static const int64_t vals[] = {0, 1, -1, 7, 9, 10, -10, 99, 100, 12345, -98765,
                                    999999999, 1000000000, 9007199254740992LL,
                                    -9007199254740992LL, INT64_MAX, INT64_MIN, INT64_MIN + 1};
+    /* clang-format on */
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
         char want[32], got[JSON_INT64_MAX_CHARS + 1];
         snprintf(want, sizeof(want), "%lld", (long long)vals[i]);
@@ -918,15 +955,15 @@ static void test_json_id_from_number(void)
         {-7.0, 0, -7},
         {1e15, 0, 1000000000000000LL},
         {9007199254740991.0, 0, 9007199254740991LL},
-        {9007199254740992.0, 0, 9007199254740992LL},   /* 2^53: still exact */
+        {9007199254740992.0, 0, 9007199254740992LL}, /* 2^53: still exact */
         {-9007199254740992.0, 0, -9007199254740992LL},
-        {9007199254740994.0, -ERANGE, 0},              /* 2^53 + 2 */
+        {9007199254740994.0, -ERANGE, 0}, /* 2^53 + 2 */
         {-9007199254740994.0, -ERANGE, 0},
         {1e300, -ERANGE, 0},
         {1.5, -EINVAL, 0},
         {-1.5, -EINVAL, 0},
         {0.1, -EINVAL, 0},
-        {4503599627370495.5, -EINVAL, 0},               /* 2^52 - 0.5 */
+        {4503599627370495.5, -EINVAL, 0}, /* 2^52 - 0.5 */
         {1e-300, -EINVAL, 0},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -959,6 +996,7 @@ static void test_json_id_from_number(void)
 
 static CU_TestInfo json_tests[] = {
     {"buf appends and stays NUL-terminated", test_json_buf_appends},
+    {"buf appends part of itself", test_json_buf_self_append},
     {"buf grows and reserve prevents reallocation", test_json_buf_grows},
     {"buf take hands over a malloc'd string", test_json_buf_take},
     {"buf out-of-memory is sticky and take returns NULL", test_json_buf_oom_is_sticky},

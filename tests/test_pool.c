@@ -29,34 +29,6 @@ static void count_task(void *arg)
     atomic_fetch_add((atomic_long *)arg, 1);
 }
 
-/* Workers entering a gated task bump 'entered' and wait until the gate opens. */
-struct gate {
-    struct latch entered; /* tasks that reached the gate */
-    struct latch open;    /* >= 1 once open */
-    atomic_long passed;   /* tasks that went through */
-};
-
-static void gate_init(struct gate *g)
-{
-    latch_init(&g->entered);
-    latch_init(&g->open);
-    atomic_init(&g->passed, 0);
-}
-
-static void gate_destroy(struct gate *g)
-{
-    latch_destroy(&g->entered);
-    latch_destroy(&g->open);
-}
-
-static void gate_task(void *arg)
-{
-    struct gate *g = arg;
-    latch_add(&g->entered, 1);
-    latch_wait(&g->open, 1, -1);
-    atomic_fetch_add(&g->passed, 1);
-}
-
 static void test_pool_bad_arguments(void)
 {
     CU_ASSERT_PTR_NULL(pool_new(0, 4));

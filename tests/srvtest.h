@@ -1,0 +1,137 @@
+/* srvtest: shared helpers for the server end-to-end tests (tests/test_server_*.c).
+ *
+ * An in-process fanout server (srv_new on 127.0.0.1, port 0) in front of an in-process upstream
+ * stub (tests/upstub.h), and a small libcurl client that records everything a test asserts on:
+ * status, body, the headers we care about, connections opened and elapsed time.
+ *
+ * Threads: every function is called from the test thread, except srvtest_call() and the
+ * background-request helpers, which may run on any thread with their own struct srvtest_resp
+ * (each call uses its own curl easy handle unless one is passed in). Nothing here asserts: the
+ * test asserts on what the helpers return. */
+#ifndef FANOUT_TESTS_SRVTEST_H
+#define FANOUT_TESTS_SRVTEST_H
+
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "server/config.h"
+#include "server/srv.h"
+#include "tests/upstub.h"
+
+#define SRVTEST_WAIT_MS 10000 /* bound for anything that should happen "soon" */
+
+/* One HTTP exchange to ask for. Zero-initialise and fill what you need. */
+struct srvtest_call {
+    const char *method;      /* NULL: POST when body is set, else GET */
+    const char *path;        /* NULL: "/v1/batch" */
+    const char *body;        /* request body or NULL */
+    size_t body_len;         /* 0: strlen(body) */
+    bool chunked;            /* send the body with Transfer-Encoding: chunked */
+    const char *headers[6];  /* extra "Name: value" lines (curl syntax), NULL-terminated */
+    long timeout_ms;         /* whole-exchange cap; 0: SRVTEST_WAIT_MS */
+};
+
+/* What came back. Release with srvtest_resp_free(). */
+struct srvtest_resp {
+    CURLcode rc;             /* curl's result; CURLE_OK when a response arrived */
+    long status;             /* HTTP status, 0 if none */
+    char *body;              /* malloc'd, NUL-terminated (may be NULL when empty) */
+    size_t len;              /* body length */
+    char request_id[256];    /* X-Request-Id response header, "" if absent */
+    char retry_after[64];    /* Retry-After, "" if absent */
+    char allow[64];          /* Allow, "" if absent */
+    char content_type[128];  /* Content-Type, "" if absent */
+    char connection[64];     /* Connection, "" if absent */
+    long connects;           /* CURLINFO_NUM_CONNECTS: new connections this exchange made */
+    int64_t elapsed_ms;      /* wall time of the exchange */
+    cJSON *json;             /* the body parsed, or NULL if it is not JSON */
+};
+
+/* A server in front of a stub. */
+struct srvtest_env {
+    struct upstub *up;       /* the upstream stub (owned) */
+    struct srv *srv;         /* the server, or NULL before srvtest_start() */
+    uint16_t port;           /* the server's port */
+};
+
+/* Starts the stub (2 loops). Returns 0 or a negative errno. */
+int srvtest_env_init(struct srvtest_env *e);
+
+/* Test defaults: 127.0.0.1:0, upstream <stub>/items/{id}, 2 http and 2 fetch threads, limit 8,
+ * drain 2000 ms, log level from $SRVTEST_LOG (default error), the rest config_defaults(). */
+void srvtest_config(const struct srvtest_env *e, struct srv_config *c);
+
+/* Starts the server for 'c'. Returns 0 or srv_new()'s error. */
+int srvtest_start(struct srvtest_env *e, const struct srv_config *c);
+
+/* srvtest_config() + srvtest_start(). */
+int srvtest_start_default(struct srvtest_env *e);
+
+/* Frees the server (if any) and the stub. */
+void srvtest_env_free(struct srvtest_env *e);
+
+/* Performs one exchange against 127.0.0.1:'port'. 'easy' may be a handle to reuse (keep-alive)
+ * or NULL for a fresh one. Fills *out (call srvtest_resp_free()). Any thread. */
+void srvtest_call(CURL *easy, uint16_t port, const struct srvtest_call *c, struct srvtest_resp *out);
+
+/* POST 'body' to /v1/batch with optional extra header lines (NULL-terminated list or NULL). */
+void srvtest_post(uint16_t port, const char *body, const char *const *headers,
+                  struct srvtest_resp *out);
+
+/* GET 'path'. */
+void srvtest_get(uint16_t port, const char *path, struct srvtest_resp *out);
+
+void srvtest_resp_free(struct srvtest_resp *r);
+
+/* For an error response {"error":{...}}: the member 'name' of the error object, or NULL. */
+const cJSON *srvtest_err_field(const struct srvtest_resp *r, const char *name);
+
+/* The error's "code" string, or "" if the response is not such an error. */
+const char *srvtest_err_code(const struct srvtest_resp *r);
+
+/* The error's "message" string, or "". */
+const char *srvtest_err_message(const struct srvtest_resp *r);
+
+/* The "results" array of a 200, or NULL. */
+const cJSON *srvtest_results(const struct srvtest_resp *r);
+
+/* The value of an unlabelled metric line "name value" from /metrics, or -1. */
+double srvtest_metric(uint16_t port, const char *name);
+
+/* A request on a background thread. */
+struct srvtest_bg {
+    pthread_t thread;        /* runs the request */
+    uint16_t port;           /* server port */
+    struct srvtest_call call; /* what to send (strings must outlive the join) */
+    struct srvtest_resp resp; /* what came back; read after srvtest_bg_join() */
+};
+
+/* Starts 'bg' (port and call filled by the caller). Returns 0 or a positive pthread error. */
+int srvtest_bg_start(struct srvtest_bg *bg);
+
+/* Joins it. */
+void srvtest_bg_join(struct srvtest_bg *bg);
+
+/* A TCP connection to 127.0.0.1:'port' (blocking). Returns the fd or -1. */
+int srvtest_raw_connect(uint16_t port);
+
+/* Writes all of 'data'. Returns true on success. */
+bool srvtest_raw_send(int fd, const char *data, size_t len);
+
+/* Waits until the stub has at least 'n' requests in flight (true) or the bound passes (false). */
+bool srvtest_wait_stub_in_flight(struct upstub *up, uint64_t n, int64_t ms);
+
+/* Waits until the stub has counted at least 'n' canceled requests. */
+bool srvtest_wait_stub_canceled(struct upstub *up, uint64_t n, int64_t ms);
+
+/* Waits until srv_in_flight(s) == n. */
+bool srvtest_wait_srv_in_flight(struct srv *s, int64_t n, int64_t ms);
+
+/* A TCP port on 127.0.0.1 that nothing listens on (bound, then closed). 0 on failure. */
+uint16_t srvtest_closed_port(void);
+
+#endif
