@@ -42,32 +42,32 @@
 
 #include "ctx/ctx.h"
 
-#define POLL_MS 1000          /* curl_multi_poll() cap; wakeups and curl's timers cut it short */
+#define POLL_MS 1000            /* curl_multi_poll() cap; wakeups and curl's timers cut it short */
 #define H2_STREAMS_PER_CONN 100 /* curl's default CURLMOPT_MAX_CONCURRENT_STREAMS */
-#define BODY_MIN_CAP 1024     /* first body buffer when no Content-Length is known */
+#define BODY_MIN_CAP 1024       /* first body buffer when no Content-Length is known */
 
 struct fetch_loop;
 
 /* One transfer, from fetch_get() to its callback. Owned by its loop once queued. */
 struct xfer {
-    struct xfer *next, *prev;   /* on the inbox, the waiting FIFO or the active list */
-    struct fetch_loop *loop;    /* the loop it runs on */
-    struct ctx *ctx;            /* our reference on the caller's ctx */
-    struct ctx_hook hook;       /* wakes the loop when ctx is done; armed until completion */
-    fetch_cb cb;                /* the caller's callback and its argument */
+    struct xfer *next, *prev; /* on the inbox, the waiting FIFO or the active list */
+    struct fetch_loop *loop;  /* the loop it runs on */
+    struct ctx *ctx;          /* our reference on the caller's ctx */
+    struct ctx_hook hook;     /* wakes the loop when ctx is done; armed until completion */
+    fetch_cb cb;              /* the caller's callback and its argument */
     void *arg;
-    size_t max_body;            /* body cap in bytes */
-    int64_t t0;                 /* ctx_now() at fetch_get() */
-    CURL *easy;                 /* the easy handle while started, else NULL */
-    struct curl_slist *hdrs;    /* extra request headers while started */
-    char *body;                 /* received body (NUL-terminated room kept), or NULL */
-    size_t len, cap;            /* body length and allocation */
-    uint64_t received;          /* body bytes curl delivered, kept or not */
-    bool too_big;               /* the write callback refused data past the cap */
-    const char *url;            /* points into 'strings' */
-    const char *request_id;     /* points into 'strings', or NULL */
+    size_t max_body;              /* body cap in bytes */
+    int64_t t0;                   /* ctx_now() at fetch_get() */
+    CURL *easy;                   /* the easy handle while started, else NULL */
+    struct curl_slist *hdrs;      /* extra request headers while started */
+    char *body;                   /* received body (NUL-terminated room kept), or NULL */
+    size_t len, cap;              /* body length and allocation */
+    uint64_t received;            /* body bytes curl delivered, kept or not */
+    bool too_big;                 /* the write callback refused data past the cap */
+    const char *url;              /* points into 'strings' */
+    const char *request_id;       /* points into 'strings', or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
-    char strings[];             /* the URL, then the request id */
+    char strings[];               /* the URL, then the request id */
 };
 
 /* A FIFO of transfers (singly linked through 'next'). */
@@ -76,14 +76,14 @@ struct xfer_queue {
 };
 
 struct fetch_loop {
-    struct fetch *f;            /* the engine */
-    pthread_t thread;           /* the loop thread */
-    bool started;               /* thread created (for unwinding and joining) */
-    CURLM *multi;               /* owned by the loop thread; freed by it on exit */
-    pthread_mutex_t mu;         /* guards inbox, cancel_pending, stopping */
-    struct xfer_queue inbox;    /* handed over by fetch_get(); guarded by mu */
-    bool cancel_pending;        /* some transfer's ctx is done; guarded by mu */
-    bool stopping;              /* fetch_free() began; guarded by mu */
+    struct fetch *f;         /* the engine */
+    pthread_t thread;        /* the loop thread */
+    bool started;            /* thread created (for unwinding and joining) */
+    CURLM *multi;            /* owned by the loop thread; freed by it on exit */
+    pthread_mutex_t mu;      /* guards inbox, cancel_pending, stopping */
+    struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
+    bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
+    bool stopping;           /* fetch_free() began; guarded by mu */
     /* Loop thread only: */
     struct xfer_queue waiting;  /* admitted, not started: FIFO */
     struct xfer *active;        /* started (in the multi): doubly linked */
@@ -94,13 +94,13 @@ struct fetch_loop {
 };
 
 struct fetch {
-    struct fetch_opts opts;     /* as given (validated) */
-    unsigned nloops;            /* loops in 'loops' that were initialised */
-    struct fetch_loop *loops;   /* the loops */
-    atomic_uint next_loop;      /* round-robin for fetch_pick_loop() */
-    atomic_bool stopping;       /* fetch_free() began (fast path; the loop's flag decides) */
+    struct fetch_opts opts;   /* as given (validated) */
+    unsigned nloops;          /* loops in 'loops' that were initialised */
+    struct fetch_loop *loops; /* the loops */
+    atomic_uint next_loop;    /* round-robin for fetch_pick_loop() */
+    atomic_bool stopping;     /* fetch_free() began (fast path; the loop's flag decides) */
     atomic_uint_fast64_t ok, status, unreachable, deadline, canceled, too_large, in_flight,
-        conns_opened, bytes;    /* see struct fetch_stats */
+        conns_opened, bytes; /* see struct fetch_stats */
 };
 
 /* ---------------------------------------------------------------- small helpers */
@@ -356,8 +356,8 @@ static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
             complete(l, x, cause, NULL);
             return;
         }
-        if (cause == -ETIMEDOUT || (ctx_deadline(x->ctx) != CTX_FOREVER &&
-                                    ctx_remaining(x->ctx) <= 1)) {
+        if (cause == -ETIMEDOUT ||
+            (ctx_deadline(x->ctx) != CTX_FOREVER && ctx_remaining(x->ctx) <= 1)) {
             complete(l, x, -ETIMEDOUT, text);
             return;
         }

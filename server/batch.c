@@ -401,19 +401,35 @@ static enum MHD_Result answer(struct req *r, struct batch *b)
 
 /* ---------------------------------------------------------------- entry */
 
-/* Admission: at most --max-requests batches in flight; none while draining. */
+/* Takes back an admission that was counted but refused, waking srv_drain() if it waits for it. */
+static void unadmit(struct srv *s)
+{
+    atomic_fetch_sub(&s->metrics.in_flight, 1);
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Admission: at most --max-requests batches in flight; none while draining.
+ * The count is raised before 'draining' is read (both sequentially consistent), the mirror of
+ * srv_drain(), which sets 'draining' and then waits for the count to reach 0: either the drain
+ * sees this request in flight and waits for it, or this request sees the drain and backs out.
+ * Checking 'draining' first would let a request slip in after the drain found the server idle,
+ * and be suspended while the daemon is being stopped. */
 static bool admit(struct req *r)
 {
     struct srv *s = r->s;
     char msg[160];
+    int64_t before = atomic_fetch_add(&s->metrics.in_flight, 1);
     if (atomic_load(&s->draining)) {
+        unadmit(s);
         atomic_fetch_add(&s->metrics.rejected, 1);
         srv_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded",
                   "the server is draining; retry on another instance", NULL);
         return false;
     }
-    if (atomic_fetch_add(&s->metrics.in_flight, 1) >= (int64_t)s->cfg.max_requests) {
-        atomic_fetch_sub(&s->metrics.in_flight, 1);
+    if (before >= (int64_t)s->cfg.max_requests) {
+        unadmit(s);
         atomic_fetch_add(&s->metrics.rejected, 1);
         snprintf(msg, sizeof(msg), "%u batch requests already in flight (--max-requests)",
                  s->cfg.max_requests);

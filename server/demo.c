@@ -73,37 +73,37 @@
 
 /* A delayed request. Created on the MHD thread, freed in NOTIFY_COMPLETED. */
 struct demo_req {
-    struct demo *d;               /* the demo it belongs to */
-    struct MHD_Connection *conn;  /* its connection, suspended until the watcher resumes it */
-    struct ctx *ctx;              /* done when the delay is over (or earlier: see DESIGN) */
-    struct ctx_hook hook;         /* puts it on d->wake when ctx is done */
-    struct demo_req *next;        /* on d->wake; guarded by d->mu */
-    int fd;                       /* socket in the watcher's epoll set, or -1; fixed once armed */
-    atomic_bool woken;            /* set by the first wake-up: resume exactly once */
-    bool answered;                /* bookkeeping after the resume done; MHD thread only */
+    struct demo *d;              /* the demo it belongs to */
+    struct MHD_Connection *conn; /* its connection, suspended until the watcher resumes it */
+    struct ctx *ctx;             /* done when the delay is over (or earlier: see DESIGN) */
+    struct ctx_hook hook;        /* puts it on d->wake when ctx is done */
+    struct demo_req *next;       /* on d->wake; guarded by d->mu */
+    int fd;                      /* socket in the watcher's epoll set, or -1; fixed once armed */
+    atomic_bool woken;           /* set by the first wake-up: resume exactly once */
+    bool answered;               /* bookkeeping after the resume done; MHD thread only */
 };
 
 struct demo {
-    struct MHD_Daemon *mhd;            /* the HTTP daemon */
-    struct MHD_Response *not_found;    /* shared 404 response (refcounted by MHD) */
-    struct MHD_Response *bad_method;   /* shared 405 response */
-    struct MHD_Response *shutting;     /* shared 503 response, with Connection: close */
-    struct MHD_Response *gone;         /* shared empty 499 response, with Connection: close */
-    struct ctx *root;                  /* parent of every delayed request's ctx */
-    pthread_t watcher;                 /* the watcher thread */
-    int epfd;                          /* the watcher's epoll set: evfd and suspended sockets */
-    int evfd;                          /* wakes the watcher */
-    uint16_t port;                     /* bound port; fixed */
-    char host[INET6_ADDRSTRLEN + 2];   /* host as written in a URL (IPv6 in brackets); fixed */
-    pthread_mutex_t mu;                /* guards the fields below up to the counters */
-    pthread_cond_t cv;                 /* signalled when 'parked' or 'live' drops to 0 while
-                                          stopping; waits on CLOCK_MONOTONIC */
-    struct demo_req *wake;             /* woken requests the watcher must resume */
-    unsigned parked;                   /* delayed requests not yet answered after their resume */
-    unsigned live;                     /* delayed requests not yet completed (freed) */
-    bool stopping;                     /* demo_stop() has begun */
-    bool quit;                         /* the watcher must exit */
-    atomic_uint_fast64_t requests;     /* counters, as in struct demo_stats */
+    struct MHD_Daemon *mhd;          /* the HTTP daemon */
+    struct MHD_Response *not_found;  /* shared 404 response (refcounted by MHD) */
+    struct MHD_Response *bad_method; /* shared 405 response */
+    struct MHD_Response *shutting;   /* shared 503 response, with Connection: close */
+    struct MHD_Response *gone;       /* shared empty 499 response, with Connection: close */
+    struct ctx *root;                /* parent of every delayed request's ctx */
+    pthread_t watcher;               /* the watcher thread */
+    int epfd;                        /* the watcher's epoll set: evfd and suspended sockets */
+    int evfd;                        /* wakes the watcher */
+    uint16_t port;                   /* bound port; fixed */
+    char host[INET6_ADDRSTRLEN + 2]; /* host as written in a URL (IPv6 in brackets); fixed */
+    pthread_mutex_t mu;              /* guards the fields below up to the counters */
+    pthread_cond_t cv;               /* signalled when 'parked' or 'live' drops to 0 while
+                                        stopping; waits on CLOCK_MONOTONIC */
+    struct demo_req *wake;           /* woken requests the watcher must resume */
+    unsigned parked;                 /* delayed requests not yet answered after their resume */
+    unsigned live;                   /* delayed requests not yet completed (freed) */
+    bool stopping;                   /* demo_stop() has begun */
+    bool quit;                       /* the watcher must exit */
+    atomic_uint_fast64_t requests;   /* counters, as in struct demo_stats */
     atomic_uint_fast64_t in_flight;
     atomic_uint_fast64_t sleeping;
     atomic_uint_fast64_t delayed;
@@ -363,7 +363,9 @@ static enum MHD_Result start_delay(struct demo *d, struct MHD_Connection *conn, 
     }
     /* Last, so that r->fd is set before the watcher can see r on the wake list. If the ctx is
      * already done (demo_stop() ran meanwhile), on_wake() runs here and now. */
-    ctx_hook_add(c, &r->hook, on_wake, r);
+    int armed = ctx_hook_add(c, &r->hook, on_wake, r);
+    assert(armed == 0); /* a fresh hook cannot be armed already */
+    (void)armed;
     return MHD_YES;
 }
 
@@ -410,7 +412,7 @@ static void *watch_main(void *arg)
         for (int i = 0; i < n; i++) {
             struct demo_req *r = evs[i].data.ptr;
             if (r) {
-                (void)r;
+                ctx_cancel(r->ctx, DEMO_ECLIENT); /* its hook puts it on the wake list */
             } else {
                 uint64_t v;
                 ssize_t got = read(d->evfd, &v, sizeof(v));
@@ -437,9 +439,8 @@ static void *watch_main(void *arg)
 /* ---------------------------------------------------------------- MHD callbacks */
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **req_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **req_cls)
 {
     struct demo *d = cls;
     (void)version;
@@ -499,12 +500,12 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 
 static struct MHD_Response *static_json(const char *body, bool close)
 {
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(strlen(body), (void *)(uintptr_t)body,
-                                        MHD_RESPMEM_PERSISTENT);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(
+        strlen(body), (void *)(uintptr_t)body, MHD_RESPMEM_PERSISTENT);
     if (!resp)
         return NULL;
-    if (MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json") != MHD_YES ||
+    if (MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json") !=
+            MHD_YES ||
         (close && MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES)) {
         MHD_destroy_response(resp);
         return NULL;
@@ -665,12 +666,12 @@ int demo_start(const char *host, uint16_t port, struct demo **out)
     if (sa.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     /* MHD owns the listening socket from here on and closes it in MHD_stop_daemon(). */
-    d->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, d,
-                              MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
-                              MHD_OPTION_THREAD_POOL_SIZE, (unsigned)DEMO_HTTP_THREADS,
-                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)DEMO_MAX_CONNECTIONS,
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)DEMO_IDLE_TIMEOUT_S,
-                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_END);
+    d->mhd =
+        MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET,
+                         (MHD_socket)lfd, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)DEMO_HTTP_THREADS,
+                         MHD_OPTION_CONNECTION_LIMIT, (unsigned)DEMO_MAX_CONNECTIONS,
+                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)DEMO_IDLE_TIMEOUT_S,
+                         MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_END);
     if (!d->mhd) {
         close_if_ours(lfd, &bound, blen);
         err = -EIO;

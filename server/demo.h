@@ -13,8 +13,8 @@
  *                   {"error":"injected status","status":NNN,"id":"<id>"}
  * and a query ?ms=N on any id adds N ms of delay. A request's total delay is capped at
  * DEMO_MAX_DELAY_MS. Any other path is 404 {"error":"not found"}, any method but GET is 405
- * {"error":"method not allowed"}. Requests delayed when demo_stop() runs get 503
- * {"error":"shutting down"} and a closed connection.
+ * {"error":"method not allowed"} (with Allow: GET); a request body is read and dropped. Requests
+ * delayed when demo_stop() runs get 503 {"error":"shutting down"} and a closed connection.
  *
  * A delayed request holds no thread: its connection is suspended and resumed when a ctx deadline
  * fires; a client that closes its connection while waiting is noticed at once and counted as
@@ -71,9 +71,11 @@ void demo_url_template(const struct demo *d, char *buf, size_t size);
 void demo_stats(const struct demo *d, struct demo_stats *out);
 
 /* Stops the demo: delayed requests still waiting are woken at once and answered 503 (connection
- * closed), then the daemon is stopped and every thread joined, every socket closed and 'd' freed.
- * Returns after that, without waiting for any delay to run out. NULL is allowed. Call once, from
- * a thread that is not one of the demo's own. */
+ * closed; up to a second is allowed for those answers to be written), then the daemon is stopped
+ * (other connections are closed), every thread joined, every socket closed and 'd' freed. Returns
+ * after that, without waiting for any delay to run out. NULL is allowed. Call once, from a thread
+ * that is not one of the demo's own, and before ctx_shutdown(): delays end on the ctx timer
+ * thread. */
 void demo_stop(struct demo *d);
 
 #endif

@@ -3,7 +3,12 @@
  * Table entries are {generation, fd, ctx}; the epoll data carries (index, generation). The thread
  * looks an event up under the table mutex and takes a ctx reference before cancelling with the
  * mutex released, so watch_remove() (which deletes the fd from the epoll set and clears the entry
- * under the same mutex) and an event in flight can never disagree about the ctx's lifetime.
+ * under the same mutex) and an event in flight can never disagree about the ctx's lifetime. While
+ * it cancels, the thread publishes the entry's token in 'firing'; watch_remove() of that token
+ * waits until the cancel has returned, so once watch_remove() returns the ctx is never canceled
+ * by the watch (a late -EPIPE would otherwise turn an answer that is ready into a closed
+ * connection). The cancel only runs ctx hooks, which never call back into the watch, so the wait
+ * cannot deadlock.
  * EPOLLONESHOT: a hung-up socket reports once instead of on every wait. An eventfd stops the
  * thread. */
 #include "server/watch.h"
@@ -29,7 +34,9 @@ struct watch {
     int ep;              /* epoll set */
     int stop_fd;         /* eventfd that wakes the thread to exit */
     pthread_t thread;    /* the watch thread */
-    pthread_mutex_t mu;  /* guards the table */
+    pthread_mutex_t mu;  /* guards the table and 'firing' */
+    pthread_cond_t cv;   /* signalled when 'firing' is cleared */
+    uint64_t firing;     /* token of the entry whose ctx the thread is cancelling, or 0 */
     struct entry *tab;   /* entries */
     uint32_t n, cap;     /* used prefix, allocated */
     uint32_t free_head;  /* first free index, or UINT32_MAX */
@@ -55,12 +62,18 @@ static void *watch_main(void *arg)
             uint32_t idx = (uint32_t)(ev[i].data.u64 >> 32), gen = (uint32_t)ev[i].data.u64;
             struct ctx *c = NULL;
             pthread_mutex_lock(&w->mu);
-            if (idx < w->n && w->tab[idx].gen == gen && w->tab[idx].c)
+            if (idx < w->n && w->tab[idx].gen == gen && w->tab[idx].c) {
                 c = ctx_ref(w->tab[idx].c);
+                w->firing = ev[i].data.u64;
+            }
             pthread_mutex_unlock(&w->mu);
             if (c) {
                 ctx_cancel(c, -EPIPE);
                 ctx_unref(c);
+                pthread_mutex_lock(&w->mu);
+                w->firing = 0;
+                pthread_cond_broadcast(&w->cv);
+                pthread_mutex_unlock(&w->mu);
             }
         }
     }
@@ -93,12 +106,18 @@ int watch_new(struct watch **out)
         rc = -rc;
         goto fail_efd;
     }
-    if ((rc = pthread_create(&w->thread, NULL, watch_main, w)) != 0) {
+    if ((rc = pthread_cond_init(&w->cv, NULL)) != 0) {
         rc = -rc;
         goto fail_mutex;
     }
+    if ((rc = pthread_create(&w->thread, NULL, watch_main, w)) != 0) {
+        rc = -rc;
+        goto fail_cond;
+    }
     *out = w;
     return 0;
+fail_cond:
+    pthread_cond_destroy(&w->cv);
 fail_mutex:
     pthread_mutex_destroy(&w->mu);
 fail_efd:
@@ -168,6 +187,8 @@ void watch_remove(struct watch *w, uint64_t token)
         e->next = w->free_head;
         w->free_head = idx;
     }
+    while (w->firing == token) /* the thread is cancelling this entry's ctx: let it finish */
+        pthread_cond_wait(&w->cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
     ctx_unref(c);
 }
@@ -187,6 +208,7 @@ void watch_free(struct watch *w)
             ctx_unref(w->tab[i].c);
         }
     free(w->tab);
+    pthread_cond_destroy(&w->cv);
     pthread_mutex_destroy(&w->mu);
     close(w->stop_fd);
     close(w->ep);

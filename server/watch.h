@@ -22,7 +22,9 @@ int watch_new(struct watch **out);
 int watch_add(struct watch *w, int fd, struct ctx *c, uint64_t *token);
 
 /* Stops watching; when it returns, the watch holds no reference to the ctx and will not cancel
- * it. Call it before the socket is handed back to libmicrohttpd. */
+ * it: if the watch thread is cancelling that ctx right now, this waits until the cancel has
+ * returned (so never call it from a hook of that ctx). Call it before the socket is handed back
+ * to libmicrohttpd. */
 void watch_remove(struct watch *w, uint64_t token);
 
 /* Stops and joins the thread and frees the watch. Entries still registered are released. */

@@ -10,7 +10,8 @@
  *   bench_fetch --stub [N]   only serve the stub with N threads; prints its port, runs until
  *                            stdin closes (to drive another client against the same upstream)
  *   BENCH_MS=<ms>            measuring window per cell run (default 1000)
- *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port> */
+ *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port>
+ *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling) */
 #include <curl/curl.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -27,12 +28,12 @@
 #include "tests/upstub.h"
 
 struct bench {
-    struct fetch *f;          /* the engine under test */
-    char url[128];            /* the URL every transfer fetches */
-    atomic_uint_fast64_t done; /* completed transfers */
+    struct fetch *f;             /* the engine under test */
+    char url[128];               /* the URL every transfer fetches */
+    atomic_uint_fast64_t done;   /* completed transfers */
     atomic_uint_fast64_t errors; /* of which not ok */
-    atomic_bool stop;         /* stop re-queueing */
-    atomic_uint outstanding;  /* transfers queued and not yet completed for good */
+    atomic_bool stop;            /* stop re-queueing */
+    atomic_uint outstanding;     /* transfers queued and not yet completed for good */
 };
 
 struct slot {
@@ -229,6 +230,18 @@ int main(int argc, char **argv)
      * not every run of one cell. */
     struct cell cells[2][NCONC][REPS];
     int failed = 0;
+    const char *only = getenv("BENCH_CELL"); /* "loops:conc": run just that cell (profiling) */
+    if (only) {
+        unsigned lo = 0, co = 0;
+        struct cell c;
+        if (sscanf(only, "%u:%u", &lo, &co) != 2 || lo == 0 || co == 0 ||
+            run_cell(port, lo, co, window, &c) != 0)
+            return 1;
+        printf("%-6u %6u %14.0f %20.1f %8llu %7llu\n", lo, co, c.rate, c.cpu_us,
+               (unsigned long long)c.conns, (unsigned long long)c.errors);
+        failed = c.errors != 0;
+        goto out;
+    }
     for (int rep = 0; rep < REPS; rep++)
         for (int r = 0; r < nrows; r++)
             for (int i = 0; i < NCONC; i++)
@@ -249,13 +262,13 @@ int main(int argc, char **argv)
                 if (cells[r][i][k].conns > conns)
                     conns = cells[r][i][k].conns;
             }
-            printf("%-6u %6u %14.0f %20.1f %8llu %7llu\n", loop_rows[r], concs[i],
-                   median3(rate), median3(cpu), (unsigned long long)conns,
-                   (unsigned long long)errors);
+            printf("%-6u %6u %14.0f %20.1f %8llu %7llu\n", loop_rows[r], concs[i], median3(rate),
+                   median3(cpu), (unsigned long long)conns, (unsigned long long)errors);
             if (errors)
                 failed = 1;
         }
     }
+out:
     if (stub > 0) {
         close(ctl);
         waitpid(stub, NULL, 0);

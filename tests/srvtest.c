@@ -348,6 +348,24 @@ bool srvtest_wait_stub_canceled(struct upstub *up, uint64_t n, int64_t ms)
     return test_wait_until(stub_reached, &w, ms);
 }
 
+struct target_wait {
+    struct upstub *up;
+    const char *target;
+    size_t n;
+};
+
+static bool target_reached(void *arg)
+{
+    struct target_wait *w = arg;
+    return upstub_count(w->up, w->target) >= w->n;
+}
+
+bool srvtest_wait_stub_target(struct upstub *up, const char *target, size_t n, int64_t ms)
+{
+    struct target_wait w = {up, target, n};
+    return test_wait_until(target_reached, &w, ms);
+}
+
 struct srv_wait {
     struct srv *s;
     int64_t n;

@@ -128,6 +128,9 @@ bool srvtest_wait_stub_in_flight(struct upstub *up, uint64_t n, int64_t ms);
 /* Waits until the stub has counted at least 'n' canceled requests. */
 bool srvtest_wait_stub_canceled(struct upstub *up, uint64_t n, int64_t ms);
 
+/* Waits until the stub has logged at least 'n' requests for 'target' (e.g. "/items/a"). */
+bool srvtest_wait_stub_target(struct upstub *up, const char *target, size_t n, int64_t ms);
+
 /* Waits until srv_in_flight(s) == n. */
 bool srvtest_wait_srv_in_flight(struct srv *s, int64_t n, int64_t ms);
 

@@ -81,8 +81,8 @@ static bool res_done(void *arg)
 static int fetch_one(struct fetch *f, struct ctx *c, const char *url, const char *rid,
                      size_t max_body, struct res *r)
 {
-    struct fetch_req req = {.url = url, .request_id = rid, .max_body = max_body, .cb = res_cb,
-                            .arg = r};
+    struct fetch_req req = {
+        .url = url, .request_id = rid, .max_body = max_body, .cb = res_cb, .arg = r};
     int rc = fetch_get(f, fetch_pick_loop(f), c, &req);
     if (rc != 0)
         return rc;
@@ -99,9 +99,9 @@ struct slot {
 };
 
 struct batch {
-    atomic_uint done;       /* callbacks so far */
-    atomic_uint ok;         /* of which err == 0 */
-    atomic_uint bad_body;   /* 2xx whose body was not the expected one */
+    atomic_uint done;     /* callbacks so far */
+    atomic_uint ok;       /* of which err == 0 */
+    atomic_uint bad_body; /* 2xx whose body was not the expected one */
     struct slot *slots;
     unsigned n;
 };
@@ -675,8 +675,8 @@ static void *submit_thread(void *arg)
         char path[64], url[256];
         snprintf(path, sizeof(path), "/items/%u", i);
         upstub_url(w->s, url, sizeof(url), path);
-        struct fetch_req q = {.url = url, .request_id = path, .cb = batch_cb,
-                              .arg = &w->b->slots[i]};
+        struct fetch_req q = {
+            .url = url, .request_id = path, .cb = batch_cb, .arg = &w->b->slots[i]};
         if (fetch_get(w->f, fetch_pick_loop(w->f), ctx_background(), &q) != 0)
             w->failures++;
     }
@@ -985,8 +985,7 @@ static CU_TestInfo fetch_tests[] = {
      test_fetch_reuses_connections_under_cap},
     {"many submitting threads", test_fetch_many_submitting_threads},
     {"fetch_free completes everything exactly once", test_fetch_free_completes_in_flight},
-    {"X-Request-Id and X-Request-Timeout-Ms reach the upstream",
-     test_fetch_sends_request_headers},
+    {"X-Request-Id and X-Request-Timeout-Ms reach the upstream", test_fetch_sends_request_headers},
     {"bad arguments are refused without a callback", test_fetch_rejects_bad_arguments},
     {"cancel race: exactly once, result or cause", test_fetch_cancel_race},
     {"threads and fds return to baseline", test_fetch_threads_and_fds_return_to_baseline},

@@ -7,14 +7,17 @@
  * thread waits on observable state (the stub's counters, the server's in-flight gauge) with
  * bounded waits and asserts after joining. Times appear only as generous correctness bounds. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "server/watch.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 
@@ -136,7 +139,11 @@ static void test_server_client_disconnect_cancels(void)
                           "application/json\r\nContent-Length: %d\r\n\r\n%s",
                           bl, body);
         CU_ASSERT_FATAL(srvtest_raw_send(fd, req, (size_t)rl));
-        CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 2, SRVTEST_WAIT_MS));
+        char ta[64], tb[64];
+        snprintf(ta, sizeof(ta), "/items/sleep5000a%d", round);
+        snprintf(tb, sizeof(tb), "/items/sleep5000b%d", round);
+        CU_ASSERT(srvtest_wait_stub_target(e.up, ta, 1, SRVTEST_WAIT_MS));
+        CU_ASSERT(srvtest_wait_stub_target(e.up, tb, 1, SRVTEST_WAIT_MS));
         CU_ASSERT_EQUAL(srv_in_flight(e.srv), 1);
         int64_t t0 = ctx_now();
         if (round == 1)
@@ -416,12 +423,12 @@ static void test_server_releases_everything(void)
         const char *m = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 22\r\n\r\n"
                         "{\"ids\":[\"sleep2000\"]}\n";
         CU_ASSERT(srvtest_raw_send(fd, m, strlen(m)));
-        CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
+        CU_ASSERT(srvtest_wait_stub_target(e.up, "/items/sleep2000", 1, SRVTEST_WAIT_MS));
         close(fd);
         CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
         struct srvtest_bg bg = {.port = e.port, .call = {.body = "{\"ids\":[\"sleep4000\"]}"}};
         CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
-        CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
+        CU_ASSERT(srvtest_wait_stub_target(e.up, "/items/sleep4000", 1, SRVTEST_WAIT_MS));
         /* No thread per request or per fetch. */
         CU_ASSERT(test_thread_count() <= running + 1); /* + the client thread */
         srv_free(e.srv);
@@ -485,6 +492,267 @@ static void test_server_concurrent_mixed_batches(void)
     srvtest_env_free(&e);
 }
 
+/* ---------------------------------------------------------------- drain under load */
+
+struct hammer {
+    pthread_t thread;      /* the client loop */
+    uint16_t port;         /* server */
+    atomic_bool *stop;     /* set by the test */
+    unsigned ok, refused, other, failed; /* 200s, 503s, other statuses, transport errors */
+    long other_status;     /* the first unexpected status */
+};
+
+static void *hammer_main(void *arg)
+{
+    struct hammer *h = arg;
+    CURL *easy = curl_easy_init();
+    if (!easy)
+        return NULL;
+    while (!atomic_load(h->stop)) {
+        struct srvtest_call c = {.body = "{\"ids\":[\"h1\",\"h2\",\"sleep2\"]}",
+                                 .timeout_ms = 5000};
+        struct srvtest_resp r;
+        srvtest_call(easy, h->port, &c, &r);
+        if (r.rc != CURLE_OK)
+            h->failed++;
+        else if (r.status == 200)
+            h->ok++;
+        else if (r.status == 503 && !strcmp(srvtest_err_code(&r), "overloaded"))
+            h->refused++;
+        else if (h->other++ == 0)
+            h->other_status = r.status;
+        srvtest_resp_free(&r);
+    }
+    curl_easy_cleanup(easy);
+    return NULL;
+}
+
+struct hammer_progress {
+    struct hammer *h;
+    int n;
+    unsigned want;
+};
+
+static bool hammers_did(void *arg)
+{
+    struct hammer_progress *p = arg;
+    unsigned sum = 0;
+    for (int i = 0; i < p->n; i++)
+        sum += __atomic_load_n(&p->h[i].ok, __ATOMIC_RELAXED);
+    return sum >= p->want;
+}
+
+/* Clients keep sending batches on keep-alive connections while the server drains and stops:
+ * each gets a 200, a 503 or a closed connection, and the server stops cleanly (no batch may be
+ * admitted once the drain has found it idle). */
+static void test_server_drain_under_load(void)
+{
+    enum { CLIENTS = 4 };
+    for (int round = 0; round < 4; round++) {
+        struct srvtest_env e;
+        CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+        CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
+        atomic_bool stop = false;
+        struct hammer h[CLIENTS];
+        for (int i = 0; i < CLIENTS; i++) {
+            h[i] = (struct hammer){.port = e.port, .stop = &stop};
+            CU_ASSERT_FATAL(pthread_create(&h[i].thread, NULL, hammer_main, &h[i]) == 0);
+        }
+        struct hammer_progress p = {h, CLIENTS, 40};
+        CU_ASSERT(test_wait_until(hammers_did, &p, SRVTEST_WAIT_MS));
+        srv_drain(e.srv, 2000);
+        CU_ASSERT_EQUAL(srv_in_flight(e.srv), 0);
+        srv_free(e.srv);
+        e.srv = NULL;
+        atomic_store(&stop, true);
+        unsigned ok = 0, other = 0;
+        for (int i = 0; i < CLIENTS; i++) {
+            pthread_join(h[i].thread, NULL);
+            ok += h[i].ok;
+            other += h[i].other;
+            if (h[i].other)
+                fprintf(stderr, "\n  client %d: unexpected status %ld\n", i, h[i].other_status);
+        }
+        CU_ASSERT(ok >= 40);
+        CU_ASSERT_EQUAL(other, 0);
+        srvtest_env_free(&e);
+    }
+}
+
+/* ---------------------------------------------------------------- the disconnect watch */
+
+struct watched {
+    int fds[2];       /* socketpair: [0] watched, [1] the "client" */
+    struct ctx *c;    /* canceled by the watch on hang-up */
+    uint64_t token;   /* watch token */
+};
+
+static bool ctx_is_done(void *arg)
+{
+    return ctx_err(arg) != 0;
+}
+
+static void test_server_watch_hangup_cancels(void)
+{
+    struct watch *w;
+    CU_ASSERT_FATAL(watch_new(&w) == 0);
+    struct watched a, b;
+    CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a.fds) == 0);
+    CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, b.fds) == 0);
+    a.c = ctx_new(ctx_background(), CTX_FOREVER);
+    b.c = ctx_new(ctx_background(), CTX_FOREVER);
+    CU_ASSERT_FATAL(a.c && b.c);
+    CU_ASSERT_FATAL(watch_add(w, a.fds[0], a.c, &a.token) == 0);
+    CU_ASSERT_FATAL(watch_add(w, b.fds[0], b.c, &b.token) == 0);
+    /* Bytes from the client (pipelining) are not a hang-up. */
+    CU_ASSERT(send(a.fds[1], "GET / HTTP/1.1\r\n\r\n", 18, 0) == 18);
+    /* a is removed before its client goes; b's client goes while watched. */
+    watch_remove(w, a.token);
+    close(a.fds[1]);
+    close(b.fds[1]);
+    CU_ASSERT(test_wait_until(ctx_is_done, b.c, SRVTEST_WAIT_MS));
+    CU_ASSERT_EQUAL(ctx_err(b.c), -EPIPE);
+    CU_ASSERT_EQUAL(ctx_err(a.c), 0);
+    watch_remove(w, b.token);
+    watch_remove(w, b.token); /* a stale token is ignored */
+    /* Entries are reused; a stale token must not remove the new owner. */
+    struct watched d;
+    CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, d.fds) == 0);
+    d.c = ctx_new(ctx_background(), CTX_FOREVER);
+    CU_ASSERT_FATAL(watch_add(w, d.fds[0], d.c, &d.token) == 0);
+    watch_remove(w, a.token);
+    close(d.fds[1]);
+    CU_ASSERT(test_wait_until(ctx_is_done, d.c, SRVTEST_WAIT_MS));
+    CU_ASSERT_EQUAL(ctx_err(d.c), -EPIPE);
+    /* Left registered at free: released there. */
+    watch_free(w);
+    ctx_free(a.c);
+    ctx_free(b.c);
+    ctx_free(d.c);
+    close(a.fds[0]);
+    close(b.fds[0]);
+    close(d.fds[0]);
+}
+
+/* Hang-ups racing with removal, many rounds: whatever ctx_err() says right after watch_remove()
+ * is final (the watch never cancels late), and nothing leaks. */
+static void test_server_watch_remove_races_hangup(void)
+{
+    enum { ROUNDS = 2000 };
+    struct watch *w;
+    CU_ASSERT_FATAL(watch_new(&w) == 0);
+    struct ctx **cs = calloc(ROUNDS, sizeof(*cs));
+    int *seen = calloc(ROUNDS, sizeof(*seen));
+    CU_ASSERT_FATAL(cs && seen);
+    int late = 0, fired = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        int fds[2];
+        CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+        cs[i] = ctx_new(ctx_background(), CTX_FOREVER);
+        CU_ASSERT_FATAL(cs[i] != NULL);
+        uint64_t tok;
+        CU_ASSERT_FATAL(watch_add(w, fds[0], cs[i], &tok) == 0);
+        close(fds[1]);
+        for (int spin = 0; spin < (i % 64) * 20; spin++)
+            __asm__ __volatile__("" ::: "memory"); /* vary where the removal lands */
+        watch_remove(w, tok);
+        seen[i] = ctx_err(cs[i]);
+        close(fds[0]);
+    }
+    /* Let any late cancel happen: flush the watch thread with one more hang-up. */
+    struct watched z;
+    CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, z.fds) == 0);
+    z.c = ctx_new(ctx_background(), CTX_FOREVER);
+    CU_ASSERT_FATAL(watch_add(w, z.fds[0], z.c, &z.token) == 0);
+    close(z.fds[1]);
+    CU_ASSERT(test_wait_until(ctx_is_done, z.c, SRVTEST_WAIT_MS));
+    watch_remove(w, z.token);
+    watch_free(w); /* joins the thread: every cancel it started has returned */
+    for (int i = 0; i < ROUNDS; i++) {
+        if (seen[i] != ctx_err(cs[i]))
+            late++;
+        if (seen[i] == -EPIPE)
+            fired++;
+        ctx_free(cs[i]);
+    }
+    if (late)
+        fprintf(stderr, "\n  %d late cancels, %d in time\n", late, fired);
+    CU_ASSERT_EQUAL(late, 0);
+    ctx_free(z.c);
+    close(z.fds[0]);
+    free(cs);
+    free(seen);
+}
+
+/* A ctx hook that holds the watch thread inside its cancel until released. */
+struct blocker {
+    atomic_int state;         /* 0 armed, 1 running, 2 released, 3 returned */
+    struct watch *w;          /* for the remover thread */
+    uint64_t token;           /* what it removes */
+    atomic_bool removed;      /* watch_remove() has returned */
+    atomic_int state_at_remove; /* the hook's state when it did */
+};
+
+static void blocking_hook(void *arg)
+{
+    struct blocker *b = arg;
+    atomic_store(&b->state, 1);
+    int64_t until = ctx_now() + SRVTEST_WAIT_MS;
+    while (atomic_load(&b->state) != 2 && ctx_now() < until) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    atomic_store(&b->state, 3);
+}
+
+static void *remover_main(void *arg)
+{
+    struct blocker *b = arg;
+    watch_remove(b->w, b->token);
+    atomic_store(&b->state_at_remove, atomic_load(&b->state));
+    atomic_store(&b->removed, true);
+    return NULL;
+}
+
+static bool hook_running(void *arg)
+{
+    return atomic_load(&((struct blocker *)arg)->state) == 1;
+}
+
+static bool remover_returned(void *arg)
+{
+    return atomic_load(&((struct blocker *)arg)->removed);
+}
+
+/* watch_remove() does not return while the watch thread is still cancelling that ctx. */
+static void test_server_watch_remove_waits_for_cancel(void)
+{
+    struct watch *w;
+    CU_ASSERT_FATAL(watch_new(&w) == 0);
+    int fds[2];
+    CU_ASSERT_FATAL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+    struct ctx *c = ctx_new(ctx_background(), CTX_FOREVER);
+    CU_ASSERT_FATAL(c != NULL);
+    struct blocker b = {.w = w};
+    struct ctx_hook h;
+    CU_ASSERT_FATAL(ctx_hook_add(c, &h, blocking_hook, &b) == 0);
+    CU_ASSERT_FATAL(watch_add(w, fds[0], c, &b.token) == 0);
+    close(fds[1]);
+    CU_ASSERT_FATAL(test_wait_until(hook_running, &b, SRVTEST_WAIT_MS));
+    pthread_t t;
+    CU_ASSERT_FATAL(pthread_create(&t, NULL, remover_main, &b) == 0);
+    /* While the cancel is held inside the hook, the removal must keep waiting. The bound only
+     * gives a wrong implementation time to return early. */
+    CU_ASSERT_FALSE(test_wait_until(remover_returned, &b, 200));
+    atomic_store(&b.state, 2);
+    pthread_join(t, NULL);
+    CU_ASSERT_EQUAL(atomic_load(&b.state_at_remove), 3);
+    CU_ASSERT_EQUAL(ctx_err(c), -EPIPE);
+    watch_free(w);
+    ctx_free(c);
+    close(fds[0]);
+}
+
 static CU_TestInfo server_life_tests[] = {
     {"503 overloaded at max_requests, metrics", test_server_overloaded},
     {"first error cancels the rest", test_server_first_error_cancels_the_rest},
@@ -498,6 +766,10 @@ static CU_TestInfo server_life_tests[] = {
     {"srv_free with a batch in flight", test_server_free_with_batch_in_flight},
     {"threads, fds and memory released at shutdown", test_server_releases_everything},
     {"concurrent batches with mixed outcomes", test_server_concurrent_mixed_batches},
+    {"drain and stop under load", test_server_drain_under_load},
+    {"watch: hang-up cancels, removed entries never do", test_server_watch_hangup_cancels},
+    {"watch: removal racing hang-ups never cancels late", test_server_watch_remove_races_hangup},
+    {"watch: removal waits for a cancel in progress", test_server_watch_remove_waits_for_cancel},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(server_life, server_life_tests)

@@ -30,8 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define IN_MAX 16384         /* request line + headers + body must fit */
-#define FILL_CHUNK 65536     /* generated body bytes per send() */
+#define IN_MAX 16384     /* request line + headers + body must fit */
+#define FILL_CHUNK 65536 /* generated body bytes per send() */
 #define RESET_ANNOUNCED 100000
 #define RESET_SENT 1000
 
@@ -57,43 +57,43 @@ struct reply {
 struct stub_loop;
 
 struct conn {
-    int fd;                         /* the client socket */
-    struct stub_loop *loop;         /* owning loop; everything below is that thread's only */
-    struct conn *prev, *next;       /* on loop->conns */
-    struct conn *tprev, *tnext;     /* on loop->timers while 'due' is set */
-    char in[IN_MAX];                /* bytes read and not yet consumed */
-    size_t in_len;                  /* how many */
-    char *out;                      /* headers + literal body being written */
+    int fd;                           /* the client socket */
+    struct stub_loop *loop;           /* owning loop; everything below is that thread's only */
+    struct conn *prev, *next;         /* on loop->conns */
+    struct conn *tprev, *tnext;       /* on loop->timers while 'due' is set */
+    char in[IN_MAX];                  /* bytes read and not yet consumed */
+    size_t in_len;                    /* how many */
+    char *out;                        /* headers + literal body being written */
     size_t out_cap, out_len, out_off; /* its capacity, length and bytes written so far */
-    uint64_t fill_left;             /* generated body bytes still to write after 'out' */
-    bool busy;                      /* a request is in flight (received, reply incomplete) */
-    bool close_after;               /* close once the reply is written */
-    bool want_out;                  /* EPOLLOUT is in the interest set */
-    int64_t due;                    /* monotonic ms at which 'pending' is answered, or 0 */
-    struct reply pending;           /* the delayed reply while 'due' is set */
+    uint64_t fill_left;               /* generated body bytes still to write after 'out' */
+    bool busy;                        /* a request is in flight (received, reply incomplete) */
+    bool close_after;                 /* close once the reply is written */
+    bool want_out;                    /* EPOLLOUT is in the interest set */
+    int64_t due;                      /* monotonic ms at which 'pending' is answered, or 0 */
+    struct reply pending;             /* the delayed reply while 'due' is set */
 };
 
 struct stub_loop {
-    struct upstub *s;      /* owner */
-    pthread_t thread;      /* the loop thread */
-    int epfd;              /* its epoll set */
-    int stop_fd;           /* eventfd; readable means stop */
-    bool started;          /* thread was created (for unwinding) */
-    struct conn *conns;    /* open connections; loop thread only (freed by it on stop) */
-    struct conn *timers;   /* connections with a delayed reply; loop thread only */
+    struct upstub *s;    /* owner */
+    pthread_t thread;    /* the loop thread */
+    int epfd;            /* its epoll set */
+    int stop_fd;         /* eventfd; readable means stop */
+    bool started;        /* thread was created (for unwinding) */
+    struct conn *conns;  /* open connections; loop thread only (freed by it on stop) */
+    struct conn *timers; /* connections with a delayed reply; loop thread only */
 };
 
 struct upstub {
-    int listen_fd;                  /* non-blocking listener on 127.0.0.1 */
-    int port;                       /* its port */
-    unsigned nloops;                /* loop threads */
-    struct stub_loop *loops;        /* nloops of them */
+    int listen_fd;           /* non-blocking listener on 127.0.0.1 */
+    int port;                /* its port */
+    unsigned nloops;         /* loop threads */
+    struct stub_loop *loops; /* nloops of them */
     atomic_uint_fast64_t requests, in_flight, max_in_flight, accepted, open, max_open, canceled,
-        bytes_sent;                 /* see struct upstub_stats */
-    pthread_mutex_t log_mu;         /* guards the log fields below */
-    struct upstub_req *log;         /* ring of UPSTUB_LOG_SIZE entries */
-    size_t log_next;                /* next slot to write; guarded by log_mu */
-    size_t log_len;                 /* valid entries, <= UPSTUB_LOG_SIZE; guarded by log_mu */
+        bytes_sent;         /* see struct upstub_stats */
+    pthread_mutex_t log_mu; /* guards the log fields below */
+    struct upstub_req *log; /* ring of UPSTUB_LOG_SIZE entries */
+    size_t log_next;        /* next slot to write; guarded by log_mu */
+    size_t log_len;         /* valid entries, <= UPSTUB_LOG_SIZE; guarded by log_mu */
 };
 
 /* Sentinels for epoll data: the listener and the stop eventfd. */
@@ -407,14 +407,22 @@ static bool conn_flush(struct conn *c)
 static const char *reason(int status)
 {
     switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Status";
+    case 200:
+        return "OK";
+    case 400:
+        return "Bad Request";
+    case 404:
+        return "Not Found";
+    case 500:
+        return "Internal Server Error";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "Status";
     }
 }
 
@@ -450,9 +458,9 @@ static bool conn_reply(struct conn *c, struct reply *r)
     char lenhdr[48] = "";
     if (!r->no_length)
         snprintf(lenhdr, sizeof(lenhdr), "Content-Length: %llu\r\n", (unsigned long long)clen);
-    int h = snprintf(c->out, c->out_cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s\r\n",
-                     r->status, reason(r->status), r->ctype, lenhdr,
-                     r->close ? "Connection: close\r\n" : "");
+    int h =
+        snprintf(c->out, c->out_cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s\r\n", r->status,
+                 reason(r->status), r->ctype, lenhdr, r->close ? "Connection: close\r\n" : "");
     c->out_len = (size_t)h;
     c->out_off = 0;
     if (r->body_len)

@@ -42,9 +42,9 @@ struct upstub_stats {
     uint64_t bytes_sent;    /* bytes written to clients (headers and bodies) */
 };
 
-#define UPSTUB_TARGET_MAX 512  /* longer request-targets are logged truncated */
-#define UPSTUB_HEADER_MAX 128  /* longer logged header values are truncated */
-#define UPSTUB_LOG_SIZE 2048   /* the log keeps this many most recent requests */
+#define UPSTUB_TARGET_MAX 512 /* longer request-targets are logged truncated */
+#define UPSTUB_HEADER_MAX 128 /* longer logged header values are truncated */
+#define UPSTUB_LOG_SIZE 2048  /* the log keeps this many most recent requests */
 
 /* One logged request. Strings are NUL-terminated copies. */
 struct upstub_req {
@@ -81,7 +81,8 @@ size_t upstub_log(struct upstub *s, struct upstub_req *out, size_t max);
  * not NULL) and returns true, or returns false. */
 bool upstub_find(struct upstub *s, const char *target, struct upstub_req *out);
 
-/* Counts the logged requests whose target equals 'target'. */
+/* Counts the logged requests whose target equals 'target' (only the last UPSTUB_LOG_SIZE
+ * requests are logged; use upstub_stats() for totals). */
 size_t upstub_count(struct upstub *s, const char *target);
 
 #endif
