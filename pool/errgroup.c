@@ -43,8 +43,8 @@ struct eg {
 
 /* An eg_end() loop in progress on this thread (see in_loop()). */
 struct eg_frame {
-    const struct eg *g;   /* the group whose queue it serves */
-    struct eg_frame *up;  /* the next outer loop on this thread, or NULL */
+    const struct eg *g;  /* the group whose queue it serves */
+    struct eg_frame *up; /* the next outer loop on this thread, or NULL */
 };
 
 /* This thread's eg_end() loops, innermost first. */

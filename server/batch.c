@@ -1,7 +1,9 @@
 /* batch: POST /v1/batch, from the request body to the response.
  *
  * FLOW (all on one libmicrohttpd worker, except where noted):
- *   admission (in-flight cap) -> parse with cJSON -> validate every id (type, length, UTF-8)
+ *   admission (in-flight cap; counted before the drain flag is read, see admit()) -> parse with
+ *   cJSON, the text also checked by the strict validator (json_valid) -> validate every id (type,
+ *   length, UTF-8, no \u0000)
  *   -> one slot per distinct upstream URL (duplicates share it) -> request ctx (child of the
  *   server root, effective deadline) -> errgroup with --limit on that ctx -> suspend the
  *   connection and watch its socket for a hang-up -> one async task per slot: fetch_get() on the
@@ -115,15 +117,18 @@ static bool parse_timeout_num(double v, int64_t *out)
     return true;
 }
 
+/* The header's digits; any length is a valid (if huge) deadline, clamped to 2^53 like the body's
+ * timeout_ms and then to --max-timeout-ms. */
 static bool parse_timeout_text(const char *t, int64_t *out)
 {
-    if (!*t || strlen(t) > 15)
+    if (!*t)
         return false;
     int64_t v = 0;
     for (; *t; t++) {
         if (*t < '0' || *t > '9')
             return false;
-        v = v * 10 + (*t - '0');
+        if (v < ((int64_t)1 << 53))
+            v = v * 10 + (*t - '0');
     }
     if (v < 1)
         return false;
@@ -350,6 +355,9 @@ static enum MHD_Result answer_results(struct req *r, struct batch *b)
     return srv_respond(r, MHD_HTTP_OK, "application/json", body, len, true);
 }
 
+/* The error for a failed group. The failing id is echoed as the request gave it; an id may take
+ * up to 6 bytes per input byte once escaped, so the extra members are built in a json_buf and the
+ * message has room for the longest. */
 static enum MHD_Result answer_error(struct req *r, struct batch *b)
 {
     long fs = atomic_load(&b->fail_slot);
@@ -358,36 +366,58 @@ static enum MHD_Result answer_error(struct req *r, struct batch *b)
     const char *id = sl ? b->pos_echo[sl->first_pos] : NULL;
     if (id)
         r->fail_id = strdup(id);
-    char extra[512] = "", msg[512];
-    if (id)
-        snprintf(extra, sizeof(extra), ",\"id\":%s", id);
+    char msg[ID_MAX_BYTES * 6 + 512];
+    struct json_buf extra;
+    json_buf_init(&extra);
+    if (id) {
+        json_buf_append_str(&extra, ",\"id\":");
+        json_buf_append_str(&extra, id);
+    }
     const char *detail = sl && sl->detail ? sl->detail : "";
+    unsigned status;
+    const char *code;
     switch (err) {
     case FETCH_ESTATUS:
-        snprintf(extra + strlen(extra), sizeof(extra) - strlen(extra), ",\"upstream_status\":%ld",
-                 sl->status);
+        json_buf_printf(&extra, ",\"upstream_status\":%ld", sl->status);
         snprintf(msg, sizeof(msg), "upstream answered %ld for id %s", sl->status, id);
-        return srv_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_status", msg, extra);
+        status = MHD_HTTP_BAD_GATEWAY;
+        code = "upstream_status";
+        break;
     case FETCH_EUNREACH:
         snprintf(msg, sizeof(msg), "upstream unreachable for id %s: %s", id ? id : "?", detail);
-        return srv_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unreachable", msg, extra);
+        status = MHD_HTTP_BAD_GATEWAY;
+        code = "upstream_unreachable";
+        break;
     case FETCH_ETOOBIG:
         snprintf(msg, sizeof(msg), "upstream body for id %s exceeds %zu bytes (--max-body)",
                  id ? id : "?", r->s->cfg.max_body);
-        return srv_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_too_large", msg, extra);
+        status = MHD_HTTP_BAD_GATEWAY;
+        code = "upstream_too_large";
+        break;
     case -ETIMEDOUT:
-        snprintf(msg, sizeof(msg), "deadline of %" PRId64 " ms exceeded%s%s%s", b->timeout_ms,
-                 id ? " while fetching id " : "", id ? id : "", "");
-        return srv_error(r, MHD_HTTP_GATEWAY_TIMEOUT, "deadline_exceeded", msg, extra);
+        snprintf(msg, sizeof(msg), "deadline of %" PRId64 " ms exceeded%s%s", b->timeout_ms,
+                 id ? " while fetching id " : "", id ? id : "");
+        status = MHD_HTTP_GATEWAY_TIMEOUT;
+        code = "deadline_exceeded";
+        break;
     case -ESHUTDOWN:
     case FETCH_ESHUTDOWN:
+        json_buf_destroy(&extra);
         atomic_fetch_add(&r->s->metrics.rejected, 1);
         return srv_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded",
                          "the server is shutting down; retry on another instance", NULL);
     default:
+        json_buf_destroy(&extra);
         snprintf(msg, sizeof(msg), "internal error (%d)%s%s", err, *detail ? ": " : "", detail);
         return srv_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", msg, NULL);
     }
+    enum MHD_Result ret;
+    if (json_buf_failed(&extra))
+        ret = srv_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory", NULL);
+    else
+        ret = srv_error(r, status, code, msg, extra.data ? extra.data : NULL);
+    json_buf_destroy(&extra);
+    return ret;
 }
 
 static enum MHD_Result answer(struct req *r, struct batch *b)

@@ -3,7 +3,13 @@
  * One table lists every setting once: its flag, kind, bounds, default text and help line. The
  * environment is applied first (FANOUT_<NAME>, dashes as underscores), then the command line, so
  * flags win. Numbers must be whole and within the setting's bounds; sizes take an optional
- * KiB/MiB/GiB (or K/M/G) suffix; booleans take 1/0/true/false/yes/no. */
+ * KiB/MiB/GiB (or K/M/G) suffix; booleans take 1/0/true/false/yes/no/on/off. --demo and
+ * --upstream exclude each other only when both come from the same source: a flag overrides the
+ * other one's environment variable. The upstream template is parsed here too (url.h), so a bad
+ * one is a configuration error that --check-config reports.
+ *
+ * Every error is one line that names the flag (and the variable, for the environment).
+ * Threads: none; not thread-safe (getenv), call once from main before any thread starts. */
 #include "server/config.h"
 
 #include <ctype.h>
@@ -15,6 +21,7 @@
 #include <unistd.h>
 
 #include "server/json.h"
+#include "server/url.h"
 
 enum kind { K_LISTEN, K_STRING, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL };
 
@@ -221,7 +228,9 @@ static int apply_env(struct srv_config *c, char *err, size_t errlen)
         const char *v = getenv(var);
         if (!v)
             continue;
-        int rc = set_opt(c, &opts[i], v, var, err, errlen);
+        char label[96];
+        snprintf(label, sizeof(label), "%s (--%s)", var, opts[i].name);
+        int rc = set_opt(c, &opts[i], v, label, err, errlen);
         if (rc)
             return rc;
     }
@@ -233,9 +242,21 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
     if (c->demo && c->upstream[0])
         return fail(err, errlen, "--demo and --upstream exclude each other");
     if (!c->demo && !c->upstream[0])
-        return fail(err, errlen, "--upstream is required (or --demo for the built-in demo upstream)");
+        return fail(err, errlen,
+                    "--upstream is required (or --demo for the built-in demo upstream)");
+    if (!c->demo) {
+        struct url_template t;
+        char why[256];
+        int rc = url_template_parse(c->upstream, &t, why, sizeof(why));
+        if (rc == -ENOMEM)
+            return fail(err, errlen, "out of memory");
+        if (rc != 0)
+            return fail(err, errlen, "--upstream: %s", why);
+        url_template_destroy(&t);
+    }
     if (c->timeout_ms > c->max_timeout_ms)
-        return fail(err, errlen, "--timeout-ms (%" PRId64 ") exceeds --max-timeout-ms (%" PRId64 ")",
+        return fail(err, errlen,
+                    "--timeout-ms (%" PRId64 ") exceeds --max-timeout-ms (%" PRId64 ")",
                     c->timeout_ms, c->max_timeout_ms);
     if (c->max_conns < c->fetch_threads)
         return fail(err, errlen, "--max-conns (%u) must be at least --fetch-threads (%u)",
@@ -243,48 +264,86 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
     return 0;
 }
 
+/* One command-line item: a flag with its value, or an action. */
+enum item { ITEM_FLAG, ITEM_HELP, ITEM_VERSION, ITEM_CHECK };
+
+/* Reads the item at argv[*i] (advancing *i past a separate value). Returns 0 and the item (for
+ * ITEM_FLAG also the option and its value text), or -EINVAL with the reason in err. */
+static int next_item(int argc, char **argv, int *i, enum item *it, const struct opt **o,
+                     const char **v, char *err, size_t errlen)
+{
+    const char *a = argv[*i];
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        *it = ITEM_HELP;
+        return 0;
+    }
+    if (!strcmp(a, "--version")) {
+        *it = ITEM_VERSION;
+        return 0;
+    }
+    if (!strcmp(a, "--check-config")) {
+        *it = ITEM_CHECK;
+        return 0;
+    }
+    if (strncmp(a, "--", 2) != 0 || a[2] == '\0')
+        return fail(err, errlen, "unexpected argument \"%s\" (see --help)", a);
+    const char *name = a + 2, *eq = strchr(name, '=');
+    size_t len = eq ? (size_t)(eq - name) : strlen(name);
+    if (!(*o = find_opt(name, len)))
+        return fail(err, errlen, "unknown flag --%.*s (see --help)", (int)len, name);
+    if (eq)
+        *v = eq + 1;
+    else if ((*o)->kind == K_BOOL)
+        *v = "true";
+    else if (*i + 1 < argc)
+        *v = argv[++*i];
+    else
+        return fail(err, errlen, "--%s needs a value", (*o)->name);
+    *it = ITEM_FLAG;
+    return 0;
+}
+
 int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
                  char *err, size_t errlen)
 {
     *action = CONFIG_RUN;
-    int rc = apply_env(c, err, errlen);
-    if (rc)
-        return rc;
+    enum item it;
+    const struct opt *o = NULL;
+    const char *v = NULL;
+    int rc;
+    /* First the command line's shape: --help and --version win over anything else, even over
+     * a bad environment, and an unknown flag is reported before any value. */
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            *action = CONFIG_HELP;
+        if ((rc = next_item(argc, argv, &i, &it, &o, &v, err, errlen)) != 0)
+            return rc;
+        if (it == ITEM_HELP || it == ITEM_VERSION) {
+            *action = it == ITEM_HELP ? CONFIG_HELP : CONFIG_VERSION;
             return 0;
         }
-        if (!strcmp(a, "--version")) {
-            *action = CONFIG_VERSION;
-            return 0;
-        }
-        if (!strcmp(a, "--check-config")) {
+        if (it == ITEM_CHECK)
             *action = CONFIG_CHECK;
+    }
+    if ((rc = apply_env(c, err, errlen)) != 0)
+        return rc;
+    bool flag_demo = false, flag_upstream = false;
+    for (int i = 1; i < argc; i++) {
+        if ((rc = next_item(argc, argv, &i, &it, &o, &v, err, errlen)) != 0)
+            return rc;
+        if (it != ITEM_FLAG)
             continue;
-        }
-        if (strncmp(a, "--", 2) != 0)
-            return fail(err, errlen, "unexpected argument \"%s\" (see --help)", a);
-        const char *name = a + 2, *eq = strchr(name, '=');
-        size_t len = eq ? (size_t)(eq - name) : strlen(name);
-        const struct opt *o = find_opt(name, len);
-        if (!o)
-            return fail(err, errlen, "unknown flag --%.*s (see --help)", (int)len, name);
-        const char *v;
-        if (eq)
-            v = eq + 1;
-        else if (o->kind == K_BOOL)
-            v = "true";
-        else if (i + 1 < argc)
-            v = argv[++i];
-        else
-            return fail(err, errlen, "--%s needs a value", o->name);
         char label[64];
         snprintf(label, sizeof(label), "--%s", o->name);
         if ((rc = set_opt(c, o, v, label, err, errlen)) != 0)
             return rc;
+        flag_demo |= !strcmp(o->name, "demo");
+        flag_upstream |= !strcmp(o->name, "upstream");
     }
+    /* A flag beats the environment also across this pair: --demo drops FANOUT_UPSTREAM, and
+     * --upstream drops FANOUT_DEMO. Both as flags is an error (check()). */
+    if (flag_demo && !flag_upstream && c->demo)
+        c->upstream[0] = '\0';
+    if (flag_upstream && !flag_demo && c->upstream[0])
+        c->demo = false;
     return check(c, err, errlen);
 }
 

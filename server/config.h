@@ -42,8 +42,12 @@ enum config_action { CONFIG_RUN, CONFIG_HELP, CONFIG_VERSION, CONFIG_CHECK };
 /* Fills 'c' with the defaults (CPU count for the thread settings). */
 void config_defaults(struct srv_config *c);
 
-/* Applies the environment, then argv[1..argc). Returns 0 and the action in *action, or -EINVAL
- * with a one-line reason in err. */
+/* Applies the environment, then argv[1..argc), to 'c' (config_defaults() first). --help and
+ * --version anywhere on the command line win and skip the rest (the environment too).
+ * Otherwise every value is checked, and so is the whole: --upstream (a valid template with
+ * {id}, url.h) or --demo, --timeout-ms <= --max-timeout-ms, --max-conns >= --fetch-threads.
+ * Returns 0 and the action in *action, or -EINVAL with a one-line reason naming the flag (and
+ * the FANOUT_* variable when the value came from the environment) in err. Not thread-safe. */
 int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
                  char *err, size_t errlen);
 

@@ -2,10 +2,15 @@
  *
  * Producers copy a complete line into the ring under the mutex (a memcpy, no I/O) and signal
  * the writer; if the line does not fit, it is dropped and counted. The writer takes the lock only
- * to find the readable span, writes it with the lock released, then frees the span. */
+ * to find the readable span, writes it with the lock released, then frees the span. It writes at
+ * most PIPE_BUF bytes at a time, after poll() says the fd takes bytes, so log_free() is never
+ * stuck behind a reader that stopped reading: once stopping, the writer gives the fd
+ * LOG_FLUSH_MS to make progress, then drops what is left. */
 #include "server/log.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,30 +19,64 @@
 
 #include "server/json.h"
 
+/* How long log_free() waits for a blocked fd to take more bytes before dropping the rest. */
+#define LOG_FLUSH_MS 1000
+
 struct log {
     int fd;                         /* where lines go */
     enum log_level level;           /* most verbose level written */
     atomic_uint_fast64_t *dropped;  /* drop counter, or NULL */
-    pthread_mutex_t mu;             /* guards the ring and stop */
+    pthread_mutex_t mu;             /* guards the ring */
     pthread_cond_t cv;              /* data queued, or stop */
     char *ring;                     /* cap bytes */
-    size_t cap, head, len;          /* size, first unread byte, bytes queued */
-    bool stop;                      /* log_free() has begun */
+    size_t cap, head, len;          /* size, first unread byte, bytes queued; guarded by mu */
+    atomic_bool stop;               /* log_free() has begun; set under mu (for cv), read anywhere */
     pthread_t thread;               /* the writer */
 };
 
-static void write_all(int fd, const char *p, size_t n)
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Waits until the fd takes bytes (or fails, which write() then reports). Returns false when
+ * stopping and the fd made no progress for LOG_FLUSH_MS. */
+static bool wait_writable(struct log *l)
+{
+    struct pollfd p = {.fd = l->fd, .events = POLLOUT};
+    int64_t give_up = -1;
+    for (;;) {
+        int n = poll(&p, 1, 100);
+        if (n != 0 && !(n < 0 && errno == EINTR))
+            return true;
+        if (!atomic_load(&l->stop))
+            continue;
+        int64_t now = mono_ms();
+        if (give_up < 0)
+            give_up = now + LOG_FLUSH_MS;
+        else if (now >= give_up)
+            return false;
+    }
+}
+
+/* Writes p[0..n); returns false if the fd is stuck while stopping (the rest is to be dropped). */
+static bool write_all(struct log *l, const char *p, size_t n)
 {
     while (n > 0) {
-        ssize_t w = write(fd, p, n);
+        if (!wait_writable(l))
+            return false;
+        ssize_t w = write(l->fd, p, n < PIPE_BUF ? n : PIPE_BUF);
         if (w < 0) {
-            if (errno == EINTR)
+            if (errno == EINTR || errno == EAGAIN)
                 continue;
-            return; /* nowhere to report a failing stderr */
+            return true; /* nowhere to report a failing stderr; drop this span */
         }
         p += w;
         n -= (size_t)w;
     }
+    return true;
 }
 
 static void *log_main(void *arg)
@@ -45,7 +84,7 @@ static void *log_main(void *arg)
     struct log *l = arg;
     pthread_mutex_lock(&l->mu);
     for (;;) {
-        while (l->len == 0 && !l->stop)
+        while (l->len == 0 && !atomic_load(&l->stop))
             pthread_cond_wait(&l->cv, &l->mu);
         if (l->len == 0)
             break;
@@ -54,8 +93,12 @@ static void *log_main(void *arg)
         if (head + n > l->cap)
             n = l->cap - head; /* up to the ring's end; the rest next round */
         pthread_mutex_unlock(&l->mu);
-        write_all(l->fd, l->ring + head, n); /* producers only write outside [head, head+n) */
+        bool ok = write_all(l, l->ring + head, n); /* producers write outside [head, head+n) */
         pthread_mutex_lock(&l->mu);
+        if (!ok) { /* stopping and the fd is stuck: drop everything */
+            l->len = 0;
+            break;
+        }
         l->head = (l->head + n) % l->cap;
         l->len -= n;
     }
@@ -121,7 +164,7 @@ void log_end(struct log *l, struct json_buf *b)
         return;
     bool queued = false;
     pthread_mutex_lock(&l->mu);
-    if (!l->stop && b->len <= l->cap - l->len) {
+    if (!atomic_load(&l->stop) && b->len <= l->cap - l->len) {
         size_t tail = (l->head + l->len) % l->cap;
         size_t first = b->len < l->cap - tail ? b->len : l->cap - tail;
         memcpy(l->ring + tail, b->data, first);
@@ -151,7 +194,7 @@ void log_free(struct log *l)
     if (!l)
         return;
     pthread_mutex_lock(&l->mu);
-    l->stop = true;
+    atomic_store(&l->stop, true);
     pthread_cond_signal(&l->cv);
     pthread_mutex_unlock(&l->mu);
     pthread_join(l->thread, NULL);

@@ -34,7 +34,9 @@ void log_end(struct log *l, struct json_buf *b);
 /* A line with only a message. */
 void log_msg(struct log *l, enum log_level level, const char *msg);
 
-/* Flushes, stops and joins the writer, frees the log. */
+/* Writes what is queued, stops and joins the writer, frees the log. If the fd stops taking
+ * bytes (a reader that no longer reads), the rest is dropped after about a second without
+ * progress, so shutdown never hangs on stderr. */
 void log_free(struct log *l);
 
 #endif

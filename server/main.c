@@ -1,27 +1,33 @@
 /* fanout's main(): configuration, signals, and the server's lifetime.
  *
- * SIGTERM/SIGINT/SIGHUP are blocked in every thread (the mask is set before any thread starts)
- * and taken here with sigtimedwait(). The first SIGTERM or SIGINT drains: /readyz turns 503, the
- * listener closes, batches in flight get --drain-ms to finish, the rest are canceled and
- * answered 503, every thread is joined and the process exits 0. A second one exits at once with
- * status 1. SIGHUP is ignored (logs go to stderr; there is nothing to reopen). SIGPIPE is
+ * SIGNALS. SIGTERM, SIGINT and SIGHUP are blocked before any thread starts, so every thread
+ * inherits the mask, and the main thread takes them with sigwaitinfo(). SIGHUP is ignored (logs go
+ * to stderr; there is nothing to reopen). The first SIGTERM or SIGINT drains (srv_drain()):
+ * /readyz turns 503, the listener closes, batches in flight get --drain-ms to finish, the rest are
+ * canceled and answered 503; then srv_free() joins every thread and frees everything, and the
+ * process exits 0. Before draining, the main thread installs a handler for SIGTERM/SIGINT and
+ * unblocks them for itself alone, so a second signal interrupts whatever the drain or the
+ * teardown is waiting for and exits at once (status 1) without running any cleanup. SIGPIPE is
  * ignored so that a vanished peer is an error code, not a death.
- * Exit status: 0 after a drain or for --help/--version/--check-config, 1 when the server cannot
- * start, 2 for invalid configuration. */
+ *
+ * Exit status: 0 after a drain, and for --help, --version and --check-config; 1 when the server
+ * cannot start or after a second signal; 2 for invalid configuration (one line on stderr). */
 #include <curl/curl.h>
 #include <errno.h>
 #include <microhttpd.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ctx/ctx.h"
 #include "server/config.h"
 #include "server/srv.h"
-#include "server/url.h"
 #include "server/version.h"
 
 /* Lifts the open-file limit to the hard limit: every client and upstream connection is an fd. */
@@ -34,31 +40,78 @@ static void raise_nofile(void)
     }
 }
 
-static int wait_signal(const sigset_t *set, int64_t ms)
+/* Writes 'v' as exactly 'width' decimal digits at 'p'; returns the end. Async-signal-safe. */
+static char *put_digits(char *p, long v, int width)
 {
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
-    int sig = ms < 0 ? sigwaitinfo(set, NULL) : sigtimedwait(set, NULL, &ts);
-    return sig < 0 ? 0 : sig;
+    for (int i = width - 1; i >= 0; i--, v /= 10)
+        p[i] = (char)('0' + v % 10);
+    return p + width;
 }
 
-/* Drains; returns false if a second signal asked to stop at once. */
-static bool drain(struct srv *s, const sigset_t *set, int64_t drain_ms)
+/* The log's time format, "YYYY-MM-DDThh:mm:ss.mmmZ", without gmtime (not async-signal-safe):
+ * the civil date from days since the epoch (H. Hinnant's algorithm). Returns the end. */
+static char *put_utc(char *p, const struct timespec *ts)
 {
-    srv_drain_start(s);
-    int64_t deadline = ctx_now() + drain_ms, hard = -1;
-    while (srv_in_flight(s) > 0) {
-        int64_t now = ctx_now();
-        if (hard < 0 && now >= deadline) {
-            srv_cancel_all(s); /* past the grace period: answer 503 to what is left */
-            hard = now + 5000;
-        }
-        if (hard >= 0 && now >= hard)
-            break;
-        int sig = wait_signal(set, 10);
-        if (sig == SIGTERM || sig == SIGINT)
-            return false;
-    }
-    return true;
+    long days = (long)(ts->tv_sec / 86400), secs = (long)(ts->tv_sec % 86400);
+    long z = days + 719468, era = z / 146097, doe = z - era * 146097;
+    long yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    long doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+    long d = doy - (153 * mp + 2) / 5 + 1, m = mp < 10 ? mp + 3 : mp - 9;
+    long y = yoe + era * 400 + (m <= 2);
+    p = put_digits(p, y, 4);
+    *p++ = '-';
+    p = put_digits(p, m, 2);
+    *p++ = '-';
+    p = put_digits(p, d, 2);
+    *p++ = 'T';
+    p = put_digits(p, secs / 3600, 2);
+    *p++ = ':';
+    p = put_digits(p, secs / 60 % 60, 2);
+    *p++ = ':';
+    p = put_digits(p, secs % 60, 2);
+    *p++ = '.';
+    p = put_digits(p, ts->tv_nsec / 1000000, 3);
+    *p++ = 'Z';
+    return p;
+}
+
+/* The second SIGTERM/SIGINT: one log line and out, skipping every cleanup (which is what may be
+ * stuck). Only async-signal-safe calls. */
+static void on_second_signal(int sig)
+{
+    char line[192], *p = line;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    static const char a[] = "{\"time\":\"", b[] = "\",\"level\":\"warn\",\"msg\":\"second signal: "
+                                                  "exiting at once\",\"signal\":\"";
+    const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    memcpy(p, a, sizeof(a) - 1);
+    p = put_utc(p + sizeof(a) - 1, &ts);
+    memcpy(p, b, sizeof(b) - 1);
+    p += sizeof(b) - 1;
+    memcpy(p, name, strlen(name));
+    p += strlen(name);
+    memcpy(p, "\"}\n", 3);
+    p += 3;
+    ssize_t w = write(STDERR_FILENO, line, (size_t)(p - line));
+    (void)w;
+    _exit(1);
+}
+
+/* From now on a SIGTERM or SIGINT reaches this thread's handler, wherever it is blocked. */
+static void arm_second_signal(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_second_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    pthread_sigmask(SIG_UNBLOCK, &stop, NULL); /* a pending one is delivered right here */
 }
 
 int main(int argc, char **argv)
@@ -80,14 +133,6 @@ int main(int argc, char **argv)
                curl_version_info(CURLVERSION_NOW)->version, MHD_get_version());
         return 0;
     case CONFIG_CHECK:
-        if (!cfg.demo) {
-            struct url_template t;
-            if (url_template_parse(cfg.upstream, &t, err, sizeof(err)) != 0) {
-                fprintf(stderr, "fanout: --upstream: %s\n", err);
-                return 2;
-            }
-            url_template_destroy(&t);
-        }
         config_print_json(&cfg, stdout);
         putchar('\n');
         return 0;
@@ -96,6 +141,10 @@ int main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
+    /* Whatever the parent left: default actions, so that blocked signals stay pending. */
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
     raise_nofile();
     sigset_t set;
     sigemptyset(&set);
@@ -111,18 +160,18 @@ int main(int argc, char **argv)
     int rc = srv_new(&cfg, STDERR_FILENO, &s, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "fanout: %s\n", err);
+        ctx_shutdown();
         curl_global_cleanup();
         return rc == -EINVAL ? 2 : 1;
     }
     for (;;) {
-        int sig = wait_signal(&set, -1);
+        int sig = sigwaitinfo(&set, NULL);
         if (sig == SIGTERM || sig == SIGINT)
             break;
+        /* SIGHUP, or EINTR: keep serving. */
     }
-    if (!drain(s, &set, cfg.drain_ms)) {
-        fprintf(stderr, "{\"level\":\"warn\",\"msg\":\"second signal: exiting at once\"}\n");
-        _exit(1);
-    }
+    arm_second_signal();
+    srv_drain(s, cfg.drain_ms);
     srv_free(s);
     ctx_shutdown();
     curl_global_cleanup();

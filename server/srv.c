@@ -34,6 +34,8 @@
 #include "server/watch.h"
 
 #define LOG_RING_BYTES (4u << 20)
+/* After the drain deadline, how long canceled batches get to send their 503s. */
+#define DRAIN_CANCEL_GRACE_MS 5000
 
 static int64_t now_us(void)
 {
@@ -64,7 +66,11 @@ enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, c
                                 r->route == R_BAD_METHOD && !strcmp(r->path, "/v1/batch")
                                     ? "POST"
                                     : "GET, HEAD");
-    if (atomic_load(&r->s->draining))
+    /* While draining, a client should take its next request elsewhere: close after answering.
+     * Probes keep their connection unless the answer is 503, so a prober sees /readyz turn 503
+     * on the connection it holds instead of a 200 that closes it. */
+    bool probe = r->route == R_HEALTHZ || r->route == R_READYZ || r->route == R_METRICS;
+    if (atomic_load(&r->s->draining) && (!probe || status == MHD_HTTP_SERVICE_UNAVAILABLE))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
@@ -418,6 +424,10 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    /* Start ctx's timer thread now, not on the first request's deadline, so that every thread
+     * the server runs exists once srv_new() returns: arming any deadline starts it (ctx.h), and
+     * it keeps running until ctx_shutdown() (main calls it after srv_free()). */
+    ctx_free(ctx_with_timeout(ctx_background(), 3600000));
     if (cfg->demo) {
         if ((rc = demo_start("127.0.0.1", 0, &s->demo)) != 0) {
             snprintf(err, errlen, "cannot start the demo upstream: %s", strerror(-rc));
@@ -496,11 +506,33 @@ const char *srv_upstream(const struct srv *s)
     return s->upstream;
 }
 
+/* Logs 'msg' with extra members 'fmt' (",\"key\":value" pieces, printf-style). */
+static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
+{
+    if (!log_enabled(s->log, lvl))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, lvl, msg);
+    va_list ap;
+    va_start(ap, fmt);
+    char extra[256];
+    vsnprintf(extra, sizeof(extra), fmt, ap);
+    va_end(ap);
+    json_buf_append_str(&b, extra);
+    log_end(s->log, &b);
+    json_buf_destroy(&b);
+}
+
 void srv_drain_start(struct srv *s)
 {
     if (atomic_exchange(&s->draining, true))
         return;
-    log_msg(s->log, LOG_INFO, "draining");
+    log_fields(s, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
+               atomic_load(&s->metrics.in_flight), s->cfg.drain_ms);
     if (s->mhd) {
         s->listen_fd = MHD_quiesce_daemon(s->mhd);
         /* Refuse new connections now (pending ones too) instead of leaving them in the backlog;
@@ -544,12 +576,19 @@ static bool wait_idle(struct srv *s, int64_t until)
 void srv_drain(struct srv *s, int64_t drain_ms)
 {
     s->drained = true;
+    int64_t t0 = ctx_now();
     srv_drain_start(s);
-    if (!wait_idle(s, ctx_now() + drain_ms)) {
-        log_msg(s->log, LOG_WARN, "drain deadline passed; canceling batches in flight");
+    int64_t canceled = 0;
+    if (!wait_idle(s, t0 + drain_ms)) {
+        canceled = atomic_load(&s->metrics.in_flight);
+        log_fields(s, LOG_WARN, "drain deadline passed; canceling batches in flight",
+                   ",\"in_flight\":%" PRId64, canceled);
         srv_cancel_all(s);
-        wait_idle(s, ctx_now() + 5000);
+        wait_idle(s, ctx_now() + DRAIN_CANCEL_GRACE_MS);
     }
+    log_fields(s, LOG_INFO, "drained",
+               ",\"canceled\":%" PRId64 ",\"left\":%" PRIdFAST64 ",\"duration_ms\":%" PRId64,
+               canceled, atomic_load(&s->metrics.in_flight), ctx_now() - t0);
 }
 
 void srv_free(struct srv *s)
@@ -567,8 +606,15 @@ void srv_free(struct srv *s)
     demo_stop(s->demo);
     url_template_destroy(&s->tmpl);
     ctx_free(s->root);
-    if (s->log && s->mhd)
-        log_msg(s->log, LOG_INFO, "stopped");
+    if (s->log && s->mhd) {
+        uint64_t total = 0;
+        for (unsigned i = 0; i < 600; i++)
+            total += atomic_load_explicit(&s->metrics.by_status[i], memory_order_relaxed);
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        log_fields(s, LOG_INFO, "stopped", ",\"requests\":%" PRIu64 ",\"uptime_s\":%.3f", total,
+                   (double)now.tv_sec + (double)now.tv_nsec / 1e9 - s->metrics.start_time);
+    }
     log_free(s->log);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);

@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,7 +143,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *arg)
     return k;
 }
 
-void srvtest_call(CURL *easy, uint16_t port, const struct srvtest_call *c, struct srvtest_resp *out)
+void srvtest_call(CURL *easy, uint16_t port, const struct srvtest_call *c,
+                  struct srvtest_resp *out)
 {
     memset(out, 0, sizeof(*out));
     CURL *e = easy ? easy : curl_easy_init();
@@ -320,6 +322,83 @@ bool srvtest_raw_send(int fd, const char *data, size_t len)
         len -= (size_t)k;
     }
     return true;
+}
+
+bool srvtest_raw_open(struct srvtest_raw *c, uint16_t port)
+{
+    c->len = 0;
+    c->fd = srvtest_raw_connect(port);
+    return c->fd >= 0;
+}
+
+void srvtest_raw_close(struct srvtest_raw *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+}
+
+/* The length of a complete response at the start of c->buf, or 0 if more bytes are needed; sets
+ * *status, *body_off and *body_len. -1 if malformed. */
+static long raw_complete(const struct srvtest_raw *c, int *status, size_t *body_off,
+                         size_t *body_len)
+{
+    const char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+    if (!end)
+        return c->len == sizeof(c->buf) ? -1 : 0;
+    size_t hl = (size_t)(end - c->buf) + 4;
+    if (c->len < 12 || strncmp(c->buf, "HTTP/1.", 7) != 0)
+        return -1;
+    *status = atoi(c->buf + 9);
+    size_t clen = 0;
+    for (const char *p = c->buf; p && p < end;) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        if (!strncasecmp(p, "Content-Length:", 15))
+            clen = strtoul(p + 15, NULL, 10);
+        p = nl ? nl + 1 : NULL;
+    }
+    if (c->len < hl + clen)
+        return hl + clen > sizeof(c->buf) ? -1 : 0;
+    *body_off = hl;
+    *body_len = clen;
+    return (long)(hl + clen);
+}
+
+int srvtest_raw_response(struct srvtest_raw *c, char *body, size_t cap, int64_t ms)
+{
+    int64_t until = ctx_now() + ms;
+    for (;;) {
+        int status = 0;
+        size_t off = 0, blen = 0;
+        long n = raw_complete(c, &status, &off, &blen);
+        if (n < 0)
+            return -1;
+        if (n > 0) {
+            if (body && cap) {
+                size_t k = blen < cap - 1 ? blen : cap - 1;
+                memcpy(body, c->buf + off, k);
+                body[k] = 0;
+            }
+            memmove(c->buf, c->buf + n, c->len - (size_t)n);
+            c->len -= (size_t)n;
+            return status;
+        }
+        int64_t left = until - ctx_now();
+        if (left <= 0)
+            return -1;
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int pr = poll(&pfd, 1, (int)left);
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr <= 0)
+            return -1;
+        ssize_t k = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return 0;
+        c->len += (size_t)k;
+    }
 }
 
 struct stub_wait {

@@ -76,7 +76,8 @@ void srvtest_env_free(struct srvtest_env *e);
 
 /* Performs one exchange against 127.0.0.1:'port'. 'easy' may be a handle to reuse (keep-alive)
  * or NULL for a fresh one. Fills *out (call srvtest_resp_free()). Any thread. */
-void srvtest_call(CURL *easy, uint16_t port, const struct srvtest_call *c, struct srvtest_resp *out);
+void srvtest_call(CURL *easy, uint16_t port, const struct srvtest_call *c,
+                  struct srvtest_resp *out);
 
 /* POST 'body' to /v1/batch with optional extra header lines (NULL-terminated list or NULL). */
 void srvtest_post(uint16_t port, const char *body, const char *const *headers,
@@ -121,6 +122,25 @@ int srvtest_raw_connect(uint16_t port);
 
 /* Writes all of 'data'. Returns true on success. */
 bool srvtest_raw_send(int fd, const char *data, size_t len);
+
+/* A raw client connection that reads HTTP/1.1 responses one at a time (Content-Length bodies
+ * only, which is all the server sends), keeping bytes of a later response for the next read. */
+struct srvtest_raw {
+    int fd;                 /* the socket, or -1 */
+    char buf[65536];        /* bytes read and not yet consumed */
+    size_t len;             /* how many */
+};
+
+/* Connects 'c' to 127.0.0.1:'port'. Returns true on success. */
+bool srvtest_raw_open(struct srvtest_raw *c, uint16_t port);
+
+/* Reads one response within 'ms'. Returns its status and copies its body (NUL-terminated,
+ * truncated to 'cap') into 'body' when not NULL; 0 if the peer closed first, -1 on timeout or
+ * a malformed response. */
+int srvtest_raw_response(struct srvtest_raw *c, char *body, size_t cap, int64_t ms);
+
+/* Closes the socket. */
+void srvtest_raw_close(struct srvtest_raw *c);
 
 /* Waits until the stub has at least 'n' requests in flight (true) or the bound passes (false). */
 bool srvtest_wait_stub_in_flight(struct upstub *up, uint64_t n, int64_t ms);

@@ -122,13 +122,13 @@ static void test_chan_close_semantics(void)
 
 /* A thread that sends or receives once and records the result. */
 struct op {
-    struct chan *ch;      /* the channel */
-    struct ctx *c;        /* passed to the call (may be NULL) */
-    bool recv;            /* recv instead of send */
-    void *item;           /* sent, or received */
-    int rc;               /* the result */
-    int64_t at;           /* when the call returned */
-    struct latch *go;     /* bumped just before the call */
+    struct chan *ch;  /* the channel */
+    struct ctx *c;    /* passed to the call (may be NULL) */
+    bool recv;        /* recv instead of send */
+    void *item;       /* sent, or received */
+    int rc;           /* the result */
+    int64_t at;       /* when the call returned */
+    struct latch *go; /* bumped just before the call */
 };
 
 static void *op_main(void *arg)
@@ -157,8 +157,11 @@ static void start_ops(struct op *o, pthread_t *t, int n, struct chan *ch, struct
 {
     long base_n = latch_get(go);
     for (int i = 0; i < n; i++) {
-        o[i] = (struct op){.ch = ch, .c = mixed && i % 2 == 0 ? NULL : c, .recv = recv,
-                           .item = ITEM(100 + i), .go = go};
+        o[i] = (struct op){.ch = ch,
+                           .c = mixed && i % 2 == 0 ? NULL : c,
+                           .recv = recv,
+                           .item = ITEM(100 + i),
+                           .go = go};
         pthread_create(&t[i], NULL, op_main, &o[i]);
     }
     latch_wait(go, base_n + n, 5000);
@@ -287,10 +290,10 @@ static void test_chan_ctx_wakes_blocked_calls(void)
 
 struct mp {
     struct chan *ch;
-    int id;                  /* producer id */
-    atomic_int *seen;        /* per item: times received */
-    long order_bad;          /* consumer: per-producer order violations */
-    long got;                /* consumer: items received */
+    int id;           /* producer id */
+    atomic_int *seen; /* per item: times received */
+    long order_bad;   /* consumer: per-producer order violations */
+    long got;         /* consumer: items received */
 };
 
 static void *mp_prod(void *arg)
@@ -357,14 +360,15 @@ static void test_chan_mpmc_exactly_once_in_order(void)
 }
 
 /* Seed: workers that exit on ctx done or on channel close, whichever comes first.
- *   for { select { case <-ctx.Done(): return ctx.Err(); case it, ok := <-ch: if !ok { return nil } } } */
+ *   for { select { case <-ctx.Done(): return ctx.Err(); case it, ok := <-ch: if !ok { return nil }
+ * } } */
 #define SEED_WORKERS 4
 
 struct seed_worker {
     struct chan *ch;
     struct ctx *c;
-    atomic_long *processed;  /* shared count of items handled */
-    int rc;                  /* why the worker ended: 0 (closed) or the ctx's cause */
+    atomic_long *processed; /* shared count of items handled */
+    int rc;                 /* why the worker ended: 0 (closed) or the ctx's cause */
 };
 
 static void *seed_worker_main(void *arg)
@@ -440,13 +444,13 @@ static void test_chan_seed_workers_exit_on_close(void)
 
 struct race {
     struct chan *ch;
-    struct ctx *c;               /* shared ctx; canceled at a random moment */
-    atomic_int *count;           /* per item: +1 per successful send, -1 per receipt */
+    struct ctx *c;     /* shared ctx; canceled at a random moment */
+    atomic_int *count; /* per item: +1 per successful send, -1 per receipt */
     pthread_barrier_t *bar;
-    int role, id, rounds;        /* role 0 send, 1 recv, 2 close, 3 cancel; id: index (senders:
-                                  * items id*RACE_PER..; odd ids use a tiny deadline) */
+    int role, id, rounds; /* role 0 send, 1 recv, 2 close, 3 cancel; id: index (senders:
+                           * items id*RACE_PER..; odd ids use a tiny deadline) */
     uint64_t seed;
-    long bad;                    /* unexpected results */
+    long bad; /* unexpected results */
 };
 
 static void *race_main(void *arg)
@@ -500,7 +504,7 @@ static void *race_main(void *arg)
 
 static void test_chan_race_send_recv_close_cancel(void)
 {
-    int rounds = core_rounds(1000);
+    int rounds = core_rounds(3000);
     int nthreads = RACE_SEND + RACE_RECV + 2;
     int nitems = RACE_SEND * RACE_PER;
     pthread_barrier_t bar;
@@ -510,8 +514,14 @@ static void test_chan_race_send_recv_close_cancel(void)
     atomic_int *count = calloc((size_t)nitems, sizeof(*count));
     CU_ASSERT_PTR_NOT_NULL_FATAL(count);
     for (int i = 0; i < nthreads; i++) {
-        int role = i < RACE_SEND ? 0 : i < RACE_SEND + RACE_RECV ? 1 : i - RACE_SEND - RACE_RECV + 2;
-        r[i] = (struct race){.count = count, .bar = &bar, .role = role, .id = i, .rounds = rounds,
+        int role = i < RACE_SEND               ? 0
+                   : i < RACE_SEND + RACE_RECV ? 1
+                                               : i - RACE_SEND - RACE_RECV + 2;
+        r[i] = (struct race){.count = count,
+                             .bar = &bar,
+                             .role = role,
+                             .id = i,
+                             .rounds = rounds,
                              .seed = 0x2545F4914F6CDD1DULL * (uint64_t)(i + 1)};
     }
     for (int i = 0; i < nthreads; i++)

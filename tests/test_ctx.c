@@ -26,12 +26,12 @@ static int suite_init(void)
 
 /* A hook that records when, where and with what cause it ran, and how often. */
 struct rec {
-    struct ctx_hook h;  /* the hook */
-    struct ctx *c;      /* the ctx it is on */
-    struct latch runs;  /* bumped once per run */
-    int64_t at;         /* ctx_now() at the run */
-    int err;            /* ctx_err(c) at the run */
-    pthread_t tid;      /* the thread that ran it */
+    struct ctx_hook h; /* the hook */
+    struct ctx *c;     /* the ctx it is on */
+    struct latch runs; /* bumped once per run */
+    int64_t at;        /* ctx_now() at the run */
+    int err;           /* ctx_err(c) at the run */
+    pthread_t tid;     /* the thread that ran it */
 };
 
 static void rec_fn(void *arg)
@@ -354,9 +354,9 @@ static void test_ctx_hooks_run_once_in_order(void)
         CU_ASSERT_EQUAL(ctx_hook_add(c, &o[i].h, ordered_fn, &o[i]), 0);
     }
     CU_ASSERT_TRUE(ctx_hook_remove(c, &o[2].h));
-    CU_ASSERT_TRUE(ctx_hook_remove(c, &o[2].h)); /* twice: still true */
-    CU_ASSERT_TRUE(ctx_hook_remove(c, &o[0].h)); /* the head */
-    CU_ASSERT_TRUE(ctx_hook_remove(c, &never));  /* never added */
+    CU_ASSERT_TRUE(ctx_hook_remove(c, &o[2].h));                     /* twice: still true */
+    CU_ASSERT_TRUE(ctx_hook_remove(c, &o[0].h));                     /* the head */
+    CU_ASSERT_TRUE(ctx_hook_remove(c, &never));                      /* never added */
     CU_ASSERT_EQUAL(ctx_hook_add(c, &o[2].h, ordered_fn, &o[2]), 0); /* re-armed: now last */
     ctx_cancel(c, -EIO);
     ctx_cancel(c, -EIO);
@@ -375,13 +375,13 @@ static void test_ctx_hooks_run_once_in_order(void)
  * armed hook of the same ctx from inside works too. On the canceling thread and on the timer
  * thread. */
 struct self_rm {
-    struct ctx *c;          /* the ctx */
-    struct ctx_hook h;      /* removes itself and 'other' */
-    struct ctx_hook other;  /* must never run */
-    bool self_ret;          /* what removing itself returned */
-    bool other_ret;         /* what removing 'other' returned */
-    atomic_int other_runs;  /* runs of 'other' */
-    struct latch done;      /* bumped at the end of h */
+    struct ctx *c;         /* the ctx */
+    struct ctx_hook h;     /* removes itself and 'other' */
+    struct ctx_hook other; /* must never run */
+    bool self_ret;         /* what removing itself returned */
+    bool other_ret;        /* what removing 'other' returned */
+    atomic_int other_runs; /* runs of 'other' */
+    struct latch done;     /* bumped at the end of h */
 };
 
 static void self_rm_fn(void *arg)
@@ -465,7 +465,7 @@ static void *canceler_main(void *arg)
 
 static void test_ctx_hook_remove_while_canceled_elsewhere(void)
 {
-    int rounds = core_rounds(4000);
+    int rounds = core_rounds(8000);
     pthread_barrier_t start, end;
     pthread_barrier_init(&start, NULL, 2);
     pthread_barrier_init(&end, NULL, 2);
@@ -633,11 +633,11 @@ static void test_ctx_timeout_fires_hooks_unwaited(void)
 /* ---------------------------------------------------------------- ctx_wait */
 
 struct waiter {
-    struct ctx *c;      /* what to wait on */
-    int64_t until;      /* argument to ctx_wait */
-    struct latch *go;   /* bumped before waiting */
-    int rc;             /* what ctx_wait returned */
-    int64_t at;         /* when */
+    struct ctx *c;    /* what to wait on */
+    int64_t until;    /* argument to ctx_wait */
+    struct latch *go; /* bumped before waiting */
+    int rc;           /* what ctx_wait returned */
+    int64_t at;       /* when */
 };
 
 static void *waiter_main(void *arg)
@@ -798,11 +798,11 @@ static void test_ctx_timer_thread_lazy_joined_restarted(void)
 #define MANY_TIMERS 2000
 
 struct timed {
-    struct ctx_hook h;   /* the hook */
-    struct ctx *c;       /* the ctx */
-    atomic_int runs;     /* hook runs */
-    atomic_int early;    /* ran with -ETIMEDOUT before the deadline */
-    struct latch *all;   /* bumped per run */
+    struct ctx_hook h; /* the hook */
+    struct ctx *c;     /* the ctx */
+    atomic_int runs;   /* hook runs */
+    atomic_int early;  /* ran with -ETIMEDOUT before the deadline */
+    struct latch *all; /* bumped per run */
 };
 
 static void timed_fn(void *arg)
@@ -851,11 +851,11 @@ static void test_ctx_many_deadlines(void)
 
 /* Go: for _, it := range items { if err := ctx.Err(); err != nil { return err }; process(it) } */
 struct batch {
-    struct ctx *c;        /* checked before each item */
-    long n;               /* items */
-    long cancel_at;       /* processing this item cancels c (-1: never) */
-    atomic_long done;     /* items processed */
-    int rc;               /* the loop's result */
+    struct ctx *c;    /* checked before each item */
+    long n;           /* items */
+    long cancel_at;   /* processing this item cancels c (-1: never) */
+    atomic_long done; /* items processed */
+    int rc;           /* the loop's result */
 };
 
 static int batch_loop(struct batch *b)
@@ -910,8 +910,7 @@ static void test_ctx_seed_batch_loop_stops_on_cancel(void)
     ctx_free(x.c);
 
     /* Stopped by a deadline that nobody waits on (the timer thread cancels). */
-    struct batch d = {.c = ctx_with_timeout(ctx_background(), 20), .n = 1L << 40,
-                      .cancel_at = -1};
+    struct batch d = {.c = ctx_with_timeout(ctx_background(), 20), .n = 1L << 40, .cancel_at = -1};
     CU_ASSERT_EQUAL(batch_loop(&d), -ETIMEDOUT);
     CU_ASSERT_TRUE(ctx_now() >= ctx_deadline(d.c));
     ctx_free(d.c);
@@ -947,7 +946,7 @@ static void *race_cancel_main(void *arg)
 
 static void test_ctx_race_concurrent_cancel(void)
 {
-    int rounds = core_rounds(2000);
+    int rounds = core_rounds(4000);
     pthread_barrier_t bar;
     pthread_barrier_init(&bar, NULL, RC_THREADS + 1);
     struct ctx *c = NULL;
@@ -987,17 +986,17 @@ static void test_ctx_race_concurrent_cancel(void)
 #define TREE_KIDS 4
 
 struct tree_round {
-    struct ctx *root;             /* canceled by thread 0 */
-    struct ctx *kids[TREE_KIDS];  /* some with tiny deadlines */
+    struct ctx *root;                   /* canceled by thread 0 */
+    struct ctx *kids[TREE_KIDS];        /* some with tiny deadlines */
     atomic_int hook_runs[TREE_KIDS][8]; /* runs of thread 2's hooks */
-    bool removed[TREE_KIDS][8];   /* what thread 2's removes returned */
-    int seen[TREE_KIDS][8];       /* the cause each run saw */
+    bool removed[TREE_KIDS][8];         /* what thread 2's removes returned */
+    int seen[TREE_KIDS][8];             /* the cause each run saw */
 };
 
 struct tree_hook {
-    struct ctx_hook h;        /* the hook */
-    struct tree_round *r;     /* round */
-    int k, j;                 /* kid and slot */
+    struct ctx_hook h;    /* the hook */
+    struct tree_round *r; /* round */
+    int k, j;             /* kid and slot */
 };
 
 static void tree_hook_fn(void *arg)
@@ -1008,12 +1007,12 @@ static void tree_hook_fn(void *arg)
 }
 
 struct tree_worker {
-    int role;                 /* 0..3 */
-    pthread_barrier_t *bar;   /* round start/end */
-    struct tree_round **r;    /* the round */
+    int role;               /* 0..3 */
+    pthread_barrier_t *bar; /* round start/end */
+    struct tree_round **r;  /* the round */
     int rounds;
     uint64_t seed;
-    long bad;                 /* invariant violations seen here */
+    long bad; /* invariant violations seen here */
 };
 
 static void *tree_worker_main(void *arg)
@@ -1067,14 +1066,17 @@ static void *tree_worker_main(void *arg)
 
 static void test_ctx_race_tree_cancel_hooks_deadlines(void)
 {
-    int rounds = core_rounds(2000);
+    int rounds = core_rounds(4000);
     pthread_barrier_t bar;
     pthread_barrier_init(&bar, NULL, 5);
     struct tree_round *r = NULL;
     struct tree_worker w[4];
     pthread_t t[4];
     for (int i = 0; i < 4; i++) {
-        w[i] = (struct tree_worker){.role = i, .bar = &bar, .r = &r, .rounds = rounds,
+        w[i] = (struct tree_worker){.role = i,
+                                    .bar = &bar,
+                                    .r = &r,
+                                    .rounds = rounds,
                                     .seed = 0x9E3779B97F4A7C15ULL * (uint64_t)(i + 1)};
         CU_ASSERT_EQUAL_FATAL(pthread_create(&t[i], NULL, tree_worker_main, &w[i]), 0);
     }
@@ -1110,9 +1112,9 @@ static void test_ctx_race_tree_cancel_hooks_deadlines(void)
 /* References taken and dropped on many threads while the ctx is canceled and freed by its
  * creator: the last unref frees, exactly once (ASan), with no race (TSan). */
 struct ref_worker {
-    struct ctx *c;        /* a reference of our own, dropped at the end */
+    struct ctx *c; /* a reference of our own, dropped at the end */
     pthread_barrier_t *bar;
-    int errs;             /* ctx_err values out of range */
+    int errs; /* ctx_err values out of range */
 };
 
 static void *ref_worker_main(void *arg)

@@ -73,7 +73,7 @@ static void test_eg_all_ok(void)
     CU_ASSERT_EQUAL(atomic_load(&n), 2000); /* all ran before eg_wait returned */
     CU_ASSERT_EQUAL(eg_err(g), 0);
     CU_ASSERT_EQUAL(ctx_err(eg_ctx(g)), -ECANCELED); /* eg_wait cancels the group's ctx */
-    CU_ASSERT_EQUAL(ctx_err(parent), 0);              /* not its parent */
+    CU_ASSERT_EQUAL(ctx_err(parent), 0);             /* not its parent */
     eg_free(g);
     ctx_free(parent);
     pool_free(p);
@@ -115,9 +115,9 @@ static void test_eg_without_pool(void)
 /* The first error: one task fails once the others are running; they wait on the group's ctx
  * and then return a second, different error, which must not win. */
 struct first_err {
-    struct latch started;   /* the waiting tasks that are running */
-    int others;             /* how many of them */
-    atomic_int seen_bad;    /* a waiter saw a cause other than the first error */
+    struct latch started; /* the waiting tasks that are running */
+    int others;           /* how many of them */
+    atomic_int seen_bad;  /* a waiter saw a cause other than the first error */
 };
 
 static int first_err_failer(struct ctx *c, void *arg)
@@ -265,7 +265,7 @@ static void test_eg_limit_caps_concurrency(void)
 struct blocked_go {
     struct eg *g;
     struct gate *gt;
-    atomic_int returned;      /* eg_go returned */
+    atomic_int returned; /* eg_go returned */
     int rc;
     bool gate_open_at_return; /* was the gate open when eg_go returned? */
     atomic_int first_done;    /* the gated task has finished */
@@ -409,12 +409,12 @@ static void test_eg_parent_cancel_propagates(void)
 #define FETCHES 24
 
 struct fetch_all {
-    struct latch started;     /* fetches running */
-    atomic_int ran;           /* fetches that ran at all */
-    atomic_int saw_cause;     /* fetches that ended because the ctx was canceled with -EIO */
-    atomic_int timed_out;     /* fetches that waited their whole 10 s (must be 0) */
-    int64_t canceled_at;      /* when the failing fetch failed */
-    atomic_llong latest_end;  /* the latest end among the waiting fetches */
+    struct latch started;    /* fetches running */
+    atomic_int ran;          /* fetches that ran at all */
+    atomic_int saw_cause;    /* fetches that ended because the ctx was canceled with -EIO */
+    atomic_int timed_out;    /* fetches that waited their whole 10 s (must be 0) */
+    int64_t canceled_at;     /* when the failing fetch failed */
+    atomic_llong latest_end; /* the latest end among the waiting fetches */
 };
 
 struct fetch_arg {
@@ -497,15 +497,15 @@ struct atask {
 };
 
 struct ahar {
-    atomic_int starts;     /* start calls */
-    atomic_int order_bad;  /* a task started before an earlier-queued one */
-    atomic_int last_idx;   /* index of the last started task */
+    atomic_int starts;    /* start calls */
+    atomic_int order_bad; /* a task started before an earlier-queued one */
+    atomic_int last_idx;  /* index of the last started task */
     atomic_int running, max;
-    struct latch done;     /* bumped by the done callback */
+    struct latch done; /* bumped by the done callback */
     atomic_int done_calls;
     int done_err;
     pthread_t done_tid;
-    bool free_in_done;     /* done callback frees the group */
+    bool free_in_done; /* done callback frees the group */
     struct eg *g;
     atomic_int done_saw_ctx; /* ctx_err of the group's ctx inside the callback */
 };
@@ -890,10 +890,10 @@ static void test_eg_mixed_share_limit(void)
     struct gate gt;
     gate_init(&gt);
     atomic_long n = 0;
-    eg_go_async(g, astart, &t[0]);                 /* slot 1 */
-    CU_ASSERT_TRUE(eg_try_go(g, gate_fn, &gt));   /* slot 2 */
-    CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n));  /* full */
-    eg_go_async(g, astart, &t[1]);                 /* queued */
+    eg_go_async(g, astart, &t[0]);               /* slot 1 */
+    CU_ASSERT_TRUE(eg_try_go(g, gate_fn, &gt));  /* slot 2 */
+    CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n)); /* full */
+    eg_go_async(g, astart, &t[1]);               /* queued */
     CU_ASSERT_EQUAL(atomic_load(&h.starts), 1);
     CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, 5000));
     atask_complete(&t[0], 0); /* its slot goes to the queued async task */
@@ -921,8 +921,8 @@ struct sr_round;
 
 struct sr_arg {
     struct sr_round *r;
-    int kind;      /* 0 ok, 1 fail, 2 spawn a child with eg_try_go, 3 wait briefly on ctx */
-    int code;      /* kind 1: returns -(200 + code) */
+    int kind; /* 0 ok, 1 fail, 2 spawn a child with eg_try_go, 3 wait briefly on ctx */
+    int code; /* kind 1: returns -(200 + code) */
 };
 
 struct sr_round {
@@ -930,8 +930,8 @@ struct sr_round {
     int limit;
     atomic_int running, max;
     atomic_int ran, failed;
-    atomic_int fail_mask;  /* bit i: error -(200+i) was returned */
-    struct sr_arg plain;   /* the children's argument: kind 0 */
+    atomic_int fail_mask; /* bit i: error -(200+i) was returned */
+    struct sr_arg plain;  /* the children's argument: kind 0 */
 };
 
 static int sr_fn(struct ctx *c, void *arg)
@@ -962,7 +962,7 @@ static int sr_fn(struct ctx *c, void *arg)
 
 struct sr_sub {
     struct sr_round **r;
-    struct sr_arg *args;   /* 20 per submitter, owned by the test */
+    struct sr_arg *args; /* 20 per submitter, owned by the test */
     pthread_barrier_t *bar;
     int rounds;
     uint64_t seed;
@@ -978,7 +978,11 @@ static void *sr_sub_main(void *arg)
         struct sr_round *r = *s->r;
         for (int j = 0; j < SR_PER; j++) {
             uint64_t x = rng_next(&s->seed) % 100;
-            s->args[j] = (struct sr_arg){r, x < 3 ? 1 : x < 20 ? 2 : x < 30 ? 3 : 0,
+            s->args[j] = (struct sr_arg){r,
+                                         x < 3    ? 1
+                                         : x < 20 ? 2
+                                         : x < 23 ? 3
+                                                  : 0,
                                          (int)(rng_next(&s->seed) % 8)};
             int rc = eg_go(r->g, sr_fn, &s->args[j]);
             if (rc)
@@ -991,7 +995,7 @@ static void *sr_sub_main(void *arg)
 
 static void test_eg_race_go_wait(void)
 {
-    int rounds = core_rounds(1000);
+    int rounds = core_rounds(1500);
     struct pool *p = pool_new(4, 8);
     CU_ASSERT_PTR_NOT_NULL_FATAL(p);
     pthread_barrier_t bar;
@@ -1019,8 +1023,8 @@ static void test_eg_race_go_wait(void)
         if (rc == 0)
             bad_result += atomic_load(&r->failed) != 0;
         else
-            bad_result += rc > -200 || rc < -207 ||
-                          !(atomic_load(&r->fail_mask) & (1 << (-rc - 200)));
+            bad_result +=
+                rc > -200 || rc < -207 || !(atomic_load(&r->fail_mask) & (1 << (-rc - 200)));
         if (r->limit > 0)
             over_limit += atomic_load(&r->max) > r->limit;
         free(r);
@@ -1046,7 +1050,7 @@ struct ar_round;
 
 struct ar_task {
     struct ar_round *r;
-    int kind;   /* 0 complete later ok, 1 later with error, 2 sync ok, 3 sync fail */
+    int kind; /* 0 complete later ok, 1 later with error, 2 sync ok, 3 sync fail */
 };
 
 struct ar_round {
@@ -1109,7 +1113,7 @@ static void ar_done(void *arg, int err)
 
 static void test_eg_race_async_complete_many_threads(void)
 {
-    int rounds = core_rounds(800);
+    int rounds = core_rounds(3000);
     ar_tokens = chan_new(AR_TASKS * 2);
     CU_ASSERT_PTR_NOT_NULL_FATAL(ar_tokens);
     pthread_t t[AR_COMPLETERS];
@@ -1170,7 +1174,8 @@ static CU_TestInfo eg_tests[] = {
     {"eg_go blocks at the limit", test_eg_go_blocks_at_limit},
     {"eg_try_go: limit, full pool, failed", test_eg_try_go},
     {"parent cancel propagates", test_eg_parent_cancel_propagates},
-    {"seed: fetch-all, first error cancels the rest", test_eg_seed_fetch_all_first_error_cancels_rest},
+    {"seed: fetch-all, first error cancels the rest",
+     test_eg_seed_fetch_all_first_error_cancels_rest},
     {"async: no limit, eg_wait", test_eg_async_no_limit_and_wait},
     {"async: eg_wait_async with no tasks", test_eg_async_wait_with_no_tasks},
     {"async: limit queues, slots handed over", test_eg_async_limit_queues_and_hands_slots},

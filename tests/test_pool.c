@@ -228,10 +228,10 @@ static void test_pool_seed_mutex_counter(void)
 /* Seed: a capped worker pool (a fixed number of threads) never runs more tasks at once than its
  * cap, and reaches it. */
 struct capped {
-    atomic_int running;   /* tasks running now */
-    atomic_int max;       /* the most ever running at once */
-    struct gate *g;       /* the first 'cap' tasks wait here */
-    atomic_int first;     /* tasks that have started */
+    atomic_int running; /* tasks running now */
+    atomic_int max;     /* the most ever running at once */
+    struct gate *g;     /* the first 'cap' tasks wait here */
+    atomic_int first;   /* tasks that have started */
     int cap;
 };
 

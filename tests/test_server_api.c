@@ -399,6 +399,32 @@ static void test_server_upstream_status(void)
     CU_ASSERT(str_is(srvtest_err_field(&r, "id"), "fail"));
     CU_ASSERT(num_is(srvtest_err_field(&r, "upstream_status"), 500));
     srvtest_resp_free(&r);
+    /* The longest id, all of it needing escapes, comes back whole in valid JSON. */
+    char id[300], body[2048];
+    int k = snprintf(id, sizeof(id), "status404");
+    memset(id + k, '"', 256 - (size_t)k);
+    id[256] = 0;
+    k = snprintf(body, sizeof(body), "{\"ids\":[\"a\",\"status404");
+    for (int i = 9; i < 256; i++)
+        k += snprintf(body + k, sizeof(body) - (size_t)k, "\\\"");
+    snprintf(body + k, sizeof(body) - (size_t)k, "\"]}");
+    srvtest_post(e.port, body, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT(r.json != NULL);
+    CU_ASSERT(str_is(srvtest_err_field(&r, "id"), id));
+    CU_ASSERT(num_is(srvtest_err_field(&r, "upstream_status"), 404));
+    srvtest_resp_free(&r);
+    k = snprintf(body, sizeof(body), "{\"timeout_ms\":100,\"ids\":[\"sleep3000");
+    for (int i = 9; i < 256; i++)
+        k += snprintf(body + k, sizeof(body) - (size_t)k, "\\u0001");
+    snprintf(body + k, sizeof(body) - (size_t)k, "\"]}");
+    srvtest_post(e.port, body, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 504);
+    CU_ASSERT(r.json != NULL);
+    const cJSON *got = srvtest_err_field(&r, "id");
+    CU_ASSERT(cJSON_IsString(got) && strlen(got->valuestring) == 256 &&
+              got->valuestring[255] == 1);
+    srvtest_resp_free(&r);
     /* A numeric failing id is reported as a number; 3xx is not success either. */
     srvtest_post(e.port, "{\"ids\":[\"status302\"]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 502);
@@ -509,6 +535,8 @@ static void test_server_deadline(void)
                     "sleep3000f", 2000);
     expect_deadline(e.port, "{\"ids\":[\"sleep3000g\"]}", "X-Request-Timeout-Ms: 60000",
                     "sleep3000g", 2000);
+    expect_deadline(e.port, "{\"ids\":[\"sleep3000h\"]}",
+                    "X-Request-Timeout-Ms: 000099999999999999999999999", "sleep3000h", 2000);
     /* The upstream saw the remaining deadline, never more than the effective one. */
     struct upstub_req q;
     CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000a", &q));
@@ -520,7 +548,7 @@ static void test_server_deadline(void)
     CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000f", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 150 && atoll(q.timeout_ms) <= 400);
     /* Every timed-out fetch was closed at the upstream, not left to run. */
-    CU_ASSERT(srvtest_wait_stub_canceled(e.up, 7, SRVTEST_WAIT_MS));
+    CU_ASSERT(srvtest_wait_stub_canceled(e.up, 8, SRVTEST_WAIT_MS));
 
     /* A batch that finishes in time is a 200 and the upstream sees a sane header. */
     struct srvtest_resp r;

@@ -105,7 +105,8 @@ static void test_server_first_error_cancels_the_rest(void)
     CU_ASSERT(r.elapsed_ms < 1500); /* not waiting for the 3 s siblings */
     srvtest_resp_free(&r);
     /* The siblings that reached the stub were closed there. */
-    uint64_t sent = upstub_count(e.up, "/items/sleep3000a") + upstub_count(e.up, "/items/sleep3000b");
+    uint64_t sent =
+        upstub_count(e.up, "/items/sleep3000a") + upstub_count(e.up, "/items/sleep3000b");
     CU_ASSERT(sent >= 1);
     CU_ASSERT(srvtest_wait_stub_canceled(e.up, canceled0 + sent, 2500));
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/q1"), 0);
@@ -298,31 +299,33 @@ static void test_server_drain_completes_in_flight(void)
     struct srvtest_env e;
     CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
     CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
-    /* A keep-alive connection made before the drain sees /readyz turn 503. */
-    CURL *easy = curl_easy_init();
-    CU_ASSERT_FATAL(easy != NULL);
-    struct srvtest_call probe = {.path = "/readyz"};
-    struct srvtest_resp r;
-    srvtest_call(easy, e.port, &probe, &r);
-    CU_ASSERT_EQUAL(r.status, 200);
-    srvtest_resp_free(&r);
+    /* Two keep-alive connections made before the drain. */
+    static const char readyz[] = "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n";
+    static const char late[] = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n"
+                               "{\"ids\":[\"late\"]}";
+    struct srvtest_raw *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b));
+    CU_ASSERT_FATAL(a && b);
+    CU_ASSERT_FATAL(srvtest_raw_open(a, e.port) && srvtest_raw_open(b, e.port));
+    CU_ASSERT(srvtest_raw_send(a->fd, readyz, sizeof(readyz) - 1));
+    CU_ASSERT_EQUAL(srvtest_raw_response(a, NULL, 0, SRVTEST_WAIT_MS), 200);
+    CU_ASSERT(srvtest_raw_send(b->fd, readyz, sizeof(readyz) - 1));
+    CU_ASSERT_EQUAL(srvtest_raw_response(b, NULL, 0, SRVTEST_WAIT_MS), 200);
 
     struct srvtest_bg bg = {.port = e.port, .call = {.body = "{\"ids\":[\"sleep300\",\"x\"]}"}};
     CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
-    CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
+    CU_ASSERT(srvtest_wait_stub_target(e.up, "/items/sleep300", 1, SRVTEST_WAIT_MS));
     srv_drain_start(e.srv);
-    srvtest_call(easy, e.port, &probe, &r);
-    CU_ASSERT_EQUAL(r.status, 503);
-    srvtest_resp_free(&r);
-    /* A batch on that connection while draining is refused with 503. */
-    struct srvtest_call late = {.body = "{\"ids\":[\"late\"]}"};
-    srvtest_call(easy, e.port, &late, &r);
-    if (r.rc == CURLE_OK) {
-        CU_ASSERT_EQUAL(r.status, 503);
-        CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "overloaded");
-    }
-    srvtest_resp_free(&r);
-    curl_easy_cleanup(easy);
+    /* /readyz turns 503; a new batch is refused with 503 overloaded, never fetched. */
+    char body[512];
+    CU_ASSERT(srvtest_raw_send(a->fd, readyz, sizeof(readyz) - 1));
+    CU_ASSERT_EQUAL(srvtest_raw_response(a, NULL, 0, SRVTEST_WAIT_MS), 503);
+    CU_ASSERT(srvtest_raw_send(b->fd, late, sizeof(late) - 1));
+    CU_ASSERT_EQUAL(srvtest_raw_response(b, body, sizeof(body), SRVTEST_WAIT_MS), 503);
+    CU_ASSERT(strstr(body, "\"overloaded\"") != NULL);
+    srvtest_raw_close(a);
+    srvtest_raw_close(b);
+    free(a);
+    free(b);
     int64_t t0 = ctx_now();
     srv_drain(e.srv, 5000);
     CU_ASSERT(ctx_now() - t0 < 4000); /* returned once the batch was answered */
@@ -331,16 +334,45 @@ static void test_server_drain_completes_in_flight(void)
     CU_ASSERT_EQUAL(cJSON_GetArraySize(srvtest_results(&bg.resp)), 2);
     srvtest_resp_free(&bg.resp);
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/late"), 0);
-    /* New connections are refused once draining. */
+    /* New connections get nothing once draining. */
     int fd = srvtest_raw_connect(e.port);
     if (fd >= 0) {
         char buf[16];
-        const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-        srvtest_raw_send(fd, get, strlen(get));
+        srvtest_raw_send(fd, readyz, sizeof(readyz) - 1);
         ssize_t n = recv(fd, buf, sizeof(buf), 0);
         CU_ASSERT(n <= 0);
         close(fd);
     }
+    srvtest_env_free(&e);
+}
+
+/* Pipelined requests on one connection: the bytes of the next request wait while a batch is
+ * suspended (they are not a hang-up), and the answers come back in order. */
+static void test_server_pipelined_requests(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
+    struct srvtest_raw *c = malloc(sizeof(*c));
+    CU_ASSERT_FATAL(c != NULL);
+    CU_ASSERT_FATAL(srvtest_raw_open(c, e.port));
+    static const char reqs[] =
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"ids\":[\"sleep200\"]}"
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{\"ids\":[\"p2\"]}"
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n{\"ids\":[1,]";
+    CU_ASSERT_FATAL(srvtest_raw_send(c->fd, reqs, sizeof(reqs) - 1));
+    char body[512];
+    CU_ASSERT_EQUAL(srvtest_raw_response(c, body, sizeof(body), SRVTEST_WAIT_MS), 200);
+    CU_ASSERT(strstr(body, "\"id\":\"sleep200\"") != NULL);
+    CU_ASSERT_EQUAL(srvtest_raw_response(c, body, sizeof(body), SRVTEST_WAIT_MS), 200);
+    CU_ASSERT(strstr(body, "\"id\":\"p2\"") != NULL);
+    CU_ASSERT_EQUAL(srvtest_raw_response(c, body, sizeof(body), SRVTEST_WAIT_MS), 200);
+    CU_ASSERT(strstr(body, "ok") != NULL);
+    CU_ASSERT_EQUAL(srvtest_raw_response(c, body, sizeof(body), SRVTEST_WAIT_MS), 400);
+    srvtest_raw_close(c);
+    free(c);
+    CU_ASSERT_EQUAL(STUB(e.up, canceled), 0);
     srvtest_env_free(&e);
 }
 
@@ -349,8 +381,8 @@ static void test_server_drain_deadline_answers_503(void)
     struct srvtest_env e;
     CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
     CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
-    struct srvtest_bg bg = {.port = e.port,
-                            .call = {.body = "{\"ids\":[\"sleep5000\",\"y\"],\"timeout_ms\":9000}"}};
+    static const char body[] = "{\"ids\":[\"sleep5000\",\"y\"],\"timeout_ms\":9000}";
+    struct srvtest_bg bg = {.port = e.port, .call = {.body = body}};
     CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
     CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
     int64_t t0 = ctx_now();
@@ -498,7 +530,8 @@ struct hammer {
     pthread_t thread;      /* the client loop */
     uint16_t port;         /* server */
     atomic_bool *stop;     /* set by the test */
-    unsigned ok, refused, other, failed; /* 200s, 503s, other statuses, transport errors */
+    atomic_uint ok;        /* 200s (read by the test while running) */
+    unsigned refused, other, failed; /* 503s, other statuses, transport errors */
     long other_status;     /* the first unexpected status */
 };
 
@@ -516,7 +549,7 @@ static void *hammer_main(void *arg)
         if (r.rc != CURLE_OK)
             h->failed++;
         else if (r.status == 200)
-            h->ok++;
+            atomic_fetch_add(&h->ok, 1);
         else if (r.status == 503 && !strcmp(srvtest_err_code(&r), "overloaded"))
             h->refused++;
         else if (h->other++ == 0)
@@ -538,7 +571,7 @@ static bool hammers_did(void *arg)
     struct hammer_progress *p = arg;
     unsigned sum = 0;
     for (int i = 0; i < p->n; i++)
-        sum += __atomic_load_n(&p->h[i].ok, __ATOMIC_RELAXED);
+        sum += atomic_load(&p->h[i].ok);
     return sum >= p->want;
 }
 
@@ -556,6 +589,7 @@ static void test_server_drain_under_load(void)
         struct hammer h[CLIENTS];
         for (int i = 0; i < CLIENTS; i++) {
             h[i] = (struct hammer){.port = e.port, .stop = &stop};
+            atomic_init(&h[i].ok, 0);
             CU_ASSERT_FATAL(pthread_create(&h[i].thread, NULL, hammer_main, &h[i]) == 0);
         }
         struct hammer_progress p = {h, CLIENTS, 40};
@@ -568,7 +602,7 @@ static void test_server_drain_under_load(void)
         unsigned ok = 0, other = 0;
         for (int i = 0; i < CLIENTS; i++) {
             pthread_join(h[i].thread, NULL);
-            ok += h[i].ok;
+            ok += atomic_load(&h[i].ok);
             other += h[i].other;
             if (h[i].other)
                 fprintf(stderr, "\n  client %d: unexpected status %ld\n", i, h[i].other_status);
@@ -762,6 +796,7 @@ static CU_TestInfo server_life_tests[] = {
     {"limit is per request", test_server_limit_is_per_request},
     {"keep-alive over 100 requests on one connection", test_server_keep_alive},
     {"drain completes a batch in flight", test_server_drain_completes_in_flight},
+    {"pipelined requests are answered in order", test_server_pipelined_requests},
     {"drain deadline: the batch gets 503", test_server_drain_deadline_answers_503},
     {"srv_free with a batch in flight", test_server_free_with_batch_in_flight},
     {"threads, fds and memory released at shutdown", test_server_releases_everything},

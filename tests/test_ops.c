@@ -1,0 +1,1846 @@
+/* Operability tests: the real fanout binary as an operator meets it.
+ *
+ * Each server test spawns $FANOUT_BIN (build/bin/fanout by default; `make asan`/`make tsan` pass
+ * their sanitized build, so a leak or a race makes the child exit non-zero and the exit-status
+ * assertions fail) with --listen 127.0.0.1:<free port> in front of an upstream stub running in
+ * this process (tests/upstub.h) or the built-in --demo upstream. Its stderr comes back through a
+ * pipe, drained by one reader thread per child into a buffer the test searches and parses; the
+ * test sends signals with kill() and reaps with a pidfd (poll with a bound) and waitpid().
+ * HTTP goes through libcurl on the test thread: easy handles for one exchange at a time (one kept
+ * alive where a test needs the same connection), a multi handle for batches that must stay in
+ * flight while the test does something else.
+ *
+ * The in-process part tests config_parse() directly: flags, FANOUT_* variables, bounds and
+ * precedence.
+ *
+ * Synchronization is by events the test can observe (a log line, the stub receiving a request, a
+ * pidfd becoming readable); times appear only as generous bounds, except the two the
+ * specification states: exit within --drain-ms + 1 s, and at once after a second signal. */
+#include <CUnit/CUnit.h>
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ctx/ctx.h"
+#include "server/config.h"
+#include "server/version.h"
+#include "tests/prom.h"
+#include "tests/support.h"
+#include "tests/upstub.h"
+
+extern char **environ;
+
+#define WAIT_MS 20000     /* bound for anything that should happen soon (sanitizers are slow) */
+#define HTTP_TIMEOUT_MS 20000
+
+/* ---------------------------------------------------------------- child processes */
+
+static const char *fanout_bin(void)
+{
+    const char *b = getenv("FANOUT_BIN");
+    return b && *b ? b : "build/bin/fanout";
+}
+
+/* True if the binary exists; otherwise fails the running test with a message. */
+static bool have_bin(void)
+{
+    if (access(fanout_bin(), X_OK) == 0)
+        return true;
+    fprintf(stderr, "\n  %s is not an executable (set FANOUT_BIN or run make)\n", fanout_bin());
+    CU_FAIL("fanout binary missing");
+    return false;
+}
+
+/* The environment without FANOUT_* (hermetic) plus 'extra' ("NAME=value", NULL-terminated, may
+ * be NULL). The strings are borrowed; free() the vector. */
+static char **make_env(char *const *extra)
+{
+    size_t n = 0, k = 0;
+    while (environ[n])
+        n++;
+    for (size_t i = 0; extra && extra[i]; i++)
+        n++;
+    char **env = calloc(n + 1, sizeof(*env));
+    if (!env)
+        return NULL;
+    for (size_t i = 0; environ[i]; i++)
+        if (strncmp(environ[i], "FANOUT_", 7) != 0)
+            env[k++] = environ[i];
+    for (size_t i = 0; extra && extra[i]; i++)
+        env[k++] = extra[i];
+    env[k] = NULL;
+    return env;
+}
+
+/* Spawns argv with the given environment; stdin from 'in_fd' (or /dev/null when -1); stdout
+ * and stderr to the given fds (or /dev/null when -1). Signal mask empty, TERM/INT/HUP default. */
+static int spawn(char *const *argv, char *const *extra_env, int in_fd, int out_fd, int err_fd,
+                 pid_t *pid)
+{
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&at);
+    if (in_fd >= 0)
+        posix_spawn_file_actions_adddup2(&fa, in_fd, 0);
+    else
+        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    if (out_fd >= 0)
+        posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+    else
+        posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    if (err_fd >= 0)
+        posix_spawn_file_actions_adddup2(&fa, err_fd, 2);
+    else
+        posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+    sigset_t none, def;
+    sigemptyset(&none);
+    sigemptyset(&def);
+    sigaddset(&def, SIGTERM);
+    sigaddset(&def, SIGINT);
+    sigaddset(&def, SIGHUP);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setsigdefault(&at, &def);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    char **env = make_env(extra_env);
+    int rc = env ? posix_spawnp(pid, argv[0], &fa, &at, argv, env) : ENOMEM;
+    free(env);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    return rc;
+}
+
+/* Appends what can be read from fd to *buf; returns false at EOF or error. */
+static bool drain_fd(int fd, char **buf, size_t *len, size_t *cap)
+{
+    char tmp[8192];
+    ssize_t n = read(fd, tmp, sizeof(tmp));
+    if (n < 0 && errno == EINTR)
+        return true;
+    if (n <= 0)
+        return false;
+    if (*len + (size_t)n + 1 > *cap) {
+        size_t nc = *cap ? *cap : 16384;
+        while (nc < *len + (size_t)n + 1)
+            nc *= 2;
+        char *nb = realloc(*buf, nc);
+        if (!nb)
+            return false;
+        *buf = nb;
+        *cap = nc;
+    }
+    memcpy(*buf + *len, tmp, (size_t)n);
+    *len += (size_t)n;
+    (*buf)[*len] = '\0';
+    return true;
+}
+
+/* What a short-lived command printed, and how it ended. */
+struct run {
+    char *out, *err;       /* stdout and stderr, NUL-terminated (maybe NULL when empty) */
+    size_t out_len, err_len;
+    int status;            /* waitpid status */
+    bool finished;         /* exited within the bound */
+};
+
+static void run_free(struct run *r)
+{
+    free(r->out);
+    free(r->err);
+    memset(r, 0, sizeof(*r));
+}
+
+/* Runs argv to completion (bounded by WAIT_MS), capturing stdout and stderr. 'in_fd' feeds
+ * stdin (-1: /dev/null). Returns false if it could not be started. */
+static bool run_capture(char *const *argv, char *const *env, int in_fd, struct run *r)
+{
+    memset(r, 0, sizeof(*r));
+    int po[2], pe[2];
+    if (pipe2(po, O_CLOEXEC) != 0)
+        return false;
+    if (pipe2(pe, O_CLOEXEC) != 0) {
+        close(po[0]);
+        close(po[1]);
+        return false;
+    }
+    pid_t pid;
+    int rc = spawn(argv, env, in_fd, po[1], pe[1], &pid);
+    close(po[1]);
+    close(pe[1]);
+    if (rc != 0) {
+        close(po[0]);
+        close(pe[0]);
+        return false;
+    }
+    size_t ocap = 0, ecap = 0;
+    bool oopen = true, eopen = true;
+    int64_t until = ctx_now() + WAIT_MS;
+    while ((oopen || eopen) && ctx_now() < until) {
+        struct pollfd p[2] = {{.fd = oopen ? po[0] : -1, .events = POLLIN},
+                              {.fd = eopen ? pe[0] : -1, .events = POLLIN}};
+        if (poll(p, 2, 100) <= 0)
+            continue;
+        if (p[0].revents && !drain_fd(po[0], &r->out, &r->out_len, &ocap))
+            oopen = false;
+        if (p[1].revents && !drain_fd(pe[0], &r->err, &r->err_len, &ecap))
+            eopen = false;
+    }
+    close(po[0]);
+    close(pe[0]);
+    r->finished = !oopen && !eopen;
+    if (!r->finished)
+        kill(pid, SIGKILL);
+    waitpid(pid, &r->status, 0);
+    return true;
+}
+
+/* Runs fanout with 'args' (NULL-terminated, after argv[0]) and 'env'. */
+static bool run_fanout(char *const *args, char *const *env, struct run *r)
+{
+    char *argv[40];
+    size_t n = 0;
+    argv[n++] = (char *)(uintptr_t)fanout_bin(); /* posix_spawn's prototype is not const */
+    for (size_t i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    return run_capture(argv, env, -1, r);
+}
+
+static bool exited_with(int status, int code)
+{
+    return WIFEXITED(status) && WEXITSTATUS(status) == code;
+}
+
+/* A running server. */
+struct proc {
+    pid_t pid;            /* the child */
+    int pidfd;            /* readable once it has exited, or -1 */
+    uint16_t port;        /* where it listens */
+    int err_fd;           /* read end of its stderr */
+    pthread_t reader;     /* drains err_fd into buf */
+    bool reader_started;  /* reader runs */
+    pthread_mutex_t mu;   /* guards buf, len, cap, eof */
+    pthread_cond_t cv;    /* broadcast when buf grows or eof */
+    char *buf;            /* stderr so far, NUL-terminated */
+    size_t len, cap;      /* its length and allocation */
+    bool eof;             /* the child closed stderr */
+    bool reaped;          /* waitpid done */
+    int status;           /* its status when reaped */
+    int64_t exit_ms;      /* ctx_now() when its exit was seen */
+};
+
+static void *reader_main(void *arg)
+{
+    struct proc *p = arg;
+    for (;;) {
+        char tmp[8192];
+        ssize_t n = read(p->err_fd, tmp, sizeof(tmp));
+        if (n < 0 && errno == EINTR)
+            continue;
+        pthread_mutex_lock(&p->mu);
+        if (n > 0 && p->len + (size_t)n + 1 > p->cap) {
+            size_t nc = p->cap ? p->cap : 65536;
+            while (nc < p->len + (size_t)n + 1)
+                nc *= 2;
+            char *nb = realloc(p->buf, nc);
+            if (nb) {
+                p->buf = nb;
+                p->cap = nc;
+            } else {
+                n = 0; /* give up: the test then sees a truncated log */
+            }
+        }
+        if (n > 0) {
+            memcpy(p->buf + p->len, tmp, (size_t)n);
+            p->len += (size_t)n;
+            p->buf[p->len] = '\0';
+        } else {
+            p->eof = true;
+        }
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+        if (n <= 0)
+            return NULL;
+    }
+}
+
+/* A port nothing listens on right now: bind port 0, read it back, close. */
+static uint16_t free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof(a);
+    uint16_t port = 0;
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &al) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+/* Waits until stderr holds 'needle' (true) or EOF / the bound (false). */
+static bool proc_wait_text(struct proc *p, const char *needle, int64_t ms)
+{
+    int64_t until = ctx_now() + ms;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&p->mu);
+    bool found;
+    while (!(found = p->buf && strstr(p->buf, needle)) && !p->eof && ctx_now() < until)
+        pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+    pthread_mutex_unlock(&p->mu);
+    return found;
+}
+
+/* A copy of stderr so far (free() it). */
+static char *proc_log(struct proc *p)
+{
+    pthread_mutex_lock(&p->mu);
+    char *s = strdup(p->buf ? p->buf : "");
+    pthread_mutex_unlock(&p->mu);
+    return s;
+}
+
+/* Waits (bounded) for the child to exit and reaps it. Returns true if it exited in time. */
+static bool proc_wait_exit(struct proc *p, int64_t ms)
+{
+    if (p->reaped)
+        return true;
+    if (p->pidfd >= 0) {
+        struct pollfd pf = {.fd = p->pidfd, .events = POLLIN};
+        int64_t until = ctx_now() + ms;
+        int n;
+        do
+            n = poll(&pf, 1, (int)(until - ctx_now() > 0 ? until - ctx_now() : 0));
+        while (n < 0 && errno == EINTR);
+        if (n <= 0)
+            return false;
+    } else { /* no pidfd: the end of its stderr marks the exit */
+        int64_t until = ctx_now() + ms;
+        pthread_mutex_lock(&p->mu);
+        while (!p->eof && ctx_now() < until) {
+            pthread_mutex_unlock(&p->mu);
+            proc_wait_text(p, "\x01never\x01", until - ctx_now());
+            pthread_mutex_lock(&p->mu);
+        }
+        bool eof = p->eof;
+        pthread_mutex_unlock(&p->mu);
+        if (!eof)
+            return false;
+    }
+    p->exit_ms = ctx_now();
+    waitpid(p->pid, &p->status, 0);
+    p->reaped = true;
+    return true;
+}
+
+/* Kills (if needed) and reaps the child, joins the reader, frees everything. */
+static void proc_free(struct proc *p)
+{
+    if (p->pid > 0 && !p->reaped) {
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, &p->status, 0);
+        p->reaped = true;
+    }
+    if (p->reader_started)
+        pthread_join(p->reader, NULL);
+    if (p->err_fd >= 0)
+        close(p->err_fd);
+    if (p->pidfd >= 0)
+        close(p->pidfd);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    free(p->buf);
+    memset(p, 0, sizeof(*p));
+    p->err_fd = p->pidfd = -1;
+}
+
+/* Spawns one server on 'port' with 'args' (after --listen) and 'env'. */
+static bool proc_spawn(struct proc *p, uint16_t port, char *const *args, char *const *env)
+{
+    memset(p, 0, sizeof(*p));
+    p->err_fd = p->pidfd = -1;
+    p->port = port;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_cond_init(&p->cv, &ca); /* CLOCK_REALTIME, as proc_wait_text computes */
+    pthread_condattr_destroy(&ca);
+    char listen[32];
+    snprintf(listen, sizeof(listen), "127.0.0.1:%u", port);
+    char *argv[40];
+    size_t n = 0;
+    argv[n++] = (char *)(uintptr_t)fanout_bin();
+    argv[n++] = "--listen";
+    argv[n++] = listen;
+    for (size_t i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    int pe[2];
+    if (pipe2(pe, O_CLOEXEC) != 0)
+        return false;
+    int rc = spawn(argv, env, -1, -1, pe[1], &p->pid);
+    close(pe[1]);
+    p->err_fd = pe[0];
+    if (rc != 0) {
+        p->pid = 0;
+        return false;
+    }
+    p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
+    if (pthread_create(&p->reader, NULL, reader_main, p) != 0)
+        return false;
+    p->reader_started = true;
+    return true;
+}
+
+static bool proc_eof(struct proc *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool eof = p->eof;
+    pthread_mutex_unlock(&p->mu);
+    return eof;
+}
+
+static bool connect_ok(void *arg)
+{
+    struct proc *p = arg;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(p->port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok || proc_eof(p); /* eof: it died; the caller sees that */
+}
+
+/* Starts a server on a free port and waits until it serves: its "starting" log line, or (with
+ * 'quiet', for log levels that hide it) a successful connect. A port taken between probing and
+ * binding is retried with another. Returns false (after printing why) if it does not come up. */
+static bool server_start_opt(struct proc *p, char *const *args, char *const *env, bool quiet)
+{
+    for (int attempt = 0; attempt < 5; attempt++) {
+        uint16_t port = free_port();
+        if (!port || !proc_spawn(p, port, args, env)) {
+            proc_free(p);
+            continue;
+        }
+        bool up = quiet ? test_wait_until(connect_ok, p, WAIT_MS) && !proc_eof(p)
+                        : proc_wait_text(p, "\"msg\":\"starting\"", WAIT_MS);
+        if (up)
+            return true;
+        char *log = proc_log(p);
+        bool in_use = strstr(log, "cannot listen") != NULL;
+        if (!in_use)
+            fprintf(stderr, "\n  fanout did not start: %s\n", log);
+        free(log);
+        proc_free(p);
+        if (!in_use)
+            return false;
+    }
+    return false;
+}
+
+static bool server_start(struct proc *p, char *const *args, char *const *env)
+{
+    return server_start_opt(p, args, env, false);
+}
+
+/* ---------------------------------------------------------------- HTTP */
+
+/* One exchange's outcome. */
+struct resp {
+    CURLcode rc;          /* CURLE_OK when a response arrived */
+    long status;          /* HTTP status or 0 */
+    char *body;           /* NUL-terminated or NULL */
+    size_t len, cap;      /* body length, allocation */
+    long connects;        /* new connections this exchange opened */
+    char request_id[160]; /* X-Request-Id of the response */
+    char errbuf[CURL_ERROR_SIZE];
+    struct curl_slist *hdrs; /* request headers (owned) */
+};
+
+static size_t on_body(char *d, size_t sz, size_t n, void *arg)
+{
+    struct resp *r = arg;
+    size_t k = sz * n;
+    if (r->len + k + 1 > r->cap) {
+        size_t nc = r->cap ? r->cap * 2 : 4096;
+        while (nc < r->len + k + 1)
+            nc *= 2;
+        char *nb = realloc(r->body, nc);
+        if (!nb)
+            return 0;
+        r->body = nb;
+        r->cap = nc;
+    }
+    memcpy(r->body + r->len, d, k);
+    r->len += k;
+    r->body[r->len] = '\0';
+    return k;
+}
+
+static size_t on_header(char *d, size_t sz, size_t n, void *arg)
+{
+    struct resp *r = arg;
+    size_t k = sz * n;
+    if (k > 14 && !strncasecmp(d, "X-Request-Id: ", 14)) {
+        size_t v = k - 14;
+        while (v && (d[14 + v - 1] == '\r' || d[14 + v - 1] == '\n'))
+            v--;
+        if (v >= sizeof(r->request_id))
+            v = sizeof(r->request_id) - 1;
+        memcpy(r->request_id, d + 14, v);
+        r->request_id[v] = '\0';
+    }
+    return k;
+}
+
+static void resp_free(struct resp *r)
+{
+    free(r->body);
+    curl_slist_free_all(r->hdrs);
+    memset(r, 0, sizeof(*r));
+}
+
+/* Prepares 'e' for an exchange with 127.0.0.1:port: GET 'path', or POST 'body' when not NULL,
+ * with extra header lines 'hdrs' (NULL-terminated or NULL). */
+static void setup(CURL *e, uint16_t port, const char *path, const char *body,
+                  const char *const *hdrs, struct resp *r)
+{
+    memset(r, 0, sizeof(*r));
+    char url[256];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%u%s", port, path);
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)HTTP_TIMEOUT_MS);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+    r->hdrs = curl_slist_append(NULL, "Content-Type: application/json");
+    for (size_t i = 0; hdrs && hdrs[i]; i++)
+        r->hdrs = curl_slist_append(r->hdrs, hdrs[i]);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->hdrs);
+    if (body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
+    } else {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, (char *)NULL);
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+    }
+}
+
+static void finish(CURL *e, CURLcode rc, struct resp *r)
+{
+    r->rc = rc;
+    curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &r->status);
+    curl_easy_getinfo(e, CURLINFO_NUM_CONNECTS, &r->connects);
+}
+
+/* One blocking exchange; 'e' is a kept-alive handle or NULL for a fresh one. */
+static void http(CURL *e, uint16_t port, const char *path, const char *body,
+                 const char *const *hdrs, struct resp *r)
+{
+    CURL *own = e ? NULL : curl_easy_init();
+    CURL *h = e ? e : own;
+    setup(h, port, path, body, hdrs, r);
+    finish(h, curl_easy_perform(h), r);
+    if (own)
+        curl_easy_cleanup(own);
+}
+
+/* Background exchanges on one multi handle, driven from the test thread. */
+#define BG_MAX 64
+struct bg {
+    CURLM *m;              /* the multi handle */
+    CURL *e[BG_MAX];       /* easy handles, NULL when the slot is free */
+    struct resp r[BG_MAX]; /* their outcomes */
+    bool done[BG_MAX];     /* finished */
+    int n;                 /* slots used so far */
+};
+
+static void bg_init(struct bg *b)
+{
+    memset(b, 0, sizeof(*b));
+    b->m = curl_multi_init();
+}
+
+/* Starts an exchange; returns its slot or -1. */
+static int bg_add(struct bg *b, uint16_t port, const char *path, const char *body)
+{
+    if (b->n == BG_MAX)
+        return -1;
+    int i = b->n++;
+    b->e[i] = curl_easy_init();
+    setup(b->e[i], port, path, body, NULL, &b->r[i]);
+    curl_multi_add_handle(b->m, b->e[i]);
+    return i;
+}
+
+/* Drives the transfers for up to 'ms' (one poll round); collects finished ones. */
+static void bg_pump(struct bg *b, int ms)
+{
+    int running;
+    curl_multi_perform(b->m, &running);
+    curl_multi_poll(b->m, NULL, 0, ms, NULL);
+    curl_multi_perform(b->m, &running);
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(b->m, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        for (int i = 0; i < b->n; i++)
+            if (b->e[i] == msg->easy_handle && !b->done[i]) {
+                finish(b->e[i], msg->data.result, &b->r[i]);
+                b->done[i] = true;
+            }
+    }
+}
+
+static int bg_pending(const struct bg *b)
+{
+    int k = 0;
+    for (int i = 0; i < b->n; i++)
+        k += !b->done[i];
+    return k;
+}
+
+/* Pumps until every exchange has finished or the bound passes; true if all finished. */
+static bool bg_wait_all(struct bg *b, int64_t ms)
+{
+    int64_t until = ctx_now() + ms;
+    while (bg_pending(b) > 0 && ctx_now() < until)
+        bg_pump(b, 50);
+    return bg_pending(b) == 0;
+}
+
+/* Pumps until the stub has logged 'n' requests for 'target' (e.g. "/items/sleep3000-a"). */
+static bool bg_wait_stub(struct bg *b, struct upstub *up, const char *target, size_t n,
+                         int64_t ms)
+{
+    int64_t until = ctx_now() + ms;
+    while (upstub_count(up, target) < n && ctx_now() < until)
+        bg_pump(b, 20);
+    return upstub_count(up, target) >= n;
+}
+
+static void bg_free(struct bg *b)
+{
+    for (int i = 0; i < b->n; i++) {
+        curl_multi_remove_handle(b->m, b->e[i]);
+        curl_easy_cleanup(b->e[i]);
+        resp_free(&b->r[i]);
+    }
+    curl_multi_cleanup(b->m);
+    memset(b, 0, sizeof(*b));
+}
+
+/* The error code string of an error response, or "". */
+static const char *err_code(const struct resp *r, char *buf, size_t size)
+{
+    buf[0] = '\0';
+    cJSON *j = r->body ? cJSON_Parse(r->body) : NULL;
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "error"),
+                                                      "code");
+    if (cJSON_IsString(c))
+        snprintf(buf, size, "%s", c->valuestring);
+    cJSON_Delete(j);
+    return buf;
+}
+
+/* Number of entries in "results" of a 200, or -1. */
+static int result_count(const struct resp *r)
+{
+    cJSON *j = r->body ? cJSON_Parse(r->body) : NULL;
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, "results");
+    int n = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : -1;
+    cJSON_Delete(j);
+    return n;
+}
+
+/* A started stub and a server in front of it. */
+struct env {
+    struct upstub *up;    /* in-process upstream */
+    char upstream[128];   /* its template */
+    struct proc p;        /* the server */
+};
+
+/* Starts the stub and a server with "--upstream <stub>/items/{id}" plus 'args'. */
+static bool env_start(struct env *e, char *const *args, char *const *envv)
+{
+    memset(e, 0, sizeof(*e));
+    e->p.err_fd = e->p.pidfd = -1;
+    if (upstub_new(2, &e->up) != 0)
+        return false;
+    upstub_url(e->up, e->upstream, sizeof(e->upstream), "/items/{id}");
+    char *argv[40];
+    size_t n = 0;
+    argv[n++] = "--upstream";
+    argv[n++] = e->upstream;
+    for (size_t i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    return server_start(&e->p, argv, envv);
+}
+
+static void env_free(struct env *e)
+{
+    if (e->p.pid > 0 || e->p.reader_started)
+        proc_free(&e->p);
+    upstub_free(e->up);
+    memset(e, 0, sizeof(*e));
+}
+
+/* Sends SIGTERM and waits for a clean exit; true if it exited 0 in time. Prints the log if not. */
+static bool stop_clean(struct proc *p)
+{
+    kill(p->pid, SIGTERM);
+    bool ok = proc_wait_exit(p, WAIT_MS) && exited_with(p->status, 0);
+    if (!ok) {
+        char *log = proc_log(p);
+        fprintf(stderr, "\n  unclean exit (status 0x%x):\n%s\n", p->status, log);
+        free(log);
+    }
+    return ok;
+}
+
+/* Scrapes /metrics on 'e' (or a fresh connection) and parses it strictly. */
+static bool scrape(CURL *e, uint16_t port, struct prom_scrape *sc, char **text)
+{
+    struct resp r;
+    http(e, port, "/metrics", NULL, NULL, &r);
+    char err[512] = "";
+    bool ok = r.rc == CURLE_OK && r.status == 200 && r.body &&
+              prom_parse(r.body, r.len, "fanout_", sc, err, sizeof(err)) == 0;
+    if (!ok)
+        fprintf(stderr, "\n  scrape failed (rc %d, status %ld): %s\n%s\n", r.rc, r.status, err,
+                r.body ? r.body : "");
+    if (text) {
+        *text = r.body;
+        r.body = NULL;
+    }
+    resp_free(&r);
+    return ok;
+}
+
+/* ---------------------------------------------------------------- command line */
+
+static void test_ops_version(void)
+{
+    if (!have_bin())
+        return;
+    struct run r;
+    char *args[] = {"--version", NULL};
+    CU_ASSERT_FATAL(run_fanout(args, NULL, &r));
+    CU_ASSERT(r.finished && exited_with(r.status, 0));
+    char want[64];
+    snprintf(want, sizeof(want), "fanout %s", FANOUT_VERSION);
+    CU_ASSERT(r.out && !strncmp(r.out, want, strlen(want)));
+    CU_ASSERT(r.out && strchr(r.out, '\n') == r.out + r.out_len - 1); /* one line */
+    CU_ASSERT_EQUAL(r.err_len, 0);
+    run_free(&r);
+    /* --version wins even over a bad environment or other flags. */
+    char *env[] = {"FANOUT_LIMIT=abc", NULL};
+    char *args2[] = {"--limit", "5", "--version", NULL};
+    CU_ASSERT_FATAL(run_fanout(args2, env, &r));
+    CU_ASSERT(exited_with(r.status, 0));
+    CU_ASSERT(r.out && !strncmp(r.out, want, strlen(want)));
+    run_free(&r);
+}
+
+/* The effective config as JSON from --check-config with 'args'/'env', or NULL. */
+static cJSON *check_config(char *const *args, char *const *env, struct run *r)
+{
+    char *argv[40];
+    size_t n = 0;
+    argv[n++] = "--check-config";
+    for (size_t i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    if (!run_fanout(argv, env, r) || !exited_with(r->status, 0) || !r->out)
+        return NULL;
+    return cJSON_Parse(r->out);
+}
+
+static void test_ops_help_lists_every_flag(void)
+{
+    if (!have_bin())
+        return;
+    struct run rc, rh;
+    char *demo[] = {"--demo", NULL};
+    cJSON *cfg = check_config(demo, NULL, &rc);
+    CU_ASSERT_FATAL(cfg != NULL);
+    char *args[] = {"--help", NULL};
+    CU_ASSERT_FATAL(run_fanout(args, NULL, &rh));
+    CU_ASSERT(exited_with(rh.status, 0));
+    CU_ASSERT_FATAL(rh.out != NULL);
+    /* Every setting the effective config reports is a flag --help documents. */
+    int n = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, cfg)
+    {
+        char flag[64] = "--";
+        size_t k = 2;
+        for (const char *s = it->string; *s && k < sizeof(flag) - 1; s++)
+            flag[k++] = *s == '_' ? '-' : *s;
+        flag[k] = '\0';
+        char *hit = strstr(rh.out, flag);
+        /* As a whole word: followed by a space or the end of the line. */
+        bool whole = hit && (hit[k] == ' ' || hit[k] == '\n');
+        CU_ASSERT(whole);
+        if (!whole)
+            fprintf(stderr, "\n  --help does not list %s\n", flag);
+        n++;
+    }
+    CU_ASSERT(n >= 15);
+    CU_ASSERT(strstr(rh.out, "--check-config") && strstr(rh.out, "--version") &&
+              strstr(rh.out, "--help"));
+    CU_ASSERT(strstr(rh.out, "FANOUT_") != NULL); /* the environment is explained */
+    cJSON_Delete(cfg);
+    run_free(&rc);
+    run_free(&rh);
+}
+
+static void test_ops_invalid_config_exits_2(void)
+{
+    if (!have_bin())
+        return;
+    static const struct {
+        const char *args[6]; /* NULL-terminated */
+        const char *env;     /* one NAME=value or NULL */
+        const char *names;   /* what the message must mention */
+    } cases[] = {
+        {{"--demo", "--bogus", NULL}, NULL, "--bogus"},
+        {{"--demo", "--limit", "0", NULL}, NULL, "--limit"},
+        {{"--demo", "--limit", "abc", NULL}, NULL, "--limit"},
+        {{"--demo", "--limit", NULL}, NULL, "--limit"},
+        {{"--demo", "--listen", "nonsense", NULL}, NULL, "--listen"},
+        {{"--demo", "--listen", "127.0.0.1:99999", NULL}, NULL, "--listen"},
+        {{"--demo", NULL}, "FANOUT_LIMIT=-3", "FANOUT_LIMIT"},
+        {{"--demo", NULL}, "FANOUT_LIMIT=-3", "--limit"},
+        {{"--upstream", "http://127.0.0.1:9/items/", NULL}, NULL, "--upstream"},
+        {{"--upstream", "http://127.0.0.1:9/items/{id}/{id}", NULL}, NULL, "--upstream"},
+        {{NULL}, NULL, "--upstream"},
+        {{"--demo", "--timeout-ms", "40000", NULL}, NULL, "--timeout-ms"},
+        {{"--demo", "--timeout-ms", "2000", "--max-timeout-ms", "1000", NULL}, NULL,
+         "--max-timeout-ms"},
+        {{"--demo", "--log-level", "loud", NULL}, NULL, "--log-level"},
+        {{"--demo", "--max-body", "12XB", NULL}, NULL, "--max-body"},
+        {{"--demo", "positional", NULL}, NULL, "positional"},
+        {{"--demo", NULL}, "FANOUT_DEMO=maybe", "FANOUT_DEMO"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char *args[8];
+        size_t n = 0;
+        for (; cases[i].args[n]; n++)
+            args[n] = (char *)(uintptr_t)cases[i].args[n];
+        args[n] = NULL;
+        char envbuf[64];
+        char *env[2] = {NULL, NULL};
+        if (cases[i].env) {
+            snprintf(envbuf, sizeof(envbuf), "%s", cases[i].env);
+            env[0] = envbuf;
+        }
+        struct run r;
+        CU_ASSERT_FATAL(run_fanout(args, env, &r));
+        bool two = r.finished && exited_with(r.status, 2);
+        bool one_line = r.err && r.err_len > 0 && strchr(r.err, '\n') == r.err + r.err_len - 1;
+        bool named = r.err && strstr(r.err, cases[i].names);
+        CU_ASSERT(two);
+        CU_ASSERT(one_line);
+        CU_ASSERT(named);
+        CU_ASSERT_EQUAL(r.out_len, 0);
+        if (!two || !one_line || !named)
+            fprintf(stderr, "\n  case %zu (%s): status 0x%x, stderr: %s", i, cases[i].names,
+                    r.status, r.err ? r.err : "(none)\n");
+        run_free(&r);
+    }
+}
+
+static double num(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : -1;
+}
+
+static const char *str(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+static void test_ops_check_config_effective_values(void)
+{
+    if (!have_bin())
+        return;
+    struct run r;
+    /* Flags beat the environment; the environment beats defaults; defaults fill the rest. */
+    char *args[] = {"--upstream", "http://127.0.0.1:9/items/{id}", "--limit", "7",
+                    "--max-body=2MiB", "--log-level", "debug", NULL};
+    char *env[] = {"FANOUT_LIMIT=5", "FANOUT_MAX_BATCH=12", "FANOUT_DEMO=1",
+                   "FANOUT_LOG_LEVEL=error", "FANOUT_LISTEN=127.0.0.1:0", NULL};
+    cJSON *c = check_config(args, env, &r);
+    CU_ASSERT_FATAL(c != NULL);
+    CU_ASSERT(cJSON_IsObject(c));
+    CU_ASSERT_EQUAL(num(c, "limit"), 7);
+    CU_ASSERT_EQUAL(num(c, "max_batch"), 12);
+    CU_ASSERT_EQUAL(num(c, "max_body"), 2 * 1048576);
+    CU_ASSERT_EQUAL(num(c, "timeout_ms"), 5000);
+    CU_ASSERT_EQUAL(num(c, "max_timeout_ms"), 30000);
+    CU_ASSERT_EQUAL(num(c, "drain_ms"), 10000);
+    CU_ASSERT_STRING_EQUAL(str(c, "log_level"), "debug");
+    CU_ASSERT_STRING_EQUAL(str(c, "listen"), "127.0.0.1:0");
+    CU_ASSERT_STRING_EQUAL(str(c, "upstream"), "http://127.0.0.1:9/items/{id}");
+    CU_ASSERT(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(c, "demo"))); /* --upstream won */
+    CU_ASSERT(r.out && strchr(r.out, '\n') == r.out + r.out_len - 1);     /* one line */
+    cJSON_Delete(c);
+    run_free(&r);
+    /* And --demo as a flag beats FANOUT_UPSTREAM. */
+    char *args2[] = {"--demo", NULL};
+    char *env2[] = {"FANOUT_UPSTREAM=http://127.0.0.1:9/x/{id}", NULL};
+    c = check_config(args2, env2, &r);
+    CU_ASSERT_FATAL(c != NULL);
+    CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "demo")));
+    CU_ASSERT_STRING_EQUAL(str(c, "upstream"), "");
+    cJSON_Delete(c);
+    run_free(&r);
+}
+
+/* ---------------------------------------------------------------- config_parse, in process */
+
+/* Runs config_parse on "fanout <args...>" with the FANOUT_* variables in 'env' set for the call
+ * (and every other FANOUT_* variable unset). */
+static int parse(struct srv_config *c, const char *const *args, const char *const *env,
+                 enum config_action *act, char *err, size_t errlen)
+{
+    char *argv[32];
+    int argc = 0;
+    argv[argc++] = "fanout";
+    for (size_t i = 0; args && args[i] && argc < 31; i++)
+        argv[argc++] = (char *)(uintptr_t)args[i];
+    argv[argc] = NULL;
+    /* Unset what the process environment may hold, then set the case's variables. */
+    for (;;) {
+        char name[128] = "";
+        for (char **e = environ; *e; e++)
+            if (!strncmp(*e, "FANOUT_", 7) && strncmp(*e, "FANOUT_BIN=", 11) != 0 &&
+                strncmp(*e, "FANOUT_STRESS=", 14) != 0 && strncmp(*e, "FANOUT_SKIP_", 12) != 0) {
+                size_t k = strcspn(*e, "=");
+                snprintf(name, sizeof(name), "%.*s", (int)k, *e);
+                break;
+            }
+        if (!name[0])
+            break;
+        unsetenv(name);
+    }
+    for (size_t i = 0; env && env[i]; i++) {
+        char name[128];
+        size_t k = strcspn(env[i], "=");
+        snprintf(name, sizeof(name), "%.*s", (int)k, env[i]);
+        setenv(name, env[i] + k + 1, 1);
+    }
+    config_defaults(c);
+    err[0] = '\0';
+    int rc = config_parse(c, argc, argv, act, err, errlen);
+    for (size_t i = 0; env && env[i]; i++) {
+        char name[128];
+        snprintf(name, sizeof(name), "%.*s", (int)strcspn(env[i], "="), env[i]);
+        unsetenv(name);
+    }
+    return rc;
+}
+
+#define A(...) ((const char *const[]){__VA_ARGS__, NULL})
+
+static void test_ops_config_values_and_precedence(void)
+{
+    struct srv_config c;
+    enum config_action act;
+    char err[512];
+    CU_ASSERT_EQUAL(parse(&c, A("--demo"), NULL, &act, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(act, CONFIG_RUN);
+    CU_ASSERT_EQUAL(c.limit, 32);
+    CU_ASSERT_EQUAL(c.max_conns, 512);
+    CU_ASSERT_EQUAL(c.max_batch, 1000);
+    CU_ASSERT_EQUAL(c.max_requests, 1024);
+    CU_ASSERT_EQUAL(c.timeout_ms, 5000);
+    CU_ASSERT_EQUAL(c.max_timeout_ms, 30000);
+    CU_ASSERT_EQUAL(c.max_body, 1u << 20);
+    CU_ASSERT_EQUAL(c.max_request_bytes, 1u << 20);
+    CU_ASSERT_EQUAL(c.drain_ms, 10000);
+    CU_ASSERT_EQUAL(c.log_level, LOG_INFO);
+    CU_ASSERT_STRING_EQUAL(c.listen_host, "0.0.0.0");
+    CU_ASSERT_EQUAL(c.listen_port, 8080);
+    CU_ASSERT(c.http_threads >= 1 && c.fetch_threads >= 1);
+
+    /* Environment applies; flags win over it; both --flag V and --flag=V work. */
+    CU_ASSERT_EQUAL(parse(&c, A("--demo", "--limit", "9", "--drain-ms=250", "--listen", "[::1]:0"),
+                          A("FANOUT_LIMIT=4", "FANOUT_MAX_BATCH=77", "FANOUT_DRAIN_MS=1",
+                            "FANOUT_H2C=yes", "FANOUT_MAX_REQUEST_BYTES=64KiB"),
+                          &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_EQUAL(c.limit, 9);
+    CU_ASSERT_EQUAL(c.drain_ms, 250);
+    CU_ASSERT_EQUAL(c.max_batch, 77);
+    CU_ASSERT(c.h2c);
+    CU_ASSERT_EQUAL(c.max_request_bytes, 65536);
+    CU_ASSERT_STRING_EQUAL(c.listen_host, "::1");
+    CU_ASSERT_EQUAL(c.listen_port, 0);
+
+    /* The last of a repeated flag wins; booleans take =false. */
+    CU_ASSERT_EQUAL(parse(&c, A("--demo", "--limit", "3", "--limit", "6", "--h2c", "--h2c=false"),
+                          NULL, &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_EQUAL(c.limit, 6);
+    CU_ASSERT(!c.h2c);
+
+    /* --demo and --upstream: a flag beats the other one's variable; two flags conflict. */
+    CU_ASSERT_EQUAL(parse(&c, A("--demo"), A("FANOUT_UPSTREAM=http://h/{id}"), &act, err,
+                          sizeof(err)),
+                    0);
+    CU_ASSERT(c.demo && c.upstream[0] == '\0');
+    CU_ASSERT_EQUAL(parse(&c, A("--upstream", "http://h/{id}"), A("FANOUT_DEMO=1"), &act, err,
+                          sizeof(err)),
+                    0);
+    CU_ASSERT(!c.demo && !strcmp(c.upstream, "http://h/{id}"));
+    CU_ASSERT_EQUAL(parse(&c, A("--upstream", "http://h/{id}", "--demo"), NULL, &act, err,
+                          sizeof(err)),
+                    -EINVAL);
+    CU_ASSERT(strstr(err, "--demo") && strstr(err, "--upstream"));
+    CU_ASSERT_EQUAL(parse(&c, NULL, A("FANOUT_UPSTREAM=http://h/{id}", "FANOUT_DEMO=true"), &act,
+                          err, sizeof(err)),
+                    -EINVAL);
+
+    /* Actions: --help and --version win over everything, even a bad environment. */
+    CU_ASSERT_EQUAL(parse(&c, A("--limit", "0", "--help"), A("FANOUT_LIMIT=x"), &act, err,
+                          sizeof(err)),
+                    0);
+    CU_ASSERT_EQUAL(act, CONFIG_HELP);
+    CU_ASSERT_EQUAL(parse(&c, A("-h"), NULL, &act, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(act, CONFIG_HELP);
+    CU_ASSERT_EQUAL(parse(&c, A("--version"), A("FANOUT_LIMIT=x"), &act, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(act, CONFIG_VERSION);
+    CU_ASSERT_EQUAL(parse(&c, A("--check-config", "--demo"), NULL, &act, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(act, CONFIG_CHECK);
+    /* --check-config still validates. */
+    CU_ASSERT_EQUAL(parse(&c, A("--check-config", "--demo", "--limit", "0"), NULL, &act, err,
+                          sizeof(err)),
+                    -EINVAL);
+}
+
+static void test_ops_config_rejects_bad_values(void)
+{
+    static const struct {
+        const char *args[6];
+        const char *env[2];
+        const char *name; /* the flag or variable the message must name */
+    } bad[] = {
+        {{"--demo", "--bogus"}, {NULL}, "--bogus"},
+        {{"--demo", "--limit", "0"}, {NULL}, "--limit"},
+        {{"--demo", "--limit", "abc"}, {NULL}, "--limit"},
+        {{"--demo", "--limit", "-3"}, {NULL}, "--limit"},
+        {{"--demo", "--limit", "100001"}, {NULL}, "--limit"},
+        {{"--demo", "--limit", "12abc"}, {NULL}, "--limit"},
+        {{"--demo", "--limit", ""}, {NULL}, "--limit"},
+        {{"--demo", "--limit"}, {NULL}, "--limit"},
+        {{"--demo"}, {"FANOUT_LIMIT=-3"}, "FANOUT_LIMIT"},
+        {{"--demo"}, {"FANOUT_LIMIT=-3"}, "--limit"},
+        {{"--demo"}, {"FANOUT_MAX_BODY=1TiB"}, "FANOUT_MAX_BODY"},
+        {{"--demo", "--listen", "nonsense"}, {NULL}, "--listen"},
+        {{"--demo", "--listen", ":8080"}, {NULL}, "--listen"},
+        {{"--demo", "--listen", "host:"}, {NULL}, "--listen"},
+        {{"--demo", "--listen", "host:65536"}, {NULL}, "--listen"},
+        {{"--upstream", "http://h/items/"}, {NULL}, "--upstream"},
+        {{"--upstream", "ftp://h/{id}"}, {NULL}, "--upstream"},
+        {{"--upstream", "http://h/{id}?q={id}"}, {NULL}, "--upstream"},
+        {{"--upstream", "http://{id}/x"}, {NULL}, "--upstream"},
+        {{NULL}, {"FANOUT_UPSTREAM=http://h/no-id"}, "--upstream"},
+        {{NULL}, {NULL}, "--upstream"},
+        {{"--demo", "--timeout-ms", "40000"}, {NULL}, "--timeout-ms"},
+        {{"--demo", "--timeout-ms", "0"}, {NULL}, "--timeout-ms"},
+        {{"--demo", "--max-timeout-ms", "100"}, {NULL}, "--max-timeout-ms"},
+        {{"--demo", "--log-level", "verbose"}, {NULL}, "--log-level"},
+        {{"--demo", "--demo=perhaps"}, {NULL}, "--demo"},
+        {{"--demo", "--max-conns", "1", "--fetch-threads", "2"}, {NULL}, "--max-conns"},
+        {{"--demo", "stray"}, {NULL}, "stray"},
+        {{"--demo", "-x"}, {NULL}, "-x"},
+        {{"--demo", "--"}, {NULL}, "--"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct srv_config c;
+        enum config_action act;
+        char err[512];
+        int rc = parse(&c, bad[i].args, bad[i].env, &act, err, sizeof(err));
+        bool ok = rc == -EINVAL && err[0] && !strchr(err, '\n') && strstr(err, bad[i].name);
+        CU_ASSERT(ok);
+        if (!ok)
+            fprintf(stderr, "\n  case %zu (%s): rc %d, \"%s\"", i, bad[i].name, rc, err);
+    }
+}
+
+static void test_ops_config_usage_and_json(void)
+{
+    struct srv_config c;
+    enum config_action act;
+    char err[512];
+    CU_ASSERT_FATAL(parse(&c, A("--upstream", "http://127.0.0.1:1/i/{id}?a=\"b\"", "--limit",
+                                "3", "--log-level", "warn", "--listen", "[::1]:99"),
+                          NULL, &act, err, sizeof(err)) == 0);
+    char *json = NULL, *usage = NULL;
+    size_t jl = 0, ul = 0;
+    FILE *f = open_memstream(&json, &jl);
+    CU_ASSERT_FATAL(f != NULL);
+    config_print_json(&c, f);
+    fclose(f);
+    f = open_memstream(&usage, &ul);
+    CU_ASSERT_FATAL(f != NULL);
+    config_usage(f);
+    fclose(f);
+    cJSON *j = cJSON_Parse(json);
+    CU_ASSERT_FATAL(j != NULL);
+    CU_ASSERT_EQUAL(num(j, "limit"), 3);
+    CU_ASSERT_STRING_EQUAL(str(j, "log_level"), "warn");
+    CU_ASSERT_STRING_EQUAL(str(j, "upstream"), "http://127.0.0.1:1/i/{id}?a=\"b\"");
+    CU_ASSERT_STRING_EQUAL(str(j, "listen"), "[::1]:99");
+    const cJSON *it;
+    cJSON_ArrayForEach(it, j)
+    {
+        char flag[64] = "--";
+        size_t k = 2;
+        for (const char *s = it->string; *s && k < sizeof(flag) - 1; s++)
+            flag[k++] = *s == '_' ? '-' : *s;
+        flag[k] = '\0';
+        CU_ASSERT(strstr(usage, flag) != NULL);
+        /* and each is accepted back as a flag with its printed value */
+        if (cJSON_IsNumber(it)) {
+            char v[32];
+            snprintf(v, sizeof(v), "%.0f", it->valuedouble);
+            struct srv_config c2;
+            CU_ASSERT_EQUAL(parse(&c2, A("--demo", flag, v), NULL, &act, err, sizeof(err)), 0);
+        }
+    }
+    cJSON_Delete(j);
+    free(json);
+    free(usage);
+}
+
+/* ---------------------------------------------------------------- metrics */
+
+struct metric_wait {
+    uint16_t port;   /* server */
+    const char *name; /* unlabelled metric */
+    double want;      /* value to reach */
+};
+
+static bool metric_is(void *arg)
+{
+    const struct metric_wait *w = arg;
+    struct prom_scrape sc;
+    if (!scrape(NULL, w->port, &sc, NULL))
+        return false;
+    bool ok = prom_value(&sc, w->name, "", -1) == w->want;
+    prom_free(&sc);
+    return ok;
+}
+
+static bool metric_reached(void *arg)
+{
+    const struct metric_wait *w = arg;
+    struct prom_scrape sc;
+    if (!scrape(NULL, w->port, &sc, NULL))
+        return false;
+    bool ok = prom_value(&sc, w->name, "", -1) >= w->want;
+    prom_free(&sc);
+    return ok;
+}
+
+
+static void test_ops_metrics_exact_amounts(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--limit", "4", "--fetch-threads", "1", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    CURL *k = curl_easy_init(); /* one connection: each exchange completes before the next */
+    struct prom_scrape a, b;
+    CU_ASSERT_FATAL(scrape(k, e.p.port, &a, NULL));
+    struct upstub_stats s0, s1;
+    upstub_stats(e.up, &s0);
+
+    struct resp r;
+    /* 4 positions, 3 distinct ids (the number 7 and the string "7" are one URL). */
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"m-a\",\"m-b\",\"m-a\",7]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(result_count(&r), 4);
+    resp_free(&r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"fail-m\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    resp_free(&r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"status404-m\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    resp_free(&r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"sleep3000-m\"],\"timeout_ms\":100}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 504);
+    resp_free(&r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[1,}", NULL, &r); /* no fetch */
+    CU_ASSERT_EQUAL(r.status, 400);
+    resp_free(&r);
+    http(k, e.p.port, "/nope", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 404);
+    resp_free(&r);
+    http(k, e.p.port, "/healthz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    CU_ASSERT_FATAL(scrape(k, e.p.port, &b, NULL));
+    upstub_stats(e.up, &s1);
+
+#define D(name, labels) (prom_value(&b, name, labels, 0) - prom_value(&a, name, labels, 0))
+    /* 200: the first scrape, the batch, healthz (the second scrape counts after it is sent). */
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"200\""), 3);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"502\""), 2);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"504\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"400\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"404\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"503\""), 0);
+    CU_ASSERT_EQUAL(D("fanout_request_duration_seconds_count", ""), 8);
+    CU_ASSERT_EQUAL(D("fanout_request_duration_seconds_bucket", "le=\"+Inf\""), 8);
+    CU_ASSERT(D("fanout_request_duration_seconds_sum", "") >= 0.1); /* the 504 took 100 ms */
+    CU_ASSERT(D("fanout_request_duration_seconds_bucket", "le=\"0.05\"") <= 7);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"ok\""), 3);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"upstream_status\""), 2);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"deadline\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"unreachable\""), 0);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"canceled\""), 0);
+    CU_ASSERT_EQUAL(D("fanout_fetches_total", "result=\"too_large\""), 0);
+    CU_ASSERT_EQUAL(D("fanout_fetch_duration_seconds_count", ""), 6);
+    CU_ASSERT(D("fanout_fetch_duration_seconds_sum", "") >= 0.09);
+    CU_ASSERT_EQUAL(D("fanout_admission_rejections_total", ""), 0);
+    /* Exactly the connections the stub accepted. */
+    CU_ASSERT_EQUAL(D("fanout_upstream_connections_opened_total", ""),
+                    (double)(s1.accepted - s0.accepted));
+    CU_ASSERT(s1.accepted > s0.accepted);
+    CU_ASSERT_EQUAL(s1.requests - s0.requests, 6);
+    CU_ASSERT_EQUAL(prom_value(&b, "fanout_requests_in_flight", "", -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&b, "fanout_fetches_in_flight", "", -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&a, "fanout_process_start_time_seconds", "", -1),
+                    prom_value(&b, "fanout_process_start_time_seconds", "", -2));
+#undef D
+    prom_free(&a);
+    prom_free(&b);
+    curl_easy_cleanup(k);
+    CU_ASSERT(stop_clean(&e.p));
+    env_free(&e);
+}
+
+static void test_ops_metrics_admission_rejections(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--max-requests", "1", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    struct bg g;
+    bg_init(&g);
+    int slow = bg_add(&g, e.p.port, "/v1/batch", "{\"ids\":[\"sleep2000-adm\"]}");
+    CU_ASSERT_FATAL(bg_wait_stub(&g, e.up, "/items/sleep2000-adm", 1, WAIT_MS));
+    CURL *k = curl_easy_init(); /* one connection: each exchange completes before the next */
+    struct prom_scrape a, b;
+    CU_ASSERT_FATAL(scrape(k, e.p.port, &a, NULL));
+    CU_ASSERT_EQUAL(prom_value(&a, "fanout_requests_in_flight", "", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&a, "fanout_fetches_in_flight", "", -1), 1);
+    struct resp r;
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"x\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 503);
+    char code[64];
+    CU_ASSERT_STRING_EQUAL(err_code(&r, code, sizeof(code)), "overloaded");
+    resp_free(&r);
+    CU_ASSERT_FATAL(scrape(k, e.p.port, &b, NULL));
+    CU_ASSERT_EQUAL(prom_value(&b, "fanout_admission_rejections_total", "", -1) -
+                        prom_value(&a, "fanout_admission_rejections_total", "", -1),
+                    1);
+    CU_ASSERT_EQUAL(prom_value(&b, "fanout_requests_total", "code=\"503\"", -1), 1);
+    CU_ASSERT(bg_wait_all(&g, WAIT_MS));
+    CU_ASSERT_EQUAL(g.r[slow].status, 200);
+    prom_free(&a);
+    prom_free(&b);
+    bg_free(&g);
+    curl_easy_cleanup(k);
+    CU_ASSERT(stop_clean(&e.p));
+    env_free(&e);
+}
+
+static bool stub_idle(void *arg)
+{
+    struct upstub_stats st;
+    upstub_stats(arg, &st);
+    return st.open == 0;
+}
+
+/* Path of an executable named 'name' on $PATH, or false. */
+static bool find_on_path(const char *name, char *out, size_t size)
+{
+    const char *path = getenv("PATH");
+    if (!path)
+        return false;
+    while (*path) {
+        size_t n = strcspn(path, ":");
+        snprintf(out, size, "%.*s/%s", (int)n, path, name);
+        if (n && access(out, X_OK) == 0)
+            return true;
+        path += n + (path[n] == ':');
+    }
+    return false;
+}
+
+/* Runs `promtool check metrics` on 'text'. Returns 1 pass, 0 fail (printed), -1 not run. */
+static int promtool_check(const char *text)
+{
+    char tool[512];
+    if (!find_on_path("promtool", tool, sizeof(tool)))
+        return -1;
+    char path[] = "/tmp/fanout-metrics-XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return 0;
+    size_t len = strlen(text);
+    bool wrote = write(fd, text, len) == (ssize_t)len && lseek(fd, 0, SEEK_SET) == 0;
+    unlink(path);
+    if (!wrote) {
+        close(fd);
+        return 0;
+    }
+    char *argv[] = {tool, "check", "metrics", NULL};
+    struct run r;
+    bool ran = run_capture(argv, NULL, fd, &r);
+    close(fd);
+    if (!ran)
+        return 0;
+    bool ok = r.finished && exited_with(r.status, 0);
+    if (!ok)
+        fprintf(stderr, "\n  promtool check metrics failed (status 0x%x):\n%s%s\n", r.status,
+                r.out ? r.out : "", r.err ? r.err : "");
+    run_free(&r);
+    return ok;
+}
+
+/* A scrape taken while batches of every outcome run: promtool and the strict parser accept it,
+ * and it shows the work in flight. */
+static void test_ops_metrics_under_load(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--limit", "8", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    struct bg g;
+    bg_init(&g);
+    /* 8 batches that hold their fetches in the stub while the scrape happens. */
+    char holds[8][64];
+    for (int i = 0; i < 8; i++) {
+        snprintf(holds[i], sizeof(holds[i]), "{\"ids\":[\"sleep3000-h%d\",\"q%d\"]}", i, i);
+        bg_add(&g, e.p.port, "/v1/batch", holds[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        char t[64];
+        snprintf(t, sizeof(t), "/items/sleep3000-h%d", i);
+        CU_ASSERT(bg_wait_stub(&g, e.up, t, 1, WAIT_MS));
+    }
+    /* A stream of short batches with mixed outcomes around the scrape. */
+    static const char *const mix[] = {
+        "{\"ids\":[\"a\",\"b\",\"c\",\"a\",1,2,3]}", "{\"ids\":[\"fail-l\",\"sleep200-l\"]}",
+        "{\"ids\":[\"sleep1000-t\"],\"timeout_ms\":50}", "{\"ids\":[\"big2000000\"]}",
+        "{\"ids\":[]}", "{\"bad\":", "{\"ids\":[\"status503-l\",\"d\"]}"};
+    for (int i = 0; i < 21; i++)
+        CU_ASSERT(bg_add(&g, e.p.port, "/v1/batch", mix[i % 7]) >= 0);
+    for (int i = 0; i < 5; i++)
+        bg_pump(&g, 10);
+    int sidx = bg_add(&g, e.p.port, "/metrics", NULL);
+    CU_ASSERT_FATAL(sidx >= 0);
+    while (!g.done[sidx] && bg_pending(&g) > 0)
+        bg_pump(&g, 50);
+    CU_ASSERT_FATAL(g.done[sidx]);
+    CU_ASSERT_EQUAL(g.r[sidx].status, 200);
+    char *text = strdup(g.r[sidx].body ? g.r[sidx].body : "");
+    CU_ASSERT_FATAL(text != NULL);
+    struct prom_scrape sc;
+    char err[512] = "";
+    int prc = prom_parse(text, strlen(text), "fanout_", &sc, err, sizeof(err));
+    CU_ASSERT_EQUAL(prc, 0);
+    if (prc != 0)
+        fprintf(stderr, "\n  scrape under load rejected: %s\n%s\n", err, text);
+    /* The holding batches are in flight, and their fetches too. */
+    CU_ASSERT(prom_value(&sc, "fanout_requests_in_flight", "", -1) >= 8);
+    CU_ASSERT(prom_value(&sc, "fanout_fetches_in_flight", "", -1) >= 8);
+    prom_free(&sc);
+
+    CU_ASSERT(bg_wait_all(&g, WAIT_MS));
+    int s200 = 0;
+    for (int i = 0; i < g.n; i++)
+        s200 += g.r[i].status == 200;
+    CU_ASSERT(s200 >= 8 + 6); /* holds, a/b/c x3, the empty batch x3 */
+
+    /* Afterwards everything settles: the gauges fall back to 0 once the last requests are
+     * complete on the server's side (just after their responses went out). */
+    struct metric_wait idle = {.port = e.p.port, .name = "fanout_requests_in_flight", .want = 0};
+    CU_ASSERT(test_wait_until(metric_is, &idle, WAIT_MS));
+    CU_ASSERT_FATAL(scrape(NULL, e.p.port, &sc, NULL));
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_in_flight", "", -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_fetches_in_flight", "", -1), 0);
+    CU_ASSERT(prom_value(&sc, "fanout_fetches_total", "result=\"too_large\"", -1) >= 3);
+    CU_ASSERT(prom_value(&sc, "fanout_fetches_total", "result=\"deadline\"", -1) >= 3);
+    prom_free(&sc);
+    bg_free(&g);
+    CU_ASSERT(stop_clean(&e.p));
+    /* promtool runs on the scrape taken under load, but only now that the server is gone and
+     * the stub has no connection left: a child spawned while the stub's sockets are open holds
+     * them for a moment (between fork and exec), and upstub frees a connection on close()
+     * without EPOLL_CTL_DEL, which that moment turns into a use after free. */
+    CU_ASSERT(test_wait_until(stub_idle, e.up, WAIT_MS));
+    int pt = promtool_check(text);
+    const char *skip = getenv("FANOUT_SKIP_PROMTOOL");
+    if (pt < 0 && !(skip && !strcmp(skip, "1"))) {
+        fprintf(stderr, "\n  *** promtool not found on PATH: install it (Debian: apt-get install "
+                        "prometheus) or set FANOUT_SKIP_PROMTOOL=1 to skip this check ***\n");
+        CU_FAIL("promtool missing (FANOUT_SKIP_PROMTOOL=1 to skip)");
+    } else if (pt < 0) {
+        fprintf(stderr, "\n  promtool check skipped (FANOUT_SKIP_PROMTOOL=1) ");
+    } else {
+        CU_ASSERT_EQUAL(pt, 1);
+    }
+    free(text);
+    env_free(&e);
+}
+
+/* ---------------------------------------------------------------- probes and signals */
+
+static void test_ops_probes_and_sighup(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    CU_ASSERT_FATAL(env_start(&e, NULL, NULL));
+    struct resp r;
+    http(NULL, e.p.port, "/healthz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    http(NULL, e.p.port, "/readyz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    /* SIGHUP changes nothing. */
+    kill(e.p.pid, SIGHUP);
+    http(NULL, e.p.port, "/readyz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"h\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    CU_ASSERT(!proc_wait_exit(&e.p, 0)); /* still running */
+    CU_ASSERT(stop_clean(&e.p));
+    env_free(&e);
+}
+
+/* SIGTERM while a batch runs: readyz turns 503 on a kept-alive connection, new connections are
+ * refused, the batch completes 200, and the process exits 0. */
+static void test_ops_sigterm_drains(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--drain-ms", "15000", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    CURL *k = curl_easy_init();
+    struct resp r;
+    http(k, e.p.port, "/readyz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(r.connects, 1);
+    resp_free(&r);
+    struct bg g;
+    bg_init(&g);
+    int b = bg_add(&g, e.p.port, "/v1/batch", "{\"ids\":[\"sleep3000-d\",\"d1\",\"d2\"]}");
+    CU_ASSERT_FATAL(bg_wait_stub(&g, e.up, "/items/sleep3000-d", 1, WAIT_MS));
+
+    CU_ASSERT_FATAL(kill(e.p.pid, SIGTERM) == 0);
+    /* readyz on the same connection: 200 until the signal is handled, then 503. */
+    long last = 0;
+    bool reused = true;
+    int64_t until = ctx_now() + WAIT_MS;
+    while (ctx_now() < until) {
+        http(k, e.p.port, "/readyz", NULL, NULL, &r);
+        last = r.status;
+        reused &= r.rc == CURLE_OK && r.connects == 0;
+        resp_free(&r);
+        if (last != 200)
+            break;
+    }
+    CU_ASSERT_EQUAL(last, 503);
+    CU_ASSERT(reused);
+    CU_ASSERT(proc_wait_text(&e.p, "\"msg\":\"draining\"", WAIT_MS));
+    /* A new connection is refused while the batch is still in flight. */
+    CURL *f = curl_easy_init();
+    curl_easy_setopt(f, CURLOPT_FRESH_CONNECT, 1L);
+    http(f, e.p.port, "/healthz", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.rc, CURLE_COULDNT_CONNECT);
+    resp_free(&r);
+    curl_easy_cleanup(f);
+    struct upstub_stats st;
+    upstub_stats(e.up, &st);
+    CU_ASSERT_EQUAL(st.in_flight, 1); /* the slow fetch has not been answered yet */
+    CU_ASSERT(!g.done[b]);
+    /* The batch completes normally. */
+    CU_ASSERT(bg_wait_all(&g, WAIT_MS));
+    CU_ASSERT_EQUAL(g.r[b].rc, CURLE_OK);
+    CU_ASSERT_EQUAL(g.r[b].status, 200);
+    CU_ASSERT_EQUAL(result_count(&g.r[b]), 3);
+    CU_ASSERT(proc_wait_exit(&e.p, WAIT_MS));
+    CU_ASSERT(exited_with(e.p.status, 0));
+    char *log = proc_log(&e.p);
+    CU_ASSERT(strstr(log, "\"msg\":\"drained\",\"canceled\":0") != NULL);
+    CU_ASSERT(strstr(log, "\"msg\":\"stopped\"") != NULL);
+    if (!exited_with(e.p.status, 0))
+        fprintf(stderr, "\n  status 0x%x, log:\n%s\n", e.p.status, log);
+    free(log);
+    bg_free(&g);
+    curl_easy_cleanup(k);
+    env_free(&e);
+}
+
+static bool stub_canceled(void *arg)
+{
+    struct upstub_stats st;
+    upstub_stats(arg, &st);
+    return st.canceled >= 1;
+}
+
+/* A batch longer than --drain-ms is canceled and answered 503; exit 0 within drain + 1 s. */
+static void test_ops_drain_deadline(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--drain-ms", "300", "--timeout-ms", "30000", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    struct bg g;
+    bg_init(&g);
+    int b = bg_add(&g, e.p.port, "/v1/batch", "{\"ids\":[\"sleep20000-x\",\"x1\"]}");
+    CU_ASSERT_FATAL(bg_wait_stub(&g, e.up, "/items/sleep20000-x", 1, WAIT_MS));
+    int64_t t0 = ctx_now();
+    CU_ASSERT_FATAL(kill(e.p.pid, SIGTERM) == 0);
+    CU_ASSERT(bg_wait_all(&g, WAIT_MS));
+    int64_t answered = ctx_now() - t0;
+    CU_ASSERT_EQUAL(g.r[b].status, 503);
+    char code[64];
+    CU_ASSERT_STRING_EQUAL(err_code(&g.r[b], code, sizeof(code)), "overloaded");
+    CU_ASSERT(answered >= 290); /* not before the grace period */
+    CU_ASSERT(proc_wait_exit(&e.p, 5000));
+    int64_t exited = e.p.exit_ms - t0;
+    CU_ASSERT(exited_with(e.p.status, 0));
+    CU_ASSERT(exited <= 300 + 1000);
+    if (exited > 1300 || !exited_with(e.p.status, 0))
+        fprintf(stderr, "\n  exit after %lld ms, status 0x%x\n", (long long)exited, e.p.status);
+    char *log = proc_log(&e.p);
+    CU_ASSERT(strstr(log, "drain deadline passed") != NULL);
+    CU_ASSERT(strstr(log, "\"msg\":\"drained\",\"canceled\":1") != NULL);
+    free(log);
+    /* The stub saw fanout abandon the upstream fetch. */
+    CU_ASSERT(test_wait_until(stub_canceled, e.up, WAIT_MS));
+    bg_free(&g);
+    env_free(&e);
+}
+
+/* A second signal during the drain exits at once. */
+static void test_ops_second_signal(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--drain-ms", "60000", "--timeout-ms", "60000", "--max-timeout-ms", "60000",
+                    NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    struct bg g;
+    bg_init(&g);
+    bg_add(&g, e.p.port, "/v1/batch", "{\"ids\":[\"sleep30000-s\"]}");
+    CU_ASSERT_FATAL(bg_wait_stub(&g, e.up, "/items/sleep30000-s", 1, WAIT_MS));
+    CU_ASSERT_FATAL(kill(e.p.pid, SIGINT) == 0);
+    CU_ASSERT_FATAL(proc_wait_text(&e.p, "\"msg\":\"draining\"", WAIT_MS));
+    CU_ASSERT(!proc_wait_exit(&e.p, 0)); /* draining, waiting for the batch */
+    int64_t t0 = ctx_now();
+    CU_ASSERT_FATAL(kill(e.p.pid, SIGTERM) == 0);
+    CU_ASSERT(proc_wait_exit(&e.p, 2000));
+    CU_ASSERT(e.p.exit_ms - t0 <= 1000);
+    CU_ASSERT(exited_with(e.p.status, 1));
+    CU_ASSERT(proc_wait_text(&e.p, "second signal", 1000));
+    bg_wait_all(&g, WAIT_MS); /* the client sees the connection close */
+    bg_free(&g);
+    env_free(&e);
+}
+
+/* ---------------------------------------------------------------- logs */
+
+/* Every stderr line parsed; returns the number of lines, or -1 if one is not a JSON object
+ * with time, level and msg (printed). Fills lines[] (cJSON objects, caller deletes). */
+static int parse_log(const char *log, cJSON **lines, int max)
+{
+    int n = 0;
+    for (const char *p = log; *p;) {
+        const char *nl = strchr(p, '\n');
+        if (!nl) {
+            fprintf(stderr, "\n  unterminated log line: %s\n", p);
+            return -1;
+        }
+        cJSON *j = cJSON_ParseWithLength(p, (size_t)(nl - p));
+        const char *t = str(j, "time"), *lvl = str(j, "level");
+        bool time_ok = strlen(t) == 24 && t[4] == '-' && t[10] == 'T' && t[19] == '.' &&
+                       t[23] == 'Z';
+        bool lvl_ok = !strcmp(lvl, "error") || !strcmp(lvl, "warn") || !strcmp(lvl, "info") ||
+                      !strcmp(lvl, "debug");
+        if (!cJSON_IsObject(j) || !time_ok || !lvl_ok || !*str(j, "msg") || n == max) {
+            fprintf(stderr, "\n  bad log line: %.*s\n", (int)(nl - p), p);
+            cJSON_Delete(j);
+            return -1;
+        }
+        lines[n++] = j;
+        p = nl + 1;
+    }
+    return n;
+}
+
+static const cJSON *find_line(cJSON **lines, int n, const char *msg, const char *request_id)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcmp(str(lines[i], "msg"), msg) &&
+            (!request_id || !strcmp(str(lines[i], "request_id"), request_id)))
+            return lines[i];
+    return NULL;
+}
+
+static int line_index(cJSON **lines, int n, const char *msg)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcmp(str(lines[i], "msg"), msg))
+            return i;
+    return -1;
+}
+
+static void test_ops_logs_are_json_lines(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    char *args[] = {"--log-level", "debug", "--http-threads", "2", "--fetch-threads", "2", NULL};
+    CU_ASSERT_FATAL(env_start(&e, args, NULL));
+    struct resp r;
+    const char *h1[] = {"X-Request-Id: ops-log-ok", NULL};
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"la\",\"lb\",\"la\"]}", h1, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(r.request_id, "ops-log-ok");
+    resp_free(&r);
+    const char *h2[] = {"X-Request-Id: ops-log-fail", NULL};
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"lok\",\"fail-7\"]}", h2, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    resp_free(&r);
+    const char *h3[] = {"X-Request-Id: ops-log-bad", NULL};
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":", h3, &r);
+    CU_ASSERT_EQUAL(r.status, 400);
+    resp_free(&r);
+    const char *h4[] = {"X-Request-Id: ops-log-probe", NULL};
+    http(NULL, e.p.port, "/healthz", NULL, h4, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"gen\"]}", NULL, &r); /* generated id */
+    CU_ASSERT_EQUAL(r.status, 200);
+    char generated[160];
+    snprintf(generated, sizeof(generated), "%s", r.request_id);
+    CU_ASSERT(strlen(generated) > 0);
+    resp_free(&r);
+    CU_ASSERT_FATAL(stop_clean(&e.p));
+
+    char *log = proc_log(&e.p);
+    cJSON *lines[256];
+    int n = parse_log(log, lines, 256);
+    CU_ASSERT_FATAL(n > 0);
+    /* Startup: version, threads, the effective config. */
+    const cJSON *st = find_line(lines, n, "starting", NULL);
+    CU_ASSERT_FATAL(st != NULL);
+    CU_ASSERT_STRING_EQUAL(str(st, "level"), "info");
+    CU_ASSERT_STRING_EQUAL(str(st, "version"), FANOUT_VERSION);
+    CU_ASSERT_EQUAL(num(st, "http_threads"), 2);
+    CU_ASSERT_EQUAL(num(st, "fetch_threads"), 2);
+    CU_ASSERT_EQUAL(num(st, "port"), e.p.port);
+    const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(st, "config");
+    CU_ASSERT(cJSON_IsObject(cfg));
+    CU_ASSERT_STRING_EQUAL(str(cfg, "log_level"), "debug");
+    CU_ASSERT_STRING_EQUAL(str(cfg, "upstream"), e.upstream);
+    CU_ASSERT_EQUAL(line_index(lines, n, "starting"), 0);
+    /* One line per request with its fields. */
+    const cJSON *ok = find_line(lines, n, "request", "ops-log-ok");
+    CU_ASSERT_FATAL(ok != NULL);
+    CU_ASSERT_STRING_EQUAL(str(ok, "level"), "info");
+    CU_ASSERT_STRING_EQUAL(str(ok, "method"), "POST");
+    CU_ASSERT_STRING_EQUAL(str(ok, "path"), "/v1/batch");
+    CU_ASSERT_EQUAL(num(ok, "status"), 200);
+    CU_ASSERT_EQUAL(num(ok, "ids"), 3);
+    CU_ASSERT(num(ok, "duration_ms") >= 0);
+    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(ok, "error"));
+    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(ok, "failed_id"));
+    const cJSON *bad = find_line(lines, n, "request", "ops-log-fail");
+    CU_ASSERT_FATAL(bad != NULL);
+    CU_ASSERT_STRING_EQUAL(str(bad, "level"), "warn");
+    CU_ASSERT_EQUAL(num(bad, "status"), 502);
+    CU_ASSERT_EQUAL(num(bad, "ids"), 2);
+    CU_ASSERT_STRING_EQUAL(str(bad, "error"), "upstream_status");
+    CU_ASSERT_STRING_EQUAL(str(bad, "failed_id"), "fail-7");
+    const cJSON *b400 = find_line(lines, n, "request", "ops-log-bad");
+    CU_ASSERT_FATAL(b400 != NULL);
+    CU_ASSERT_EQUAL(num(b400, "status"), 400);
+    CU_ASSERT_STRING_EQUAL(str(b400, "error"), "bad_request");
+    const cJSON *pr = find_line(lines, n, "request", "ops-log-probe");
+    CU_ASSERT_FATAL(pr != NULL);
+    CU_ASSERT_STRING_EQUAL(str(pr, "level"), "debug");
+    CU_ASSERT_STRING_EQUAL(str(pr, "method"), "GET");
+    CU_ASSERT_STRING_EQUAL(str(pr, "path"), "/healthz");
+    CU_ASSERT_PTR_NOT_NULL(find_line(lines, n, "request", generated));
+    int requests = 0;
+    for (int i = 0; i < n; i++)
+        requests += !strcmp(str(lines[i], "msg"), "request");
+    CU_ASSERT_EQUAL(requests, 5);
+    /* Shutdown, in order, after the requests. */
+    int dr = line_index(lines, n, "draining"), dd = line_index(lines, n, "drained"),
+        sp = line_index(lines, n, "stopped");
+    CU_ASSERT(dr > 0 && dd > dr && sp > dd && sp == n - 1);
+    CU_ASSERT_EQUAL(num(lines[sp], "requests"), 5);
+    for (int i = 0; i < n; i++)
+        cJSON_Delete(lines[i]);
+    free(log);
+    env_free(&e);
+}
+
+static void test_ops_log_level_warn(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    memset(&e, 0, sizeof(e));
+    CU_ASSERT_FATAL(upstub_new(1, &e.up) == 0);
+    upstub_url(e.up, e.upstream, sizeof(e.upstream), "/items/{id}");
+    char *env[] = {"FANOUT_LOG_LEVEL=warn", NULL};
+    char *args[] = {"--upstream", e.upstream, NULL};
+    CU_ASSERT_FATAL(server_start_opt(&e.p, args, env, true));
+    struct resp r;
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"w1\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    http(NULL, e.p.port, "/v1/batch", "{\"ids\":[\"fail-w\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    resp_free(&r);
+    CU_ASSERT_FATAL(stop_clean(&e.p));
+    char *log = proc_log(&e.p);
+    cJSON *lines[64];
+    int n = parse_log(log, lines, 64);
+    CU_ASSERT_EQUAL(n, 1); /* only the 502 */
+    if (n != 1)
+        fprintf(stderr, "\n  log:\n%s\n", log);
+    for (int i = 0; i < n; i++) {
+        CU_ASSERT_STRING_EQUAL(str(lines[i], "level"), "warn");
+        CU_ASSERT_EQUAL(num(lines[i], "status"), 502);
+        cJSON_Delete(lines[i]);
+    }
+    free(log);
+    env_free(&e);
+}
+
+/* ---------------------------------------------------------------- the demo, drained */
+
+/* fanout --demo with work of every kind, drained with a batch still running: exit 0, which
+ * under make asan also means no leak in any thread's teardown. */
+static void test_ops_demo_drain_exit_clean(void)
+{
+    if (!have_bin())
+        return;
+    struct proc p;
+    char *args[] = {"--demo", "--drain-ms", "200", NULL};
+    CU_ASSERT_FATAL(server_start(&p, args, NULL));
+    struct resp r;
+    http(NULL, p.port, "/v1/batch", "{\"ids\":[\"a\",\"b\",7,\"a\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(result_count(&r), 4);
+    resp_free(&r);
+    http(NULL, p.port, "/v1/batch", "{\"ids\":[\"fail-1\",\"sleep300\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    resp_free(&r);
+    http(NULL, p.port, "/v1/batch", "{\"ids\":[\"sleep2000\"],\"timeout_ms\":50}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 504);
+    resp_free(&r);
+    struct bg g;
+    bg_init(&g);
+    int b = bg_add(&g, p.port, "/v1/batch", "{\"ids\":[\"sleep10000\",\"z\"]}");
+    /* Pump until the batch is admitted (its request fully sent), then signal. */
+    struct metric_wait w = {.port = p.port, .name = "fanout_requests_in_flight", .want = 1};
+    int64_t until = ctx_now() + WAIT_MS;
+    bool admitted = false;
+    while (!admitted && ctx_now() < until) {
+        bg_pump(&g, 20);
+        admitted = metric_reached(&w);
+    }
+    CU_ASSERT_FATAL(admitted);
+    kill(p.pid, SIGTERM);
+    CU_ASSERT(bg_wait_all(&g, WAIT_MS));
+    CU_ASSERT_EQUAL(g.r[b].status, 503);
+    CU_ASSERT(proc_wait_exit(&p, WAIT_MS));
+    CU_ASSERT(exited_with(p.status, 0));
+    char *log = proc_log(&p);
+    if (!exited_with(p.status, 0))
+        fprintf(stderr, "\n  status 0x%x, log:\n%s\n", p.status, log);
+    CU_ASSERT(strstr(log, "LeakSanitizer") == NULL && strstr(log, "ERROR: AddressSanitizer") == NULL);
+    free(log);
+    bg_free(&g);
+    proc_free(&p);
+}
+
+static CU_TestInfo ops_tests[] = {
+    {"--version prints the version, exit 0", test_ops_version},
+    {"--help lists every flag", test_ops_help_lists_every_flag},
+    {"invalid configuration exits 2 with one line naming the flag", test_ops_invalid_config_exits_2},
+    {"--check-config prints the effective config; flags beat env",
+     test_ops_check_config_effective_values},
+    {"config_parse: defaults, env, flags win, actions", test_ops_config_values_and_precedence},
+    {"config_parse: bad values rejected, naming the flag", test_ops_config_rejects_bad_values},
+    {"config: --help and the JSON list the same settings", test_ops_config_usage_and_json},
+    {"metrics: known requests move counters by exact amounts", test_ops_metrics_exact_amounts},
+    {"metrics: admission rejections and in-flight gauges", test_ops_metrics_admission_rejections},
+    {"metrics under load: promtool and the strict parser", test_ops_metrics_under_load},
+    {"healthz/readyz while serving; SIGHUP ignored", test_ops_probes_and_sighup},
+    {"SIGTERM: readyz 503, new connections refused, batch completes, exit 0",
+     test_ops_sigterm_drains},
+    {"drain deadline: batch 503, exit 0 within drain + 1 s", test_ops_drain_deadline},
+    {"a second signal exits at once", test_ops_second_signal},
+    {"logs: JSON lines with the request fields", test_ops_logs_are_json_lines},
+    {"--log-level warn (from the environment) keeps only warnings", test_ops_log_level_warn},
+    {"--demo: drain with work in flight, exit 0 (leak-checked under asan)",
+     test_ops_demo_drain_exit_clean},
+    CU_TEST_INFO_NULL,
+};
+TEST_SUITE(ops, ops_tests)
