@@ -78,8 +78,8 @@ void ctx_free(struct ctx *c);
 
 /* Arranges for fn(arg) to run once when 'c' is done, on the thread that makes it done, with no
  * lock held; fn must not block. If 'c' is already done, fn runs at once on this thread. 'h' must
- * stay valid until fn has run or ctx_hook_remove() has returned. Returns 0, or -EINVAL if the
- * hook is already armed. */
+ * stay valid until fn has run or ctx_hook_remove() has returned, and must not be armed already
+ * (its previous use must have fired or been removed). Returns 0, or -EINVAL for a NULL argument. */
 int ctx_hook_add(struct ctx *c, struct ctx_hook *h, void (*fn)(void *), void *arg);
 
 /* Disarms 'h'. Returns true if fn will never run; false if it has run or is running, in which

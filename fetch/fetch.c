@@ -38,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ctx/ctx.h"
@@ -48,6 +49,13 @@
 
 struct fetch_loop;
 
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 /* One transfer, from fetch_get() to its callback. Owned by its loop once queued. */
 struct xfer {
     struct xfer *next, *prev; /* on the inbox, the waiting FIFO or the active list */
@@ -57,7 +65,7 @@ struct xfer {
     fetch_cb cb;              /* the caller's callback and its argument */
     void *arg;
     size_t max_body;              /* body cap in bytes */
-    int64_t t0;                   /* ctx_now() at fetch_get() */
+    int64_t t0_us;                /* monotonic microseconds at fetch_get() */
     CURL *easy;                   /* the easy handle while started, else NULL */
     struct curl_slist *hdrs;      /* extra request headers while started */
     char *body;                   /* received body (NUL-terminated room kept), or NULL */
@@ -324,7 +332,8 @@ static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *
         free(x->body);
     }
     x->body = NULL;
-    r.elapsed_ms = ctx_now() - x->t0;
+    r.elapsed_us = now_us() - x->t0_us;
+    r.elapsed_ms = r.elapsed_us / 1000;
     atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&f->bytes, x->received, memory_order_relaxed);
     atomic_fetch_sub_explicit(&f->in_flight, 1, memory_order_relaxed);
@@ -584,7 +593,7 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     x->cb = r->cb;
     x->arg = r->arg;
     x->max_body = r->max_body ? r->max_body : f->opts.max_body;
-    x->t0 = ctx_now();
+    x->t0_us = now_us();
     x->ctx = ctx_ref(c);
     atomic_fetch_add_explicit(&f->in_flight, 1, memory_order_relaxed);
     ctx_hook_add(c, &x->hook, on_ctx_done, l); /* fires at once if c is already done */

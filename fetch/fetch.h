@@ -47,7 +47,8 @@ struct fetch_result {
                            it and must free() it. Only for err 0 and FETCH_ESTATUS; NULL for
                            other errors and for an empty body */
     size_t len;         /* body length in bytes */
-    int64_t elapsed_ms; /* from fetch_get() to completion */
+    int64_t elapsed_ms; /* from fetch_get() to completion, milliseconds */
+    int64_t elapsed_us; /* the same in microseconds (for latency histograms) */
     const char *detail; /* human-readable reason for err (curl's text where there is one); valid
                            only during the callback */
 };

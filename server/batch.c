@@ -285,7 +285,7 @@ static void on_fetched(void *arg, struct fetch_result *res)
         sl->detail = strdup(res->detail ? res->detail : "");
         record_fail(b, sl);
     }
-    metrics_observe(&b->r->s->metrics.fetch_seconds, res->elapsed_ms * 1000);
+    metrics_observe(&b->r->s->metrics.fetch_seconds, res->elapsed_us);
     eg_complete(b->g, res->err); /* last: the group may end and the request resume here */
 }
 

@@ -26,11 +26,11 @@
 enum kind { K_LISTEN, K_STRING, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL };
 
 struct opt {
-    const char *name;  /* flag without the leading dashes */
-    enum kind kind;    /* how to parse it */
-    size_t off;        /* field offset in struct srv_config */
-    int64_t min, max;  /* bounds for numbers */
-    const char *help;  /* one line for --help */
+    const char *name; /* flag without the leading dashes */
+    enum kind kind;   /* how to parse it */
+    size_t off;       /* field offset in struct srv_config */
+    int64_t min, max; /* bounds for numbers */
+    const char *help; /* one line for --help */
 };
 
 #define F(field) offsetof(struct srv_config, field)
@@ -53,10 +53,12 @@ static const struct opt opts[] = {
      "request body, bytes [1MiB]"},
     {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
     {"fetch-threads", K_UINT, F(fetch_threads), 1, 256, "upstream fetch loop threads [CPUs]"},
-    {"drain-ms", K_MS, F(drain_ms), 0, 3600000, "grace period for in-flight batches on SIGTERM [10000]"},
+    {"drain-ms", K_MS, F(drain_ms), 0, 3600000,
+     "grace period for in-flight batches on SIGTERM [10000]"},
     {"log-level", K_LEVEL, F(log_level), 0, 0, "error, warn, info or debug [info]"},
     {"max-clients", K_UINT, F(max_clients), 1, 1000000, "client connections open at once [10000]"},
-    {"idle-timeout-s", K_UINT, F(idle_timeout_s), 1, 86400, "idle client connection timeout, s [60]"},
+    {"idle-timeout-s", K_UINT, F(idle_timeout_s), 1, 86400,
+     "idle client connection timeout, s [60]"},
     {"connect-timeout-ms", K_MS, F(connect_timeout_ms), 1, 3600000,
      "upstream connect timeout, ms (the request deadline still bounds it) [2000]"},
     {"h2c", K_BOOL, F(h2c), 0, 0, "speak HTTP/2 (prior knowledge, cleartext) to the upstream"},
@@ -115,7 +117,7 @@ static bool parse_num(const char *v, bool size, int64_t *out)
         static const struct {
             const char *sfx;
             uint64_t mult;
-        } sfx[] = {{"KiB", 1024}, {"K", 1024},       {"k", 1024},      {"MiB", 1 << 20},
+        } sfx[] = {{"KiB", 1024},  {"K", 1024},       {"k", 1024},     {"MiB", 1 << 20},
                    {"M", 1 << 20}, {"GiB", 1u << 30}, {"G", 1u << 30}, {"B", 1}};
         size_t i;
         for (i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++)
@@ -193,7 +195,8 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
     case K_MS:
     case K_SIZE:
         if (!parse_num(v, o->kind == K_SIZE, &n) || n < o->min || n > o->max)
-            return fail(err, errlen, "%s: want a whole number from %" PRId64 " to %" PRId64 "%s, got \"%s\"",
+            return fail(err, errlen,
+                        "%s: want a whole number from %" PRId64 " to %" PRId64 "%s, got \"%s\"",
                         label, o->min, o->max,
                         o->kind == K_SIZE ? " (optional KiB/MiB/GiB suffix)" : "", v);
         if (o->kind == K_INT)
@@ -303,8 +306,8 @@ static int next_item(int argc, char **argv, int *i, enum item *it, const struct 
     return 0;
 }
 
-int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
-                 char *err, size_t errlen)
+int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action, char *err,
+                 size_t errlen)
 {
     *action = CONFIG_RUN;
     enum item it;
@@ -355,11 +358,12 @@ const char *config_level_name(enum log_level l)
 
 void config_usage(FILE *out)
 {
-    fprintf(out, "usage: fanout [flags]\n"
-                 "Fetches batches of ids from an upstream HTTP service concurrently.\n"
-                 "POST /v1/batch {\"ids\":[...],\"timeout_ms\":N}; GET /healthz /readyz /metrics.\n\n"
-                 "Each flag --name may also be set as FANOUT_NAME (dashes as underscores); flags "
-                 "win.\n\n");
+    fprintf(out,
+            "usage: fanout [flags]\n"
+            "Fetches batches of ids from an upstream HTTP service concurrently.\n"
+            "POST /v1/batch {\"ids\":[...],\"timeout_ms\":N}; GET /healthz /readyz /metrics.\n\n"
+            "Each flag --name may also be set as FANOUT_NAME (dashes as underscores); flags "
+            "win.\n\n");
     for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
         const struct opt *o = &opts[i];
         char flag[48];
@@ -367,8 +371,8 @@ void config_usage(FILE *out)
         fprintf(out, "  %-24s %s\n", flag, o->help);
     }
     fprintf(out, "  %-24s %s\n  %-24s %s\n  %-24s %s\n", "--check-config",
-            "validate flags and environment, print the effective config as JSON, exit",
-            "--version", "print the version and exit", "-h, --help", "this text");
+            "validate flags and environment, print the effective config as JSON, exit", "--version",
+            "print the version and exit", "-h, --help", "this text");
 }
 
 void config_print_json(const struct srv_config *c, FILE *out)
@@ -382,18 +386,17 @@ void config_print_json(const struct srv_config *c, FILE *out)
     json_append_string(&b, listen, strlen(listen));
     json_buf_append_str(&b, ",\"upstream\":");
     json_append_string(&b, c->upstream, strlen(c->upstream));
-    json_buf_printf(&b,
-                    ",\"demo\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
-                    "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
-                    ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"http_threads\":%u,"
-                    "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
-                    "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64
-                    ",\"h2c\":%s}",
-                    c->demo ? "true" : "false", c->limit, c->max_conns, c->max_batch,
-                    c->max_requests, c->timeout_ms, c->max_timeout_ms, c->max_body,
-                    c->max_request_bytes, c->http_threads, c->fetch_threads, c->drain_ms,
-                    config_level_name(c->log_level), c->max_clients, c->idle_timeout_s,
-                    c->connect_timeout_ms, c->h2c ? "true" : "false");
+    json_buf_printf(
+        &b,
+        ",\"demo\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
+        "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
+        ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"http_threads\":%u,"
+        "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
+        "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s}",
+        c->demo ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
+        c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->http_threads,
+        c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
+        c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false");
     if (!json_buf_failed(&b))
         fwrite(b.data, 1, b.len, out);
     json_buf_destroy(&b);

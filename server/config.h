@@ -14,26 +14,26 @@
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
 
 struct srv_config {
-    char listen_host[256];       /* --listen host part (IPv4/IPv6 literal or name) */
-    uint16_t listen_port;        /* --listen port; 0 picks a free one */
-    char upstream[2048];         /* --upstream URL template with {id}; empty with --demo */
-    bool demo;                   /* --demo: serve the built-in demo upstream and use it */
-    int limit;                   /* --limit: in-flight fetches per request */
-    unsigned max_conns;          /* --max-conns: upstream connections, all loops together */
-    unsigned max_batch;          /* --max-batch: ids per request */
-    unsigned max_requests;       /* --max-requests: batches in flight before 503 */
-    int64_t timeout_ms;          /* --timeout-ms: default request deadline */
-    int64_t max_timeout_ms;      /* --max-timeout-ms: largest request deadline */
-    size_t max_body;             /* --max-body: upstream body per id, bytes */
-    size_t max_request_bytes;    /* --max-request-bytes: request body, bytes */
-    unsigned http_threads;       /* --http-threads: libmicrohttpd worker threads */
-    unsigned fetch_threads;      /* --fetch-threads: fetch loop threads */
-    int64_t drain_ms;            /* --drain-ms: grace period on SIGTERM */
-    enum log_level log_level;    /* --log-level */
-    unsigned max_clients;        /* --max-clients: client connections held open at once */
-    unsigned idle_timeout_s;     /* --idle-timeout-s: idle client connection timeout */
-    int64_t connect_timeout_ms;  /* --connect-timeout-ms: upstream connect phase cap */
-    bool h2c;                    /* --h2c: HTTP/2 prior knowledge to the upstream */
+    char listen_host[256];      /* --listen host part (IPv4/IPv6 literal or name) */
+    uint16_t listen_port;       /* --listen port; 0 picks a free one */
+    char upstream[2048];        /* --upstream URL template with {id}; empty with --demo */
+    bool demo;                  /* --demo: serve the built-in demo upstream and use it */
+    int limit;                  /* --limit: in-flight fetches per request */
+    unsigned max_conns;         /* --max-conns: upstream connections, all loops together */
+    unsigned max_batch;         /* --max-batch: ids per request */
+    unsigned max_requests;      /* --max-requests: batches in flight before 503 */
+    int64_t timeout_ms;         /* --timeout-ms: default request deadline */
+    int64_t max_timeout_ms;     /* --max-timeout-ms: largest request deadline */
+    size_t max_body;            /* --max-body: upstream body per id, bytes */
+    size_t max_request_bytes;   /* --max-request-bytes: request body, bytes */
+    unsigned http_threads;      /* --http-threads: libmicrohttpd worker threads */
+    unsigned fetch_threads;     /* --fetch-threads: fetch loop threads */
+    int64_t drain_ms;           /* --drain-ms: grace period on SIGTERM */
+    enum log_level log_level;   /* --log-level */
+    unsigned max_clients;       /* --max-clients: client connections held open at once */
+    unsigned idle_timeout_s;    /* --idle-timeout-s: idle client connection timeout */
+    int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
+    bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
 };
 
 /* What the command line asked for besides serving. */
@@ -48,8 +48,8 @@ void config_defaults(struct srv_config *c);
  * {id}, url.h) or --demo, --timeout-ms <= --max-timeout-ms, --max-conns >= --fetch-threads.
  * Returns 0 and the action in *action, or -EINVAL with a one-line reason naming the flag (and
  * the FANOUT_* variable when the value came from the environment) in err. Not thread-safe. */
-int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action,
-                 char *err, size_t errlen);
+int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action, char *err,
+                 size_t errlen);
 
 /* Prints --help text. */
 void config_usage(FILE *out);

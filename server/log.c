@@ -23,15 +23,15 @@
 #define LOG_FLUSH_MS 1000
 
 struct log {
-    int fd;                         /* where lines go */
-    enum log_level level;           /* most verbose level written */
-    atomic_uint_fast64_t *dropped;  /* drop counter, or NULL */
-    pthread_mutex_t mu;             /* guards the ring */
-    pthread_cond_t cv;              /* data queued, or stop */
-    char *ring;                     /* cap bytes */
-    size_t cap, head, len;          /* size, first unread byte, bytes queued; guarded by mu */
-    atomic_bool stop;               /* log_free() has begun; set under mu (for cv), read anywhere */
-    pthread_t thread;               /* the writer */
+    int fd;                        /* where lines go */
+    enum log_level level;          /* most verbose level written */
+    atomic_uint_fast64_t *dropped; /* drop counter, or NULL */
+    pthread_mutex_t mu;            /* guards the ring */
+    pthread_cond_t cv;             /* data queued, or stop */
+    char *ring;                    /* cap bytes */
+    size_t cap, head, len;         /* size, first unread byte, bytes queued; guarded by mu */
+    atomic_bool stop;              /* log_free() has begun; set under mu (for cv), read anywhere */
+    pthread_t thread;              /* the writer */
 };
 
 static int64_t mono_ms(void)
@@ -151,9 +151,10 @@ void log_begin(struct json_buf *b, enum log_level level, const char *msg)
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
-    json_buf_printf(b, "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":",
-                    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                    tm.tm_sec, ts.tv_nsec / 1000000, config_level_name(level));
+    json_buf_printf(b,
+                    "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":",
+                    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                    ts.tv_nsec / 1000000, config_level_name(level));
     json_append_string(b, msg, strlen(msg));
 }
 

@@ -18,14 +18,13 @@
 #include "server/json.h"
 #include "server/version.h"
 
-
 /* Upper bounds in microseconds and their rendering; the last bucket is +Inf. */
-static const int64_t bound_us[METRICS_BUCKETS - 1] = {
-    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000,
-    10000000};
-static const char *const bound_txt[METRICS_BUCKETS] = {
-    "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
-    "0.25",  "0.5",    "1",     "2.5",  "5",     "10",   "+Inf"};
+static const int64_t bound_us[METRICS_BUCKETS - 1] = {1000,    2500,    5000,    10000,  25000,
+                                                      50000,   100000,  250000,  500000, 1000000,
+                                                      2500000, 5000000, 10000000};
+static const char *const bound_txt[METRICS_BUCKETS] = {"0.001", "0.0025", "0.005", "0.01", "0.025",
+                                                       "0.05",  "0.1",    "0.25",  "0.5",  "1",
+                                                       "2.5",   "5",      "10",    "+Inf"};
 
 void metrics_init(struct metrics *m)
 {
@@ -86,8 +85,8 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struc
         if (v)
             json_buf_printf(o, "fanout_requests_total{code=\"%u\"} %" PRIu64 "\n", s, v);
     }
-    hist(o, "fanout_request_duration_seconds", "Time from a request's first byte to its completion, in seconds.",
-         &m->request_seconds);
+    hist(o, "fanout_request_duration_seconds",
+         "Time from a request's first byte to its completion, in seconds.", &m->request_seconds);
     family(o, "fanout_fetches_total", "counter", "Upstream fetches completed, by result.");
     const struct {
         const char *label;
@@ -101,9 +100,11 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struc
     for (size_t i = 0; i < sizeof(res) / sizeof(res[0]); i++)
         json_buf_printf(o, "fanout_fetches_total{result=\"%s\"} %" PRIu64 "\n", res[i].label,
                         res[i].v);
-    hist(o, "fanout_fetch_duration_seconds", "Upstream fetch duration in seconds, from its start (after the --limit queue) to its end.",
+    hist(o, "fanout_fetch_duration_seconds",
+         "Upstream fetch duration in seconds, from its start (after the --limit queue) to its end.",
          &m->fetch_seconds);
-    family(o, "fanout_requests_in_flight", "gauge", "Batch requests admitted and not yet answered.");
+    family(o, "fanout_requests_in_flight", "gauge",
+           "Batch requests admitted and not yet answered.");
     json_buf_printf(o, "fanout_requests_in_flight %" PRIdFAST64 "\n",
                     atomic_load_explicit(&m->in_flight, memory_order_relaxed));
     family(o, "fanout_fetches_in_flight", "gauge", "Upstream fetches submitted and not completed.");
@@ -122,7 +123,6 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struc
     family(o, "fanout_process_start_time_seconds", "gauge", "Start time since the Unix epoch.");
     json_buf_printf(o, "fanout_process_start_time_seconds %.3f\n", m->start_time);
     family(o, "fanout_build_info", "gauge", "Build information; the value is always 1.");
-    json_buf_printf(o,
-                    "fanout_build_info{version=\"%s\",libcurl=\"%s\",libmicrohttpd=\"%s\"} 1\n",
+    json_buf_printf(o, "fanout_build_info{version=\"%s\",libcurl=\"%s\",libmicrohttpd=\"%s\"} 1\n",
                     FANOUT_VERSION, curl_version_info(CURLVERSION_NOW)->version, MHD_get_version());
 }

@@ -20,13 +20,13 @@ struct metrics_hist {
 };
 
 struct metrics {
-    atomic_uint_fast64_t by_status[600];  /* requests answered, by HTTP status 0..599 */
-    struct metrics_hist request_seconds;  /* request duration */
-    struct metrics_hist fetch_seconds;    /* upstream fetch duration */
-    atomic_uint_fast64_t rejected;        /* 503 overloaded answers (admission or draining) */
-    atomic_int_fast64_t in_flight;        /* batch requests admitted and not yet answered */
-    atomic_uint_fast64_t log_dropped;     /* log lines dropped because stderr was slow */
-    double start_time;                    /* process start, seconds since the epoch */
+    atomic_uint_fast64_t by_status[600]; /* requests answered, by HTTP status 0..599 */
+    struct metrics_hist request_seconds; /* request duration */
+    struct metrics_hist fetch_seconds;   /* upstream fetch duration */
+    atomic_uint_fast64_t rejected;       /* 503 overloaded answers (admission or draining) */
+    atomic_int_fast64_t in_flight;       /* batch requests admitted and not yet answered */
+    atomic_uint_fast64_t log_dropped;    /* log lines dropped because stderr was slow */
+    double start_time;                   /* process start, seconds since the epoch */
 };
 
 /* Zeroes 'm' and records the start time. */

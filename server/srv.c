@@ -4,13 +4,22 @@
  * thread pool); every handler call happens on one of them. A batch suspends its connection and
  * is resumed from a fetch loop thread when its group ends (server/batch.c). Responses are queued
  * on the handler call after the first, never on the first (libmicrohttpd 0.9.75 closes the
- * connection otherwise), except a body refused by its Content-Length.
+ * connection otherwise), except a body refused by its Content-Length. A body without one that
+ * grows past --max-request-bytes is read to its end and dropped (up to DISCARD_MAX), then
+ * answered 413: libmicrohttpd refuses a response queued while the body is still arriving.
  *
- * LIFECYCLE: srv_new() starts the log writer, the watch thread, the fetch loops, the demo
- * upstream and the daemon. srv_drain() turns /readyz to 503, stops accepting, waits for batches
- * in flight until the drain deadline, cancels the rest (they answer 503) and waits for their
- * answers. srv_free() stops the daemon (no connection is suspended any more) and then every
- * other thread, in reverse order of creation. */
+ * OBSERVABILITY: every request is counted (by status) and timed at completion, in
+ * on_completed(), and logged there as one JSON line: batches at info (5xx at warn), probes and
+ * /metrics at debug. Counters are relaxed atomics (metrics.h); a scrape reads them without a
+ * lock. Log lines are copied into the log writer's ring, never written on a worker.
+ *
+ * LIFECYCLE: srv_new() starts the log writer, the ctx timer thread (ctx.h starts it on the first
+ * deadline; arming one here moves that out of the first request), the watch thread, the fetch
+ * loops, the demo upstream and the daemon. srv_drain() turns /readyz to 503, stops accepting,
+ * waits for batches in flight until the drain deadline, cancels the rest (they answer 503) and
+ * waits for their answers, logging each step. srv_free() stops the daemon (no connection is
+ * suspended any more) and then every other thread, in reverse order of creation; the ctx timer
+ * is process-wide and stopped by ctx_shutdown() in main. */
 #include "server/srv_internal.h"
 
 #include <arpa/inet.h>
@@ -21,6 +30,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -34,6 +45,9 @@
 #include "server/watch.h"
 
 #define LOG_RING_BYTES (4u << 20)
+/* Body bytes of a request already refused as too large that are read and dropped before the
+ * connection is closed instead. */
+#define DISCARD_MAX ((size_t)1 << 20)
 /* After the drain deadline, how long canceled batches get to send their 503s. */
 #define DRAIN_CANCEL_GRACE_MS 5000
 
@@ -62,10 +76,9 @@ enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, c
     if (status == MHD_HTTP_SERVICE_UNAVAILABLE)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, "1");
     if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
-                                r->route == R_BAD_METHOD && !strcmp(r->path, "/v1/batch")
-                                    ? "POST"
-                                    : "GET, HEAD");
+        MHD_add_response_header(
+            resp, MHD_HTTP_HEADER_ALLOW,
+            r->route == R_BAD_METHOD && !strcmp(r->path, "/v1/batch") ? "POST" : "GET, HEAD");
     /* While draining, a client should take its next request elsewhere: close after answering.
      * Probes keep their connection unless the answer is 503, so a prober sees /readyz turn 503
      * on the connection it holds instead of a 200 that closes it. */
@@ -74,8 +87,10 @@ enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, c
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
-    r->answered = true;
-    r->status = status;
+    if (ret == MHD_YES) { /* otherwise the connection closes unanswered (status 0) */
+        r->answered = true;
+        r->status = status;
+    }
     return ret;
 }
 
@@ -159,8 +174,7 @@ static enum MHD_Result serve_metrics(struct req *r)
     }
     size_t len;
     char *body = json_buf_take(&b, &len);
-    return srv_respond(r, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len,
-                       true);
+    return srv_respond(r, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len, true);
 }
 
 static enum MHD_Result dispatch(struct req *r)
@@ -198,12 +212,12 @@ static enum MHD_Result body_too_large(struct req *r)
     return srv_error(r, 413, "body_too_large", msg, NULL);
 }
 
-/* Reads the body into r->body. Returns false when the cap is passed. */
-static bool take_body(struct req *r, const char *data, size_t n)
+/* Appends to r->body. Returns 0, -E2BIG when --max-request-bytes is passed, or -ENOMEM. */
+static int take_body(struct req *r, const char *data, size_t n)
 {
     size_t cap = r->s->cfg.max_request_bytes;
     if (n > cap - r->body_len)
-        return false;
+        return -E2BIG;
     if (r->body_len + n + 1 > r->body_cap) {
         size_t want = r->body_cap ? r->body_cap : 4096;
         while (want < r->body_len + n + 1)
@@ -212,20 +226,19 @@ static bool take_body(struct req *r, const char *data, size_t n)
             want = cap + 1;
         char *nb = realloc(r->body, want);
         if (!nb)
-            return false;
+            return -ENOMEM;
         r->body = nb;
         r->body_cap = want;
     }
     memcpy(r->body + r->body_len, data, n);
     r->body_len += n;
     r->body[r->body_len] = '\0';
-    return true;
+    return 0;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **req_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **req_cls)
 {
     (void)version;
     struct srv *s = cls;
@@ -264,12 +277,27 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_YES; /* discard */
         if (r->route != R_BATCH)
             return MHD_YES; /* bodies of other routes are ignored */
-        if (!take_body(r, upload_data, n))
-            return body_too_large(r);
-        return MHD_YES;
+        if (r->too_large) {
+            /* libmicrohttpd cannot queue a response while the body is still arriving, so the
+             * rest of a body without Content-Length is read and dropped, and 413 answered at
+             * its end; a client that keeps sending past DISCARD_MAX is cut off instead. */
+            r->discarded += n;
+            return r->discarded > DISCARD_MAX ? MHD_NO : MHD_YES;
+        }
+        int rc = take_body(r, upload_data, n);
+        if (rc == -E2BIG) {
+            r->too_large = true;
+            r->discarded = n;
+            free(r->body);
+            r->body = NULL;
+            r->body_len = r->body_cap = 0;
+        }
+        return rc == -ENOMEM ? MHD_NO : MHD_YES;
     }
     if (r->answered)
         return MHD_YES;
+    if (r->too_large)
+        return body_too_large(r);
     return dispatch(r);
 }
 
@@ -355,7 +383,8 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
 static int resolve_listen(const struct srv_config *c, struct sockaddr_storage *ss, char *err,
                           size_t errlen)
 {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
     struct addrinfo *res;
     char port[8];
@@ -378,8 +407,11 @@ static void log_startup(struct srv *s)
     struct json_buf b;
     json_buf_init(&b);
     log_begin(&b, LOG_INFO, "starting");
-    json_buf_printf(&b, ",\"version\":\"%s\",\"port\":%u,\"http_threads\":%u,\"fetch_threads\":%u",
-                    FANOUT_VERSION, s->port, s->cfg.http_threads, s->cfg.fetch_threads);
+    json_buf_printf(&b,
+                    ",\"version\":\"%s\",\"pid\":%ld,\"port\":%u,\"http_threads\":%u,"
+                    "\"fetch_threads\":%u",
+                    FANOUT_VERSION, (long)getpid(), s->port, s->cfg.http_threads,
+                    s->cfg.fetch_threads);
     json_buf_append_str(&b, ",\"upstream\":");
     json_append_string(&b, s->upstream, strlen(s->upstream));
     json_buf_append_str(&b, ",\"config\":");
@@ -406,7 +438,6 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         return -ENOMEM;
     }
     s->cfg = *cfg;
-    s->listen_fd = -1;
     metrics_init(&s->metrics);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
@@ -474,8 +505,8 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 4096, NULL},
         {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
-        {cfg->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
-         cfg->http_threads, NULL},
+        {cfg->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->http_threads,
+         NULL},
         {MHD_OPTION_END, 0, NULL},
     };
     s->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_ARRAY, opts,
@@ -527,19 +558,33 @@ static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const
     json_buf_destroy(&b);
 }
 
+/* Stops accepting: new connections are refused and those waiting in the backlog are reset.
+ *
+ * Not MHD_quiesce_daemon(): in libmicrohttpd 0.9.75 it races with the epoll workers, which also
+ * remove the listening socket from their epoll sets once they see the daemon quiesced; the loser
+ * gets ENOENT and MHD_PANIC()s, aborting the process (seen about once in 2,700 drains here).
+ * Instead the listening socket's descriptor is replaced, with dup3(), by an eventfd that never
+ * becomes ready: the kernel closes the socket (so connects are refused at once and epoll drops it
+ * from every worker's set by itself), libmicrohttpd keeps a valid descriptor that it never sees
+ * ready, and closes it as usual in MHD_stop_daemon(). */
+static void close_listener(struct srv *s)
+{
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_LISTEN_FD);
+    int efd = eventfd(0, EFD_CLOEXEC);
+    if (!di || efd < 0 || dup3(efd, di->listen_fd, O_CLOEXEC) < 0)
+        log_msg(s->log, LOG_WARN, "could not close the listening socket; it stays open until exit");
+    if (efd >= 0)
+        close(efd);
+}
+
 void srv_drain_start(struct srv *s)
 {
     if (atomic_exchange(&s->draining, true))
         return;
     log_fields(s, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
                atomic_load(&s->metrics.in_flight), s->cfg.drain_ms);
-    if (s->mhd) {
-        s->listen_fd = MHD_quiesce_daemon(s->mhd);
-        /* Refuse new connections now (pending ones too) instead of leaving them in the backlog;
-         * the fd itself is closed only after the daemon stops. */
-        if (s->listen_fd >= 0)
-            shutdown(s->listen_fd, SHUT_RDWR);
-    }
+    if (s->mhd)
+        close_listener(s);
 }
 
 int64_t srv_in_flight(struct srv *s)
@@ -599,8 +644,6 @@ void srv_free(struct srv *s)
         srv_drain(s, s->cfg.drain_ms);
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
-    if (s->listen_fd >= 0)
-        close(s->listen_fd);
     fetch_free(s->fetch);
     watch_free(s->watch);
     demo_stop(s->demo);

@@ -24,7 +24,6 @@ enum route { R_BATCH, R_HEALTHZ, R_READYZ, R_METRICS, R_NOT_FOUND, R_BAD_METHOD 
 struct srv {
     struct srv_config cfg;         /* effective configuration */
     struct MHD_Daemon *mhd;        /* the front end */
-    int listen_fd;                 /* returned by quiesce; closed after the daemon stops */
     struct fetch *fetch;           /* the upstream engine */
     struct watch *watch;           /* disconnect watch for suspended connections */
     struct log *log;               /* JSON line writer */
@@ -53,6 +52,8 @@ struct req {
     bool bad_request_id;           /* the client's X-Request-Id was unusable (batch: 400) */
     char *body;                    /* request body (batch only), NUL-terminated */
     size_t body_len, body_cap;     /* bytes read, allocated */
+    bool too_large;                /* the body passed --max-request-bytes: 413 once it ends */
+    size_t discarded;              /* body bytes dropped since then */
     bool admitted;                 /* counted in metrics.in_flight */
     bool answered;                 /* a response was queued */
     unsigned status;               /* status of the queued response */

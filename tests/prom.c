@@ -284,8 +284,7 @@ static int comment_line(struct parser *ps, const char *s, const char *end, const
     } else {
         if (ps->has_type[f])
             return fail(ps, "second # TYPE for %s", name);
-        static const char *const types[] = {"counter", "gauge", "histogram", "summary",
-                                            "untyped"};
+        static const char *const types[] = {"counter", "gauge", "histogram", "summary", "untyped"};
         size_t n = (size_t)(end - s), i;
         for (i = 0; i < sizeof(types) / sizeof(types[0]); i++)
             if (strlen(types[i]) == n && !strncmp(s, types[i], n))
@@ -334,8 +333,8 @@ static int sample_line(struct parser *ps, const char *s, const char *end)
         return fail(ps, "sample %s before any # HELP/# TYPE", sm.name);
     struct prom_family *fa = &o->fam[ps->cur];
     if (!ps->has_help[ps->cur] || !ps->has_type[ps->cur])
-        return fail(ps, "sample %s: its family %s lacks %s before its samples", sm.name,
-                    fa->name, ps->has_help[ps->cur] ? "# TYPE" : "# HELP");
+        return fail(ps, "sample %s: its family %s lacks %s before its samples", sm.name, fa->name,
+                    ps->has_help[ps->cur] ? "# TYPE" : "# HELP");
     char want[PROM_NAME_MAX + 8];
     const char *sub = NULL;
     bool hist = !strcmp(fa->type, "histogram"), summ = !strcmp(fa->type, "summary");
@@ -348,8 +347,7 @@ static int sample_line(struct parser *ps, const char *s, const char *end)
             sub = subs[i];
     }
     if (!sub || (hist && !*sub) || (summ && !strcmp(sub, "_bucket")))
-        return fail(ps, "sample %s does not belong to family %s (%s)", sm.name, fa->name,
-                    fa->type);
+        return fail(ps, "sample %s does not belong to family %s (%s)", sm.name, fa->name, fa->type);
     const char *special = hist ? "le" : summ ? "quantile" : NULL;
     bool has_special = false;
     for (size_t i = 0; i < npr; i++)
@@ -449,8 +447,8 @@ static int check_histogram(struct parser *ps, const struct prom_family *fa)
         if (count_v < 0)
             return fail(ps, "histogram %s{%s} has no _count", fa->name, k);
         if (count_v != inf_n)
-            return fail(ps, "histogram %s{%s}: _count %g != +Inf bucket %g", fa->name, k,
-                        count_v, inf_n);
+            return fail(ps, "histogram %s{%s}: _count %g != +Inf bucket %g", fa->name, k, count_v,
+                        inf_n);
     }
     return 0;
 }
@@ -460,8 +458,7 @@ static int check_families(struct parser *ps)
     for (size_t f = 0; f < ps->out->nfam; f++) {
         const struct prom_family *fa = &ps->out->fam[f];
         if (!ps->has_help[f] || !ps->has_type[f])
-            return fail(ps, "family %s lacks %s", fa->name,
-                        ps->has_help[f] ? "# TYPE" : "# HELP");
+            return fail(ps, "family %s lacks %s", fa->name, ps->has_help[f] ? "# TYPE" : "# HELP");
         if (!strcmp(fa->type, "counter") && !ends_with(fa->name, "_total"))
             return fail(ps, "counter %s does not end in _total", fa->name);
         if (!strcmp(fa->type, "histogram") && check_histogram(ps, fa) != 0)
@@ -470,8 +467,8 @@ static int check_families(struct parser *ps)
     return 0;
 }
 
-int prom_parse(const char *text, size_t len, const char *prefix, struct prom_scrape *out,
-               char *err, size_t errlen)
+int prom_parse(const char *text, size_t len, const char *prefix, struct prom_scrape *out, char *err,
+               size_t errlen)
 {
     memset(out, 0, sizeof(*out));
     struct parser ps = {.out = out, .err = err, .errlen = errlen, .cur = SIZE_MAX};

@@ -49,8 +49,8 @@ struct prom_scrape {
 /* Parses text[0..len). 'prefix' (or NULL) is required at the start of every family name.
  * Returns 0 and fills *out, or -1 with "line N: reason" in err (out is then empty but still
  * safe to prom_free()). */
-int prom_parse(const char *text, size_t len, const char *prefix, struct prom_scrape *out,
-               char *err, size_t errlen);
+int prom_parse(const char *text, size_t len, const char *prefix, struct prom_scrape *out, char *err,
+               size_t errlen);
 
 void prom_free(struct prom_scrape *s);
 

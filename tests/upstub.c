@@ -342,7 +342,10 @@ static void conn_close(struct conn *c, bool canceled, bool reset)
         struct linger lg = {1, 0};
         setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     }
-    close(c->fd); /* also leaves the epoll set */
+    /* Leave the epoll set explicitly: close() alone does not when a forked child still holds a
+     * copy of the socket (between fork and exec), and the loop would then read a freed conn. */
+    epoll_ctl(c->loop->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
     if (c->prev)
         c->prev->next = c->next;
     else
