@@ -32,10 +32,19 @@
 
 enum { HOOK_IDLE = 0, HOOK_ARMED = 1, HOOK_FIRED = 2 };
 
+/* A hook being run, recorded on the runner's stack (never inside the hook, which its fn may
+ * free), so ctx_hook_remove() can wait for it. Several may run at once: the canceling thread's
+ * run_hooks() and any number of ctx_hook_add() calls on a ctx already done. */
+struct hook_run {
+    const struct ctx_hook *h; /* the hook */
+    pthread_t tid;            /* the thread running it */
+    struct hook_run *next;    /* next record on the ctx */
+};
+
 struct ctx {
     atomic_uint refs;        /* references; the last ctx_unref() frees */
     atomic_int err;          /* 0 or the cause; written once, under mu */
-    pthread_mutex_t mu;      /* guards kids, linked of kids, hooks, running */
+    pthread_mutex_t mu;      /* guards kids, linked of kids, hooks, runs */
     pthread_cond_t cv;       /* broadcast when done and when a hook finishes running */
     struct ctx *parent;      /* NULL for children of ctx_background(); we hold a reference */
     int64_t deadline;        /* effective deadline, or CTX_FOREVER; fixed */
@@ -47,8 +56,7 @@ struct ctx {
     bool linked;             /* on the parent's kids list; guarded by the parent's mu */
     struct ctx_hook *hooks;  /* armed hooks, oldest first; guarded by mu */
     struct ctx_hook *hooks_tail; /* last armed hook; guarded by mu */
-    struct ctx_hook *running; /* hook being run now or NULL; guarded by mu */
-    pthread_t running_tid;   /* the thread running it; guarded by mu */
+    struct hook_run *runs;   /* hooks running now; guarded by mu */
     const void *key;         /* value key (has_value only); fixed */
     void *val;               /* the value; fixed */
     bool has_value;          /* created by ctx_with_value(); fixed */
@@ -354,7 +362,10 @@ struct ctx *ctx_new(struct ctx *parent, int64_t deadline)
 
 struct ctx *ctx_with_timeout(struct ctx *parent, int64_t ms)
 {
-    return ctx_new(parent, ms < 0 ? CTX_FOREVER : ctx_now() + ms);
+    int64_t now = ctx_now();
+    if (ms < 0)
+        return ctx_new(parent, CTX_FOREVER);
+    return ctx_new(parent, ms > INT64_MAX - now ? INT64_MAX : now + ms);
 }
 
 struct ctx *ctx_with_value(struct ctx *parent, const void *key, void *val)
@@ -378,6 +389,34 @@ void *ctx_value(const struct ctx *c, const void *key)
 
 /* ---------------------------------------------------------------- cancellation */
 
+/* With c->mu held: records that this thread runs 'h' now. */
+static void run_begin(struct ctx *c, struct hook_run *run, const struct ctx_hook *h)
+{
+    run->h = h;
+    run->tid = pthread_self();
+    run->next = c->runs;
+    c->runs = run;
+}
+
+/* With c->mu held: the run is over; wakes ctx_hook_remove() callers waiting for it. */
+static void run_end(struct ctx *c, struct hook_run *run)
+{
+    struct hook_run **p = &c->runs;
+    while (*p != run)
+        p = &(*p)->next;
+    *p = run->next;
+    pthread_cond_broadcast(&c->cv);
+}
+
+/* With c->mu held: whether another thread is running 'h' now. */
+static bool running_elsewhere(const struct ctx *c, const struct ctx_hook *h)
+{
+    for (const struct hook_run *r = c->runs; r; r = r->next)
+        if (r->h == h && !pthread_equal(r->tid, pthread_self()))
+            return true;
+    return false;
+}
+
 static void run_hooks(struct ctx *c)
 {
     pthread_mutex_lock(&c->mu);
@@ -389,15 +428,14 @@ static void run_hooks(struct ctx *c)
         else
             c->hooks_tail = NULL;
         h->_state = HOOK_FIRED;
-        c->running = h;
-        c->running_tid = pthread_self();
+        struct hook_run run;
+        run_begin(c, &run, h);
         void (*fn)(void *) = h->_fn;
         void *arg = h->_arg;
         pthread_mutex_unlock(&c->mu);
         fn(arg); /* may free the memory holding h */
         pthread_mutex_lock(&c->mu);
-        c->running = NULL;
-        pthread_cond_broadcast(&c->cv);
+        run_end(c, &run);
     }
     pthread_mutex_unlock(&c->mu);
 }
@@ -552,8 +590,13 @@ int ctx_hook_add(struct ctx *c, struct ctx_hook *h, void (*fn)(void *), void *ar
     pthread_mutex_lock(&c->mu);
     if (atomic_load(&c->err) != 0) {
         h->_state = HOOK_FIRED;
+        struct hook_run run; /* so that a remove from another thread waits for fn */
+        run_begin(c, &run, h);
         pthread_mutex_unlock(&c->mu);
         fn(arg);
+        pthread_mutex_lock(&c->mu);
+        run_end(c, &run);
+        pthread_mutex_unlock(&c->mu);
         return 0;
     }
     h->_state = HOOK_ARMED;
@@ -593,7 +636,7 @@ bool ctx_hook_remove(struct ctx *c, struct ctx_hook *h)
         pthread_mutex_unlock(&c->mu);
         return true;
     }
-    while (c->running == h && !pthread_equal(c->running_tid, pthread_self()))
+    while (running_elsewhere(c, h))
         pthread_cond_wait(&c->cv, &c->mu);
     pthread_mutex_unlock(&c->mu);
     return false;

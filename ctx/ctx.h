@@ -87,8 +87,9 @@ int ctx_hook_add(struct ctx *c, struct ctx_hook *h, void (*fn)(void *), void *ar
  * fn is not running and never will, so 'h' may be freed. */
 bool ctx_hook_remove(struct ctx *c, struct ctx_hook *h);
 
-/* Stops and joins the timer thread. Deadlines that pass afterwards fire only when something
- * waits on them or when a new deadline starts the thread again. Call at process exit. */
+/* Stops and joins the timer thread and drops every pending timer entry: the deadlines of those
+ * contexts are then enforced only by ctx_wait() callers (and the transfers bound to them); only
+ * contexts created afterwards get a timer again (restarting the thread). Call at process exit. */
 void ctx_shutdown(void);
 
 #endif

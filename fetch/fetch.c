@@ -87,7 +87,7 @@ struct fetch_loop {
     struct fetch *f;         /* the engine */
     pthread_t thread;        /* the loop thread */
     bool started;            /* thread created (for unwinding and joining) */
-    CURLM *multi;            /* owned by the loop thread; freed by it on exit */
+    CURLM *multi;            /* used only by the loop thread; freed by fetch_free() after the join */
     pthread_mutex_t mu;      /* guards inbox, cancel_pending, stopping */
     struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
     bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
@@ -425,6 +425,8 @@ static void start(struct fetch_loop *l, struct xfer *x)
     int64_t conn_ms = o->connect_timeout_ms > 0 ? o->connect_timeout_ms : 0;
     if (left != CTX_FOREVER && (conn_ms == 0 || left < conn_ms))
         conn_ms = left;
+    if (conn_ms == 0)
+        conn_ms = INT32_MAX; /* no cap and no deadline: 0 would mean curl's 300 s default */
     x->errbuf[0] = 0;
     CURL *e = x->easy;
     if (curl_easy_setopt(e, CURLOPT_URL, x->url) != CURLE_OK)
@@ -651,10 +653,13 @@ void fetch_free(struct fetch *f)
             curl_multi_wakeup(l->multi);
         pthread_mutex_unlock(&l->mu);
     }
+    /* Join every loop before tearing any down: a callback still running on one loop may call
+     * fetch_get() on another, which takes that loop's mutex (and then sees 'stopping'). */
+    for (unsigned i = 0; i < f->nloops; i++)
+        if (f->loops[i].started)
+            pthread_join(f->loops[i].thread, NULL);
     for (unsigned i = 0; i < f->nloops; i++) {
         struct fetch_loop *l = &f->loops[i];
-        if (l->started)
-            pthread_join(l->thread, NULL);
         curl_multi_cleanup(l->multi);
         free(l->spare);
         pthread_mutex_destroy(&l->mu);

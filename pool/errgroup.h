@@ -43,7 +43,8 @@ struct ctx *eg_ctx(struct eg *g);
 void eg_set_limit(struct eg *g, int n);
 
 /* Runs fn(eg_ctx(g), arg) on the pool, first waiting while the limit is reached. Returns 0; or,
- * once the group has failed, its error without running fn; or -EINVAL without a pool. */
+ * once the group has failed, its error without running fn; or -EINVAL without a pool; or -ENOMEM
+ * / -EPIPE (pool stopping) when the task cannot be queued, which also fails the group. */
 int eg_go(struct eg *g, eg_fn fn, void *arg);
 
 /* As eg_go() but never blocks: false (fn not run) when at the limit, when the pool queue is full

@@ -1160,6 +1160,71 @@ static void test_ctx_race_refs(void)
     CHECK_BASELINE();
 }
 
+/* A hook that ctx_hook_add() runs at once (the ctx is already done) counts as running for
+ * ctx_hook_remove() on another thread: the remove must wait until fn has returned. */
+struct inline_hook {
+    struct ctx *c;
+    struct ctx_hook h;
+    struct latch started, remover_ready;
+    struct gate hold;      /* fn waits here until the test opens it */
+    atomic_bool fn_done;   /* fn has returned */
+    bool done_at_return;   /* fn_done as seen when ctx_hook_remove() returned */
+    bool removed;          /* ctx_hook_remove()'s result */
+};
+
+static void inline_hook_fn(void *arg)
+{
+    struct inline_hook *t = arg;
+    latch_add(&t->started, 1);
+    gate_task(&t->hold);
+    atomic_store(&t->fn_done, true);
+}
+
+static void *inline_hook_adder(void *arg)
+{
+    struct inline_hook *t = arg;
+    ctx_hook_add(t->c, &t->h, inline_hook_fn, t);
+    return NULL;
+}
+
+static void *inline_hook_remover(void *arg)
+{
+    struct inline_hook *t = arg;
+    latch_add(&t->remover_ready, 1);
+    t->removed = ctx_hook_remove(t->c, &t->h);
+    t->done_at_return = atomic_load(&t->fn_done);
+    return NULL;
+}
+
+static void test_ctx_hook_remove_waits_for_inline_run(void)
+{
+    struct inline_hook t = {0};
+    latch_init(&t.started);
+    latch_init(&t.remover_ready);
+    gate_init(&t.hold);
+    t.c = ctx_new(ctx_background(), CTX_FOREVER);
+    ctx_cancel(t.c, -ECANCELED);
+    pthread_t adder, remover;
+    pthread_create(&adder, NULL, inline_hook_adder, &t);
+    CU_ASSERT_TRUE(latch_wait(&t.started, 1, 10000));
+    pthread_create(&remover, NULL, inline_hook_remover, &t);
+    latch_wait(&t.remover_ready, 1, 10000);
+    /* Give the remover time to reach ctx_hook_remove() while fn is held; whenever it gets
+     * there, a correct remove returns only after fn. */
+    struct timespec ts = {0, 50 * 1000000L};
+    nanosleep(&ts, NULL);
+    latch_add(&t.hold.open, 1);
+    pthread_join(remover, NULL);
+    pthread_join(adder, NULL);
+    CU_ASSERT_FALSE(t.removed);
+    CU_ASSERT_TRUE(t.done_at_return);
+    ctx_free(t.c);
+    gate_destroy(&t.hold);
+    latch_destroy(&t.remover_ready);
+    latch_destroy(&t.started);
+    CHECK_BASELINE();
+}
+
 static CU_TestInfo ctx_tests[] = {
     {"ctx_now is monotonic", test_ctx_now_is_monotonic},
     {"background is inert", test_ctx_background_is_inert},
@@ -1175,6 +1240,7 @@ static CU_TestInfo ctx_tests[] = {
     {"hooks run once, oldest first; removed never", test_ctx_hooks_run_once_in_order},
     {"hook removes itself from inside (no deadlock)", test_ctx_hook_remove_from_inside_hook},
     {"hook removed while canceled elsewhere", test_ctx_hook_remove_while_canceled_elsewhere},
+    {"hook remove waits for a run inside hook_add", test_ctx_hook_remove_waits_for_inline_run},
     {"values through a chain, shadowing", test_ctx_values_through_chain},
     {"deadline clamped to the parent's", test_ctx_deadline_clamped_to_parent},
     {"ctx_remaining", test_ctx_remaining},
