@@ -44,12 +44,21 @@ struct slot {
     char *body;          /* upstream body (malloc'd) */
     size_t len;          /* its length */
     char *detail;        /* error detail (malloc'd) or NULL */
+    size_t mult;         /* positions that report it */
     int8_t valid;        /* body is JSON: -1 unknown, 0 no, 1 yes (response building) */
     size_t vstart, vend; /* the JSON value's span when valid */
 };
 
+/* A batch result that would make the response larger than --max-response-bytes. */
+#define BATCH_ERESPONSE (-3001)
+
+/* Bytes a result adds to the response besides its body: {"id":..,"status":..,"data":..}. */
+#define RESULT_OVERHEAD 48
+
 struct batch {
     struct req *r;             /* the request */
+    atomic_size_t resp_bytes;  /* response size so far, counted as results arrive */
+    int start_err;             /* a task could not even be queued (out of memory) */
     struct ctx *ctx;           /* request ctx: deadline, disconnect, shutdown */
     struct eg *g;              /* the errgroup over the slots */
     unsigned loop;             /* fetch loop for all of this request's transfers */
@@ -198,7 +207,8 @@ static int id_of(struct req *r, const struct batch *bt, const cJSON *it, size_t 
     } else if (cJSON_IsNumber(it)) {
         int64_t v;
         if (json_id_from_number(it->valuedouble, &v) != 0) {
-            bad_request(r, "ids[%zu] must be a whole number between -2^53 and 2^53", i);
+            bad_request(r, "ids[%zu] must be a whole number from -(2^53-1) to 2^53-1 (larger ids as "
+                           "strings)", i);
             return -EINVAL;
         }
         json_append_int64(&b, v);
@@ -258,6 +268,7 @@ static int build_slots(struct req *r, struct batch *b, const cJSON *ids, size_t 
             free(url); /* a duplicate: fetched once, reported at each position */
         }
         b->pos_slot[i] = (uint32_t)table[h];
+        b->slots[table[h]].mult++;
         i++;
     }
     free(table);
@@ -281,12 +292,18 @@ static void on_fetched(void *arg, struct fetch_result *res)
     sl->body = res->body;
     sl->len = res->len;
     res->body = NULL;
-    if (res->err) {
+    int err = res->err;
+    /* Each position repeats the body, so one fetch can cost mult times its size: refuse to
+     * grow past --max-response-bytes here, while the other fetches can still be stopped. */
+    size_t add = (res->len + strlen(b->pos_echo[sl->first_pos]) + RESULT_OVERHEAD) * sl->mult;
+    if (!err && atomic_fetch_add(&b->resp_bytes, add) + add > b->r->s->cfg.max_response_bytes)
+        err = sl->err = BATCH_ERESPONSE;
+    if (err) {
         sl->detail = strdup(res->detail ? res->detail : "");
         record_fail(b, sl);
     }
     metrics_observe(&b->r->s->metrics.fetch_seconds, res->elapsed_us);
-    eg_complete(b->g, res->err); /* last: the group may end and the request resume here */
+    eg_complete(b->g, err); /* last: the group may end and the request resume here */
 }
 
 static int start_fetch(struct eg *g, struct ctx *c, void *arg)
@@ -344,6 +361,13 @@ static enum MHD_Result answer_results(struct req *r, struct batch *b)
         json_buf_printf(&o, ",\"status\":%ld,\"data\":", sl->status);
         append_data(&o, sl);
         json_buf_append_char(&o, '}');
+        if (o.len > r->s->cfg.max_response_bytes) { /* escaping text bodies can grow them */
+            json_buf_destroy(&o);
+            char msg[160];
+            snprintf(msg, sizeof(msg), "the response would exceed %zu bytes (--max-response-bytes)",
+                     r->s->cfg.max_response_bytes);
+            return srv_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_too_large", msg, NULL);
+        }
     }
     json_buf_append_str(&o, "]}\n");
     if (json_buf_failed(&o)) {
@@ -394,6 +418,12 @@ static enum MHD_Result answer_error(struct req *r, struct batch *b)
         status = MHD_HTTP_BAD_GATEWAY;
         code = "upstream_too_large";
         break;
+    case BATCH_ERESPONSE:
+        snprintf(msg, sizeof(msg), "the response would exceed %zu bytes (--max-response-bytes); "
+                 "it failed at id %s", r->s->cfg.max_response_bytes, id ? id : "?");
+        status = MHD_HTTP_BAD_GATEWAY;
+        code = "upstream_too_large";
+        break;
     case -ETIMEDOUT:
         snprintf(msg, sizeof(msg), "deadline of %" PRId64 " ms exceeded%s%s", b->timeout_ms,
                  id ? " while fetching id " : "", id ? id : "");
@@ -422,8 +452,12 @@ static enum MHD_Result answer_error(struct req *r, struct batch *b)
 
 static enum MHD_Result answer(struct req *r, struct batch *b)
 {
-    if (b->err == -EPIPE || ctx_err(b->ctx) == -EPIPE)
+    if (b->err == -EPIPE || ctx_err(b->ctx) == -EPIPE) {
+        r->err_code = "client_closed";
         return MHD_NO; /* the client went away: close, nobody to answer */
+    }
+    if (b->start_err)
+        return srv_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory", NULL);
     if (b->err == 0)
         return answer_results(r, b);
     return answer_error(r, b);
@@ -593,12 +627,14 @@ enum MHD_Result batch_handle(struct req *r)
     struct batch *b = r->batch;
     if (b) /* called again after the resume */
         return b->done ? answer(r, b) : MHD_YES;
+    /* A refusal that could not even be queued (out of memory) closes the connection rather
+     * than leave the client waiting for an answer that will never come. */
     if (!admit(r))
-        return MHD_YES;
+        return r->answered ? MHD_YES : MHD_NO;
     int64_t timeout_ms;
     b = parse(r, &timeout_ms);
     if (!b)
-        return MHD_YES;
+        return r->answered ? MHD_YES : MHD_NO;
     r->batch = b;
     if (b->npos == 0) {
         static char empty[] = "{\"results\":[]}\n";
@@ -619,9 +655,15 @@ enum MHD_Result batch_handle(struct req *r)
         MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci && watch_add(s->watch, ci->connect_fd, b->ctx, &b->watch_token) == 0)
         b->watched = true;
-    for (size_t i = 0; i < b->nslots; i++)
-        if (eg_go_async(b->g, start_fetch, &b->slots[i]) != 0)
-            break; /* the group failed already: the rest never start */
+    for (size_t i = 0; i < b->nslots; i++) {
+        int rc = eg_go_async(b->g, start_fetch, &b->slots[i]);
+        if (rc == -ENOMEM) { /* not a failed fetch: stop the group, answer 500 */
+            b->start_err = rc;
+            ctx_cancel(b->ctx, rc);
+        }
+        if (rc)
+            break; /* the group failed: the rest never start */
+    }
     eg_wait_async(b->g, on_group_done, b);
     return MHD_YES;
 }

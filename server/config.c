@@ -49,6 +49,8 @@ static const struct opt opts[] = {
     {"max-timeout-ms", K_MS, F(max_timeout_ms), 1, 86400000,
      "largest request deadline a client may ask for, ms [30000]"},
     {"max-body", K_SIZE, F(max_body), 1, (int64_t)1 << 32, "upstream body per id, bytes [1MiB]"},
+    {"max-response-bytes", K_SIZE, F(max_response_bytes), 1024, (int64_t)1 << 40,
+     "one batch response, bytes (duplicates count at each position) [64MiB]"},
     {"max-request-bytes", K_SIZE, F(max_request_bytes), 2, (int64_t)1 << 30,
      "request body, bytes [1MiB]"},
     {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
@@ -84,6 +86,7 @@ void config_defaults(struct srv_config *c)
     c->max_timeout_ms = 30000;
     c->max_body = 1 << 20;
     c->max_request_bytes = 1 << 20;
+    c->max_response_bytes = (size_t)64 << 20;
     c->http_threads = cpu_count();
     c->fetch_threads = cpu_count();
     c->drain_ms = 10000;
@@ -207,6 +210,8 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
             *(int64_t *)(base + o->off) = n;
         else
             *(size_t *)(base + o->off) = (size_t)n;
+        if (o->off == offsetof(struct srv_config, timeout_ms))
+            c->timeout_ms_given = true;
         return 0;
     }
     return -EINVAL;
@@ -347,6 +352,9 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
         c->upstream[0] = '\0';
     if (flag_upstream && !flag_demo && c->upstream[0])
         c->demo = false;
+    /* The default deadline follows a lower --max-timeout-ms down; an explicit one must fit. */
+    if (!c->timeout_ms_given && c->timeout_ms > c->max_timeout_ms)
+        c->timeout_ms = c->max_timeout_ms;
     return check(c, err, errlen);
 }
 
@@ -390,11 +398,11 @@ void config_print_json(const struct srv_config *c, FILE *out)
         &b,
         ",\"demo\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
-        ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"http_threads\":%u,"
+        ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"max_response_bytes\":%zu,\"http_threads\":%u,"
         "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
         "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s}",
         c->demo ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
-        c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->http_threads,
+        c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false");
     if (!json_buf_failed(&b))

@@ -26,6 +26,7 @@ struct srv_config {
     int64_t max_timeout_ms;     /* --max-timeout-ms: largest request deadline */
     size_t max_body;            /* --max-body: upstream body per id, bytes */
     size_t max_request_bytes;   /* --max-request-bytes: request body, bytes */
+    size_t max_response_bytes;  /* --max-response-bytes: one batch response, bytes */
     unsigned http_threads;      /* --http-threads: libmicrohttpd worker threads */
     unsigned fetch_threads;     /* --fetch-threads: fetch loop threads */
     int64_t drain_ms;           /* --drain-ms: grace period on SIGTERM */
@@ -34,6 +35,7 @@ struct srv_config {
     unsigned idle_timeout_s;    /* --idle-timeout-s: idle client connection timeout */
     int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
     bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
+    bool timeout_ms_given;      /* --timeout-ms was set; else it follows --max-timeout-ms down */
 };
 
 /* What the command line asked for besides serving. */

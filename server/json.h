@@ -32,8 +32,9 @@ struct json_buf {
 /* Bytes json_format_int64() may write: "-9223372036854775808" is 20, no NUL is written. */
 #define JSON_INT64_MAX_CHARS 20
 
-/* Largest magnitude json_id_from_number() accepts: 2^53, past which doubles skip integers. */
-#define JSON_ID_MAX_EXACT 9007199254740992.0
+/* Largest magnitude json_id_from_number() accepts: 2^53 - 1. From 2^53 on, a double stands for
+ * more than one integer (2^53 + 1 parses as 2^53), so the id the client meant is unknown. */
+#define JSON_ID_MAX_EXACT 9007199254740991.0
 
 /* Makes 'b' empty, owning no memory. Does not allocate. */
 void json_buf_init(struct json_buf *b);
@@ -117,9 +118,9 @@ bool json_utf8_valid(const char *s, size_t len);
 bool json_valid(const char *s, size_t len, size_t *start, size_t *end);
 
 /* Converts a JSON number id (cJSON gives a double) to an integer. Returns 0 and stores it in *out
- * if 'v' is integral with |v| <= 2^53 (-0 gives 0); -EINVAL if 'v' is NaN, infinite or has a
- * fractional part; -ERANGE if |v| > 2^53, where a double no longer tells neighbours apart (2^53+1
- * reads as 2^53). *out is left untouched on error. */
+ * if 'v' is integral with |v| <= 2^53 - 1 (-0 gives 0); -EINVAL if 'v' is NaN, infinite or has a
+ * fractional part; -ERANGE if |v| >= 2^53, where a double no longer tells neighbours apart
+ * (2^53+1 reads as 2^53). *out is left untouched on error. */
 int json_id_from_number(double v, int64_t *out);
 
 #endif

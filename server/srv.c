@@ -32,6 +32,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +51,7 @@
 #define DISCARD_MAX ((size_t)1 << 20)
 /* After the drain deadline, how long canceled batches get to send their 503s. */
 #define DRAIN_CANCEL_GRACE_MS 5000
+#define MHD_LOG_PER_SEC 10
 
 static int64_t now_us(void)
 {
@@ -275,8 +277,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         if (r->answered)
             return MHD_YES; /* discard */
-        if (r->route != R_BATCH)
-            return MHD_YES; /* bodies of other routes are ignored */
+        if (r->route != R_BATCH) { /* bodies of other routes are ignored, up to a bound */
+            r->discarded += n;
+            return r->discarded > DISCARD_MAX ? MHD_NO : MHD_YES;
+        }
         if (r->too_large) {
             /* libmicrohttpd cannot queue a response while the body is still arriving, so the
              * rest of a body without Content-Length is read and dropped, and 413 answered at
@@ -367,11 +371,25 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
-    if (!log_enabled(s->log, LOG_WARN))
+    /* Closing a connection whose client went away is reported by MHD as an internal error;
+     * it is expected here (the request's own log line says client_closed). */
+    enum log_level lvl =
+        strstr(msg, "Application reported internal error") ? LOG_DEBUG : LOG_WARN;
+    if (!log_enabled(s->log, lvl))
         return;
+    /* MHD can repeat a message in a tight loop (e.g. out of file descriptors): at most
+     * MHD_LOG_PER_SEC lines a second reach the log, the rest are counted as dropped. */
+    int64_t sec = ctx_now() / 1000;
+    int64_t prev = atomic_load(&s->mhd_log_sec);
+    if (prev != sec && atomic_compare_exchange_strong(&s->mhd_log_sec, &prev, sec))
+        atomic_store(&s->mhd_log_count, 0);
+    if (atomic_fetch_add(&s->mhd_log_count, 1) >= MHD_LOG_PER_SEC) {
+        atomic_fetch_add_explicit(&s->metrics.log_dropped, 1, memory_order_relaxed);
+        return;
+    }
     struct json_buf b;
     json_buf_init(&b);
-    log_begin(&b, LOG_WARN, "http");
+    log_begin(&b, lvl, "http");
     json_buf_append_str(&b, ",\"detail\":");
     json_append_string(&b, msg, n);
     log_end(s->log, &b);
@@ -430,6 +448,29 @@ static void log_startup(struct srv *s)
     json_buf_destroy(&b);
 }
 
+/* Logs 'msg' with extra members 'fmt' (",\"key\":value" pieces, printf-style). */
+static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Every client connection and every upstream connection is a descriptor. When RLIMIT_NOFILE
+ * cannot hold --max-clients + --max-conns (+ a margin for the process's own), the server would
+ * hit EMFILE at accept time, where libmicrohttpd busy-waits; lower --max-clients instead, and
+ * say so. */
+static void fit_fd_budget(struct srv *s)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return;
+    uint64_t reserve = (uint64_t)s->cfg.max_conns + 64;
+    if ((uint64_t)s->cfg.max_clients + reserve <= rl.rlim_cur)
+        return;
+    uint64_t fit = rl.rlim_cur > reserve + 16 ? rl.rlim_cur - reserve : 16;
+    log_fields(s, LOG_WARN, "--max-clients lowered to fit RLIMIT_NOFILE",
+               ",\"max_clients\":%" PRIu64 ",\"requested\":%u,\"rlimit_nofile\":%" PRIu64, fit,
+               s->cfg.max_clients, (uint64_t)rl.rlim_cur);
+    s->cfg.max_clients = (unsigned)fit;
+}
+
 int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen)
 {
     struct srv *s = calloc(1, sizeof(*s));
@@ -440,7 +481,11 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     s->cfg = *cfg;
     metrics_init(&s->metrics);
     pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->cv, NULL);
+    pthread_condattr_t ca; /* drain waits are on the monotonic clock, like every deadline */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cv, &ca);
+    pthread_condattr_destroy(&ca);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     s->id_seed = (uint64_t)ts.tv_nsec * 6364136223846793005ull ^ (uint64_t)getpid() << 32 ^
@@ -489,6 +534,7 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         snprintf(err, errlen, "cannot start the fetch loops: %s", strerror(-rc));
         goto fail;
     }
+    fit_fd_budget(s);
     struct sockaddr_storage ss;
     if ((rc = resolve_listen(cfg, &ss, err, errlen)) != 0)
         goto fail;
@@ -499,11 +545,10 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_logger, s}, /* first, to catch all */
         {MHD_OPTION_SOCK_ADDR, 0, &ss},
-        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_clients, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, s->cfg.max_clients, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->idle_timeout_s, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 4096, NULL},
-        {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
         {cfg->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->http_threads,
          NULL},
@@ -536,10 +581,6 @@ const char *srv_upstream(const struct srv *s)
 {
     return s->upstream;
 }
-
-/* Logs 'msg' with extra members 'fmt' (",\"key\":value" pieces, printf-style). */
-static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
 
 static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
 {
@@ -602,15 +643,7 @@ static bool wait_idle(struct srv *s, int64_t until)
 {
     pthread_mutex_lock(&s->mu);
     while (atomic_load(&s->metrics.in_flight) > 0 && ctx_now() < until) {
-        int64_t left = until - ctx_now();
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += left / 1000;
-        ts.tv_nsec += (left % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
+        struct timespec ts = {.tv_sec = until / 1000, .tv_nsec = (until % 1000) * 1000000L};
         pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
     bool idle = atomic_load(&s->metrics.in_flight) == 0;
@@ -642,6 +675,15 @@ void srv_free(struct srv *s)
         return;
     if (s->mhd && !s->drained)
         srv_drain(s, s->cfg.drain_ms);
+    if (s->mhd && srv_in_flight(s) > 0) {
+        /* Batches that did not end even after their cancellation: MHD_stop_daemon() with
+         * suspended connections is an API violation (0.9.75 aborts), and freeing anything they
+         * use is unsafe. Stop the process instead of aborting or corrupting it. */
+        log_fields(s, LOG_ERROR, "batches still in flight after the drain; exiting at once",
+                   ",\"in_flight\":%" PRIdFAST64, atomic_load(&s->metrics.in_flight));
+        log_free(s->log);
+        _exit(1);
+    }
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
     fetch_free(s->fetch);

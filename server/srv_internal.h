@@ -38,6 +38,8 @@ struct srv {
     pthread_mutex_t mu;            /* guards nothing but pairs with cv */
     pthread_cond_t cv;             /* signalled when a batch request completes */
     atomic_uint_fast64_t seq;      /* request id sequence */
+    atomic_int_fast64_t mhd_log_sec;   /* second of the current libmicrohttpd log budget */
+    atomic_int_fast64_t mhd_log_count; /* libmicrohttpd lines logged in that second */
     uint64_t id_seed;              /* random part of generated request ids */
 };
 

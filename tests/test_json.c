@@ -955,8 +955,9 @@ static void test_json_id_from_number(void)
         {-7.0, 0, -7},
         {1e15, 0, 1000000000000000LL},
         {9007199254740991.0, 0, 9007199254740991LL},
-        {9007199254740992.0, 0, 9007199254740992LL}, /* 2^53: still exact */
-        {-9007199254740992.0, 0, -9007199254740992LL},
+        {-9007199254740991.0, 0, -9007199254740991LL},
+        {9007199254740992.0, -ERANGE, 0}, /* 2^53: 2^53 + 1 rounds to it, so it is ambiguous */
+        {-9007199254740992.0, -ERANGE, 0},
         {9007199254740994.0, -ERANGE, 0}, /* 2^53 + 2 */
         {-9007199254740994.0, -ERANGE, 0},
         {1e300, -ERANGE, 0},
@@ -980,8 +981,9 @@ static void test_json_id_from_number(void)
     CU_ASSERT_EQUAL(json_id_from_number(INFINITY, &out), -EINVAL);
     CU_ASSERT_EQUAL(json_id_from_number(-INFINITY, &out), -EINVAL);
     CU_ASSERT_EQUAL(out, 12345);
-    CU_ASSERT_EQUAL(json_id_from_number(two53 + 1.0, &out), 0); /* rounds to 2^53 before the call */
-    CU_ASSERT_EQUAL(out, 9007199254740992LL);
+    /* 2^53 + 1 rounds to 2^53 before the call: refused, never fetched as another id */
+    CU_ASSERT_EQUAL(json_id_from_number(two53 + 1.0, &out), -ERANGE);
+    CU_ASSERT_EQUAL(out, 12345);
     /* what cJSON hands over for "7" and "-0" */
     cJSON *j = cJSON_Parse("[7, -0, 9007199254740993, 1e2]");
     CU_ASSERT_PTR_NOT_NULL_FATAL(j);

@@ -1111,7 +1111,7 @@ static void test_ops_config_rejects_bad_values(void)
         {{NULL}, {NULL}, "--upstream"},
         {{"--demo", "--timeout-ms", "40000"}, {NULL}, "--timeout-ms"},
         {{"--demo", "--timeout-ms", "0"}, {NULL}, "--timeout-ms"},
-        {{"--demo", "--max-timeout-ms", "100"}, {NULL}, "--max-timeout-ms"},
+        {{"--demo", "--timeout-ms", "200", "--max-timeout-ms", "100"}, {NULL}, "--max-timeout-ms"},
         {{"--demo", "--log-level", "verbose"}, {NULL}, "--log-level"},
         {{"--demo", "--demo=perhaps"}, {NULL}, "--demo"},
         {{"--demo", "--max-conns", "1", "--fetch-threads", "2"}, {NULL}, "--max-conns"},
@@ -1129,6 +1129,13 @@ static void test_ops_config_rejects_bad_values(void)
         if (!ok)
             fprintf(stderr, "\n  case %zu (%s): rc %d, \"%s\"", i, bad[i].name, rc, err);
     }
+    /* A lower --max-timeout-ms alone takes the default deadline down with it. */
+    struct srv_config c;
+    enum config_action act;
+    char err[512];
+    static const char *const lower[] = {"--demo", "--max-timeout-ms", "100", NULL};
+    CU_ASSERT_EQUAL(parse(&c, lower, NULL, &act, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(c.timeout_ms, 100);
 }
 
 static void test_ops_config_usage_and_json(void)
@@ -1492,6 +1499,26 @@ static void test_ops_probes_and_sighup(void)
     CU_ASSERT_EQUAL(r.status, 200);
     resp_free(&r);
     CU_ASSERT(!proc_wait_exit(&e.p, 0)); /* still running */
+    CU_ASSERT(stop_clean(&e.p));
+    env_free(&e);
+}
+
+/* A second server on a port in use fails to start (exit 1, a reason on stderr) instead of
+ * sharing the port (no SO_REUSEPORT). */
+static void test_ops_port_in_use_exits_1(void)
+{
+    if (!have_bin())
+        return;
+    struct env e;
+    CU_ASSERT_FATAL(env_start(&e, NULL, NULL));
+    struct proc p2;
+    char *args[] = {"--demo", NULL};
+    CU_ASSERT_FATAL(proc_spawn(&p2, e.p.port, args, NULL, true));
+    CU_ASSERT(proc_wait_exit(&p2, WAIT_MS) && exited_with(p2.status, 1));
+    char *log = proc_log(&p2);
+    CU_ASSERT_PTR_NOT_NULL(log && strstr(log, "cannot listen"));
+    free(log);
+    proc_free(&p2);
     CU_ASSERT(stop_clean(&e.p));
     env_free(&e);
 }
@@ -1918,6 +1945,7 @@ static CU_TestInfo ops_tests[] = {
     {"metrics: admission rejections and in-flight gauges", test_ops_metrics_admission_rejections},
     {"metrics under load: promtool and the strict parser", test_ops_metrics_under_load},
     {"healthz/readyz while serving; SIGHUP ignored", test_ops_probes_and_sighup},
+    {"a port in use: exit 1, no shared port", test_ops_port_in_use_exits_1},
     {"SIGTERM: readyz 503, new connections refused, batch completes, exit 0",
      test_ops_sigterm_drains},
     {"drain deadline: batch 503, exit 0 within drain + 1 s", test_ops_drain_deadline},

@@ -98,6 +98,8 @@ static void test_server_bad_requests(void)
         {"{\"ids\":[\"a\",false]}", 0, NULL, "ids[1]"},
         {"{\"ids\":[\"a\",1.5]}", 0, NULL, "ids[1]"},
         {"{\"ids\":[\"a\",1e300]}", 0, NULL, "ids[1]"},
+        {"{\"ids\":[\"a\",9007199254740992]}", 0, NULL, "ids[1]"},  /* 2^53: ambiguous */
+        {"{\"ids\":[\"a\",-9007199254740993]}", 0, NULL, "ids[1]"}, /* reads as -2^53 */
         {"{\"ids\":[\"a\",\"\"]}", 0, NULL, "ids[1]"},
         {long_body, 0, NULL, "ids[1]"},
         {"{\"ids\":[\"a\",\"\xff\"]}", 0, NULL, "ids[1]"},
@@ -229,7 +231,7 @@ static void test_server_hostile_json(void)
     srvtest_env_free(&e);
 }
 
-/* Ids at the limits that must be accepted: 256 bytes, 4-byte UTF-8, 2^53. */
+/* Ids at the limits that must be accepted: 256 bytes, 4-byte UTF-8, 2^53 - 1. */
 static void test_server_id_limits_accepted(void)
 {
     struct srvtest_env e;
@@ -237,17 +239,17 @@ static void test_server_id_limits_accepted(void)
     char id[257], body[400];
     memset(id, 'b', 256);
     id[256] = 0;
-    snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"\xf0\x9f\x98\x80\",9007199254740992,-5]}",
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"\xf0\x9f\x98\x80\",9007199254740991,-5]}",
              id);
     struct srvtest_resp r;
     srvtest_post(e.port, body, NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT(str_is(result_at(&r, 0, "id"), id));
     CU_ASSERT(str_is(result_at(&r, 1, "id"), "\xf0\x9f\x98\x80"));
-    CU_ASSERT(num_is(result_at(&r, 2, "id"), 9007199254740992.0));
+    CU_ASSERT(num_is(result_at(&r, 2, "id"), 9007199254740991.0));
     CU_ASSERT(num_is(result_at(&r, 3, "id"), -5));
     CU_ASSERT(upstub_count(e.up, "/items/%F0%9F%98%80") == 1);
-    CU_ASSERT(upstub_count(e.up, "/items/9007199254740992") == 1);
+    CU_ASSERT(upstub_count(e.up, "/items/9007199254740991") == 1);
     CU_ASSERT(upstub_count(e.up, "/items/-5") == 1);
     srvtest_resp_free(&r);
     srvtest_env_free(&e);
@@ -490,6 +492,40 @@ static void test_server_upstream_too_large(void)
     srvtest_post(e.port, "{\"ids\":[\"big1001\"]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 502);
     CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "upstream_too_large");
+    srvtest_resp_free(&r);
+    srvtest_env_free(&e);
+}
+
+/* --max-response-bytes: duplicates repeat a body at each position, so 100 positions of one
+ * 2,000-byte body need ~200 KB; with a 64 KB cap the batch fails with upstream_too_large (and
+ * fetches the body once), while the same ids fit under the default cap. */
+static void test_server_response_cap(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    struct srv_config cfg;
+    srvtest_config(&e, &cfg);
+    cfg.max_response_bytes = 64 * 1024;
+    START_CFG(&e, &cfg);
+    char body[2048];
+    size_t k = (size_t)snprintf(body, sizeof(body), "{\"ids\":[");
+    for (int i = 0; i < 100; i++)
+        k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"big2000\"", i ? "," : "");
+    snprintf(body + k, sizeof(body) - k, "]}");
+    struct srvtest_resp r;
+    srvtest_post(e.port, body, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "upstream_too_large");
+    CU_ASSERT_PTR_NOT_NULL(strstr(srvtest_err_message(&r), "--max-response-bytes"));
+    CU_ASSERT_EQUAL(upstub_count(e.up, "/items/big2000"), 1);
+    srvtest_resp_free(&r);
+    /* 30 positions (~60 KB) fit. */
+    k = (size_t)snprintf(body, sizeof(body), "{\"ids\":[");
+    for (int i = 0; i < 30; i++)
+        k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"big2000\"", i ? "," : "");
+    snprintf(body + k, sizeof(body) - k, "]}");
+    srvtest_post(e.port, body, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
     srvtest_resp_free(&r);
     srvtest_env_free(&e);
 }
@@ -792,6 +828,7 @@ static CU_TestInfo server_api_tests[] = {
     {"502 upstream_status with id and status", test_server_upstream_status},
     {"502 upstream_unreachable", test_server_upstream_unreachable},
     {"502 upstream_too_large", test_server_upstream_too_large},
+    {"502 upstream_too_large past --max-response-bytes", test_server_response_cap},
     {"504 deadline: body, header, smaller wins, clamp", test_server_deadline},
     {"504 names a pending id", test_server_deadline_names_pending_id},
     {"results in request order, numeric ids echoed", test_server_results_in_request_order},
