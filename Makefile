@@ -38,9 +38,13 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all deps test asan tsan bench run install clean
+.PHONY: all build deps test asan tsan bench run install clean
 all: deps
-	@$(MAKE) --no-print-directory $(BIN) $(TEST_BINS) $(BENCH_BINS)
+	@$(MAKE) --no-print-directory build
+
+# The real build, run after 'deps' so that pkg-config answers for every object.
+build: $(BIN) $(TEST_BINS) $(BENCH_BINS)
+	@:
 
 # Installs the -dev packages that pkg-config cannot find (apt-get as root or through sudo), or
 # stops with a message naming them.
@@ -100,10 +104,12 @@ tsan:
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
 
-run: all
+run: deps
+	@$(MAKE) --no-print-directory $(BIN)
 	$(BIN) --demo --listen $${LISTEN:-127.0.0.1:8080}
 
-install: all
+install: deps
+	@$(MAKE) --no-print-directory $(BIN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/fanout
 
 clean:
