@@ -1,7 +1,10 @@
 /* log: a byte ring guarded by one mutex, drained to the fd by one writer thread.
  *
  * Producers copy a complete line into the ring under the mutex (a memcpy, no I/O) and signal
- * the writer; if the line does not fit, it is dropped and counted. The writer takes the lock only
+ * the writer only when the ring was empty (otherwise it is awake or about to look); if the line
+ * does not fit, it is dropped and counted. Woken with little queued, the writer waits up to
+ * LOG_BATCH_MS for more, so under load it makes a few large writes a second instead of a
+ * wake-up and a write per line. The writer takes the lock only
  * to find the readable span, writes it with the lock released, then frees the span. It writes at
  * most PIPE_BUF bytes at a time, after poll() says the fd takes bytes, so log_free() is never
  * stuck behind a reader that stopped reading: once stopping, the writer gives the fd
@@ -21,6 +24,9 @@
 
 /* How long log_free() waits for a blocked fd to take more bytes before dropping the rest. */
 #define LOG_FLUSH_MS 1000
+/* Batching: with less than LOG_BATCH_BYTES queued, the writer waits up to LOG_BATCH_MS for more. */
+#define LOG_BATCH_MS 5
+#define LOG_BATCH_BYTES (64 * 1024)
 
 struct log {
     int fd;                        /* where lines go */
@@ -88,6 +94,11 @@ static void *log_main(void *arg)
             pthread_cond_wait(&l->cv, &l->mu);
         if (l->len == 0)
             break;
+        if (l->len < LOG_BATCH_BYTES && !atomic_load(&l->stop)) {
+            int64_t until = mono_ms() + LOG_BATCH_MS;
+            struct timespec ts = {.tv_sec = until / 1000, .tv_nsec = (until % 1000) * 1000000L};
+            pthread_cond_timedwait(&l->cv, &l->mu, &ts); /* producers do not signal meanwhile */
+        }
         size_t head = l->head;
         size_t n = l->len;
         if (head + n > l->cap)
@@ -122,7 +133,12 @@ int log_new(int fd, enum log_level level, size_t ring_bytes, atomic_uint_fast64_
     l->cap = ring_bytes;
     if ((rc = -pthread_mutex_init(&l->mu, NULL)) != 0)
         goto fail_ring;
-    if ((rc = -pthread_cond_init(&l->cv, NULL)) != 0)
+    pthread_condattr_t ca; /* the batching wait is on the monotonic clock */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    rc = -pthread_cond_init(&l->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0)
         goto fail_mutex;
     if ((rc = -pthread_create(&l->thread, NULL, log_main, l)) != 0)
         goto fail_cond;
@@ -170,9 +186,10 @@ void log_end(struct log *l, struct json_buf *b)
         size_t first = b->len < l->cap - tail ? b->len : l->cap - tail;
         memcpy(l->ring + tail, b->data, first);
         memcpy(l->ring, b->data + first, b->len - first);
+        if (l->len == 0)
+            pthread_cond_signal(&l->cv);
         l->len += b->len;
         queued = true;
-        pthread_cond_signal(&l->cv);
     }
     pthread_mutex_unlock(&l->mu);
     if (!queued && l->dropped)
