@@ -685,12 +685,24 @@ static int loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
     return 0;
 }
 
+bool fetch_h2c_supported(void)
+{
+    /* Before 8.0.0, libcurl reusing an HTTP/2 prior-knowledge connection stacks a second HTTP/2
+     * layer on it, and every later transfer on it fails with "Error in the HTTP2 framing layer"
+     * (curl issue 10634, fixed in 8.0.0). Seen here with 7.88.1 against nginx: with reuse being
+     * the point of h2c, such a build must not offer it. */
+    const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+    return v->version_num >= 0x080000 && (v->features & CURL_VERSION_HTTP2);
+}
+
 int fetch_new(const struct fetch_opts *o, struct fetch **out)
 {
     *out = NULL;
     if (!o || o->loops == 0 || o->max_conns < o->loops || o->max_body == 0 ||
         o->max_body > SIZE_MAX / 2)
         return -EINVAL;
+    if (o->h2c && !fetch_h2c_supported())
+        return -ENOTSUP;
     struct fetch *f = calloc(1, sizeof(*f));
     if (!f)
         return -ENOMEM;

@@ -81,8 +81,13 @@ struct fetch_stats {
 /* Fills 'o' with the defaults: loops = CPUs, max_conns 512, max_body 1 MiB, connect 5000 ms. */
 void fetch_opts_default(struct fetch_opts *o);
 
+/* Whether this libcurl can run --h2c transfers (HTTP/2 with nghttp2, and 8.0.0 or later:
+ * earlier versions break every transfer after the first on a reused h2c connection). */
+bool fetch_h2c_supported(void);
+
 /* Starts the loops. curl_global_init() must have been called. Returns 0 and the engine in *out,
- * or -EINVAL / -ENOMEM / another negative errno (nothing is left running). */
+ * or -EINVAL / -ENOMEM / -ENOTSUP (h2c asked for but not fetch_h2c_supported()) / another negative
+ * errno (nothing is left running). */
 int fetch_new(const struct fetch_opts *o, struct fetch **out);
 
 /* Number of loops. */

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fetch/fetch.h"
 #include "server/json.h"
 #include "server/url.h"
 
@@ -63,7 +64,7 @@ static const struct opt opts[] = {
      "idle client connection timeout, s [60]"},
     {"connect-timeout-ms", K_MS, F(connect_timeout_ms), 1, 3600000,
      "upstream connect timeout, ms (the request deadline still bounds it) [2000]"},
-    {"h2c", K_BOOL, F(h2c), 0, 0, "speak HTTP/2 (prior knowledge, cleartext) to the upstream"},
+    {"h2c", K_BOOL, F(h2c), 0, 0, "speak HTTP/2 (prior knowledge, cleartext) to the upstream; needs libcurl >= 8.0.0"},
 };
 #undef F
 
@@ -266,6 +267,9 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
         return fail(err, errlen,
                     "--timeout-ms (%" PRId64 ") exceeds --max-timeout-ms (%" PRId64 ")",
                     c->timeout_ms, c->max_timeout_ms);
+    if (c->h2c && !fetch_h2c_supported())
+        return fail(err, errlen, "--h2c needs libcurl 8.0.0 or later with HTTP/2 (this one breaks "
+                                 "reused HTTP/2 prior-knowledge connections)");
     if (c->max_conns < c->fetch_threads)
         return fail(err, errlen, "--max-conns (%u) must be at least --fetch-threads (%u)",
                     c->max_conns, c->fetch_threads);

@@ -23,6 +23,7 @@
 #include "server/srv_internal.h"
 
 #include <arpa/inet.h>
+#include <curl/curl.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <netdb.h>
@@ -531,7 +532,14 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     fo.connect_timeout_ms = cfg->connect_timeout_ms;
     fo.h2c = cfg->h2c;
     if ((rc = fetch_new(&fo, &s->fetch)) != 0) {
-        snprintf(err, errlen, "cannot start the fetch loops: %s", strerror(-rc));
+        if (rc == -ENOTSUP) { /* a configuration this build cannot serve: exit 2 */
+            rc = -EINVAL;
+            snprintf(err, errlen, "--h2c needs libcurl 8.0.0 or later with HTTP/2 (this is %s: "
+                     "it breaks reused HTTP/2 prior-knowledge connections)",
+                     curl_version_info(CURLVERSION_NOW)->version);
+        } else {
+            snprintf(err, errlen, "cannot start the fetch loops: %s", strerror(-rc));
+        }
         goto fail;
     }
     fit_fd_budget(s);

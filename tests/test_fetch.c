@@ -5,6 +5,7 @@
  * correctness bounds. */
 #include "fetch/fetch.h"
 
+#include <curl/curl.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -855,6 +856,19 @@ static void test_fetch_rejects_bad_arguments(void)
     o.loops = 4;
     o.max_conns = 3;
     CU_ASSERT_EQUAL(fetch_new(&o, &f), -EINVAL);
+    /* h2c only where libcurl keeps reused h2c connections working (8.0.0 and later). */
+    fetch_opts_default(&o);
+    o.h2c = true;
+    const curl_version_info_data *cv = curl_version_info(CURLVERSION_NOW);
+    CU_ASSERT_EQUAL(fetch_h2c_supported(),
+                    cv->version_num >= 0x080000 && (cv->features & CURL_VERSION_HTTP2));
+    if (fetch_h2c_supported()) {
+        CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);
+        fetch_free(f);
+    } else {
+        CU_ASSERT_EQUAL(fetch_new(&o, &f), -ENOTSUP);
+        CU_ASSERT_PTR_NULL(f);
+    }
     fetch_opts_default(&o);
     o.loops = 2;
     CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);

@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "fetch/fetch.h"
 #include "server/config.h"
 #include "server/version.h"
 #include "tests/prom.h"
@@ -1032,13 +1033,13 @@ static void test_ops_config_values_and_precedence(void)
     /* Environment applies; flags win over it; both --flag V and --flag=V work. */
     CU_ASSERT_EQUAL(parse(&c, A("--demo", "--limit", "9", "--drain-ms=250", "--listen", "[::1]:0"),
                           A("FANOUT_LIMIT=4", "FANOUT_MAX_BATCH=77", "FANOUT_DRAIN_MS=1",
-                            "FANOUT_H2C=yes", "FANOUT_MAX_REQUEST_BYTES=64KiB"),
+                            "FANOUT_DEMO=yes", "FANOUT_MAX_REQUEST_BYTES=64KiB"),
                           &act, err, sizeof(err)),
                     0);
     CU_ASSERT_EQUAL(c.limit, 9);
     CU_ASSERT_EQUAL(c.drain_ms, 250);
     CU_ASSERT_EQUAL(c.max_batch, 77);
-    CU_ASSERT(c.h2c);
+    CU_ASSERT(c.demo);
     CU_ASSERT_EQUAL(c.max_request_bytes, 65536);
     CU_ASSERT_STRING_EQUAL(c.listen_host, "::1");
     CU_ASSERT_EQUAL(c.listen_port, 0);
@@ -1049,6 +1050,17 @@ static void test_ops_config_values_and_precedence(void)
                     0);
     CU_ASSERT_EQUAL(c.limit, 6);
     CU_ASSERT(!c.h2c);
+
+    /* --h2c (here from the environment) is refused, naming it, where this libcurl cannot
+     * serve it (before 8.0.0 reused h2c connections break). */
+    int rc = parse(&c, A("--demo"), A("FANOUT_H2C=yes"), &act, err, sizeof(err));
+    if (fetch_h2c_supported()) {
+        CU_ASSERT_EQUAL(rc, 0);
+        CU_ASSERT(c.h2c);
+    } else {
+        CU_ASSERT_EQUAL(rc, -EINVAL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "--h2c"));
+    }
 
     /* --demo and --upstream: a flag beats the other one's variable; two flags conflict. */
     CU_ASSERT_EQUAL(
