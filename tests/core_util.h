@@ -162,12 +162,7 @@ static inline bool baseline_back(struct baseline b)
 /* xorshift64*: a fast per-thread PRNG for stress tests; seed must be non-zero. */
 static inline uint64_t rng_next(uint64_t *s)
 {
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 2685821657736338717ULL;
+    return test_rng(s);
 }
 
 /* Spins a little without sleeping, to widen race windows. */

@@ -36,6 +36,16 @@ static int count_dir(const char *path)
     return n;
 }
 
+uint64_t test_rng(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
 int test_thread_count(void)
 {
     return count_dir("/proc/self/task");

@@ -26,6 +26,10 @@ void test_register(struct test_suite *s);
     }
 #define TEST_SUITE(nm, tests) TEST_SUITE_INIT(nm, tests, NULL, NULL)
 
+/* Deterministic xorshift64* step: advances *state (non-zero) and returns the next value, so a
+ * failing randomised test reproduces. */
+uint64_t test_rng(uint64_t *state);
+
 /* Threads in this process (/proc/self/task). */
 int test_thread_count(void);
 

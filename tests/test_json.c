@@ -16,10 +16,7 @@ static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 
 static uint64_t rng(void)
 {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1DULL;
+    return test_rng(&rng_state);
 }
 
 /* json_append_string() of s[0..n) as a malloc'd string (length in *outlen). */

@@ -14,10 +14,7 @@ static uint64_t rng_state = 0xD1B54A32D192ED03ULL;
 
 static uint64_t rng(void)
 {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1DULL;
+    return test_rng(&rng_state);
 }
 
 /* Parses 'tmpl', asserting success. */
