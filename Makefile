@@ -1,6 +1,7 @@
 # fanout: one plain Makefile. Objects go under $(BUILD), one tree per sanitizer.
 #   make            library, binary and test programs      make test   every suite
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
+#   make stress     every suite 20 times beside a CPU hog
 #   make bench      micro-benchmarks                       make install / clean
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
@@ -38,7 +39,7 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test asan tsan bench run install clean
+.PHONY: all build deps test asan tsan stress bench run install clean
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -100,6 +101,13 @@ asan:
 tsan:
 	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread" \
 	  TEST_WRAP="setarch $$(uname -m) -R"
+
+# The suites run again and again beside a CPU hog (tests/stress.sh): STRESS_RUNS times each of
+# STRESS_TARGETS. A test that needs an idle machine fails here.
+STRESS_RUNS ?= 20
+STRESS_TARGETS ?= test tsan asan
+stress:
+	tests/stress.sh -n $(STRESS_RUNS) $(STRESS_TARGETS)
 
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done

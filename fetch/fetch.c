@@ -33,6 +33,7 @@
 
 #include <curl/curl.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -43,7 +44,7 @@
 
 #include "ctx/ctx.h"
 
-#define POLL_MS 1000            /* curl_multi_poll() cap; wakeups and curl's timers cut it short */
+#define POLL_MS 1000            /* default idle_poll_ms */
 #define H2_STREAMS_PER_CONN 100 /* curl's default CURLMOPT_MAX_CONCURRENT_STREAMS */
 #define BODY_MIN_CAP 1024       /* first body buffer when no Content-Length is known */
 
@@ -97,6 +98,7 @@ struct fetch_loop {
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
+    int poll_ms;                /* curl_multi_poll() cap (fetch_opts.idle_poll_ms) */
     CURL **spare;               /* configured easy handles not in use */
     unsigned nspare, spare_cap; /* count and allocation */
 };
@@ -165,6 +167,7 @@ void fetch_opts_default(struct fetch_opts *o)
     o->max_body = 1 << 20;
     o->connect_timeout_ms = 5000;
     o->h2c = false;
+    o->idle_poll_ms = POLL_MS;
 }
 
 const char *fetch_result_name(int err)
@@ -542,7 +545,7 @@ static void *loop_main(void *arg)
         reap_done(l);
         if (l->waiting.head && l->nactive < l->limit)
             continue; /* slots freed: start the next ones before sleeping */
-        curl_multi_poll(l->multi, NULL, 0, POLL_MS, NULL);
+        curl_multi_poll(l->multi, NULL, 0, l->poll_ms, NULL);
     }
     /* Callbacks run by drain_all() cannot have queued anything: fetch_get() saw 'stopping'. */
     while (l->nspare > 0)
@@ -682,6 +685,8 @@ static int loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
     curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)cap);
     curl_multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)cap);
     l->limit = f->opts.h2c ? cap * H2_STREAMS_PER_CONN : cap;
+    int64_t poll = f->opts.idle_poll_ms > 0 ? f->opts.idle_poll_ms : POLL_MS;
+    l->poll_ms = poll > INT_MAX ? INT_MAX : (int)poll;
     return 0;
 }
 

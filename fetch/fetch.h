@@ -37,6 +37,9 @@ struct fetch_opts {
     int64_t connect_timeout_ms; /* connect phase cap (still bounded by the ctx deadline); <= 0:
                                    only the deadline */
     bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
+    int64_t idle_poll_ms;      /* longest a loop sleeps in curl_multi_poll() with nothing due
+                                  (wakeups and curl's timers end it sooner); <= 0: 1000. Only
+                                  a safety net: tests raise it to prove no wakeup is missed */
 };
 
 /* What a transfer produced, handed to its callback. */
