@@ -27,8 +27,16 @@
  * in that same critical section; it completes those, the active and the waiting transfers with
  * FETCH_ESHUTDOWN (or their ctx's cause), frees its curl handles and exits; fetch_free() joins.
  *
+ * Names: before a transfer with a host name enters the multi, the engine's resolver (resolve.c)
+ * answers it from its cache, or the transfer waits on the loop's 'resolving' list (outside curl,
+ * not holding a slot) until a resolver thread answers and wakes the loops ('dns_ready'). It then
+ * enters curl with the addresses pinned by CURLOPT_RESOLVE, so curl's threaded resolver, whose
+ * abort joins its lookup thread and would block this loop, never runs. A transfer aborted while
+ * it waits just drops its hold on the cache entry.
+ *
  * Locks: one mutex per loop (the inbox); no other lock is ever taken while holding it, and no
- * callback, hook or curl call except curl_multi_wakeup() runs under it. Counters are atomics. */
+ * callback, hook or curl call except curl_multi_wakeup() runs under it. The resolver's mutex is
+ * never held together with a loop's. Counters are atomics. */
 #include "fetch/fetch.h"
 
 #include <curl/curl.h>
@@ -43,10 +51,14 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "fetch/resolve.h"
 
 #define POLL_MS 1000            /* default idle_poll_ms */
 #define H2_STREAMS_PER_CONN 100 /* curl's default CURLMOPT_MAX_CONCURRENT_STREAMS */
 #define BODY_MIN_CAP 1024       /* first body buffer when no Content-Length is known */
+#define RESOLVER_THREADS 2      /* default fetch_opts.resolver_threads */
+#define DNS_TTL_MS 60000        /* default fetch_opts.dns_ttl_ms (curl's own DNS cache default) */
+#define DNS_NEG_TTL_MS 1000     /* longest a failed lookup is remembered */
 
 struct fetch_loop;
 
@@ -69,6 +81,8 @@ struct xfer {
     int64_t t0_us;                /* monotonic microseconds at fetch_get() */
     CURL *easy;                   /* the easy handle while started, else NULL */
     struct curl_slist *hdrs;      /* extra request headers while started */
+    struct curl_slist *pin;       /* CURLOPT_RESOLVE entry for a host name while started */
+    struct fetch__dns *dns;       /* the resolver entry held while on 'resolving' */
     char *body;                   /* received body (NUL-terminated room kept), or NULL */
     size_t len, cap;              /* body length and allocation */
     uint64_t received;            /* body bytes curl delivered, kept or not */
@@ -93,8 +107,10 @@ struct fetch_loop {
     struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
     bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
     bool stopping;           /* fetch_free() began; guarded by mu */
+    bool dns_ready;          /* the resolver answered some lookup; guarded by mu */
     /* Loop thread only: */
     struct xfer_queue waiting;  /* admitted, not started: FIFO */
+    struct xfer_queue resolving; /* waiting for the resolver, outside curl: FIFO */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
@@ -109,6 +125,7 @@ struct fetch {
     struct fetch_loop *loops; /* the loops */
     atomic_uint next_loop;    /* round-robin for fetch_pick_loop() */
     atomic_bool stopping;     /* fetch_free() began (fast path; the loop's flag decides) */
+    struct fetch_resolver *resolver; /* host name lookups for all loops */
     atomic_uint_fast64_t ok, status, unreachable, deadline, canceled, too_large, in_flight,
         conns_opened, bytes; /* see struct fetch_stats */
 };
@@ -168,6 +185,10 @@ void fetch_opts_default(struct fetch_opts *o)
     o->connect_timeout_ms = 5000;
     o->h2c = false;
     o->idle_poll_ms = POLL_MS;
+    o->resolver_threads = RESOLVER_THREADS;
+    o->dns_ttl_ms = DNS_TTL_MS;
+    o->lookup = NULL;
+    o->lookup_arg = NULL;
 }
 
 const char *fetch_result_name(int err)
@@ -251,6 +272,7 @@ static void easy_put(struct fetch_loop *l, CURL *e)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, NULL);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, NULL);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
+    curl_easy_setopt(e, CURLOPT_RESOLVE, NULL);
     if (l->nspare == l->spare_cap) {
         unsigned cap = l->spare_cap ? l->spare_cap * 2 : 16;
         CURL **p = realloc(l->spare, cap * sizeof(*p));
@@ -286,6 +308,12 @@ static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *
     ctx_hook_remove(x->ctx, &x->hook); /* waits if the hook is running; never fires after */
     curl_slist_free_all(x->hdrs);
     x->hdrs = NULL;
+    curl_slist_free_all(x->pin);
+    x->pin = NULL;
+    if (x->dns) {
+        fetch__resolve_release(f->resolver, x->dns);
+        x->dns = NULL;
+    }
 
     atomic_uint_fast64_t *counter;
     switch (err) {
@@ -387,6 +415,94 @@ static void abort_active(struct fetch_loop *l, struct xfer *x, int err)
 
 /* ---------------------------------------------------------------- the loop */
 
+/* Copies the URL's host (as curl will look it up) and port. Returns false if curl cannot parse
+ * the URL; curl then reports it as it always has. */
+static bool url_host(const char *url, char *host, size_t size, long *port)
+{
+    CURLU *u = curl_url();
+    char *h = NULL, *p = NULL;
+    bool ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK;
+#ifdef CURLU_PUNYCODE
+    unsigned hflags = CURLU_PUNYCODE; /* curl resolves the ASCII form of a UTF-8 name */
+#else
+    unsigned hflags = 0;
+#endif
+    ok = ok && curl_url_get(u, CURLUPART_HOST, &h, hflags) == CURLUE_OK;
+    ok = ok && curl_url_get(u, CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) == CURLUE_OK;
+    ok = ok && strlen(h) < size;
+    if (ok) {
+        memcpy(host, h, strlen(h) + 1);
+        *port = strtol(p, NULL, 10);
+    }
+    curl_free(h);
+    curl_free(p);
+    curl_url_cleanup(u);
+    return ok;
+}
+
+/* Resolves the host of 'x' before it enters curl. Returns true if 'x' may start now (an IP
+ * literal, or the answer is pinned in x->pin); false if it now waits on 'resolving' or was
+ * completed (the name did not resolve, or no memory). */
+static bool resolve_host(struct fetch_loop *l, struct xfer *x)
+{
+    char host[256];
+    long port = 0;
+    if (!url_host(x->url, host, sizeof(host), &port) || fetch__host_is_literal(host))
+        return true;
+    char addrs[FETCH__DNS_ADDRS_SIZE];
+    struct fetch__dns *d = NULL;
+    int rc = fetch__resolve(l->f->resolver, host, addrs, &d);
+    if (rc == 0) {
+        x->dns = d;
+        queue_push(&l->resolving, x);
+        return false;
+    }
+    if (rc < 0) {
+        complete(l, x, rc == FETCH_ESHUTDOWN ? FETCH_ESHUTDOWN : FETCH_EUNREACH, addrs);
+        return false;
+    }
+    size_t n = strlen(host) + strlen(addrs) + 32;
+    char *entry = malloc(n);
+    struct curl_slist *s = NULL;
+    if (entry) {
+        snprintf(entry, n, "%s:%ld:%s", host, port, addrs);
+        s = curl_slist_append(NULL, entry);
+        free(entry);
+    }
+    if (!s) {
+        complete(l, x, FETCH_EUNREACH, "out of memory starting the transfer");
+        return false;
+    }
+    curl_slist_free_all(x->pin);
+    x->pin = s;
+    return true;
+}
+
+/* After a resolver answer: moves the transfers whose lookup ended to the front of 'waiting', in
+ * order, so that they start next (start() then finds the answer in the cache). */
+static void resume_resolved(struct fetch_loop *l)
+{
+    struct xfer_queue keep = {NULL, NULL}, ready = {NULL, NULL};
+    char addrs[FETCH__DNS_ADDRS_SIZE];
+    struct xfer *x;
+    while ((x = queue_pop(&l->resolving)) != NULL) {
+        if (fetch__resolve_poll(l->f->resolver, x->dns, addrs) == 0) {
+            queue_push(&keep, x);
+            continue;
+        }
+        fetch__resolve_release(l->f->resolver, x->dns);
+        x->dns = NULL;
+        queue_push(&ready, x);
+    }
+    l->resolving = keep;
+    if (ready.head) {
+        ready.tail->next = l->waiting.head;
+        if (!l->waiting.head)
+            l->waiting.tail = ready.tail;
+        l->waiting.head = ready.head;
+    }
+}
+
 /* Puts 'x' into the multi, or completes it if it must not start. */
 static void start(struct fetch_loop *l, struct xfer *x)
 {
@@ -400,6 +516,8 @@ static void start(struct fetch_loop *l, struct xfer *x)
         complete(l, x, -ETIMEDOUT, NULL);
         return;
     }
+    if (!resolve_host(l, x))
+        return;
     const struct fetch_opts *o = &l->f->opts;
     char line[64];
     if (x->request_id) {
@@ -438,6 +556,7 @@ static void start(struct fetch_loop *l, struct xfer *x)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->errbuf);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->hdrs);
+    curl_easy_setopt(e, CURLOPT_RESOLVE, x->pin);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(left == CTX_FOREVER ? 0 : left));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)conn_ms);
     curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)x->max_body);
@@ -482,6 +601,15 @@ static void reap_canceled(struct fetch_loop *l)
             queue_push(&keep, x);
     }
     l->waiting = keep;
+    keep.head = keep.tail = NULL;
+    while ((x = queue_pop(&l->resolving)) != NULL) {
+        int cause = ctx_err(x->ctx);
+        if (cause != 0)
+            complete(l, x, cause, NULL); /* the lookup goes on; nothing waits for it */
+        else
+            queue_push(&keep, x);
+    }
+    l->resolving = keep;
 }
 
 static void reap_done(struct fetch_loop *l)
@@ -519,6 +647,8 @@ static void drain_all(struct fetch_loop *l, struct xfer *in)
     struct xfer *x;
     while ((x = queue_pop(&l->waiting)) != NULL)
         complete(l, x, stop_cause(x), NULL);
+    while ((x = queue_pop(&l->resolving)) != NULL)
+        complete(l, x, stop_cause(x), NULL);
 }
 
 static void *loop_main(void *arg)
@@ -528,8 +658,9 @@ static void *loop_main(void *arg)
         pthread_mutex_lock(&l->mu);
         struct xfer *in = l->inbox.head;
         l->inbox.head = l->inbox.tail = NULL;
-        bool cancel = l->cancel_pending, stop = l->stopping;
+        bool cancel = l->cancel_pending, stop = l->stopping, dns = l->dns_ready;
         l->cancel_pending = false;
+        l->dns_ready = false;
         pthread_mutex_unlock(&l->mu);
         if (stop) {
             drain_all(l, in);
@@ -538,6 +669,8 @@ static void *loop_main(void *arg)
         admit(l, in);
         if (cancel)
             reap_canceled(l);
+        if (dns)
+            resume_resolved(l);
         while (l->waiting.head && l->nactive < l->limit)
             start(l, queue_pop(&l->waiting));
         int running;
@@ -563,6 +696,22 @@ static void on_ctx_done(void *arg)
         curl_multi_wakeup(l->multi);
     }
     pthread_mutex_unlock(&l->mu);
+}
+
+/* The resolver's notify: some lookup ended; every loop checks its waiting transfers. Runs on a
+ * resolver thread with no lock held. */
+static void on_dns_answer(void *arg)
+{
+    struct fetch *f = arg;
+    for (unsigned i = 0; i < f->nloops; i++) {
+        struct fetch_loop *l = &f->loops[i];
+        pthread_mutex_lock(&l->mu);
+        if (!l->dns_ready && !l->stopping) {
+            l->dns_ready = true;
+            curl_multi_wakeup(l->multi);
+        }
+        pthread_mutex_unlock(&l->mu);
+    }
 }
 
 /* ---------------------------------------------------------------- API */
@@ -648,6 +797,8 @@ void fetch_free(struct fetch *f)
     if (!f)
         return;
     atomic_store_explicit(&f->stopping, true, memory_order_release);
+    if (f->resolver)
+        fetch__resolver_stop(f->resolver); /* queued lookups are dropped */
     for (unsigned i = 0; i < f->nloops; i++) {
         struct fetch_loop *l = &f->loops[i];
         pthread_mutex_lock(&l->mu);
@@ -661,6 +812,9 @@ void fetch_free(struct fetch *f)
     for (unsigned i = 0; i < f->nloops; i++)
         if (f->loops[i].started)
             pthread_join(f->loops[i].thread, NULL);
+    /* No transfer holds an entry now. This waits for lookups still running: a lookup cannot be
+     * interrupted (it is bounded by the system resolver's own timeouts). */
+    fetch__resolver_free(f->resolver);
     for (unsigned i = 0; i < f->nloops; i++) {
         struct fetch_loop *l = &f->loops[i];
         curl_multi_cleanup(l->multi);
@@ -720,6 +874,15 @@ int fetch_new(const struct fetch_opts *o, struct fetch **out)
     unsigned cap = o->max_conns / o->loops;
     if (cap < 1)
         cap = 1;
+    int64_t ttl = o->dns_ttl_ms > 0 ? o->dns_ttl_ms : DNS_TTL_MS;
+    f->resolver = fetch__resolver_new(o->resolver_threads ? o->resolver_threads : RESOLVER_THREADS,
+                                      ttl, ttl < DNS_NEG_TTL_MS ? ttl : DNS_NEG_TTL_MS, o->lookup,
+                                      o->lookup_arg, on_dns_answer, f);
+    if (!f->resolver) {
+        free(f->loops);
+        free(f);
+        return -ENOMEM;
+    }
     int err = 0;
     for (unsigned i = 0; i < o->loops && !err; i++) {
         err = loop_init(f, &f->loops[i], cap);

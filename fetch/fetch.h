@@ -9,7 +9,14 @@
  * Each transfer is bound to a ctx: its deadline becomes CURLOPT_TIMEOUT_MS; its cancellation wakes
  * the loop, which removes the handle at once. Transfers of a ctx that is done before they start
  * never start. The loops start in fetch_new() and stop in fetch_free(), which aborts everything in
- * flight, calls every pending callback exactly once and joins the threads. */
+ * flight, calls every pending callback exactly once and joins the threads.
+ *
+ * Host names are resolved by fetch itself, never by curl: a fixed set of resolver threads runs
+ * the lookups (shared by all loops, cached for dns_ttl_ms), a transfer waits for its answer
+ * outside curl, and enters curl with the answer pinned (CURLOPT_RESOLVE). So aborting a
+ * transfer while its name is being looked up (a cancel, a deadline, fetch_free()) costs the
+ * loop nothing: libcurl 7.88's own threaded resolver would instead block the loop until the
+ * lookup returned. A name that does not resolve is FETCH_EUNREACH. */
 #ifndef FANOUT_FETCH_H
 #define FANOUT_FETCH_H
 
@@ -29,6 +36,17 @@ struct fetch;
 #define FETCH_ETOOBIG (-2003)  /* the body passed the cap (aborted as soon as it did) */
 #define FETCH_ESHUTDOWN (-2004) /* the engine is stopping */
 
+/* A name lookup, as fetch's resolver threads run it: writes the addresses of 'host' into 'addrs'
+ * ('size' bytes) as a NUL-terminated, comma-separated list of numeric addresses, IPv6 ones in
+ * brackets ("192.0.2.1,[2001:db8::1]"), and returns 0; or returns an EAI_* code (<netdb.h>) when
+ * the name does not resolve. Called on a resolver thread, never on a loop thread; it may block
+ * (a transfer waiting on it ends at its deadline or cancel regardless). */
+typedef int (*fetch_lookup_fn)(void *arg, const char *host, char *addrs, size_t size);
+
+/* The default lookup: getaddrinfo() (so /etc/hosts and the system resolver), up to 16
+ * addresses; a name under "invalid." (RFC 6761) fails at once with EAI_NONAME. 'arg' is unused. */
+int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size);
+
 struct fetch_opts {
     unsigned loops;            /* loop threads (>= 1) */
     unsigned max_conns;        /* connections to upstreams, all loops together (>= loops);
@@ -40,6 +58,15 @@ struct fetch_opts {
     int64_t idle_poll_ms;      /* longest a loop sleeps in curl_multi_poll() with nothing due
                                   (wakeups and curl's timers end it sooner); <= 0: 1000. Only
                                   a safety net: tests raise it to prove no wakeup is missed */
+    unsigned resolver_threads; /* name lookups run at once, all loops together (a fixed set of
+                                  threads, created by the first lookup of a host name and
+                                  joined by fetch_free()); 0: 2. IP literals and "localhost"
+                                  need none */
+    int64_t dns_ttl_ms;        /* how long an answer is used before it is looked up again (the
+                                  old one still serves while that runs); <= 0: 60000. A
+                                  failure is kept min(this, 1000) ms */
+    fetch_lookup_fn lookup;    /* the name lookup; NULL: fetch_lookup_default */
+    void *lookup_arg;          /* passed to 'lookup' */
 };
 
 /* What a transfer produced, handed to its callback. */
@@ -81,7 +108,8 @@ struct fetch_stats {
     uint64_t bytes;       /* body bytes received */
 };
 
-/* Fills 'o' with the defaults: loops = CPUs, max_conns 512, max_body 1 MiB, connect 5000 ms. */
+/* Fills 'o' with the defaults: loops = CPUs, max_conns 512, max_body 1 MiB, connect 5000 ms,
+ * 2 resolver threads, DNS answers kept 60 s, the getaddrinfo() lookup. */
 void fetch_opts_default(struct fetch_opts *o);
 
 /* Whether this libcurl can run --h2c transfers (HTTP/2 with nghttp2, and 8.0.0 or later:

@@ -39,6 +39,26 @@ enum reply_kind {
     REPLY_NORMAL, /* status, headers and body */
     REPLY_RESET,  /* headers and part of the body, then RST */
     REPLY_EMPTY,  /* close without a reply */
+    REPLY_RAW,    /* canned bytes written as they are (fault-*), see struct fault */
+};
+
+/* What a fault route does once its bytes are written. */
+enum fault_end {
+    END_HANG,  /* keep the connection open and never write again (the request stays in flight) */
+    END_CLOSE, /* close normally */
+    END_RESET, /* close with an RST (SO_LINGER 0) */
+};
+
+/* A fault route: 'head' written at once, then 'drip' written 'step' bytes every 'every_ms' ms
+ * (from its start again after its end when 'repeat'), then 'end'. */
+struct fault {
+    const char *name;  /* the segment after "fault-" */
+    const char *head;  /* written at once ("" for nothing) */
+    const char *drip;  /* written slowly afterwards, or NULL */
+    size_t step;       /* bytes per tick (0: the whole of 'drip') */
+    int every_ms;      /* tick interval */
+    bool repeat;       /* 'drip' never ends */
+    enum fault_end end; /* then */
 };
 
 /* What a route decided; built from the request and kept while a reply is delayed. */
@@ -52,6 +72,8 @@ struct reply {
     int64_t delay_ms;     /* answer this much later (0: at once) */
     bool close;           /* send "Connection: close" and close after */
     bool no_length;       /* no Content-Length: the body ends when the connection closes */
+    const char *extra;    /* more header lines ("Name: value\r\n"...; static) or NULL */
+    const struct fault *fault; /* REPLY_RAW: what to write */
 };
 
 struct stub_loop;
@@ -71,6 +93,9 @@ struct conn {
     bool want_out;                    /* EPOLLOUT is in the interest set */
     int64_t due;                      /* monotonic ms at which 'pending' is answered, or 0 */
     struct reply pending;             /* the delayed reply while 'due' is set */
+    const struct fault *fault;        /* a fault reply being dripped (its timer is 'due') */
+    size_t drip_off;                  /* bytes of fault->drip written so far */
+    bool hold;                        /* the reply is not complete when 'out' is flushed */
 };
 
 struct stub_loop {
@@ -248,6 +273,86 @@ static void route_close(struct reply *r, const char *seg, size_t len, long n)
     r->close = true;
 }
 
+static void route_redirect(struct reply *r, const char *seg, size_t len, long n)
+{
+    (void)seg;
+    (void)len;
+    r->status = n >= 300 && n <= 399 ? (int)n : 302;
+    r->extra = "Location: /items/redirect-target\r\n";
+    set_body(r, "{\"moved\":true}");
+}
+
+/* The fault table (see upstub.h). Bodies are short so that a cap never decides the outcome. */
+static const struct fault faults[] = {
+    /* transport */
+    {"rst-now", "", NULL, 0, 0, false, END_RESET},
+    {"rst-head", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+     NULL, 0, 0, false, END_RESET},
+    {"rst-chunk",
+     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+     "5\r\n[1,2,\r\n",
+     NULL, 0, 0, false, END_RESET},
+    {"silent", "", NULL, 0, 0, false, END_HANG},
+    /* time */
+    {"body-forever",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "4\r\nxxxx\r\n", 0, 20, true, END_HANG},
+    {"headers-forever", "HTTP/1.1 200 OK\r\n", "X-More: yes\r\n", 0, 20, true, END_HANG},
+    {"trickle", "",
+     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+     "{\"ok\":\"slow\"}",
+     1, 1000, false, END_HANG},
+    /* status line */
+    {"status-garbage", "garbage\r\nContent-Length: 2\r\n\r\nok", NULL, 0, 0, false, END_HANG},
+    {"status-letters", "HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nok", NULL, 0, 0, false,
+     END_HANG},
+    {"status-long", "HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok", NULL, 0, 0, false,
+     END_HANG},
+    {"status-version", "HTTP/7.3 200 OK\r\nContent-Length: 2\r\n\r\nok", NULL, 0, 0, false,
+     END_HANG},
+    {"status-empty", "\r\n\r\n", NULL, 0, 0, false, END_HANG},
+    /* framing */
+    {"cl-long-close", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
+     NULL, 0, 0, false, END_CLOSE},
+    {"cl-long-hang", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
+     NULL, 0, 0, false, END_HANG},
+    {"cl-short",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+     "12345HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled",
+     NULL, 0, 0, false, END_HANG},
+    {"chunk-bad-size",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+     "zz\r\nhello\r\n0\r\n\r\n",
+     NULL, 0, 0, false, END_HANG},
+    {"chunk-overrun",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+     "3\r\nhello\r\n0\r\n\r\n",
+     NULL, 0, 0, false, END_HANG},
+    {"chunk-cut",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+     "5\r\nhel",
+     NULL, 0, 0, false, END_CLOSE},
+    {"chunk-no-end",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+     "5\r\nhello\r\n",
+     NULL, 0, 0, false, END_CLOSE},
+};
+
+static void route_fault(struct reply *r, const char *seg, size_t len, long n)
+{
+    (void)n;
+    size_t pl = strlen("fault-");
+    for (size_t i = 0; i < sizeof(faults) / sizeof(faults[0]); i++) {
+        if (strlen(faults[i].name) == len - pl && memcmp(seg + pl, faults[i].name, len - pl) == 0) {
+            r->kind = REPLY_RAW;
+            r->fault = &faults[i];
+            return;
+        }
+    }
+    r->status = 404;
+    set_body(r, "{\"error\":\"no such fault\"}");
+}
+
 /* Matched in order by prefix of the last path segment; <N> is parsed right after the prefix.
  * A route fills in what differs from "200, application/json, no body". */
 static const struct route {
@@ -257,6 +362,7 @@ static const struct route {
     {"status", route_status}, {"fail", route_fail},   {"sleep", route_sleep},
     {"text", route_text},     {"big", route_big},     {"reset", route_reset},
     {"empty", route_empty},   {"close", route_close}, {"stream", route_stream},
+    {"fault-", route_fault},  {"redirect", route_redirect},
 };
 
 static void route(const char *target, size_t tlen, struct reply *r)
@@ -396,7 +502,7 @@ static bool conn_flush(struct conn *c)
             c->fill_left -= (uint64_t)n;
     }
     set_want_out(c, false);
-    if (c->busy) {
+    if (c->busy && !c->hold) {
         c->busy = false;
         atomic_fetch_sub(&s->in_flight, 1);
         if (c->close_after) {
@@ -444,6 +550,99 @@ static bool out_reserve(struct conn *c, size_t need)
     return true;
 }
 
+static void timer_link(struct conn *c, int64_t due)
+{
+    c->due = due;
+    c->tprev = NULL;
+    c->tnext = c->loop->timers;
+    if (c->tnext)
+        c->tnext->tprev = c;
+    c->loop->timers = c;
+}
+
+/* Appends 'n' bytes to the output (after what is still unsent). */
+static bool out_append(struct conn *c, const char *data, size_t n)
+{
+    if (c->out_off == c->out_len)
+        c->out_off = c->out_len = 0;
+    if (!out_reserve(c, c->out_len + n + 1))
+        return false;
+    memcpy(c->out + c->out_len, data, n);
+    c->out_len += n;
+    return true;
+}
+
+/* A fault reply's bytes are all written (or it never ends): what comes next. Returns false if
+ * the connection closed. */
+static bool fault_end(struct conn *c)
+{
+    const struct fault *f = c->fault;
+    c->fault = NULL;
+    switch (f->end) {
+    case END_HANG:
+        return conn_flush(c); /* 'hold' stays: the request never completes */
+    case END_CLOSE:
+        c->hold = false;
+        c->close_after = true;
+        return conn_flush(c);
+    default: {
+        /* Best effort: the bytes are small and the socket buffer is empty. */
+        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (n > 0)
+            atomic_fetch_add(&c->loop->s->bytes_sent, (uint64_t)n);
+        conn_close(c, false, true);
+        return false;
+    }
+    }
+}
+
+/* Writes the next piece of a dripping fault reply and schedules the one after. Returns false if
+ * the connection closed. */
+static bool fault_tick(struct conn *c)
+{
+    const struct fault *f = c->fault;
+    size_t total = strlen(f->drip);
+    if (c->drip_off == total && f->repeat)
+        c->drip_off = 0;
+    size_t n = f->step ? f->step : total;
+    if (n > total - c->drip_off)
+        n = total - c->drip_off;
+    if (!out_append(c, f->drip + c->drip_off, n)) {
+        conn_close(c, false, true);
+        return false;
+    }
+    c->drip_off += n;
+    if (c->drip_off == total && !f->repeat) {
+        if (!conn_flush(c))
+            return false;
+        return fault_end(c);
+    }
+    timer_link(c, now_ms() + f->every_ms);
+    return conn_flush(c);
+}
+
+/* Starts a fault reply ('r' consumed). Returns false if the connection closed. */
+static bool fault_start(struct conn *c, struct reply *r)
+{
+    const struct fault *f = r->fault;
+    free(r->body);
+    r->body = NULL;
+    c->hold = true;
+    c->fault = f;
+    c->drip_off = 0;
+    if (!out_append(c, f->head, strlen(f->head))) {
+        conn_close(c, false, true);
+        return false;
+    }
+    if (f->drip) {
+        timer_link(c, now_ms() + f->every_ms);
+        return conn_flush(c);
+    }
+    if (f->end != END_RESET && !conn_flush(c))
+        return false;
+    return fault_end(c);
+}
+
 /* Answers the current request with 'r' (consumed). Returns false if the connection closed. */
 static bool conn_reply(struct conn *c, struct reply *r)
 {
@@ -452,6 +651,8 @@ static bool conn_reply(struct conn *c, struct reply *r)
         conn_close(c, false, false);
         return false;
     }
+    if (r->kind == REPLY_RAW)
+        return fault_start(c, r);
     uint64_t clen = r->kind == REPLY_RESET ? RESET_ANNOUNCED : r->body_len + r->fill;
     if (!out_reserve(c, 256 + r->body_len + (r->kind == REPLY_RESET ? RESET_SENT : 0))) {
         free(r->body);
@@ -462,8 +663,9 @@ static bool conn_reply(struct conn *c, struct reply *r)
     if (!r->no_length)
         snprintf(lenhdr, sizeof(lenhdr), "Content-Length: %llu\r\n", (unsigned long long)clen);
     int h =
-        snprintf(c->out, c->out_cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s\r\n", r->status,
-                 reason(r->status), r->ctype, lenhdr, r->close ? "Connection: close\r\n" : "");
+        snprintf(c->out, c->out_cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n",
+                 r->status, reason(r->status), r->ctype, lenhdr, r->extra ? r->extra : "",
+                 r->close ? "Connection: close\r\n" : "");
     c->out_len = (size_t)h;
     c->out_off = 0;
     if (r->body_len)
@@ -658,7 +860,12 @@ static void fire_timers(struct stub_loop *l)
     struct conn *c = l->timers;
     while (c) {
         struct conn *next = c->tnext;
-        if (c->due <= now) {
+        if (c->due <= now && c->fault) {
+            timer_unlink(c);
+            if (fault_tick(c) && !c->busy)
+                conn_serve(c);
+            next = l->timers;
+        } else if (c->due <= now) {
             struct reply r = c->pending;
             c->pending.body = NULL;
             timer_unlink(c);

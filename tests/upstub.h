@@ -17,6 +17,30 @@
  *   reset*        headers announcing 100000 bytes, 1000 of them, then an RST (SO_LINGER 0)
  *   empty*        the connection is closed without any reply
  *   close*        200 with the default body and "Connection: close", then a normal close
+ *   redirect<NNN>* status NNN (300-399, else 302) with "Location: /items/redirect-target" and
+ *                 the body {"moved":true}
+ *   fault-<name>  a misbehaving upstream, exactly <name> (anything else: 404):
+ *     rst-now          an RST before any byte of the reply
+ *     rst-head         headers announcing 100 bytes, then an RST before the body
+ *     rst-chunk        a chunked body cut by an RST after its first chunk
+ *     silent           the request is read and never answered (the connection stays open)
+ *     body-forever     200, chunked, a 4-byte chunk every 20 ms, never a last chunk
+ *     headers-forever  a status line, then a header line every 20 ms, never the blank line
+ *     trickle          a whole 13-byte-body response at 1 byte per second (about 80 s)
+ *     status-garbage   "garbage" where the status line belongs (an HTTP/0.9 reply)
+ *     status-letters   "HTTP/1.1 abc OK"
+ *     status-long      "HTTP/1.1 2000 OK"
+ *     status-version   "HTTP/7.3 200 OK"
+ *     status-empty     an empty line where the status line belongs
+ *     cl-long-close    Content-Length 100, 5 body bytes, then a normal close
+ *     cl-long-hang     Content-Length 100, 5 body bytes, then silence (connection open)
+ *     cl-short         Content-Length 5 followed by 5 bytes and then a whole second response
+ *     chunk-bad-size   a chunk size that is not hex ("zz")
+ *     chunk-overrun    a chunk holding more bytes than its size says
+ *     chunk-cut        a close in the middle of a chunk
+ *     chunk-no-end     a close after a complete chunk, before the last (zero) chunk
+ *   Those that end "open" never complete: they stay in_flight until the client closes (then
+ *   they count as canceled).
  *   anything else 200 application/json {"id":"<segment, percent-decoded, JSON-escaped>"}
  * New behaviours are one entry in the route table at the top of upstub.c.
  *
