@@ -111,6 +111,11 @@ struct fetch_loop {
     /* Loop thread only: */
     struct xfer_queue waiting;  /* admitted, not started: FIFO */
     struct xfer_queue resolving; /* waiting for the resolver, outside curl: FIFO */
+    char origin[320];           /* "scheme://authority" of the last URL whose host was parsed */
+    size_t origin_len;          /* its length (0: none) */
+    char origin_host[256];      /* that URL's host, as curl looks it up */
+    long origin_port;           /* and port */
+    bool origin_literal;        /* the host needs no lookup (fetch__host_is_literal) */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
@@ -445,10 +450,23 @@ static bool url_host(const char *url, char *host, size_t size, long *port)
  * completed (the name did not resolve, or no memory). */
 static bool resolve_host(struct fetch_loop *l, struct xfer *x)
 {
-    char host[256];
-    long port = 0;
-    if (!url_host(x->url, host, sizeof(host), &port) || fetch__host_is_literal(host))
+    /* Parsing a URL costs more than the rest of a start; one request's URLs share an origin. */
+    const char *sep = strstr(x->url, "://");
+    size_t olen = sep ? (size_t)(sep + 3 - x->url) + strcspn(sep + 3, "/?#") : 0;
+    if (olen == 0 || olen != l->origin_len || memcmp(x->url, l->origin, olen) != 0) {
+        l->origin_len = 0;
+        if (!url_host(x->url, l->origin_host, sizeof(l->origin_host), &l->origin_port))
+            return true;
+        l->origin_literal = fetch__host_is_literal(l->origin_host);
+        if (olen > 0 && olen < sizeof(l->origin)) {
+            memcpy(l->origin, x->url, olen);
+            l->origin_len = olen;
+        }
+    }
+    if (l->origin_literal)
         return true;
+    const char *host = l->origin_host;
+    long port = l->origin_port;
     char addrs[FETCH__DNS_ADDRS_SIZE];
     struct fetch__dns *d = NULL;
     int rc = fetch__resolve(l->f->resolver, host, addrs, &d);

@@ -40,8 +40,8 @@ void fetch__resolver_stop(struct fetch_resolver *r);
  * held. */
 void fetch__resolver_free(struct fetch_resolver *r);
 
-/* Whether curl answers 'host' by itself without a lookup: an IPv4 or bracketed IPv6 literal, or
- * "localhost". */
+/* Whether curl answers 'host' by itself without a lookup: an IPv4 or bracketed IPv6 literal,
+ * "localhost" or a name under "localhost". */
 bool fetch__host_is_literal(const char *host);
 
 /* Looks 'host' up. Returns 1 with the addresses copied into 'addrs' (FETCH__DNS_ADDRS_SIZE
