@@ -429,6 +429,16 @@ static void test_faults_deadline_faults_end_at_the_deadline(void)
 
 /* ---------------------------------------------------------------- DNS */
 
+static void test_faults_default_lookup(void)
+{
+    char addrs[1024];
+    /* "localhost" comes from /etc/hosts (nsswitch "files"), no query leaves the machine. */
+    CU_ASSERT_EQUAL(fetch_lookup_default(NULL, "localhost", addrs, sizeof(addrs)), 0);
+    CU_ASSERT(strstr(addrs, "127.0.0.1") != NULL || strstr(addrs, "[::1]") != NULL);
+    CU_ASSERT_EQUAL(fetch_lookup_default(NULL, "nx.invalid", addrs, sizeof(addrs)), EAI_NONAME);
+    CU_ASSERT_EQUAL(fetch_lookup_default(NULL, "INVALID.", addrs, sizeof(addrs)), EAI_NONAME);
+}
+
 static void test_faults_invalid_name_is_unreachable(void)
 {
     struct base b = base_now();
@@ -512,7 +522,8 @@ static int fake_lookup(void *arg, const char *host, char *addrs, size_t size)
     pthread_mutex_unlock(&d->mu);
     if (strcmp(host, "nx.test") == 0)
         return EAI_NONAME;
-    snprintf(addrs, size, "127.0.0.1");
+    /* IPv6 first: curl tries ::1 (where nothing listens), then the stub's 127.0.0.1. */
+    snprintf(addrs, size, "%s", strcmp(host, "v6.test") == 0 ? "[::1],127.0.0.1" : "127.0.0.1");
     return 0;
 }
 
@@ -562,8 +573,17 @@ static void test_faults_dns_names_resolve_through_the_resolver(void)
     pthread_mutex_lock(&d.mu);
     CU_ASSERT_EQUAL(d.lookups_other, 1);
     pthread_mutex_unlock(&d.mu);
-    /* A name that does not resolve. */
+    /* An answer with an IPv6 address is pinned as well. */
     char url[128];
+    snprintf(url, sizeof(url), "http://v6.test:%d/items/six", upstub_port(s));
+    struct res six;
+    res_init(&six);
+    CU_ASSERT_EQUAL_FATAL(get_on(f, c, url, 0, &six), 0);
+    CU_ASSERT(test_wait_until(res_done, &six, WAIT_MS));
+    CU_ASSERT_EQUAL(six.err, 0);
+    CU_ASSERT(six.body && strcmp(six.body, "{\"id\":\"six\"}") == 0);
+    res_destroy(&six);
+    /* A name that does not resolve. */
     snprintf(url, sizeof(url), "http://nx.test:%d/items/a", upstub_port(s));
     struct res nx;
     res_init(&nx);
@@ -863,6 +883,7 @@ static CU_TestInfo faults_tests[] = {
     {"100 MB body: too large at once over the cap, intact under it", test_faults_100mb_body},
     {"hangs, endless bodies and headers, trickles: at the deadline",
      test_faults_deadline_faults_end_at_the_deadline},
+    {"the default lookup: hosts file, .invalid at once", test_faults_default_lookup},
     {"names under .invalid: unreachable, no lookup", test_faults_invalid_name_is_unreachable},
     {"names resolve through the resolver, pinned, one lookup",
      test_faults_dns_names_resolve_through_the_resolver},
