@@ -143,7 +143,10 @@ void fetch_stats(struct fetch *f, struct fetch_stats *s);
 const char *fetch_result_name(int err);
 
 /* Aborts all transfers (callbacks get FETCH_ESHUTDOWN unless their ctx was already done), joins
- * the loops and frees the engine. Must not be called from a fetch callback. */
+ * the loops and the resolver threads and frees the engine. Every callback has run before it
+ * waits for the resolver, which finishes the lookups still running (a lookup cannot be
+ * interrupted: it is bounded by the system resolver's timeouts, resolv.conf "timeout" and
+ * "attempts"); queued ones are dropped. Must not be called from a fetch callback. */
 void fetch_free(struct fetch *f);
 
 #endif
