@@ -838,6 +838,17 @@ static void test_faults_over_http(void)
     for (size_t i = 0; slow[i]; i++)
         expect_http(e.port, slow[i], DEADLINE_MS, 504, "deadline_exceeded");
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/redirect-target"), 0);
+    /* Content-Length shorter than the body: the message is its first 5 bytes. */
+    struct srvtest_resp r;
+    srvtest_post(e.port, "{\"ids\":[\"fault-cl-short\",\"next\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    const cJSON *res = srvtest_results(&r);
+    const cJSON *d0 = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(res, 0), "data");
+    const cJSON *d1 = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(res, 1), "data");
+    CU_ASSERT(cJSON_IsNumber(d0) && d0->valuedouble == 12345);
+    const cJSON *id1 = cJSON_GetObjectItemCaseSensitive(d1, "id");
+    CU_ASSERT(cJSON_IsString(id1) && strcmp(id1->valuestring, "next") == 0);
+    srvtest_resp_free(&r);
     srvtest_env_free(&e);
     CU_ASSERT(settled(b));
 }
@@ -897,7 +908,8 @@ static CU_TestInfo faults_tests[] = {
      test_faults_stale_answer_serves_during_refresh},
     {"resolver threads: a fixed set, started on first use", test_faults_resolver_threads_are_fixed},
     {"over HTTP: every fault's status and code", test_faults_over_http},
-    {"over HTTP: refused, never accepted, unresolvable", test_faults_over_http_refused_mute_and_dns},
+    {"over HTTP: refused, never accepted, unresolvable",
+     test_faults_over_http_refused_mute_and_dns},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(faults, faults_tests)

@@ -312,10 +312,12 @@ static const struct fault faults[] = {
      END_HANG},
     {"status-empty", "\r\n\r\n", NULL, 0, 0, false, END_HANG},
     /* framing */
-    {"cl-long-close", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
-     NULL, 0, 0, false, END_CLOSE},
-    {"cl-long-hang", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
-     NULL, 0, 0, false, END_HANG},
+    {"cl-long-close",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort", NULL, 0,
+     0, false, END_CLOSE},
+    {"cl-long-hang",
+     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort", NULL, 0,
+     0, false, END_HANG},
     {"cl-short",
      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
      "12345HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled",
