@@ -79,6 +79,8 @@ struct fetch_result {
     size_t len;         /* body length in bytes */
     int64_t elapsed_ms; /* from fetch_get() to completion, milliseconds */
     int64_t elapsed_us; /* the same in microseconds (for latency histograms) */
+    bool aborted;       /* ended because its ctx was done (err is then the ctx's cause, or
+                           FETCH_ESHUTDOWN), not by anything the upstream did */
     const char *detail; /* human-readable reason for err (curl's text where there is one); valid
                            only during the callback */
 };
@@ -101,7 +103,8 @@ struct fetch_stats {
     uint64_t status;      /* FETCH_ESTATUS */
     uint64_t unreachable; /* FETCH_EUNREACH */
     uint64_t deadline;    /* -ETIMEDOUT */
-    uint64_t canceled;    /* any other ctx cause, or shutdown */
+    uint64_t canceled;    /* ended by its ctx for any other cause (a sibling's failure, a
+                             hedge that won, a client gone), or shutdown */
     uint64_t too_large;   /* FETCH_ETOOBIG */
     uint64_t in_flight;   /* submitted and not yet completed */
     uint64_t conns_opened; /* new connections made to upstreams */
@@ -134,6 +137,15 @@ unsigned fetch_pick_loop(struct fetch *f);
  * fetch_free() has begun). Each loop keeps at most max_conns / loops transfers in curl at once
  * (h2c: 100 times that) and queues the rest in order; the deadline runs while they wait. */
 int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r);
+
+/* A timer on loop 'loop': cb(arg, r) runs once on that loop's thread, with r->err 0 once
+ * 'delay_ms' (>= 0) has passed, or earlier with the cause when 'c' is done first (r->aborted
+ * set), or FETCH_ESHUTDOWN when the engine stops. Only err, aborted and elapsed are filled.
+ * With delay 0 and ctx_background() it runs 'cb' on the loop thread soon: a way to hand work to
+ * a loop. Returns 0, or -EINVAL / -ENOMEM / FETCH_ESHUTDOWN and cb is never called. Timers are
+ * not counted in fetch_stats. Thread-safe, and callable from a fetch callback. */
+int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms, fetch_cb cb,
+                void *arg);
 
 /* Reads the counters. Thread-safe and lock-free. */
 void fetch_stats(struct fetch *f, struct fetch_stats *s);

@@ -710,7 +710,7 @@ static void test_eg_async_start_fails_synchronously(void)
     struct atask *t = atasks(&h, 3, A_FAIL);
     CU_ASSERT_FATAL(g && t);
     h.g = g;
-    CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[0]), 0); /* added, then failed at once */
+    CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[0]), -EIO); /* added, and failed at once */
     CU_ASSERT_EQUAL(eg_err(g), -EIO);
     CU_ASSERT_EQUAL(ctx_err(eg_ctx(g)), -EIO);
     CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[1]), -EIO); /* start not called */

@@ -991,6 +991,151 @@ static void test_fetch_threads_and_fds_return_to_baseline(void)
     ctx_free(warm);
 }
 
+/* ---------------------------------------------------------------- timers */
+
+struct tmr {
+    atomic_int calls;   /* callback invocations */
+    atomic_int err;     /* its err */
+    atomic_bool aborted; /* its aborted */
+    int64_t at;         /* ctx_now() in the callback (written before 'calls') */
+    atomic_long order;  /* position among the timers that fired */
+    atomic_long *seq;   /* shared fire counter */
+    pthread_t thread;   /* the thread that ran it */
+};
+
+static void tmr_cb(void *arg, struct fetch_result *r)
+{
+    struct tmr *t = arg;
+    t->at = ctx_now();
+    t->thread = pthread_self();
+    atomic_store(&t->err, r->err);
+    atomic_store(&t->aborted, r->aborted);
+    if (t->seq)
+        atomic_store(&t->order, atomic_fetch_add(t->seq, 1));
+    atomic_fetch_add(&t->calls, 1); /* last: the test reads the rest after seeing it */
+}
+
+static bool tmr_fired(void *arg)
+{
+    return atomic_load(&((struct tmr *)arg)->calls) > 0;
+}
+
+struct tmrs {
+    struct tmr *t;
+    int n;
+};
+
+static bool tmrs_fired(void *arg)
+{
+    struct tmrs *a = arg;
+    for (int i = 0; i < a->n; i++)
+        if (!atomic_load(&a->t[i].calls))
+            return false;
+    return true;
+}
+
+/* fetch_after(): each timer fires once, on a loop thread, not before its delay and in the order
+ * of its due time; timers are not transfers (no stats). */
+static void test_fetch_timers_fire_in_order(void)
+{
+    struct fetch *f = engine(2, 2, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    enum { N = 40 };
+    struct tmr t[N];
+    atomic_long seq = 0;
+    int64_t delay[N], before[N], after[N], t0 = ctx_now();
+    for (int i = 0; i < N; i++) {
+        memset(&t[i], 0, sizeof(t[i]));
+        t[i].seq = &seq;
+        delay[i] = (i * 37) % 20 * 5; /* 0..95 ms, shuffled, with ties */
+        before[i] = ctx_now();
+        CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), delay[i], tmr_cb, &t[i]), 0);
+        after[i] = ctx_now() + 1; /* ms clock: the call ended before this */
+    }
+    struct tmrs all = {t, N};
+    CU_ASSERT(test_wait_until(tmrs_fired, &all, WAIT_MS));
+    int early = 0, misordered = 0;
+    for (int i = 0; i < N; i++) {
+        CU_ASSERT_EQUAL(atomic_load(&t[i].calls), 1);
+        CU_ASSERT_EQUAL(atomic_load(&t[i].err), 0);
+        CU_ASSERT_FALSE(atomic_load(&t[i].aborted));
+        CU_ASSERT(!pthread_equal(t[i].thread, pthread_self()));
+        early += t[i].at - t0 < delay[i];
+        for (int j = 0; j < N; j++) /* surely due later: never fired first */
+            misordered += before[j] + delay[j] > after[i] + delay[i] &&
+                          atomic_load(&t[j].order) < atomic_load(&t[i].order);
+    }
+    CU_ASSERT_EQUAL(early, 0);
+    CU_ASSERT_EQUAL(misordered, 0);
+    struct fetch_stats st;
+    fetch_stats(f, &st);
+    CU_ASSERT_EQUAL(st.ok + st.canceled + st.in_flight, 0);
+    CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), -1, tmr_cb, &t[0]), -EINVAL);
+    CU_ASSERT_EQUAL(fetch_after(f, 9, ctx_background(), 1, tmr_cb, &t[0]), -EINVAL);
+    CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), 1, NULL, NULL), -EINVAL);
+    fetch_free(f);
+}
+
+/* A timer whose ctx is canceled fires at once with the cause (the loop's idle poll is ten
+ * minutes, so only a real wakeup gets it there in time); one still armed when the engine stops
+ * gets FETCH_ESHUTDOWN; a ctx already done fires at once. */
+static void test_fetch_timer_canceled_and_shutdown(void)
+{
+    struct fetch *f = engine(1, 1, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    struct ctx *c = ctx_new(ctx_background(), CTX_FOREVER);
+    struct tmr a = {0}, b = {0}, d = {0};
+    CU_ASSERT_EQUAL(fetch_after(f, 0, c, 600000, tmr_cb, &a), 0);
+    CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), 600000, tmr_cb, &b), 0);
+    struct canceler k = {.c = c, .cause = -EOWNERDEAD};
+    pthread_t th;
+    CU_ASSERT_FATAL(pthread_create(&th, NULL, cancel_thread, &k) == 0);
+    pthread_join(th, NULL);
+    CU_ASSERT(test_wait_until(tmr_fired, &a, WAIT_MS));
+    CU_ASSERT_EQUAL(atomic_load(&a.err), -EOWNERDEAD);
+    CU_ASSERT_TRUE(atomic_load(&a.aborted));
+    CU_ASSERT(a.at - k.at < test_ms(5000));
+    CU_ASSERT_EQUAL(fetch_after(f, 0, c, 600000, tmr_cb, &d), 0); /* already done */
+    CU_ASSERT(test_wait_until(tmr_fired, &d, WAIT_MS));
+    CU_ASSERT_EQUAL(atomic_load(&d.err), -EOWNERDEAD);
+    CU_ASSERT_FALSE(tmr_fired(&b));
+    fetch_free(f);
+    CU_ASSERT_EQUAL(atomic_load(&b.calls), 1);
+    CU_ASSERT_EQUAL(atomic_load(&b.err), FETCH_ESHUTDOWN);
+    CU_ASSERT_EQUAL(atomic_load(&a.calls), 1);
+    ctx_free(c);
+}
+
+/* A transfer aborted by its ctx says so (aborted) and is counted canceled whatever the cause,
+ * even one that looks like an upstream status; its own deadline is counted as deadline. */
+static void test_fetch_aborted_counted_as_canceled(void)
+{
+    struct upstub *s;
+    CU_ASSERT_FATAL(upstub_new(1, &s) == 0);
+    struct fetch *f = engine(1, 4, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    char url[256];
+    url_of(s, url, sizeof(url), "/items/sleep60000");
+    struct ctx *c = ctx_new(ctx_background(), CTX_FOREVER);
+    struct res r;
+    res_init(&r);
+    struct fetch_req q = {.url = url, .cb = res_cb, .arg = &r};
+    CU_ASSERT_EQUAL(fetch_get(f, 0, c, &q), 0);
+    struct stub_cond sc = {.s = s, .in_flight = 1};
+    CU_ASSERT(test_wait_until(stub_in_flight_reached, &sc, WAIT_MS));
+    ctx_cancel(c, FETCH_ESTATUS); /* a sibling's failure, as the group's cause */
+    CU_ASSERT(test_wait_until(res_done, &r, WAIT_MS));
+    CU_ASSERT_EQUAL(r.err, FETCH_ESTATUS);
+    struct fetch_stats st;
+    fetch_stats(f, &st);
+    CU_ASSERT_EQUAL(st.canceled, 1);
+    CU_ASSERT_EQUAL(st.status, 0);
+    res_destroy(&r);
+    ctx_free(c);
+    fetch_free(f);
+    upstub_free(s);
+}
+
 static CU_TestInfo fetch_tests[] = {
     {"success: status, body intact, one connection", test_fetch_success_body_intact},
     {"non-2xx keeps status and body", test_fetch_non_2xx_keeps_status_and_body},
@@ -1008,6 +1153,10 @@ static CU_TestInfo fetch_tests[] = {
     {"bad arguments are refused without a callback", test_fetch_rejects_bad_arguments},
     {"cancel race: exactly once, result or cause", test_fetch_cancel_race},
     {"threads and fds return to baseline", test_fetch_threads_and_fds_return_to_baseline},
+    {"timers: once each, not early, in due order, not counted", test_fetch_timers_fire_in_order},
+    {"timers: canceled at once with the cause; shutdown", test_fetch_timer_canceled_and_shutdown},
+    {"aborted transfers are counted canceled, whatever the cause",
+     test_fetch_aborted_counted_as_canceled},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(fetch, fetch_tests)

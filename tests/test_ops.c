@@ -1327,13 +1327,15 @@ static void test_ops_metrics_exact_amounts(void)
     upstub_stats(e.up, &s1);
 
 #define D(name, labels) (prom_value(&b, name, labels, 0) - prom_value(&a, name, labels, 0))
-    /* 200: the first scrape, the batch, healthz (the second scrape counts after it is sent). */
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"200\""), 3);
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"502\""), 2);
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"504\""), 1);
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"400\""), 1);
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"404\""), 1);
-    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"503\""), 0);
+    /* By route: the batch, healthz, the first scrape (the second counts after it is sent). */
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"200\",route=\"batch\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"200\",route=\"healthz\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"200\",route=\"metrics\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"502\",route=\"batch\""), 2);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"504\",route=\"batch\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"400\",route=\"batch\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"404\",route=\"other\""), 1);
+    CU_ASSERT_EQUAL(D("fanout_requests_total", "code=\"503\",route=\"batch\""), 0);
     CU_ASSERT_EQUAL(D("fanout_request_duration_seconds_count", ""), 8);
     CU_ASSERT_EQUAL(D("fanout_request_duration_seconds_bucket", "le=\"+Inf\""), 8);
     CU_ASSERT(D("fanout_request_duration_seconds_sum", "") >= 0.1); /* the 504 took 100 ms */
@@ -1390,7 +1392,7 @@ static void test_ops_metrics_admission_rejections(void)
     CU_ASSERT_EQUAL(prom_value(&b, "fanout_admission_rejections_total", "", -1) -
                         prom_value(&a, "fanout_admission_rejections_total", "", -1),
                     1);
-    CU_ASSERT_EQUAL(prom_value(&b, "fanout_requests_total", "code=\"503\"", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&b, "fanout_requests_total", "code=\"503\",route=\"batch\"", -1), 1);
     CU_ASSERT(bg_wait_all(&g, WAIT_MS));
     CU_ASSERT_EQUAL(g.r[slow].status, 200);
     prom_free(&a);
