@@ -32,7 +32,9 @@
  * not holding a slot) until a resolver thread answers and wakes the loops ('dns_ready'). It then
  * enters curl with the addresses pinned by CURLOPT_RESOLVE, so curl's threaded resolver, whose
  * abort joins its lookup thread and would block this loop, never runs. A transfer aborted while
- * it waits just drops its hold on the cache entry.
+ * it waits just drops its hold on the cache entry. The wait counts against connect_timeout_ms,
+ * as curl's own lookup would (expire_resolving(), checked on every pass; its next expiry bounds
+ * the poll).
  *
  * Locks: one mutex per loop (the inbox); no other lock is ever taken while holding it, and no
  * callback, hook or curl call except curl_multi_wakeup() runs under it. The resolver's mutex is
@@ -83,6 +85,7 @@ struct xfer {
     struct curl_slist *hdrs;      /* extra request headers while started */
     struct curl_slist *pin;       /* CURLOPT_RESOLVE entry for a host name while started */
     struct fetch__dns *dns;       /* the resolver entry held while on 'resolving' */
+    int64_t resolve_t0_us;        /* when it first waited for the resolver, or 0 */
     char *body;                   /* received body (NUL-terminated room kept), or NULL */
     size_t len, cap;              /* body length and allocation */
     uint64_t received;            /* body bytes curl delivered, kept or not */
@@ -563,6 +566,8 @@ static bool resolve_host(struct fetch_loop *l, struct xfer *x)
     int rc = fetch__resolve(l->f->resolver, host, addrs, &d);
     if (rc == 0) {
         x->dns = d;
+        if (x->resolve_t0_us == 0)
+            x->resolve_t0_us = now_us();
         queue_push(&l->resolving, x);
         return false;
     }
@@ -589,6 +594,38 @@ static bool resolve_host(struct fetch_loop *l, struct xfer *x)
     curl_slist_free_all(x->pin);
     x->pin = s;
     return true;
+}
+
+/* curl's connect timeout covers its name lookup; ours does too: a transfer that has waited
+ * connect_timeout_ms for its name is unreachable (the deadline, if sooner, ends it first, by its
+ * ctx hook). Returns the ms until the next such expiry, or -1 if none is pending. */
+static int64_t expire_resolving(struct fetch_loop *l)
+{
+    int64_t cap_ms = l->f->opts.connect_timeout_ms;
+    if (!l->resolving.head || cap_ms <= 0)
+        return -1;
+    struct xfer_queue keep = {NULL, NULL}, late = {NULL, NULL};
+    int64_t now = now_us(), next = -1;
+    struct xfer *x;
+    while ((x = queue_pop(&l->resolving)) != NULL) {
+        int64_t due = x->resolve_t0_us + cap_ms * 1000;
+        if (due <= now) {
+            queue_push(&late, x);
+            continue;
+        }
+        int64_t ms = (due - now + 999) / 1000;
+        if (next < 0 || ms < next)
+            next = ms;
+        queue_push(&keep, x);
+    }
+    l->resolving = keep;
+    char buf[320];
+    while ((x = queue_pop(&late)) != NULL) {
+        snprintf(buf, sizeof(buf), "resolving host %s took longer than %lld ms",
+                 fetch__dns_host(x->dns), (long long)cap_ms);
+        complete(l, x, FETCH_EUNREACH, buf);
+    }
+    return next;
 }
 
 /* After a resolver answer: moves the transfers whose lookup ended to the front of 'waiting', in
@@ -657,6 +694,10 @@ static void start(struct fetch_loop *l, struct xfer *x)
     if (!x->easy)
         goto nomem;
     int64_t conn_ms = o->connect_timeout_ms > 0 ? o->connect_timeout_ms : 0;
+    if (conn_ms > 0 && x->resolve_t0_us != 0) { /* the lookup spent part of it */
+        int64_t waited = (now_us() - x->resolve_t0_us) / 1000;
+        conn_ms = waited < conn_ms ? conn_ms - waited : 1;
+    }
     if (left != CTX_FOREVER && (conn_ms == 0 || left < conn_ms))
         conn_ms = left;
     if (conn_ms == 0)
@@ -829,6 +870,9 @@ static void *loop_main(void *arg)
         curl_multi_perform(l->multi, &running);
         reap_done(l);
         int64_t next = fire_timers(l);
+        int64_t dns_next = expire_resolving(l);
+        if (dns_next >= 0 && (next < 0 || dns_next < next))
+            next = dns_next;
         if (l->waiting.head && l->nactive < l->limit)
             continue; /* slots freed: start the next ones before sleeping */
         int wait = next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms;

@@ -292,6 +292,11 @@ int fetch__resolve_poll(struct fetch_resolver *r, struct fetch__dns *d, char *ad
     return rc;
 }
 
+const char *fetch__dns_host(const struct fetch__dns *d)
+{
+    return d->host;
+}
+
 void fetch__resolve_release(struct fetch_resolver *r, struct fetch__dns *d)
 {
     pthread_mutex_lock(&r->mu);

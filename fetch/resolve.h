@@ -55,6 +55,9 @@ int fetch__resolve(struct fetch_resolver *r, const char *host, char *addrs,
  * the entry is still held). Thread-safe. */
 int fetch__resolve_poll(struct fetch_resolver *r, struct fetch__dns *d, char *addrs);
 
+/* The host name of a held entry (constant while it is held). Thread-safe. */
+const char *fetch__dns_host(const struct fetch__dns *d);
+
 /* Drops a held entry. Thread-safe. */
 void fetch__resolve_release(struct fetch_resolver *r, struct fetch__dns *d);
 

@@ -124,6 +124,7 @@ static struct fetch *engine(unsigned loops, size_t max_body, fetch_lookup_fn loo
     o.loops = loops;
     o.max_conns = 8 * loops;
     o.idle_poll_ms = 600000; /* a missed wakeup stalls for ten minutes, far past every bound */
+    o.connect_timeout_ms = 0; /* only deadlines; the connect cap has its own test */
     if (max_body)
         o.max_body = max_body;
     o.lookup = lookup;
@@ -682,6 +683,38 @@ static void test_faults_hanging_lookup_never_blocks_the_loop(void)
     CU_ASSERT(settled(b));
 }
 
+static void test_faults_lookup_longer_than_connect_timeout_is_unreachable(void)
+{
+    struct base b = base_now();
+    struct fake_dns d;
+    fake_init(&d);
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = 1;
+    o.max_conns = 4;
+    o.idle_poll_ms = 600000;
+    o.connect_timeout_ms = DEADLINE_MS; /* curl's connect timeout includes its lookup; ours too */
+    o.lookup = fake_lookup;
+    o.lookup_arg = &d;
+    struct fetch *f = NULL;
+    CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);
+    struct ctx *c = ctx_with_timeout(ctx_background(), LONG_MS);
+    int64_t t0 = ctx_now();
+    struct res r;
+    res_init(&r);
+    CU_ASSERT_EQUAL_FATAL(get_on(f, c, "http://hang.test/items/a", 0, &r), 0);
+    CU_ASSERT(test_wait_until(res_done, &r, DEADLINE_MS + WAIT_MS));
+    CU_ASSERT_EQUAL(r.err, FETCH_EUNREACH);
+    CU_ASSERT(r.at >= t0 + DEADLINE_MS);
+    CU_ASSERT(strstr(r.detail, "hang.test") != NULL);
+    ctx_free(c);
+    res_destroy(&r);
+    fake_open(&d);
+    fetch_free(f);
+    fake_destroy(&d);
+    CU_ASSERT(settled(b));
+}
+
 static void test_faults_stale_answer_serves_during_refresh(void)
 {
     struct base b = base_now();
@@ -904,6 +937,8 @@ static CU_TestInfo faults_tests[] = {
      test_faults_dns_names_resolve_through_the_resolver},
     {"a hanging lookup never blocks the loop (cancel, deadline, free)",
      test_faults_hanging_lookup_never_blocks_the_loop},
+    {"a lookup longer than the connect timeout: unreachable, on time",
+     test_faults_lookup_longer_than_connect_timeout_is_unreachable},
     {"an expired answer serves while its refresh hangs",
      test_faults_stale_answer_serves_during_refresh},
     {"resolver threads: a fixed set, started on first use", test_faults_resolver_threads_are_fixed},
