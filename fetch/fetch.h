@@ -53,8 +53,7 @@ struct fetch_opts {
                                   each loop may open max_conns / loops */
     size_t max_body;           /* default body cap per transfer, bytes (> 0) */
     int64_t connect_timeout_ms; /* connect phase cap, the name lookup included (still bounded
-                                   by the ctx deadline); <= 0:
-                                   only the deadline */
+                                   by the ctx deadline); <= 0: only the deadline */
     bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
     int64_t idle_poll_ms;      /* longest a loop sleeps in curl_multi_poll() with nothing due
                                   (wakeups and curl's timers end it sooner); <= 0: 1000. Only
