@@ -39,7 +39,7 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test asan tsan stress bench run install clean
+.PHONY: all build deps test-deps test asan tsan stress bench run install clean
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -86,7 +86,19 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
-test: all
+# Tools the suites run besides the libraries: promtool (Debian: prometheus) checks /metrics.
+test-deps: deps
+	@[ -n "$$FANOUT_SKIP_PROMTOOL" ] || command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	    else echo "fanout: the tests need promtool (run apt-get install prometheus as root)" >&2; exit 1; fi; \
+	    echo "fanout: installing the test tools: prometheus (for promtool)"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null || exit 1; \
+	  else \
+	    echo "fanout: the tests need promtool (the Prometheus tools); install it or set FANOUT_SKIP_PROMTOOL=1" >&2; exit 1; \
+	  fi; }
+
+test: all test-deps
 	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
