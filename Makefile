@@ -2,6 +2,7 @@
 #   make            library, binary and test programs      make test   every suite
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
 #   make stress     every suite 20 times beside a CPU hog
+#   make fuzz       each libFuzzer target for FUZZ_SECONDS (clang)
 #   make bench      micro-benchmarks                       make install / clean
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
@@ -39,7 +40,7 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress bench run install clean
+.PHONY: all build deps test-deps test asan tsan stress fuzz fuzz-build bench run install clean
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -120,6 +121,33 @@ STRESS_RUNS ?= 20
 STRESS_TARGETS ?= test tsan asan
 stress:
 	tests/stress.sh -n $(STRESS_RUNS) $(STRESS_TARGETS)
+
+# libFuzzer targets (clang; Debian: clang libclang-rt-14-dev): tests/fuzz/fuzz_<name>.c, seeds
+# in tests/fuzz/corpus/<name>/ (read only; new inputs go to build/fuzz/corpus/<name>/, crashes
+# to build/fuzz/artifacts/). Each runs FUZZ_SECONDS; a crash stops the run with exit 1.
+FUZZ_TARGETS ?= request url render http
+FUZZ_SECONDS ?= 60
+FUZZ_SAN = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzz-build BUILD=build/fuzz CC=clang OPT="-O1 -g" \
+	  SAN="-fsanitize=fuzzer-no-link $(FUZZ_SAN)"
+	@mkdir -p build/fuzz/artifacts
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build/fuzz/corpus/$$t; \
+	  echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  build/fuzz/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=build/fuzz/artifacts/$$t- build/fuzz/corpus/$$t tests/fuzz/corpus/$$t \
+	    2>build/fuzz/fuzz_$$t.log || { tail -n 60 build/fuzz/fuzz_$$t.log; exit 1; }; \
+	  grep -E '^(#[0-9]+.*DONE|Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb)' build/fuzz/fuzz_$$t.log; \
+	done
+
+FUZZ_BINS = $(FUZZ_TARGETS:%=$(BUILD)/fuzz/fuzz_%)
+fuzz-build: $(FUZZ_BINS)
+	@:
+
+$(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
