@@ -3,6 +3,7 @@
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
 #   make stress     every suite 20 times beside a CPU hog
 #   make fuzz       each libFuzzer target for FUZZ_SECONDS (clang)
+#   make soak       SOAK_SECONDS of mixed load under ASan, then TSan, with resource samples
 #   make bench      micro-benchmarks                       make install / clean
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
@@ -40,7 +41,7 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress fuzz fuzz-build bench run install clean
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -106,14 +107,24 @@ test: all test-deps
 export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1
 export UBSAN_OPTIONS ?= print_stacktrace=1:halt_on_error=1
 export TSAN_OPTIONS ?= halt_on_error=1:second_deadlock_stack=1
+ASAN_SAN = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+TSAN_SAN = -fsanitize=thread
+TSAN_WRAP = setarch $$(uname -m) -R
 asan:
-	$(MAKE) test BUILD=build/asan OPT="-O1 -g" \
-	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	$(MAKE) test BUILD=build/asan OPT="-O1 -g" SAN="$(ASAN_SAN)"
 
 # setarch -R: TSan cannot map its shadow memory on kernels with high mmap randomisation.
 tsan:
-	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread" \
-	  TEST_WRAP="setarch $$(uname -m) -R"
+	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="$(TSAN_SAN)" TEST_WRAP="$(TSAN_WRAP)"
+
+# Soak (tests/soak.sh): SOAK_SECONDS of mixed load against the ASan build, then the TSan build,
+# sampling RSS, threads and fds every second; CSVs, plots and logs in build/soak/.
+SOAK_SECONDS ?= 600
+soak: all
+	@$(MAKE) --no-print-directory build/asan/bin/fanout BUILD=build/asan OPT="-O1 -g" SAN="$(ASAN_SAN)"
+	@$(MAKE) --no-print-directory build/tsan/bin/fanout BUILD=build/tsan OPT="-O1 -g" SAN="$(TSAN_SAN)"
+	tests/soak.sh -b build/asan/bin/fanout -s $(SOAK_SECONDS) -n asan
+	$(TSAN_WRAP) tests/soak.sh -b build/tsan/bin/fanout -s $(SOAK_SECONDS) -n tsan
 
 # The suites run again and again beside a CPU hog (tests/stress.sh): STRESS_RUNS times each of
 # STRESS_TARGETS. A test that needs an idle machine fails here.
