@@ -544,9 +544,14 @@ static void test_batch_settled_every_error_kind(void)
     fo.idle_poll_ms = 600000;
     CU_ASSERT_FATAL(fetch_new(&fo, &g.fetch) == 0);
     g.env.fetch = g.fetch;
-    const char *body = "{\"mode\":\"settled\",\"timeout_ms\":300,\"ids\":[\"ok\",\"fail-1\","
-                       "\"status404-2\",\"empty-3\",\"big5000\",\"sleep60000-4\",7,\"ok\","
-                       "\"sleep60000-5\",\"sleep60000-6\",\"sleep60000-7\"]}";
+    /* The deadline is far longer than the fast fetches take, scaled like every bound. */
+    int64_t tmo = test_ms(1000);
+    char body[512];
+    snprintf(body, sizeof(body),
+             "{\"mode\":\"settled\",\"timeout_ms\":%lld,\"ids\":[\"ok\",\"fail-1\","
+             "\"status404-2\",\"empty-3\",\"big5000\",\"sleep60000-4\",7,\"ok\","
+             "\"sleep60000-5\",\"sleep60000-6\",\"sleep60000-7\"]}",
+             (long long)tmo);
     struct run r;
     CU_ASSERT_FATAL(run_body(&g, &r, body));
     CU_ASSERT_EQUAL(r.status, 200);
@@ -569,8 +574,10 @@ static void test_batch_settled_every_error_kind(void)
     for (int i = 8; i < 11; i++) /* queued behind the limit, or in flight: the deadline */
         CU_ASSERT_STRING_EQUAL(item_code(&r, i), "deadline_exceeded");
     const cJSON *msg = cJSON_GetObjectItem(item(&r, 5, "error"), "message");
-    CU_ASSERT(cJSON_IsString(msg) && strstr(msg->valuestring, "300 ms"));
-    CU_ASSERT(r.elapsed >= 300 && r.elapsed < test_ms(5000));
+    char want[64];
+    snprintf(want, sizeof(want), "%lld ms", (long long)tmo);
+    CU_ASSERT(cJSON_IsString(msg) && strstr(msg->valuestring, want));
+    CU_ASSERT(r.elapsed >= tmo && r.elapsed < tmo + test_ms(5000));
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1));
     run_free(&r);
     /* The same batch in mode all: the first error decides. */

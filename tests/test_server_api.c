@@ -565,9 +565,9 @@ static void test_server_deadline(void)
     START_CFG(&e, &cfg);
     /* Each sleep id takes 60 s. The 504's earliest time and the X-Request-Timeout-Ms the
      * upstream saw (never above the effective deadline) show which deadline won. */
-    expect_deadline(e.port, "{\"ids\":[\"a\",\"sleep60000a\"],\"timeout_ms\":150}", NULL,
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000a\"],\"timeout_ms\":150}", NULL,
                     "sleep60000a", 150);
-    expect_deadline(e.port, "{\"ids\":[\"sleep60000b\",\"a\"]}", "X-Request-Timeout-Ms: 150",
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000b\"]}", "X-Request-Timeout-Ms: 150",
                     "sleep60000b", 150);
     expect_deadline(e.port, "{\"ids\":[\"sleep60000c\"],\"timeout_ms\":100000}",
                     "X-Request-Timeout-Ms: 150", "sleep60000c", 150);
@@ -868,10 +868,12 @@ static void test_server_settled_mode(void)
     struct srvtest_env e;
     START(&e);
     struct srvtest_resp r;
-    srvtest_post(e.port,
-                 "{\"mode\":\"settled\",\"timeout_ms\":300,"
-                 "\"ids\":[\"a\",\"fail\",\"sleep60000-s\",\"status418\",\"a\"]}",
-                 NULL, &r);
+    char body[200];
+    snprintf(body, sizeof(body),
+             "{\"mode\":\"settled\",\"timeout_ms\":%lld,"
+             "\"ids\":[\"a\",\"fail\",\"sleep60000-s\",\"status418\",\"a\"]}",
+             (long long)test_ms(1000));
+    srvtest_post(e.port, body, NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     const cJSON *res = srvtest_results(&r);
     CU_ASSERT_EQUAL(cJSON_GetArraySize(res), 5);
