@@ -1396,7 +1396,7 @@ static void test_ops_metrics_exact_amounts(void)
     http(k, e.p.port, "/v1/batch", "{\"ids\":[\"status404-m\"]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 502);
     resp_free(&r);
-    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"sleep3000-m\"],\"timeout_ms\":100}", NULL, &r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"sleep60000-m\"],\"timeout_ms\":100}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 504);
     resp_free(&r);
     http(k, e.p.port, "/v1/batch", "{\"ids\":[1,}", NULL, &r); /* no fetch */

@@ -417,8 +417,8 @@ static void test_server_upstream_status(void)
     CU_ASSERT(str_is(srvtest_err_field(&r, "id"), id));
     CU_ASSERT(num_is(srvtest_err_field(&r, "upstream_status"), 404));
     srvtest_resp_free(&r);
-    k = snprintf(body, sizeof(body), "{\"timeout_ms\":100,\"ids\":[\"sleep3000");
-    for (int i = 9; i < 256; i++)
+    k = snprintf(body, sizeof(body), "{\"timeout_ms\":100,\"ids\":[\"sleep60000");
+    for (int i = 10; i < 256; i++)
         k += snprintf(body + k, sizeof(body) - (size_t)k, "\\u0001");
     snprintf(body + k, sizeof(body) - (size_t)k, "\"]}");
     srvtest_post(e.port, body, NULL, &r);

@@ -499,7 +499,7 @@ static void test_server_concurrent_mixed_batches(void)
     } kinds[] = {
         {"{\"ids\":[\"m1\",\"m2\",\"m3\",\"m4\",\"m5\",7,8,9]}", 200},
         {"{\"ids\":[\"sleep30\",\"fail\",\"sleep2000\",\"z1\",\"z2\"]}", 502},
-        {"{\"ids\":[\"sleep2000\",\"sleep10\"],\"timeout_ms\":60}", 504},
+        {"{\"ids\":[\"sleep60000\",\"sleep10\"],\"timeout_ms\":60}", 504},
         {"{\"ids\":[\"sleep5\",\"sleep5\",\"m1\",\"m1\"]}", 200},
         {"{\"ids\":[1,]}", 400},
         {"{\"ids\":[\"status503\",\"m6\"]}", 502},
