@@ -34,16 +34,20 @@ BENCH_SRCS = $(wildcard tests/bench_*.c)
 BENCH_BINS = $(BENCH_SRCS:tests/%.c=$(BUILD)/tests/%)
 LIB       = $(BUILD)/libfanout.a
 BIN       = $(BUILD)/bin/fanout
+# The load-test tool (deploy/loadtest/): its own program; test_loadtest links its parts.
+LOAD_SRCS = $(wildcard deploy/loadtest/*.c)
+LOAD_OBJS = $(LOAD_SRCS:%.c=$(BUILD)/obj/%.o)
+LOAD_BIN  = $(BUILD)/bin/fanout-load
 
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test asan tsan bench run install clean
+.PHONY: all build deps test asan tsan bench run install clean load
 all: deps
 	@$(MAKE) --no-print-directory build
 
 # The real build, run after 'deps' so that pkg-config answers for every object.
-build: $(BIN) $(TEST_BINS) $(BENCH_BINS)
+build: $(BIN) $(LOAD_BIN) $(TEST_BINS) $(BENCH_BINS)
 	@:
 
 # Installs the -dev packages that pkg-config cannot find (apt-get as root or through sudo), or
@@ -72,6 +76,17 @@ $(BIN): $(BUILD)/obj/server/main.o $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
+$(LOAD_BIN): $(LOAD_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(shell pkg-config --libs libcjson 2>/dev/null) -lm
+
+# 'make load' builds only the load tool (deploy/loadtest.sh runs it).
+load: deps
+	@$(MAKE) --no-print-directory $(LOAD_BIN)
+
+$(BUILD)/tests/test_loadtest: $(filter-out %/main.o,$(LOAD_OBJS))
+$(BUILD)/tests/test_loadtest: PKG_LIBS += -lm
+
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_COMMON) $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
@@ -86,7 +101,7 @@ $(BUILD)/obj/%.o: %.c
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
 test: all
-	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
+	FANOUT_BIN=$(BIN) FANOUT_LOAD_BIN=$(LOAD_BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
 export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1
