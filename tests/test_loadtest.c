@@ -849,6 +849,12 @@ static void test_loadtest_unreachable_target(void)
     CU_ASSERT_EQUAL(count_lines(r.err), 1);
     CU_ASSERT_EQUAL(r.out_n, 0);
     run_free(&r);
+    /* --wait retries, then says the same. */
+    const char *args2[] = {"--wait", "300ms", "-d", "1s", url, NULL};
+    run_tool(args2, NULL, &r);
+    CU_ASSERT_EQUAL(exit_code(&r), 3);
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.err, "(after --wait)"));
+    run_free(&r);
 }
 
 /* ---------------------------------------------------------------- canned server */

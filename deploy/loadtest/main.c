@@ -55,6 +55,8 @@ static const char usage_text[] =
     "                         request's intended send time; without it, closed loop (every\n"
     "                         connection sends as soon as its previous answer is in)\n"
     "      --timeout TIME     an answer later than this is a timeout [10s]\n"
+    "      --wait TIME        wait up to TIME for the target to accept connections (for\n"
+    "                         scripts that have just started it) [no wait]\n"
     "\n"
     "Requests:\n"
     "  -b, --batch N|MIN-MAX  ids per request, fixed or drawn uniformly [10]\n"
@@ -106,7 +108,7 @@ struct cli {
     int progress;            /* -1 auto, 0 off, 1 on */
     double min_success;      /* --min-success */
     double max_p99_ms;       /* --max-p99-ms, 0: none */
-    int threads_given;       /* -t was given */
+    int64_t wait_ns;         /* --wait: keep probing the target this long */
 };
 
 static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
@@ -286,16 +288,12 @@ static void resolve(struct cli *c)
     freeaddrinfo(res);
 }
 
-/* One connect with a bound: the clear error for an unreachable target, before any load. */
-static void probe(const struct cli *c)
+/* One connect with a bound; returns 0 or the errno. */
+static int probe_once(const struct lt_target *t)
 {
-    const struct lt_target *t = &c->o.target;
-    char addr[128] = "?", serv[16] = "?";
-    getnameinfo((const struct sockaddr *)&t->addr, t->addrlen, addr, sizeof(addr), serv,
-                sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV);
     int fd = socket(t->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        die(EXIT_CANNOT, "socket: %s", strerror(errno));
+        return errno;
     int err = 0;
     if (connect(fd, (const struct sockaddr *)&t->addr, t->addrlen) != 0) {
         err = errno;
@@ -310,9 +308,26 @@ static void probe(const struct cli *c)
         }
     }
     close(fd);
+    return err;
+}
+
+/* The clear error for an unreachable target, before any load; with --wait, retried every
+ * 100 ms until the target accepts or the wait is over. */
+static void probe(const struct cli *c)
+{
+    const struct lt_target *t = &c->o.target;
+    char addr[128] = "?", serv[16] = "?";
+    getnameinfo((const struct sockaddr *)&t->addr, t->addrlen, addr, sizeof(addr), serv,
+                sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV);
+    int64_t until = lt_now_ns() + c->wait_ns;
+    int err;
+    while ((err = probe_once(t)) != 0 && lt_now_ns() < until) {
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+    }
     if (err)
-        die(EXIT_CANNOT, "cannot connect to %s (address %s, port %s): %s", c->url, addr, serv,
-            strerror(err));
+        die(EXIT_CANNOT, "cannot connect to %s (address %s, port %s): %s%s", c->url, addr, serv,
+            strerror(err), c->wait_ns ? " (after --wait)" : "");
 }
 
 static bool on_path(const char *name)
@@ -341,7 +356,7 @@ static bool on_path(const char *name)
 enum {
     OPT_IDS = 256, OPT_ZIPF_S, OPT_FAIL, OPT_SLOW, OPT_SLOW_MS,
     OPT_MODE, OPT_NDJSON, OPT_SEED, OPT_JSON, OPT_CSV, OPT_SWEEP, OPT_SWEEP_OUT, OPT_NO_PLOT,
-    OPT_PROGRESS, OPT_NO_PROGRESS, OPT_MIN_SUCCESS, OPT_MAX_P99, OPT_TIMEOUT,
+    OPT_PROGRESS, OPT_NO_PROGRESS, OPT_MIN_SUCCESS, OPT_MAX_P99, OPT_TIMEOUT, OPT_WAIT,
 };
 
 static const struct option long_opts[] = {
@@ -354,6 +369,7 @@ static const struct option long_opts[] = {
     {"keys", required_argument, NULL, 'k'},
     {"help", no_argument, NULL, 'h'},
     {"timeout", required_argument, NULL, OPT_TIMEOUT},
+    {"wait", required_argument, NULL, OPT_WAIT},
     {"ids", required_argument, NULL, OPT_IDS},
     {"zipf-s", required_argument, NULL, OPT_ZIPF_S},
     {"prefix", required_argument, NULL, 'p'},
@@ -428,7 +444,6 @@ static void parse_args(struct cli *c, int argc, char **argv)
             break;
         case 't':
             c->o.threads = (int)parse_int(f, optarg, 1, 64);
-            c->threads_given = 1;
             break;
         case 'r':
             c->o.rate = parse_num(f, optarg, 0, 1e7, true);
@@ -444,6 +459,9 @@ static void parse_args(struct cli *c, int argc, char **argv)
             exit(0);
         case OPT_TIMEOUT:
             c->o.timeout_ns = parse_time(f, optarg);
+            break;
+        case OPT_WAIT:
+            c->wait_ns = parse_time(f, optarg);
             break;
         case OPT_IDS:
             if (!strcmp(optarg, "seq"))
