@@ -754,7 +754,7 @@ static cJSON *summary_json(const struct cli *c, const struct lt_stats *st,
     cJSON *sc = cJSON_AddObjectToObject(j, "status");
     for (int i = 0; i < LT_MAX_STATUS; i++)
         if (st->status[i]) {
-            char k[8];
+            char k[16];
             snprintf(k, sizeof(k), "%d", i);
             cJSON_AddNumberToObject(sc, k, (double)st->status[i]);
         }
