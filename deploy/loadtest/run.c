@@ -109,7 +109,8 @@ void lt_run_clear_interrupt(void)
 
 uint64_t lt_stats_attempts(const struct lt_stats *st)
 {
-    return st->done + st->sock_errors + st->timeouts + st->proto_errors + st->unsent;
+    return st->done + st->connect_errors + st->sock_errors + st->timeouts + st->proto_errors +
+           st->unsent;
 }
 
 /* ------------------------------------------------------------------ counting */
@@ -477,6 +478,8 @@ static void housekeeping(struct worker *w, int64_t now, bool sending)
 /* Sends what is due on idle connections. */
 static void dispatch(struct worker *w, int64_t now)
 {
+    if (w->o->rate <= 0 && now >= w->end)
+        return;
     while (w->idle) {
         int64_t due = now;
         if (w->o->rate > 0) {
@@ -516,6 +519,10 @@ static void *worker_main(void *arg)
     for (;;) {
         int64_t now = lt_now_ns();
         int level = atomic_load_explicit(&interrupt_level, memory_order_relaxed);
+        /* First what is due, so that a request due before the end but late because this thread
+         * was not running is sent late (and its latency shows it), not counted as unsent. */
+        if (sending && level == 0)
+            dispatch(w, now);
         if (sending && (now >= w->end || level >= 1)) {
             sending = false;
             stop_at = now < w->end ? now : w->end;
@@ -533,8 +540,6 @@ static void *worker_main(void *arg)
             housekeeping(w, now, sending);
             next_tick = now + LT_TICK_NS;
         }
-        if (sending)
-            dispatch(w, now);
         int64_t until = next_tick;
         if (sending && w->end < until)
             until = w->end;

@@ -117,7 +117,8 @@ void lt_run_interrupt(void);
 /* Clears the interrupt state before a new run. */
 void lt_run_clear_interrupt(void);
 
-/* Requests that counted: answers, socket errors, timeouts, protocol errors and unsent. */
+/* What the success ratio divides by: answers, failed connects (each one a request that could
+ * not be sent), socket errors, timeouts, protocol errors and unsent requests. */
 uint64_t lt_stats_attempts(const struct lt_stats *st);
 
 /* Monotonic clock in nanoseconds. */
