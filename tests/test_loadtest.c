@@ -1001,6 +1001,9 @@ static void test_loadtest_ndjson_answers(void)
         CU_ASSERT(num(j, "requests") >= 1);
         CU_ASSERT_EQUAL(num(j, "ok"), num(j, "requests"));
         CU_ASSERT_EQUAL(num(j, "connects"), 1); /* kept alive */
+        const cJSON *en = cJSON_GetObjectItem(j, "entries");
+        CU_ASSERT_EQUAL(num(en, "ok"), num(j, "requests"));
+        CU_ASSERT_EQUAL(num(en, "failed"), 0);
     }
     cJSON_Delete(j);
 
@@ -1025,6 +1028,50 @@ static void test_loadtest_ndjson_answers(void)
     if (j)
         CU_ASSERT_EQUAL(num(cJSON_GetObjectItem(j, "error_codes"), "deadline_exceeded"),
                         num(j, "requests"));
+    cJSON_Delete(j);
+}
+
+static void test_loadtest_settled_entries(void)
+{
+    if (!have_tool())
+        return;
+    int code;
+    /* mode settled: a 200 whose entries are counted one by one (two results, one error). */
+    static const char body[] =
+        "{\"results\":[{\"id\":\"a\",\"status\":200,\"data\":{\"error\":\"not ours\"}},"
+        "{\"id\":\"fail-1\",\"error\":{\"code\":\"upstream_status\",\"message\":\"500\"}},"
+        "{\"id\":7,\"status\":200,\"data\":\"x\"}]}";
+    char reply[1024];
+    snprintf(reply, sizeof(reply),
+             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+             strlen(body), body);
+    cJSON *j = against_canned(reply, false, "--mode=settled", &code);
+    CU_ASSERT_EQUAL(code, 0); /* every answer is a 200 */
+    if (j) {
+        double req = num(j, "requests");
+        const cJSON *en = cJSON_GetObjectItem(j, "entries");
+        CU_ASSERT(req >= 1);
+        CU_ASSERT_EQUAL(num(en, "ok"), 2 * req);
+        CU_ASSERT_EQUAL(num(en, "failed"), req);
+        CU_ASSERT_EQUAL(num(en, "unreadable_answers"), 0);
+        CU_ASSERT_EQUAL(num(cJSON_GetObjectItem(en, "error_codes"), "upstream_status"), req);
+    }
+    cJSON_Delete(j);
+
+    /* NDJSON entries: an error line is a failed entry; the done line is not an entry. */
+    j = against_canned("HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                       "Content-Length: 102\r\n\r\n"
+                       "{\"index\":1,\"id\":\"b\",\"error\":{\"code\":\"deadline_exceeded\"}}\n"
+                       "{\"index\":0,\"id\":\"a\",\"data\":1}\n{\"done\":true}\n",
+                       false, "--ndjson", &code);
+    CU_ASSERT_EQUAL(code, 0);
+    if (j) {
+        double req = num(j, "requests");
+        const cJSON *en = cJSON_GetObjectItem(j, "entries");
+        CU_ASSERT_EQUAL(num(en, "ok"), req);
+        CU_ASSERT_EQUAL(num(en, "failed"), req);
+        CU_ASSERT_EQUAL(num(cJSON_GetObjectItem(en, "error_codes"), "deadline_exceeded"), req);
+    }
     cJSON_Delete(j);
 }
 
@@ -1076,6 +1123,7 @@ static CU_TestInfo loadtest_tests[] = {
     {"--help and -h exit 0", test_loadtest_help_exits_0},
     {"unreachable target: clear error, exit 3", test_loadtest_unreachable_target},
     {"NDJSON answers judged by their done line", test_loadtest_ndjson_answers},
+    {"mode settled and NDJSON: entries counted", test_loadtest_settled_entries},
     {"Connection: close, error codes, non-HTTP", test_loadtest_connection_close_and_errors},
     CU_TEST_INFO_NULL,
 };

@@ -17,7 +17,7 @@ void lt_http_reset(struct lt_http *p)
 {
     p->state = LT_HTTP_HEAD;
     p->status = 0;
-    p->close = p->chunked = p->ndjson = p->keep_body = false;
+    p->close = p->chunked = p->ndjson = p->keep_body = p->truncated = false;
     p->remaining = p->body_len = 0;
     p->head_len = p->body_n = p->line_n = p->last_n = 0;
 }
@@ -106,7 +106,7 @@ static int parse_head(struct lt_http *p)
     }
     if (http10 && !keep_alive)
         p->close = true;
-    p->keep_body = p->status != 200 || p->ndjson;
+    p->keep_body = p->status != 200 || p->ndjson || p->keep_ok;
     if (p->status == 204 || p->status == 304 || p->status < 200) {
         p->state = LT_HTTP_DONE;
     } else if (p->chunked) {
@@ -141,6 +141,8 @@ static void keep(struct lt_http *p, const char *b, size_t n)
             if (p->line_n && !(p->line_n == 1 && p->line[0] == '\r')) {
                 memcpy(p->last, p->line, p->line_n);
                 p->last_n = p->line_n;
+                if (p->on_line)
+                    p->on_line(p->line_arg, p->line, p->line_n);
             }
             p->line_n = 0;
             b = nl + 1;
@@ -148,8 +150,11 @@ static void keep(struct lt_http *p, const char *b, size_t n)
         }
         return;
     }
-    if (p->body_n + n > LT_HTTP_KEEP)
-        n = LT_HTTP_KEEP - p->body_n;
+    size_t limit = p->status == 200 ? LT_HTTP_KEEP_OK : LT_HTTP_KEEP;
+    if (p->body_n + n > limit) {
+        n = limit - p->body_n;
+        p->truncated = true;
+    }
     if (!n)
         return;
     if (p->body_n + n > p->body_cap) {
@@ -290,6 +295,8 @@ int lt_http_feed(struct lt_http *p, const char *buf, size_t len, size_t *used)
             memcpy(p->last, p->line, p->line_n);
             p->last_n = p->line_n;
             p->line_n = 0;
+            if (p->on_line)
+                p->on_line(p->line_arg, p->last, p->last_n);
         }
         return 1;
     }

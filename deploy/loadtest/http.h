@@ -3,9 +3,10 @@
  * delimited by its length, by chunks (trailers skipped) or by the connection closing. Bytes are
  * fed as they arrive, in pieces of any size; nothing is pipelined, so a response ends a feed.
  *
- * The body is counted, and kept only when asked: a non-200 body (up to LT_HTTP_KEEP bytes, for
- * its JSON error code), and for an NDJSON body its last non-empty line (up to LT_HTTP_LINE
- * bytes), which a stream ends with its {"done":true,...} summary.
+ * The body is counted, and kept only when needed: a non-200 body (up to LT_HTTP_KEEP bytes, for
+ * its JSON error code), with 'keep_ok' a 200 body too (up to LT_HTTP_KEEP_OK), and for an NDJSON
+ * body its last non-empty line (up to LT_HTTP_LINE bytes), which a stream ends with its
+ * {"done":true,...} summary; 'on_line', when set, is called with every complete NDJSON line.
  *
  * One parser per connection, used by one thread. */
 #ifndef FANOUT_LT_HTTP_H
@@ -19,6 +20,8 @@
 #define LT_HTTP_MAX_HEAD 16384
 /* Largest non-200 body kept. */
 #define LT_HTTP_KEEP 65536
+/* Largest 200 body kept with keep_ok. */
+#define LT_HTTP_KEEP_OK (16u << 20)
 /* Largest NDJSON line kept. */
 #define LT_HTTP_LINE 4096
 
@@ -41,6 +44,10 @@ struct lt_http {
     bool chunked;             /* Transfer-Encoding: chunked */
     bool ndjson;              /* Content-Type: application/x-ndjson */
     bool keep_body;           /* keep the body (set from the status, see above) */
+    bool keep_ok;             /* keep 200 bodies too (set by the owner; kept by reset) */
+    bool truncated;           /* the kept body was cut at its limit */
+    void (*on_line)(void *arg, const char *line, size_t n); /* NDJSON line hook or NULL */
+    void *line_arg;           /* its argument */
     uint64_t remaining;       /* bytes left of the body or of the current chunk */
     uint64_t body_len;        /* body bytes seen */
     size_t head_len;          /* bytes in head */

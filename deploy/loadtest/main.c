@@ -640,6 +640,28 @@ static void summarize(const struct cli *c, const struct lt_stats *st, struct sum
     }
 }
 
+static void print_codes(const char *title, const struct lt_codes *cs)
+{
+    if (!cs->n && !cs->other)
+        return;
+    printf("  %-13s", title);
+    for (size_t i = 0; i < cs->n; i++)
+        printf(" %s: %llu ", cs->c[i].name, (unsigned long long)cs->c[i].n);
+    if (cs->other)
+        printf(" (others): %llu", (unsigned long long)cs->other);
+    printf("\n");
+}
+
+static cJSON *codes_json(const struct lt_codes *cs)
+{
+    cJSON *o = cJSON_CreateObject();
+    for (size_t i = 0; i < cs->n; i++)
+        cJSON_AddNumberToObject(o, cs->c[i].name, (double)cs->c[i].n);
+    if (cs->other)
+        cJSON_AddNumberToObject(o, "(others)", (double)cs->other);
+    return o;
+}
+
 static void print_table(const struct cli *c, const struct lt_stats *st, const struct summary *s)
 {
     const struct lt_opts *o = &c->o;
@@ -693,13 +715,14 @@ static void print_table(const struct cli *c, const struct lt_stats *st, const st
             any = true;
         }
     printf("%s\n", any ? "" : " none");
-    if (st->ncodes || st->codes_other) {
-        printf("  error codes  ");
-        for (size_t i = 0; i < st->ncodes; i++)
-            printf(" %s: %llu ", st->codes[i].name, (unsigned long long)st->codes[i].n);
-        if (st->codes_other)
-            printf(" (others): %llu", (unsigned long long)st->codes_other);
-        printf("\n");
+    print_codes("error codes", &st->codes);
+    if (o->entries) {
+        printf("  entries       ok %llu   failed %llu", (unsigned long long)st->entries_ok,
+               (unsigned long long)st->entries_failed);
+        if (st->entries_unknown)
+            printf("   unreadable answers %llu", (unsigned long long)st->entries_unknown);
+        printf("   (entries of 200 answers)\n");
+        print_codes("entry codes", &st->entry_codes);
     }
     printf("  sockets       connects %llu   connect errors %llu   read/write errors %llu   "
            "timeouts %llu   bad HTTP %llu",
@@ -758,11 +781,14 @@ static cJSON *summary_json(const struct cli *c, const struct lt_stats *st,
             snprintf(k, sizeof(k), "%d", i);
             cJSON_AddNumberToObject(sc, k, (double)st->status[i]);
         }
-    cJSON *ec = cJSON_AddObjectToObject(j, "error_codes");
-    for (size_t i = 0; i < st->ncodes; i++)
-        cJSON_AddNumberToObject(ec, st->codes[i].name, (double)st->codes[i].n);
-    if (st->codes_other)
-        cJSON_AddNumberToObject(ec, "(others)", (double)st->codes_other);
+    cJSON_AddItemToObject(j, "error_codes", codes_json(&st->codes));
+    if (o->entries) {
+        cJSON *en = cJSON_AddObjectToObject(j, "entries");
+        cJSON_AddNumberToObject(en, "ok", (double)st->entries_ok);
+        cJSON_AddNumberToObject(en, "failed", (double)st->entries_failed);
+        cJSON_AddNumberToObject(en, "unreadable_answers", (double)st->entries_unknown);
+        cJSON_AddItemToObject(en, "error_codes", codes_json(&st->entry_codes));
+    }
     cJSON *er = cJSON_AddObjectToObject(j, "errors");
     cJSON_AddNumberToObject(er, "connect", (double)st->connect_errors);
     cJSON_AddNumberToObject(er, "socket", (double)st->sock_errors);
@@ -1017,6 +1043,7 @@ int main(int argc, char **argv)
     parse_args(c, argc, argv);
     c->o.mix = &c->mix;
     c->o.rows = c->csv != NULL;
+    c->o.entries = c->o.ndjson || (c->mix.mode && !strcmp(c->mix.mode, "settled"));
     if (c->nsteps && c->plot && !on_path("gnuplot"))
         die(EXIT_CANNOT, "--sweep draws its plot with gnuplot, which is not installed "
                          "(Debian/Ubuntu: apt-get install gnuplot-nox), or add --no-plot");

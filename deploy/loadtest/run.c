@@ -115,19 +115,26 @@ uint64_t lt_stats_attempts(const struct lt_stats *st)
 
 /* ------------------------------------------------------------------ counting */
 
-static void count_code(struct lt_stats *st, const char *name, uint64_t n)
+static void count_code(struct lt_codes *cs, const char *name, uint64_t n)
 {
-    for (size_t i = 0; i < st->ncodes; i++)
-        if (strcmp(st->codes[i].name, name) == 0) {
-            st->codes[i].n += n;
+    for (size_t i = 0; i < cs->n; i++)
+        if (strcmp(cs->c[i].name, name) == 0) {
+            cs->c[i].n += n;
             return;
         }
-    if (st->ncodes == LT_MAX_CODES) {
-        st->codes_other += n;
+    if (cs->n == LT_MAX_CODES) {
+        cs->other += n;
         return;
     }
-    snprintf(st->codes[st->ncodes].name, sizeof(st->codes[0].name), "%s", name);
-    st->codes[st->ncodes++].n = n;
+    snprintf(cs->c[cs->n].name, sizeof(cs->c[0].name), "%s", name);
+    cs->c[cs->n++].n = n;
+}
+
+static void merge_codes(struct lt_codes *into, const struct lt_codes *from)
+{
+    for (size_t i = 0; i < from->n; i++)
+        count_code(into, from->c[i].name, from->c[i].n);
+    into->other += from->other;
 }
 
 /* error.code of a JSON error body, or NULL. */
@@ -138,11 +145,58 @@ static const char *json_error_code(cJSON *doc)
     return cJSON_IsString(c) ? c->valuestring : NULL;
 }
 
+/* Counts one result entry ({"id", "status", "data"} or {"id", "error": {...}}). */
+static void count_entry(struct lt_stats *st, const cJSON *e)
+{
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(e, "error");
+    if (!cJSON_IsObject(err)) {
+        st->entries_ok++;
+        return;
+    }
+    st->entries_failed++;
+    const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
+    count_code(&st->entry_codes, cJSON_IsString(code) ? code->valuestring : "(no code)", 1);
+}
+
+/* The entries of a 200 JSON body: {"results": [...]}. */
+static void count_results(struct lt_stats *st, const struct lt_http *h)
+{
+    cJSON *doc = h->body && !h->truncated ? cJSON_ParseWithLength(h->body, h->body_n) : NULL;
+    const cJSON *res = cJSON_GetObjectItemCaseSensitive(doc, "results");
+    if (!cJSON_IsArray(res)) {
+        st->entries_unknown++;
+    } else {
+        const cJSON *e;
+        cJSON_ArrayForEach(e, res) count_entry(st, e);
+    }
+    cJSON_Delete(doc);
+}
+
+/* NDJSON line hook: a line with an "index" is one entry. A line cut at LT_HTTP_LINE cannot be
+ * parsed; error lines are short (id, code, message), so such a line is taken as a result. */
+static void on_line(void *arg, const char *line, size_t n)
+{
+    struct conn *c = arg;
+    struct lt_stats *st = &c->w->st;
+    cJSON *doc = cJSON_ParseWithLength(line, n);
+    if (!doc) {
+        if (n >= LT_HTTP_LINE)
+            st->entries_ok++;
+        return;
+    }
+    if (cJSON_GetObjectItemCaseSensitive(doc, "index"))
+        count_entry(st, doc);
+    cJSON_Delete(doc);
+}
+
 /* Classifies a complete answer: true for success; otherwise counts its error code. */
 static bool classify(struct lt_stats *st, const struct lt_http *h)
 {
-    if (h->status == 200 && !h->ndjson)
+    if (h->status == 200 && !h->ndjson) {
+        if (h->keep_ok)
+            count_results(st, h);
         return true;
+    }
     cJSON *doc = NULL;
     const char *code;
     bool ok = false;
@@ -162,7 +216,7 @@ static bool classify(struct lt_stats *st, const struct lt_http *h)
             code = "(no code)";
     }
     if (!ok)
-        count_code(st, code, 1);
+        count_code(&st->codes, code, 1);
     cJSON_Delete(doc);
     return ok;
 }
@@ -629,6 +683,11 @@ static struct worker *worker_new(const struct lt_opts *o, int idx, int nconns, i
         c->fd = -1;
         c->state = C_CLOSED;
         lt_http_init(&c->http);
+        if (o->entries) {
+            c->http.keep_ok = true;
+            c->http.on_line = on_line;
+            c->http.line_arg = c;
+        }
         c->wbuf = malloc(w->wcap);
         if (!c->wbuf)
             goto fail;
@@ -713,9 +772,11 @@ static void stats_merge(struct lt_stats *into, const struct lt_stats *from)
     into->bytes_in += from->bytes_in;
     for (size_t i = 0; i < LT_MAX_STATUS; i++)
         into->status[i] += from->status[i];
-    for (size_t i = 0; i < from->ncodes; i++)
-        count_code(into, from->codes[i].name, from->codes[i].n);
-    into->codes_other += from->codes_other;
+    merge_codes(&into->codes, &from->codes);
+    merge_codes(&into->entry_codes, &from->entry_codes);
+    into->entries_ok += from->entries_ok;
+    into->entries_failed += from->entries_failed;
+    into->entries_unknown += from->entries_unknown;
     lt_hist_merge(&into->lat, &from->lat);
     lt_hist_merge(&into->lat_ok, &from->lat_ok);
     if (from->elapsed_ns > into->elapsed_ns)

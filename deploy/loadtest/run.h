@@ -49,12 +49,20 @@ struct lt_opts {
     bool ndjson;              /* send Accept: application/x-ndjson */
     uint64_t seed;            /* seeds every thread's generator */
     bool rows;                /* keep per-second rows */
+    bool entries;             /* count the entries of 200 answers (mode settled, NDJSON) */
 };
 
 /* An error code (error.code of a non-200 JSON answer) and how often it came. */
 struct lt_code {
     char name[48]; /* the code, truncated */
     uint64_t n;    /* answers with it */
+};
+
+/* Error codes by name, in order of first appearance. */
+struct lt_codes {
+    struct lt_code c[LT_MAX_CODES]; /* the codes */
+    size_t n;                       /* entries used */
+    uint64_t other;                 /* answers whose code did not fit */
 };
 
 /* One second of the run, by completion time. */
@@ -80,9 +88,11 @@ struct lt_stats {
     uint64_t unsent;        /* open loop: due requests no connection was free to send */
     uint64_t bytes_in;      /* body bytes received */
     uint64_t status[LT_MAX_STATUS]; /* answers by status code (index 0: out of range) */
-    struct lt_code codes[LT_MAX_CODES]; /* error codes, in order of first appearance */
-    size_t ncodes;          /* entries used in codes */
-    uint64_t codes_other;   /* answers whose code did not fit in codes */
+    struct lt_codes codes;  /* error codes of failed answers */
+    uint64_t entries_ok;    /* with 'entries': result entries without an error */
+    uint64_t entries_failed;/* with 'entries': result entries with an error */
+    uint64_t entries_unknown; /* with 'entries': 200 answers whose entries could not be read */
+    struct lt_codes entry_codes; /* with 'entries': error codes of failed entries */
     struct lt_hist lat;     /* latency of every answer (us) */
     struct lt_hist lat_ok;  /* latency of successful answers (us) */
     struct lt_row *rows;    /* per-second rows (owned), when asked for */
