@@ -48,7 +48,7 @@ struct conn {
     bool out_armed;        /* EPOLLOUT is in the interest set */
     bool got_bytes;        /* the current answer has begun */
     int64_t intended;      /* when the current request was due (latency origin) */
-    int64_t deadline;      /* when it times out */
+    int64_t deadline;      /* when the request (or, CONNECTING, the connect) times out */
     int64_t retry_at;      /* CLOSED: when to reconnect */
     int nids;              /* ids in the current request */
     char *wbuf;            /* the request being written (owned) */
@@ -330,6 +330,7 @@ static void conn_open(struct conn *c, int64_t now)
         make_idle(c);
     } else {
         c->state = C_CONNECTING;
+        c->deadline = now + w->o->timeout_ns; /* a connect gets as long as an answer */
     }
     return;
 fail_fd:
@@ -523,6 +524,9 @@ static void housekeeping(struct worker *w, int64_t now, bool sending)
             w->st.timeouts++;
             conn_close(c, now);
             lost(w, now);
+        } else if (c->state == C_CONNECTING && now >= c->deadline) {
+            w->st.connect_errors++;
+            conn_close(c, now + LT_RETRY_NS);
         }
         if (c->state == C_CLOSED && sending && now >= c->retry_at)
             conn_open(c, now);
