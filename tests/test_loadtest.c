@@ -573,7 +573,7 @@ static void test_loadtest_open_loop_json(void)
         return;
     /* 100/s for 2 s: 200 requests are due; all are sent unless the machine stalls badly. */
     const char *args[] = {"-r", "100", "-d", "2s", "-c", "8", "--ids", "zipf", "-k", "50",
-                          "--json", srv.url, NULL};
+                          "--json", "--progress", srv.url, NULL};
     struct run r;
     run_tool(args, NULL, &r);
     cJSON *j = summary(&r);
@@ -589,6 +589,9 @@ static void test_loadtest_open_loop_json(void)
         CU_ASSERT_STRING_EQUAL(cJSON_GetObjectItem(j, "loop")->valuestring, "open");
         CU_ASSERT_EQUAL(exit_code(&r), num(j, "ok") == num(j, "attempts") ? 0 : 1);
     }
+    /* --progress: lines on stderr (not a terminal here), none on stdout. */
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.err, "s/2.0s  "));
+    CU_ASSERT_PTR_NOT_NULL(strstr(r.err, " answers "));
     cJSON_Delete(j);
     run_free(&r);
 }
