@@ -645,11 +645,11 @@ static void print_codes(const char *title, const struct lt_codes *cs)
 {
     if (!cs->n && !cs->other)
         return;
-    printf("  %-13s", title);
+    printf("  %-12s", title);
     for (size_t i = 0; i < cs->n; i++)
-        printf(" %s: %llu ", cs->c[i].name, (unsigned long long)cs->c[i].n);
+        printf("  %s: %llu", cs->c[i].name, (unsigned long long)cs->c[i].n);
     if (cs->other)
-        printf(" (others): %llu", (unsigned long long)cs->other);
+        printf("  (others): %llu", (unsigned long long)cs->other);
     printf("\n");
 }
 
@@ -708,14 +708,14 @@ static void print_table(const struct cli *c, const struct lt_stats *st, const st
         printf("  ok latency    p50 %.3f   p99 %.3f   (successful answers only)\n",
                (double)lt_hist_quantile(&st->lat_ok, 0.5) / 1000.0,
                (double)lt_hist_quantile(&st->lat_ok, 0.99) / 1000.0);
-    printf("  status       ");
+    printf("  status      ");
     bool any = false;
     for (int i = 0; i < LT_MAX_STATUS; i++)
         if (st->status[i]) {
-            printf(" %d: %llu ", i, (unsigned long long)st->status[i]);
+            printf("  %d: %llu", i, (unsigned long long)st->status[i]);
             any = true;
         }
-    printf("%s\n", any ? "" : " none");
+    printf("%s\n", any ? "" : "  none");
     print_codes("error codes", &st->codes);
     if (o->entries) {
         printf("  entries       ok %llu   failed %llu", (unsigned long long)st->entries_ok,
