@@ -61,15 +61,14 @@ struct worker {
     const struct lt_opts *o; /* borrowed */
     int idx;                 /* 0..threads-1 */
     int ep;                  /* epoll fd */
-    struct conn *conns;      /* nconns connections (owned) */
-    int nconns;
+    struct conn *conns;      /* its connections (owned) */
+    int nconns;              /* how many */
     struct conn *idle;       /* idle stack */
     int busy;                /* BUSY connections */
-    int closed;              /* CLOSED connections */
     struct lt_gen gen;       /* request bodies */
     char *body;              /* scratch for one body */
     char head[1500];         /* request head up to "Content-Length: " */
-    size_t head_len;
+    size_t head_len;         /* its length */
     size_t wcap;             /* allocation of each wbuf */
     int64_t start, end;      /* run start, end of sending */
     double period;           /* open loop: ns between this worker's requests */
@@ -79,8 +78,8 @@ struct worker {
     struct lt_stats st;      /* this worker's figures */
     atomic_uint_least64_t p_done, p_ok, p_failed; /* progress, written by this worker only */
     atomic_bool finished;    /* the worker's loop has ended */
-    pthread_t th;
-    char rbuf[LT_RBUF];
+    pthread_t th;            /* the thread running worker_main() */
+    char rbuf[LT_RBUF];      /* read buffer: answers are parsed straight from it */
 };
 
 struct lt_run {
@@ -287,7 +286,6 @@ static void conn_close(struct conn *c, int64_t retry_at)
     c->state = C_CLOSED;
     c->out_armed = false;
     c->retry_at = retry_at;
-    w->closed++;
 }
 
 static void set_out(struct conn *c, bool on)
@@ -311,7 +309,6 @@ static void conn_open(struct conn *c, int64_t now)
 {
     struct worker *w = c->w;
     const struct lt_target *t = &w->o->target;
-    w->closed--;
     c->fd = socket(t->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
     if (c->fd < 0)
         goto fail;
@@ -340,7 +337,6 @@ fail:
     w->st.connect_errors++;
     c->state = C_CLOSED;
     c->retry_at = now + LT_RETRY_NS;
-    w->closed++;
 }
 
 /* Writes what is left of c's request. */
@@ -696,7 +692,6 @@ static struct worker *worker_new(const struct lt_opts *o, int idx, int nconns, i
         if (!c->wbuf)
             goto fail;
     }
-    w->closed = nconns;
     return w;
 fail:
     worker_free(w);
