@@ -2,8 +2,8 @@
  *
  * main() reads the flags (every value checked; a bad one is a one-line error and exit 2),
  * resolves and probes the target, then runs once, or once per step of --sweep, through run.h,
- * printing a progress line while it runs and a table or a JSON summary at the end; --csv writes
- * per-second rows, --sweep a CSV of the steps and a PNG plot drawn by gnuplot.
+ * printing a progress line while it runs and, through report.h, a table or a JSON summary at
+ * the end; --csv writes per-second rows, --sweep a CSV of the steps and a PNG plot.
  *
  * Exit status: 0 when every objective holds (success ratio >= --min-success, p99 <= --max-p99-ms),
  * 1 when one is missed, 2 for bad usage, 3 when the run cannot be made (target unreachable,
@@ -12,34 +12,22 @@
  * Threads: this one (flags, progress, output) and the run's workers, joined before output. */
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <math.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "deploy/loadtest/hist.h"
 #include "deploy/loadtest/mix.h"
+#include "deploy/loadtest/report.h"
 #include "deploy/loadtest/run.h"
-
-extern char **environ;
-
-#define PROG "fanout-load"
-#define EXIT_MISSED 1
-#define EXIT_USAGE 2
-#define EXIT_CANNOT 3
-#define MAX_STEPS 100
 
 static const char usage_text[] =
     "Usage: " PROG " [options] [URL]\n"
@@ -94,35 +82,6 @@ static const char usage_text[] =
     "Exit status: 0 objectives met, 1 an objective missed, 2 bad usage, 3 the run could not be\n"
     "made (target unreachable, gnuplot missing, a file not writable).\n";
 
-/* Everything the flags say. */
-struct cli {
-    char url[1200];          /* the target URL */
-    struct lt_opts o;        /* the run (target filled in after resolving) */
-    struct lt_mix mix;       /* the request mix */
-    bool json;               /* --json */
-    const char *csv;         /* --csv FILE or NULL */
-    bool sweep_rate;         /* --sweep over rates (else connections) */
-    double steps[MAX_STEPS]; /* sweep values */
-    int nsteps;              /* 0: no sweep */
-    const char *sweep_out;   /* --sweep-out */
-    bool plot;               /* draw the sweep plot */
-    int progress;            /* -1 auto, 0 off, 1 on */
-    double min_success;      /* --min-success */
-    double max_p99_ms;       /* --max-p99-ms, 0: none */
-    int64_t wait_ns;         /* --wait: keep probing the target this long */
-};
-
-static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
-static void die(int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(code);
-}
 
 /* ------------------------------------------------------------------ values */
 
@@ -132,7 +91,7 @@ static long long parse_int(const char *flag, const char *s, long long min, long 
     errno = 0;
     long long v = strtoll(s, &end, 10);
     if (!*s || *end || errno || v < min || v > max)
-        die(EXIT_USAGE, "%s: '%s' is not a whole number from %lld to %lld", flag, s, min, max);
+        lt_die(EXIT_USAGE, "%s: '%s' is not a whole number from %lld to %lld", flag, s, min, max);
     return v;
 }
 
@@ -142,7 +101,7 @@ static double parse_num(const char *flag, const char *s, double min, double max,
     errno = 0;
     double v = strtod(s, &end);
     if (!*s || *end || errno || !isfinite(v) || v < min || (min_open && v == min) || v > max)
-        die(EXIT_USAGE, "%s: '%s' is not a number %s %g %s %g", flag, s,
+        lt_die(EXIT_USAGE, "%s: '%s' is not a number %s %g %s %g", flag, s,
             min_open ? "above" : "from", min, min_open ? "and at most" : "to", max);
     return v;
 }
@@ -166,7 +125,7 @@ static int64_t parse_time(const char *flag, const char *s)
         end = NULL;
     if (!*s || !end || end == s || errno || !isfinite(v) || v <= 0 || v * mul > 86400e9 ||
         v * mul < 1e6)
-        die(EXIT_USAGE, "%s: '%s' is not a time from 1ms to 24h (e.g. 500ms, 10s, 2m)", flag, s);
+        lt_die(EXIT_USAGE, "%s: '%s' is not a time from 1ms to 24h (e.g. 500ms, 10s, 2m)", flag, s);
     return (int64_t)(v * mul);
 }
 
@@ -180,16 +139,16 @@ static void parse_batch(struct lt_mix *m, const char *s)
     char lo[32];
     size_t n = (size_t)(dash - s);
     if (n == 0 || n >= sizeof(lo))
-        die(EXIT_USAGE, "--batch: '%s' is not N or MIN-MAX", s);
+        lt_die(EXIT_USAGE, "--batch: '%s' is not N or MIN-MAX", s);
     memcpy(lo, s, n);
     lo[n] = '\0';
     m->batch_min = (int)parse_int("--batch", lo, 0, 100000);
     m->batch_max = (int)parse_int("--batch", dash + 1, 0, 100000);
     if (m->batch_max < m->batch_min)
-        die(EXIT_USAGE, "--batch: '%s': MAX is below MIN", s);
+        lt_die(EXIT_USAGE, "--batch: '%s': MAX is below MIN", s);
 }
 
-static void parse_sweep(struct cli *c, const char *s)
+static void parse_sweep(struct lt_cli *c, const char *s)
 {
     const char *v;
     if (!strncmp(s, "rate=", 5)) {
@@ -199,7 +158,7 @@ static void parse_sweep(struct cli *c, const char *s)
         c->sweep_rate = false;
         v = s + 6;
     } else {
-        die(EXIT_USAGE, "--sweep: '%s' is not rate=... or conns=...", s);
+        lt_die(EXIT_USAGE, "--sweep: '%s' is not rate=... or conns=...", s);
     }
     double max = c->sweep_rate ? 1e7 : 100000;
     char buf[1024];
@@ -210,58 +169,58 @@ static void parse_sweep(struct cli *c, const char *s)
         *b++ = '\0';
         d = strchr(b, ':');
         if (!d)
-            die(EXIT_USAGE, "--sweep: '%s': a range is FROM:TO:STEP", s);
+            lt_die(EXIT_USAGE, "--sweep: '%s': a range is FROM:TO:STEP", s);
         *d++ = '\0';
         double from = parse_num("--sweep", a, 0, max, true);
         double to = parse_num("--sweep", b, 0, max, true);
         double step = parse_num("--sweep", d, 0, max, true);
         if (to < from)
-            die(EXIT_USAGE, "--sweep: '%s': TO is below FROM", s);
+            lt_die(EXIT_USAGE, "--sweep: '%s': TO is below FROM", s);
         for (double x = from; x <= to * (1 + 1e-9); x += step) {
             if (c->nsteps == MAX_STEPS)
-                die(EXIT_USAGE, "--sweep: '%s' has more than %d steps", s, MAX_STEPS);
+                lt_die(EXIT_USAGE, "--sweep: '%s' has more than %d steps", s, MAX_STEPS);
             c->steps[c->nsteps++] = x;
         }
     } else {
         for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
             if (c->nsteps == MAX_STEPS)
-                die(EXIT_USAGE, "--sweep: '%s' has more than %d steps", s, MAX_STEPS);
+                lt_die(EXIT_USAGE, "--sweep: '%s' has more than %d steps", s, MAX_STEPS);
             c->steps[c->nsteps++] = parse_num("--sweep", t, 0, max, true);
         }
     }
     if (!c->nsteps)
-        die(EXIT_USAGE, "--sweep: '%s' names no value", s);
+        lt_die(EXIT_USAGE, "--sweep: '%s' names no value", s);
     if (!c->sweep_rate)
         for (int i = 0; i < c->nsteps; i++)
             if (c->steps[i] != floor(c->steps[i]))
-                die(EXIT_USAGE, "--sweep: connection counts are whole numbers ('%s')", s);
+                lt_die(EXIT_USAGE, "--sweep: connection counts are whole numbers ('%s')", s);
 }
 
 /* ------------------------------------------------------------------ target */
 
-static void resolve(struct cli *c)
+static void resolve(struct lt_cli *c)
 {
     const char *u = c->url;
     if (!strncmp(u, "https://", 8))
-        die(EXIT_USAGE, "%s: https is not supported (fanout serves plain HTTP)", u);
+        lt_die(EXIT_USAGE, "%s: https is not supported (fanout serves plain HTTP)", u);
     if (strncmp(u, "http://", 7) != 0)
-        die(EXIT_USAGE, "'%s' is not an http:// URL", u);
+        lt_die(EXIT_USAGE, "'%s' is not an http:// URL", u);
     const char *h = u + 7, *path = strchr(h, '/');
     size_t hl = path ? (size_t)(path - h) : strlen(h);
     char hostport[300], host[300], port[16] = "80";
     if (hl == 0 || hl >= sizeof(hostport))
-        die(EXIT_USAGE, "'%s' has no host", u);
+        lt_die(EXIT_USAGE, "'%s' has no host", u);
     memcpy(hostport, h, hl);
     hostport[hl] = '\0';
     const char *colon;
     if (hostport[0] == '[') {
         const char *rb = strchr(hostport, ']');
         if (!rb)
-            die(EXIT_USAGE, "'%s': unclosed '['", u);
+            lt_die(EXIT_USAGE, "'%s': unclosed '['", u);
         snprintf(host, sizeof(host), "%.*s", (int)(rb - hostport - 1), hostport + 1);
         colon = rb[1] == ':' ? rb + 1 : NULL;
         if (rb[1] && !colon)
-            die(EXIT_USAGE, "'%s': bad host", u);
+            lt_die(EXIT_USAGE, "'%s': bad host", u);
     } else {
         colon = strchr(hostport, ':');
         snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - hostport) : (int)hl, hostport);
@@ -271,19 +230,19 @@ static void resolve(struct cli *c)
         snprintf(port, sizeof(port), "%lld", p);
     }
     if (!*host)
-        die(EXIT_USAGE, "'%s' has no host", u);
+        lt_die(EXIT_USAGE, "'%s' has no host", u);
     struct lt_target *t = &c->o.target;
     snprintf(t->host, sizeof(t->host), "%s", hostport);
     if (!path || !strcmp(path, "/"))
         path = "/v1/batch";
     if (strlen(path) >= sizeof(t->path) || strpbrk(path, " \r\n\t"))
-        die(EXIT_USAGE, "'%s': bad path", u);
+        lt_die(EXIT_USAGE, "'%s': bad path", u);
     snprintf(t->path, sizeof(t->path), "%s", path);
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
     struct addrinfo *res = NULL;
     int rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0 || !res)
-        die(EXIT_CANNOT, "cannot resolve '%s': %s", host, gai_strerror(rc));
+        lt_die(EXIT_CANNOT, "cannot resolve '%s': %s", host, gai_strerror(rc));
     memcpy(&t->addr, res->ai_addr, res->ai_addrlen);
     t->addrlen = res->ai_addrlen;
     freeaddrinfo(res);
@@ -314,7 +273,7 @@ static int probe_once(const struct lt_target *t)
 
 /* The clear error for an unreachable target, before any load; with --wait, retried every
  * 100 ms until the target accepts or the wait is over. */
-static void probe(const struct cli *c)
+static void probe(const struct lt_cli *c)
 {
     const struct lt_target *t = &c->o.target;
     char addr[128] = "?", serv[16] = "?";
@@ -327,7 +286,7 @@ static void probe(const struct cli *c)
         nanosleep(&ts, NULL);
     }
     if (err)
-        die(EXIT_CANNOT, "cannot connect to %s (address %s, port %s): %s%s", c->url, addr, serv,
+        lt_die(EXIT_CANNOT, "cannot connect to %s (address %s, port %s): %s%s", c->url, addr, serv,
             strerror(err), c->wait_ns ? " (after --wait)" : "");
 }
 
@@ -405,7 +364,7 @@ static const char *flag_name(int opt, char *buf, size_t size)
     return buf;
 }
 
-static void parse_args(struct cli *c, int argc, char **argv)
+static void parse_args(struct lt_cli *c, int argc, char **argv)
 {
     memset(c, 0, sizeof(*c));
     snprintf(c->url, sizeof(c->url), "http://127.0.0.1:8080");
@@ -433,7 +392,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
         switch (opt) {
         case 'u':
             if (strlen(optarg) >= sizeof(c->url))
-                die(EXIT_USAGE, "--url: too long");
+                lt_die(EXIT_USAGE, "--url: too long");
             snprintf(c->url, sizeof(c->url), "%s", optarg);
             url_given = true;
             break;
@@ -472,7 +431,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
             else if (!strcmp(optarg, "zipf"))
                 c->mix.dist = LT_DIST_ZIPF;
             else
-                die(EXIT_USAGE, "--ids: '%s' is not seq, uniform or zipf", optarg);
+                lt_die(EXIT_USAGE, "--ids: '%s' is not seq, uniform or zipf", optarg);
             break;
         case OPT_ZIPF_S:
             c->mix.zipf_s = parse_num(f, optarg, 0, 10, true);
@@ -481,7 +440,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
             if (strlen(optarg) >= 33 || strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmno"
                                                        "pqrstuvwxyz0123456789-._~") !=
                                             strlen(optarg))
-                die(EXIT_USAGE, "--prefix: '%s': up to 32 of A-Z a-z 0-9 - . _ ~", optarg);
+                lt_die(EXIT_USAGE, "--prefix: '%s': up to 32 of A-Z a-z 0-9 - . _ ~", optarg);
             snprintf(c->mix.prefix, sizeof(c->mix.prefix), "%s", optarg);
             break;
         case OPT_FAIL:
@@ -502,7 +461,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
             else if (!strcmp(optarg, "settled"))
                 c->mix.mode = "settled";
             else
-                die(EXIT_USAGE, "--mode: '%s' is not all or settled", optarg);
+                lt_die(EXIT_USAGE, "--mode: '%s' is not all or settled", optarg);
             break;
         case OPT_NDJSON:
             c->o.ndjson = true;
@@ -512,7 +471,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
             errno = 0;
             if (!*optarg || *optarg == '-' ||
                 (c->o.seed = strtoull(optarg, &end, 10), errno || *end))
-                die(EXIT_USAGE, "--seed: '%s' is not a whole number from 0 to 2^64-1", optarg);
+                lt_die(EXIT_USAGE, "--seed: '%s' is not a whole number from 0 to 2^64-1", optarg);
             break;
         }
         case OPT_JSON:
@@ -526,7 +485,7 @@ static void parse_args(struct cli *c, int argc, char **argv)
             break;
         case OPT_SWEEP_OUT:
             if (!*optarg || strpbrk(optarg, "'\"\n\r\\"))
-                die(EXIT_USAGE, "--sweep-out: '%s': empty, or has a quote, backslash or newline",
+                lt_die(EXIT_USAGE, "--sweep-out: '%s': empty, or has a quote, backslash or newline",
                     optarg);
             c->sweep_out = optarg;
             break;
@@ -547,33 +506,33 @@ static void parse_args(struct cli *c, int argc, char **argv)
             break;
         case ':':
             if (optopt)
-                die(EXIT_USAGE, "%s needs a value", flag_name(optopt, fb, sizeof(fb)));
-            die(EXIT_USAGE, "%s needs a value", argv[optind - 1]);
+                lt_die(EXIT_USAGE, "%s needs a value", flag_name(optopt, fb, sizeof(fb)));
+            lt_die(EXIT_USAGE, "%s needs a value", argv[optind - 1]);
         default:
             if (optopt)
-                die(EXIT_USAGE, "unknown option -%c", optopt);
-            die(EXIT_USAGE, "unknown option %s", argv[optind - 1]);
+                lt_die(EXIT_USAGE, "unknown option -%c", optopt);
+            lt_die(EXIT_USAGE, "unknown option %s", argv[optind - 1]);
         }
     }
     if (optind < argc) {
         if (url_given || optind + 1 < argc)
-            die(EXIT_USAGE, "one URL only (got '%s')", argv[optind]);
+            lt_die(EXIT_USAGE, "one URL only (got '%s')", argv[optind]);
         if (strlen(argv[optind]) >= sizeof(c->url))
-            die(EXIT_USAGE, "URL too long");
+            lt_die(EXIT_USAGE, "URL too long");
         snprintf(c->url, sizeof(c->url), "%s", argv[optind]);
     }
     if (c->mix.fail_frac + c->mix.slow_frac > 1)
-        die(EXIT_USAGE, "--fail-frac plus --slow-frac is above 1");
+        lt_die(EXIT_USAGE, "--fail-frac plus --slow-frac is above 1");
     if (c->mix.dist == LT_DIST_ZIPF && c->mix.keys > LT_MIX_MAX_ZIPF_KEYS)
-        die(EXIT_USAGE, "--keys: at most %llu with --ids zipf", LT_MIX_MAX_ZIPF_KEYS);
+        lt_die(EXIT_USAGE, "--keys: at most %llu with --ids zipf", LT_MIX_MAX_ZIPF_KEYS);
     if (c->o.threads > c->o.conns)
-        die(EXIT_USAGE, "--threads (%d) is above --connections (%d)", c->o.threads, c->o.conns);
+        lt_die(EXIT_USAGE, "--threads (%d) is above --connections (%d)", c->o.threads, c->o.conns);
     if (c->nsteps && !c->sweep_rate && c->o.rate > 0)
-        die(EXIT_USAGE, "--sweep conns=... is a closed-loop sweep; drop --rate");
+        lt_die(EXIT_USAGE, "--sweep conns=... is a closed-loop sweep; drop --rate");
     if (c->nsteps && !c->sweep_rate)
         for (int i = 0; i < c->nsteps; i++)
             if (c->steps[i] < c->o.threads)
-                die(EXIT_USAGE, "--sweep: %g connections is below --threads %d", c->steps[i],
+                lt_die(EXIT_USAGE, "--sweep: %g connections is below --threads %d", c->steps[i],
                     c->o.threads);
 }
 
@@ -590,265 +549,8 @@ static void fd_limit(int conns)
     rl.rlim_cur = want;
     setrlimit(RLIMIT_NOFILE, &rl);
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
-        die(EXIT_USAGE, "%d connections need %llu open files; the limit is %llu (ulimit -n)",
+        lt_die(EXIT_USAGE, "%d connections need %llu open files; the limit is %llu (ulimit -n)",
             conns, (unsigned long long)need, (unsigned long long)rl.rlim_cur);
-}
-
-/* ------------------------------------------------------------------ output */
-
-struct summary {
-    uint64_t attempts;     /* lt_stats_attempts() */
-    double ratio;          /* ok / attempts (0 when none) */
-    double secs;           /* elapsed */
-    double rps, fps;       /* answers/s, ids in successful answers/s */
-    double p[5];           /* p50 p90 p99 p99.9 max, ms */
-    double mean;           /* ms */
-    bool pass;             /* every objective met */
-    char why[256];         /* what failed */
-};
-
-static const double quantiles[4] = {0.5, 0.9, 0.99, 0.999};
-
-static void summarize(const struct cli *c, const struct lt_stats *st, struct summary *s)
-{
-    memset(s, 0, sizeof(*s));
-    s->attempts = lt_stats_attempts(st);
-    s->ratio = s->attempts ? (double)st->ok / (double)s->attempts : 0;
-    s->secs = (double)st->elapsed_ns / 1e9;
-    if (s->secs > 0) {
-        s->rps = (double)st->done / s->secs;
-        s->fps = (double)st->ok_ids / s->secs;
-    }
-    for (int i = 0; i < 4; i++)
-        s->p[i] = (double)lt_hist_quantile(&st->lat, quantiles[i]) / 1000.0;
-    s->p[4] = (double)st->lat.max / 1000.0;
-    s->mean = st->lat.count ? st->lat.sum / (double)st->lat.count / 1000.0 : 0;
-    s->pass = true;
-    size_t off = 0;
-    if (!s->attempts) {
-        s->pass = false;
-        off += (size_t)snprintf(s->why + off, sizeof(s->why) - off, "no request was sent");
-    } else if ((double)st->ok < c->min_success * (double)s->attempts) {
-        s->pass = false;
-        off += (size_t)snprintf(s->why + off, sizeof(s->why) - off,
-                                "success %.4f%% below --min-success %.4f%%", 100 * s->ratio,
-                                100 * c->min_success);
-    }
-    if (c->max_p99_ms > 0 && (s->p[2] > c->max_p99_ms || !st->lat.count)) {
-        s->pass = false;
-        snprintf(s->why + off, sizeof(s->why) - off, "%sp99 %.3f ms above --max-p99-ms %g",
-                 off ? "; " : "", s->p[2], c->max_p99_ms);
-    }
-}
-
-static void print_codes(const char *title, const struct lt_codes *cs)
-{
-    if (!cs->n && !cs->other)
-        return;
-    printf("  %-12s", title);
-    for (size_t i = 0; i < cs->n; i++)
-        printf("  %s: %llu", cs->c[i].name, (unsigned long long)cs->c[i].n);
-    if (cs->other)
-        printf("  (others): %llu", (unsigned long long)cs->other);
-    printf("\n");
-}
-
-static cJSON *codes_json(const struct lt_codes *cs)
-{
-    cJSON *o = cJSON_CreateObject();
-    for (size_t i = 0; i < cs->n; i++)
-        cJSON_AddNumberToObject(o, cs->c[i].name, (double)cs->c[i].n);
-    if (cs->other)
-        cJSON_AddNumberToObject(o, "(others)", (double)cs->other);
-    return o;
-}
-
-static void print_table(const struct cli *c, const struct lt_stats *st, const struct summary *s)
-{
-    const struct lt_opts *o = &c->o;
-    const struct lt_mix *m = o->mix;
-    char batch[32];
-    if (m->batch_min == m->batch_max)
-        snprintf(batch, sizeof(batch), "%d", m->batch_min);
-    else
-        snprintf(batch, sizeof(batch), "%d-%d", m->batch_min, m->batch_max);
-    static const char *dists[] = {"seq", "uniform", "zipf"};
-    printf("%s %s\n", PROG, c->url);
-    if (o->rate > 0)
-        printf("  load          open loop at %g requests/s, %d connections, %d thread%s, %.1f s\n",
-               o->rate, o->conns, o->threads, o->threads > 1 ? "s" : "",
-               (double)o->duration_ns / 1e9);
-    else
-        printf("  load          closed loop, %d connections, %d thread%s, %.1f s\n", o->conns,
-               o->threads, o->threads > 1 ? "s" : "", (double)o->duration_ns / 1e9);
-    printf("  requests      batch %s, ids %s over %llu", batch, dists[m->dist],
-           (unsigned long long)m->keys);
-    if (m->dist == LT_DIST_ZIPF)
-        printf(" (s=%g)", m->zipf_s);
-    if (m->fail_frac > 0)
-        printf(", %g failing", m->fail_frac);
-    if (m->slow_frac > 0)
-        printf(", %g slow (%d ms)", m->slow_frac, m->slow_ms);
-    if (m->timeout_ms)
-        printf(", timeout_ms %d", m->timeout_ms);
-    if (m->mode)
-        printf(", mode %s", m->mode);
-    if (o->ndjson)
-        printf(", NDJSON");
-    printf("\n\n");
-    printf("  answers       %llu in %.2f s   %.1f requests/s\n", (unsigned long long)st->done,
-           s->secs, s->rps);
-    printf("  fetches       %llu ids in successful batches   %.1f upstream fetches/s\n",
-           (unsigned long long)st->ok_ids, s->fps);
-    printf("  success       %.2f%%   (%llu of %llu)\n", 100 * s->ratio,
-           (unsigned long long)st->ok, (unsigned long long)s->attempts);
-    printf("  latency ms    p50 %.3f   p90 %.3f   p99 %.3f   p99.9 %.3f   max %.3f   mean %.3f\n",
-           s->p[0], s->p[1], s->p[2], s->p[3], s->p[4], s->mean);
-    if (st->ok != st->done && st->lat_ok.count)
-        printf("  ok latency    p50 %.3f   p99 %.3f   (successful answers only)\n",
-               (double)lt_hist_quantile(&st->lat_ok, 0.5) / 1000.0,
-               (double)lt_hist_quantile(&st->lat_ok, 0.99) / 1000.0);
-    printf("  status      ");
-    bool any = false;
-    for (int i = 0; i < LT_MAX_STATUS; i++)
-        if (st->status[i]) {
-            printf("  %d: %llu", i, (unsigned long long)st->status[i]);
-            any = true;
-        }
-    printf("%s\n", any ? "" : "  none");
-    print_codes("error codes", &st->codes);
-    if (o->entries) {
-        printf("  entries       ok %llu   failed %llu", (unsigned long long)st->entries_ok,
-               (unsigned long long)st->entries_failed);
-        if (st->entries_unknown)
-            printf("   unreadable answers %llu", (unsigned long long)st->entries_unknown);
-        printf("   (entries of 200 answers)\n");
-        print_codes("entry codes", &st->entry_codes);
-    }
-    printf("  sockets       connects %llu   connect errors %llu   read/write errors %llu   "
-           "timeouts %llu   bad HTTP %llu",
-           (unsigned long long)st->connects, (unsigned long long)st->connect_errors,
-           (unsigned long long)st->sock_errors, (unsigned long long)st->timeouts,
-           (unsigned long long)st->proto_errors);
-    if (o->rate > 0)
-        printf("   unsent %llu", (unsigned long long)st->unsent);
-    printf("\n");
-    if (st->unsent)
-        printf("  note          %llu requests came due while every connection was busy: raise -c\n",
-               (unsigned long long)st->unsent);
-    if (st->interrupted)
-        printf("  note          interrupted before the end of --duration\n");
-    printf("  result        %s%s%s\n", s->pass ? "PASS" : "FAIL", s->pass ? "" : ": ",
-           s->pass ? "" : s->why);
-}
-
-static cJSON *summary_json(const struct cli *c, const struct lt_stats *st,
-                           const struct summary *s)
-{
-    const struct lt_opts *o = &c->o;
-    cJSON *j = cJSON_CreateObject();
-    cJSON_AddStringToObject(j, "url", c->url);
-    cJSON_AddStringToObject(j, "loop", o->rate > 0 ? "open" : "closed");
-    if (o->rate > 0)
-        cJSON_AddNumberToObject(j, "rate", o->rate);
-    else
-        cJSON_AddNullToObject(j, "rate");
-    cJSON_AddNumberToObject(j, "connections", o->conns);
-    cJSON_AddNumberToObject(j, "threads", o->threads);
-    cJSON_AddNumberToObject(j, "duration_s", (double)o->duration_ns / 1e9);
-    cJSON_AddNumberToObject(j, "elapsed_s", s->secs);
-    cJSON_AddNumberToObject(j, "requests", (double)st->done);
-    cJSON_AddNumberToObject(j, "sent", (double)st->sent);
-    cJSON_AddNumberToObject(j, "attempts", (double)s->attempts);
-    cJSON_AddNumberToObject(j, "ok", (double)st->ok);
-    cJSON_AddNumberToObject(j, "success_ratio", s->ratio);
-    cJSON_AddNumberToObject(j, "requests_per_s", s->rps);
-    cJSON_AddNumberToObject(j, "fetches", (double)st->ok_ids);
-    cJSON_AddNumberToObject(j, "fetches_per_s", s->fps);
-    cJSON *lat = cJSON_AddObjectToObject(j, "latency_ms");
-    static const char *names[5] = {"p50", "p90", "p99", "p99_9", "max"};
-    for (int i = 0; i < 5; i++)
-        cJSON_AddNumberToObject(lat, names[i], s->p[i]);
-    cJSON_AddNumberToObject(lat, "mean", s->mean);
-    cJSON *lok = cJSON_AddObjectToObject(j, "ok_latency_ms");
-    for (int i = 0; i < 4; i++)
-        cJSON_AddNumberToObject(lok, names[i],
-                                (double)lt_hist_quantile(&st->lat_ok, quantiles[i]) / 1000.0);
-    cJSON_AddNumberToObject(lok, "max", (double)st->lat_ok.max / 1000.0);
-    cJSON *sc = cJSON_AddObjectToObject(j, "status");
-    for (int i = 0; i < LT_MAX_STATUS; i++)
-        if (st->status[i]) {
-            char k[16];
-            snprintf(k, sizeof(k), "%d", i);
-            cJSON_AddNumberToObject(sc, k, (double)st->status[i]);
-        }
-    cJSON_AddItemToObject(j, "error_codes", codes_json(&st->codes));
-    if (o->entries) {
-        cJSON *en = cJSON_AddObjectToObject(j, "entries");
-        cJSON_AddNumberToObject(en, "ok", (double)st->entries_ok);
-        cJSON_AddNumberToObject(en, "failed", (double)st->entries_failed);
-        cJSON_AddNumberToObject(en, "unreadable_answers", (double)st->entries_unknown);
-        cJSON_AddItemToObject(en, "error_codes", codes_json(&st->entry_codes));
-    }
-    cJSON *er = cJSON_AddObjectToObject(j, "errors");
-    cJSON_AddNumberToObject(er, "connect", (double)st->connect_errors);
-    cJSON_AddNumberToObject(er, "socket", (double)st->sock_errors);
-    cJSON_AddNumberToObject(er, "timeout", (double)st->timeouts);
-    cJSON_AddNumberToObject(er, "protocol", (double)st->proto_errors);
-    cJSON_AddNumberToObject(er, "unsent", (double)st->unsent);
-    cJSON_AddNumberToObject(j, "connects", (double)st->connects);
-    cJSON_AddBoolToObject(j, "interrupted", st->interrupted);
-    cJSON_AddBoolToObject(j, "pass", s->pass);
-    if (!s->pass)
-        cJSON_AddStringToObject(j, "failed", s->why);
-    return j;
-}
-
-static void print_json(cJSON *j)
-{
-    char *txt = cJSON_Print(j);
-    if (txt) {
-        puts(txt);
-        free(txt);
-    }
-}
-
-static void csv_header(FILE *f, bool sweep)
-{
-    fprintf(f, "%ssecond,requests,ok,fetches,errors,requests_per_s,fetches_per_s,p50_ms,p90_ms,"
-               "p99_ms,p99_9_ms,max_ms\n",
-            sweep ? "load," : "");
-}
-
-static void csv_rows(FILE *f, const struct lt_stats *st, const double *load)
-{
-    for (size_t i = 0; i < st->nrows; i++) {
-        const struct lt_row *r = &st->rows[i];
-        if (load)
-            fprintf(f, "%g,", *load);
-        fprintf(f, "%zu,%llu,%llu,%llu,%llu,%llu,%llu", i + 1, (unsigned long long)r->done,
-                (unsigned long long)r->ok, (unsigned long long)r->ok_ids,
-                (unsigned long long)r->errors, (unsigned long long)r->done,
-                (unsigned long long)r->ok_ids);
-        for (int q = 0; q < 4; q++)
-            fprintf(f, ",%.3f", r->hist ? (double)lt_hist_quantile(r->hist, quantiles[q]) / 1000.0
-                                        : 0.0);
-        fprintf(f, ",%.3f\n", r->hist ? (double)r->hist->max / 1000.0 : 0.0);
-    }
-}
-
-static FILE *open_out(const char *path)
-{
-    FILE *f = fopen(path, "w");
-    if (!f)
-        die(EXIT_CANNOT, "cannot write %s: %s", path, strerror(errno));
-    return f;
-}
-
-static void close_out(FILE *f, const char *path)
-{
-    if (ferror(f) | (fclose(f) != 0))
-        die(EXIT_CANNOT, "cannot write %s: %s", path, strerror(errno));
 }
 
 /* ------------------------------------------------------------------ running */
@@ -860,13 +562,13 @@ static void on_signal(int sig)
 }
 
 /* Runs once with c->o, showing progress; fills *st. 'label' prefixes the progress line. */
-static void run_once(const struct cli *c, struct lt_stats *st, const char *label)
+static void run_once(const struct lt_cli *c, struct lt_stats *st, const char *label)
 {
     lt_run_clear_interrupt();
     struct lt_run *r;
     int rc = lt_run_start(&c->o, &r);
     if (rc != 0)
-        die(EXIT_CANNOT, "cannot start the run: %s", strerror(-rc));
+        lt_die(EXIT_CANNOT, "cannot start the run: %s", strerror(-rc));
     bool tty = isatty(2);
     bool show = c->progress == 1 || (c->progress == -1 && tty);
     int64_t start = lt_now_ns(), last = start, next = start + 1000000000LL;
@@ -894,22 +596,22 @@ static void run_once(const struct cli *c, struct lt_stats *st, const char *label
     lt_run_finish(r, st);
 }
 
-static void run_single(struct cli *c, FILE *csv)
+static void run_single(struct lt_cli *c, FILE *csv)
 {
     struct lt_stats st;
     run_once(c, &st, "");
-    struct summary s;
-    summarize(c, &st, &s);
+    struct lt_summary s;
+    lt_summarize(c, &st, &s);
     if (csv) {
-        csv_rows(csv, &st, NULL);
-        close_out(csv, c->csv);
+        lt_csv_rows(csv, &st, NULL);
+        lt_close_out(csv, c->csv);
     }
     if (c->json) {
-        cJSON *j = summary_json(c, &st, &s);
-        print_json(j);
+        cJSON *j = lt_summary_json(c, &st, &s);
+        lt_print_json(j);
         cJSON_Delete(j);
     } else {
-        print_table(c, &st, &s);
+        lt_print_table(c, &st, &s);
     }
     fflush(stdout);
     lt_stats_destroy(&st);
@@ -917,60 +619,11 @@ static void run_single(struct cli *c, FILE *csv)
         exit(EXIT_MISSED);
 }
 
-static void write_plot(const struct cli *c, const char *csv_path)
-{
-    char gp[1100], png[1100];
-    snprintf(gp, sizeof(gp), "%s.gp", c->sweep_out);
-    snprintf(png, sizeof(png), "%s.png", c->sweep_out);
-    FILE *f = open_out(gp);
-    const char *x = c->sweep_rate ? "offered load (requests/s)" : "connections (closed loop)";
-    fprintf(f,
-            "# gnuplot script written by " PROG " --sweep; run: gnuplot %s\n"
-            "set terminal pngcairo size 1000,900 noenhanced font ',10'\n"
-            "set output '%s'\n"
-            "set datafile separator ','\n"
-            "set multiplot layout 2,1 title '" PROG " sweep: %s'\n"
-            "set grid\n"
-            "set key top left\n"
-            "set xlabel '%s'\n"
-            "set ylabel 'requests/s'\n"
-            "set y2label 'upstream fetches/s'\n"
-            "set ytics nomirror\n"
-            "set y2tics\n"
-            "plot '%s' skip 1 using 1:7 with linespoints lw 2 title 'requests/s', \\\n"
-            "     '' skip 1 using 1:8 axes x1y2 with linespoints lw 2 title 'upstream fetches/s'\n"
-            "unset y2label\n"
-            "unset y2tics\n"
-            "set ytics mirror\n"
-            "set ylabel 'latency (ms)'\n"
-            "set logscale y\n"
-            "plot '%s' skip 1 using 1:9 with linespoints title 'p50', \\\n"
-            "     '' skip 1 using 1:10 with linespoints title 'p90', \\\n"
-            "     '' skip 1 using 1:11 with linespoints title 'p99', \\\n"
-            "     '' skip 1 using 1:12 with linespoints title 'p99.9'\n"
-            "unset multiplot\n",
-            gp, png, c->url, x, csv_path, csv_path);
-    close_out(f, gp);
-    char *argv[] = {"gnuplot", gp, NULL};
-    pid_t pid;
-    int rc = posix_spawnp(&pid, "gnuplot", NULL, NULL, argv, environ);
-    if (rc != 0)
-        die(EXIT_CANNOT, "cannot run gnuplot: %s (Debian/Ubuntu: apt-get install gnuplot-nox)",
-            strerror(rc));
-    int status;
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-        ;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        die(EXIT_CANNOT, "gnuplot failed on %s (status %d)", gp,
-            WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-    fprintf(stderr, PROG ": wrote %s and %s\n", csv_path, png);
-}
-
-static void run_sweep(struct cli *c, FILE *csv)
+static void run_sweep(struct lt_cli *c, FILE *csv)
 {
     char path[1100];
     snprintf(path, sizeof(path), "%s.csv", c->sweep_out);
-    FILE *f = open_out(path);
+    FILE *f = lt_open_out(path);
     fprintf(f, "load,rate,connections,requests,ok,success_ratio,requests_per_s,fetches_per_s,"
                "p50_ms,p90_ms,p99_ms,p99_9_ms,max_ms,socket_errors,timeouts,unsent\n");
     cJSON *steps = c->json ? cJSON_CreateArray() : NULL;
@@ -990,8 +643,8 @@ static void run_sweep(struct cli *c, FILE *csv)
                  c->sweep_rate ? "rate" : "conns", c->steps[i]);
         struct lt_stats st;
         run_once(c, &st, label);
-        struct summary s;
-        summarize(c, &st, &s);
+        struct lt_summary s;
+        lt_summarize(c, &st, &s);
         all_pass &= s.pass;
         fprintf(f, "%g,%g,%d,%llu,%llu,%.6f,%.2f,%.2f,%.3f,%.3f,%.3f,%.3f,%.3f,%llu,%llu,%llu\n",
                 c->steps[i], c->o.rate, c->o.conns, (unsigned long long)st.done,
@@ -1000,9 +653,9 @@ static void run_sweep(struct cli *c, FILE *csv)
                 (unsigned long long)st.unsent);
         fflush(f);
         if (csv)
-            csv_rows(csv, &st, &c->steps[i]);
+            lt_csv_rows(csv, &st, &c->steps[i]);
         if (steps)
-            cJSON_AddItemToArray(steps, summary_json(c, &st, &s));
+            cJSON_AddItemToArray(steps, lt_summary_json(c, &st, &s));
         else
             printf("%10g %10.1f %12.1f %8.2f %9.3f %9.3f %9.3f %9.3f %9.3f  %s\n", c->steps[i],
                    s.rps, s.fps, 100 * s.ratio, s.p[0], s.p[1], s.p[2], s.p[3], s.p[4],
@@ -1013,11 +666,11 @@ static void run_sweep(struct cli *c, FILE *csv)
         if (stop)
             break;
     }
-    close_out(f, path);
+    lt_close_out(f, path);
     if (csv)
-        close_out(csv, c->csv);
+        lt_close_out(csv, c->csv);
     if (c->plot)
-        write_plot(c, path);
+        lt_write_plot(c, path);
     else
         fprintf(stderr, PROG ": wrote %s\n", path);
     if (steps) {
@@ -1025,7 +678,7 @@ static void run_sweep(struct cli *c, FILE *csv)
         cJSON_AddStringToObject(j, "sweep", c->sweep_rate ? "rate" : "connections");
         cJSON_AddItemToObject(j, "steps", steps);
         cJSON_AddBoolToObject(j, "pass", all_pass);
-        print_json(j);
+        lt_print_json(j);
         cJSON_Delete(j);
     }
     fflush(stdout);
@@ -1033,20 +686,20 @@ static void run_sweep(struct cli *c, FILE *csv)
         exit(EXIT_MISSED);
 }
 
-/* The flags; static so that everything stays reachable when die() exits from deep inside. */
-static struct cli *cli;
+/* The flags; static so that everything stays reachable when lt_die() exits from deep inside. */
+static struct lt_cli *cli;
 
 int main(int argc, char **argv)
 {
-    struct cli *c = cli = calloc(1, sizeof(*c));
+    struct lt_cli *c = cli = calloc(1, sizeof(*c));
     if (!c)
-        die(EXIT_CANNOT, "out of memory");
+        lt_die(EXIT_CANNOT, "out of memory");
     parse_args(c, argc, argv);
     c->o.mix = &c->mix;
     c->o.rows = c->csv != NULL;
     c->o.entries = c->o.ndjson || (c->mix.mode && !strcmp(c->mix.mode, "settled"));
     if (c->nsteps && c->plot && !on_path("gnuplot"))
-        die(EXIT_CANNOT, "--sweep draws its plot with gnuplot, which is not installed "
+        lt_die(EXIT_CANNOT, "--sweep draws its plot with gnuplot, which is not installed "
                          "(Debian/Ubuntu: apt-get install gnuplot-nox), or add --no-plot");
     int maxc = c->o.conns;
     for (int i = 0; !c->sweep_rate && i < c->nsteps; i++)
@@ -1056,12 +709,12 @@ int main(int argc, char **argv)
     resolve(c);
     probe(c);
     if (lt_mix_prepare(&c->mix) != 0)
-        die(EXIT_CANNOT, "out of memory for the Zipf table of %llu keys",
+        lt_die(EXIT_CANNOT, "out of memory for the Zipf table of %llu keys",
             (unsigned long long)c->mix.keys);
     FILE *csv = NULL;
     if (c->csv) {
-        csv = open_out(c->csv);
-        csv_header(csv, c->nsteps > 0);
+        csv = lt_open_out(c->csv);
+        lt_csv_header(csv, c->nsteps > 0);
     }
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
