@@ -37,16 +37,20 @@ BENCH_SRCS = $(wildcard tests/bench_*.c)
 BENCH_BINS = $(BENCH_SRCS:tests/%.c=$(BUILD)/tests/%)
 LIB       = $(BUILD)/libfanout.a
 BIN       = $(BUILD)/bin/fanout
+# The load-test tool (deploy/loadtest/): its own program; test_loadtest links its parts.
+LOAD_SRCS = $(wildcard deploy/loadtest/*.c)
+LOAD_OBJS = $(LOAD_SRCS:%.c=$(BUILD)/obj/%.o)
+LOAD_BIN  = $(BUILD)/bin/fanout-load
 
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean load
 all: deps
 	@$(MAKE) --no-print-directory build
 
 # The real build, run after 'deps' so that pkg-config answers for every object.
-build: $(BIN) $(TEST_BINS) $(BENCH_BINS)
+build: $(BIN) $(LOAD_BIN) $(TEST_BINS) $(BENCH_BINS)
 	@:
 
 # Installs the -dev packages that pkg-config cannot find (apt-get as root or through sudo), or
@@ -75,6 +79,17 @@ $(BIN): $(BUILD)/obj/server/main.o $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
+$(LOAD_BIN): $(LOAD_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(shell pkg-config --libs libcjson 2>/dev/null) -lm
+
+# 'make load' builds only the load tool (deploy/loadtest.sh runs it).
+load: deps
+	@$(MAKE) --no-print-directory $(LOAD_BIN)
+
+$(BUILD)/tests/test_loadtest: $(filter-out %/main.o,$(LOAD_OBJS))
+$(BUILD)/tests/test_loadtest: PKG_LIBS += -lm
+
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_COMMON) $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
@@ -88,20 +103,27 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
-# Tools the suites run besides the libraries: promtool (Debian: prometheus) checks /metrics.
+# Tools the suites run besides the libraries, as command:Debian package: promtool checks
+# /metrics, gnuplot draws the load tool's sweep plot. Installed like the libraries (apt-get as
+# root or through sudo), or named. FANOUT_SKIP_PROMTOOL=1 skips promtool and its check.
+TEST_TOOLS = promtool:prometheus gnuplot:gnuplot-nox
 test-deps: deps
-	@[ -n "$$FANOUT_SKIP_PROMTOOL" ] || command -v promtool >/dev/null 2>&1 || { \
+	@need=; for t in $(TEST_TOOLS); do c=$${t%%:*}; p=$${t#*:}; \
+	  [ "$$c" = promtool ] && [ -n "$$FANOUT_SKIP_PROMTOOL" ] && continue; \
+	  command -v $$c >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
-	    else echo "fanout: the tests need promtool (run apt-get install prometheus as root)" >&2; exit 1; fi; \
-	    echo "fanout: installing the test tools: prometheus (for promtool)"; \
-	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null || exit 1; \
+	    else echo "fanout: the tests need:$$need (run apt-get install as root)" >&2; exit 1; fi; \
+	    echo "fanout: installing the test tools:$$need"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null || exit 1; \
 	  else \
-	    echo "fanout: the tests need promtool (the Prometheus tools); install it or set FANOUT_SKIP_PROMTOOL=1" >&2; exit 1; \
-	  fi; }
+	    echo "fanout: the tests need:$$need (Debian names; install your system's equivalents)" >&2; exit 1; \
+	  fi; \
+	fi
 
 test: all test-deps
-	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
+	FANOUT_BIN=$(BIN) FANOUT_LOAD_BIN=$(LOAD_BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
 export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1
