@@ -192,13 +192,13 @@ static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype
     bool probe = r->route == R_HEALTHZ || r->route == R_READYZ || r->route == R_METRICS;
     if (atomic_load(&r->s->draining) && (!probe || status == MHD_HTTP_SERVICE_UNAVAILABLE))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    leave_gauge(r); /* before the client can see the answer; a failed queue closes it */
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     if (ret == MHD_YES) { /* otherwise the connection closes unanswered (status 0) */
         r->answered = true;
         r->status = status;
     }
-    leave_gauge(r); /* answered, or about to be closed unanswered */
     return ret;
 }
 

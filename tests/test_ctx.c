@@ -420,7 +420,9 @@ static void test_ctx_hook_remove_from_inside_hook(void)
     struct ctx *c = ctx_new(ctx_background(), CTX_FOREVER);
     self_rm_case(c, true);
     ctx_free(c);
-    c = ctx_with_timeout(ctx_background(), 5); /* fired by the timer thread */
+    /* Fired by the timer thread: the deadline must pass after both hooks are in, so it is
+     * far longer than the two calls take, even on a loaded machine. */
+    c = ctx_with_timeout(ctx_background(), test_ms(200));
     self_rm_case(c, false);
     ctx_free(c);
     CHECK_BASELINE();
@@ -682,9 +684,12 @@ static void test_ctx_wait_until_vs_cancel(void)
     }
     ctx_free(c);
 
-    /* A deadline first: -ETIMEDOUT, not before it; an 'until' before a deadline: 0. */
-    c = ctx_with_timeout(ctx_background(), 30);
+    /* An 'until' before a deadline: 0 (the deadline is a minute away, so no pause of this
+     * thread can reorder them); a deadline first: -ETIMEDOUT, not before it. */
+    c = ctx_with_timeout(ctx_background(), 60000);
     CU_ASSERT_EQUAL(ctx_wait(c, ctx_now() + 5), 0);
+    ctx_free(c);
+    c = ctx_with_timeout(ctx_background(), 30);
     CU_ASSERT_EQUAL(ctx_wait(c, CTX_FOREVER), -ETIMEDOUT);
     CU_ASSERT_TRUE(ctx_now() >= ctx_deadline(c));
     ctx_free(c);

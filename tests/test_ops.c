@@ -1040,7 +1040,8 @@ static int parse(struct srv_config *c, const char *const *args, const char *cons
         char name[128] = "";
         for (char **e = environ; *e; e++)
             if (!strncmp(*e, "FANOUT_", 7) && strncmp(*e, "FANOUT_BIN=", 11) != 0 &&
-                strncmp(*e, "FANOUT_STRESS=", 14) != 0 && strncmp(*e, "FANOUT_SKIP_", 12) != 0) {
+                strncmp(*e, "FANOUT_STRESS=", 14) != 0 && strncmp(*e, "FANOUT_SKIP_", 12) != 0 &&
+                strncmp(*e, "FANOUT_TEST_MULT=", 17) != 0) {
                 size_t k = strcspn(*e, "=");
                 snprintf(name, sizeof(name), "%.*s", (int)k, *e);
                 break;
@@ -1067,6 +1068,90 @@ static int parse(struct srv_config *c, const char *const *args, const char *cons
 }
 
 #define A(...) ((const char *const[]){__VA_ARGS__, NULL})
+
+/* Several upstreams: --upstream repeats, FANOUT_UPSTREAM is a list, the flags' list replaces
+ * the variable's; the policy, ejection, hedging and retry settings and their errors. */
+static void test_ops_config_upstreams_and_resilience(void)
+{
+    struct srv_config c;
+    enum config_action act;
+    char err[512];
+    CU_ASSERT_EQUAL(parse(&c, A("--upstream", "http://a:1/i/{id}", "--upstream",
+                                "http://b:2/i/{id}"),
+                          A("FANOUT_UPSTREAM=http://x:1/{id}"), &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_STRING_EQUAL(c.upstream, "http://a:1/i/{id}\nhttp://b:2/i/{id}");
+    CU_ASSERT_EQUAL(parse(&c, NULL, A("FANOUT_UPSTREAM=http://a:1/{id}, http://b:1/{id} ,"
+                                      "http://c:1/{id}"),
+                          &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_STRING_EQUAL(c.upstream, "http://a:1/{id}\nhttp://b:1/{id}\nhttp://c:1/{id}");
+    char list[sizeof(c.upstream)];
+    memcpy(list, c.upstream, sizeof(list));
+    const char *t[8];
+    CU_ASSERT_EQUAL(config_split_upstreams(list, t, 8), 3);
+    CU_ASSERT_STRING_EQUAL(t[2], "http://c:1/{id}");
+    /* Defaults. */
+    CU_ASSERT_EQUAL(c.upstream_policy, UPSTREAM_REPLICAS);
+    CU_ASSERT_EQUAL(c.eject_after, 5);
+    CU_ASSERT_EQUAL(c.eject_ms, 30000);
+    CU_ASSERT_EQUAL(c.max_ejected_pct, 50);
+    CU_ASSERT_EQUAL(c.hedge_after_ms, 0);
+    CU_ASSERT_FALSE(c.hedge_auto);
+    CU_ASSERT_EQUAL(c.hedge_budget_pct, 5);
+    CU_ASSERT_EQUAL(c.retries, 1);
+    CU_ASSERT_EQUAL(c.retry_budget_pct, 20);
+    CU_ASSERT_EQUAL(parse(&c, A("--demo", "--upstream-policy", "shards", "--hedge-after-ms",
+                                "auto", "--eject-after", "0", "--retries", "3",
+                                "--hedge-budget-pct", "10", "--retry-budget-pct", "50"),
+                          NULL, &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_EQUAL(c.upstream_policy, UPSTREAM_SHARDS);
+    CU_ASSERT_TRUE(c.hedge_auto);
+    CU_ASSERT_EQUAL(c.eject_after, 0);
+    CU_ASSERT_EQUAL(c.retries, 3);
+    CU_ASSERT_EQUAL(c.hedge_budget_pct, 10);
+    CU_ASSERT_EQUAL(c.retry_budget_pct, 50);
+    CU_ASSERT_EQUAL(parse(&c, A("--demo", "--hedge-after-ms", "15"), NULL, &act, err, sizeof(err)),
+                    0);
+    CU_ASSERT_FALSE(c.hedge_auto);
+    CU_ASSERT_EQUAL(c.hedge_after_ms, 15);
+    /* Errors, each naming its flag. */
+    static const struct {
+        const char *args[6];
+        const char *env;
+        const char *want;
+    } bad[] = {
+        {{"--upstream", "http://a:1/{id}", "--upstream", "http://a:1/{id}"}, NULL, "given twice"},
+        {{"--upstream", "http://a:1/{id}", "--upstream", "ftp://b/{id}"}, NULL, "ftp://b/{id}"},
+        {{NULL}, "FANOUT_UPSTREAM= , ", "FANOUT_UPSTREAM"},
+        {{"--demo", "--upstream-policy", "ring"}, NULL, "--upstream-policy"},
+        {{"--demo", "--hedge-after-ms", "soon"}, NULL, "--hedge-after-ms"},
+        {{"--demo", "--hedge-after-ms", "-1"}, NULL, "--hedge-after-ms"},
+        {{"--demo", "--retries", "11"}, NULL, "--retries"},
+        {{"--demo", "--max-ejected-pct", "101"}, NULL, "--max-ejected-pct"},
+        {{"--demo", "--hedge-budget-pct", "101"}, NULL, "--hedge-budget-pct"},
+        {{"--demo", "--eject-ms", "5000", "--eject-max-ms", "1000"}, NULL, "--eject-max-ms"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        const char *env[] = {bad[i].env, NULL};
+        int rc = parse(&c, bad[i].args, bad[i].env ? env : NULL, &act, err, sizeof(err));
+        CU_ASSERT_EQUAL(rc, -EINVAL);
+        CU_ASSERT(strstr(err, bad[i].want) != NULL);
+        if (rc != -EINVAL || !strstr(err, bad[i].want))
+            fprintf(stderr, "\n  case %zu: rc %d, \"%s\"\n", i, rc, err);
+    }
+    /* 65 upstreams is one too many. */
+    char env65[65 * 24 + 32] = "FANOUT_UPSTREAM=";
+    for (int i = 0; i < 65; i++) {
+        char one[32];
+        snprintf(one, sizeof(one), "%shttp://h%d/{id}", i ? "," : "", i);
+        strcat(env65, one);
+    }
+    const char *e65[] = {env65, NULL};
+    CU_ASSERT_EQUAL(parse(&c, NULL, e65, &act, err, sizeof(err)), -EINVAL);
+    CU_ASSERT(strstr(err, "64") != NULL);
+}
 
 static void test_ops_config_values_and_precedence(void)
 {
@@ -1311,7 +1396,7 @@ static void test_ops_metrics_exact_amounts(void)
     http(k, e.p.port, "/v1/batch", "{\"ids\":[\"status404-m\"]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 502);
     resp_free(&r);
-    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"sleep3000-m\"],\"timeout_ms\":100}", NULL, &r);
+    http(k, e.p.port, "/v1/batch", "{\"ids\":[\"sleep60000-m\"],\"timeout_ms\":100}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 504);
     resp_free(&r);
     http(k, e.p.port, "/v1/batch", "{\"ids\":[1,}", NULL, &r); /* no fetch */
@@ -2013,6 +2098,8 @@ static CU_TestInfo ops_tests[] = {
      test_ops_check_config_effective_values},
     {"config_parse: defaults, env, flags win, actions", test_ops_config_values_and_precedence},
     {"config_parse: bad values rejected, naming the flag", test_ops_config_rejects_bad_values},
+    {"config_parse: several upstreams, policy, ejection, hedging, retries",
+     test_ops_config_upstreams_and_resilience},
     {"config: --help and the JSON list the same settings", test_ops_config_usage_and_json},
     {"metrics: known requests move counters by exact amounts", test_ops_metrics_exact_amounts},
     {"metrics: admission rejections and in-flight gauges", test_ops_metrics_admission_rejections},

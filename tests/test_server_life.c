@@ -499,7 +499,7 @@ static void test_server_concurrent_mixed_batches(void)
     } kinds[] = {
         {"{\"ids\":[\"m1\",\"m2\",\"m3\",\"m4\",\"m5\",7,8,9]}", 200},
         {"{\"ids\":[\"sleep30\",\"fail\",\"sleep2000\",\"z1\",\"z2\"]}", 502},
-        {"{\"ids\":[\"sleep2000\",\"sleep10\"],\"timeout_ms\":60}", 504},
+        {"{\"ids\":[\"sleep60000\",\"sleep10\"],\"timeout_ms\":60}", 504},
         {"{\"ids\":[\"sleep5\",\"sleep5\",\"m1\",\"m1\"]}", 200},
         {"{\"ids\":[1,]}", 400},
         {"{\"ids\":[\"status503\",\"m6\"]}", 502},
@@ -790,6 +790,40 @@ static void test_server_watch_remove_waits_for_cancel(void)
     close(fds[0]);
 }
 
+/* fanout_requests_in_flight falls when the answer is queued: read on a second connection right
+ * after each answer on the first, it is 0 every time. */
+static void test_server_gauge_zero_after_answer(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
+    struct srvtest_raw *a = malloc(sizeof(*a)), *m = malloc(sizeof(*m));
+    CU_ASSERT_FATAL(a && m);
+    CU_ASSERT_FATAL(srvtest_raw_open(a, e.port) && srvtest_raw_open(m, e.port));
+    static const char batch[] = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n"
+                                "{\"ids\":[\"g\"]}";
+    static const char scrape[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    char *body = malloc(65536);
+    CU_ASSERT_FATAL(body != NULL);
+    int rounds = 500, nonzero = 0, bad = 0;
+    for (int i = 0; i < rounds && !bad; i++) {
+        bad += !srvtest_raw_send(a->fd, batch, sizeof(batch) - 1);
+        bad += srvtest_raw_response(a, NULL, 0, SRVTEST_WAIT_MS) != 200;
+        bad += !srvtest_raw_send(m->fd, scrape, sizeof(scrape) - 1);
+        bad += srvtest_raw_response(m, body, 65536, SRVTEST_WAIT_MS) != 200;
+        const char *g = strstr(body, "\nfanout_requests_in_flight ");
+        nonzero += !g || atoi(g + 27) != 0;
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    CU_ASSERT_EQUAL(nonzero, 0);
+    free(body);
+    srvtest_raw_close(a);
+    srvtest_raw_close(m);
+    free(a);
+    free(m);
+    srvtest_env_free(&e);
+}
+
 static CU_TestInfo server_life_tests[] = {
     {"503 overloaded at max_requests, metrics", test_server_overloaded},
     {"first error cancels the rest", test_server_first_error_cancels_the_rest},
@@ -808,6 +842,7 @@ static CU_TestInfo server_life_tests[] = {
     {"watch: hang-up cancels, removed entries never do", test_server_watch_hangup_cancels},
     {"watch: removal racing hang-ups never cancels late", test_server_watch_remove_races_hangup},
     {"watch: removal waits for a cancel in progress", test_server_watch_remove_waits_for_cancel},
+    {"in-flight gauge is 0 right after every answer", test_server_gauge_zero_after_answer},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(server_life, server_life_tests)
