@@ -1117,7 +1117,7 @@ int fetch_new(const struct fetch_opts *o, struct fetch **out)
         free(f);
         return -ENOMEM;
     }
-    int err = 0;
+    int err = fetch__resolver_start(f->resolver);
     for (unsigned i = 0; i < o->loops && !err; i++) {
         err = loop_init(f, &f->loops[i], cap);
         if (!err)

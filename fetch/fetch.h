@@ -59,9 +59,8 @@ struct fetch_opts {
                                   (wakeups and curl's timers end it sooner); <= 0: 1000. Only
                                   a safety net: tests raise it to prove no wakeup is missed */
     unsigned resolver_threads; /* name lookups run at once, all loops together (a fixed set of
-                                  threads, created by the first lookup of a host name and
-                                  joined by fetch_free()); 0: 2. IP literals and "localhost"
-                                  need none */
+                                  threads, started by fetch_new() and joined by fetch_free());
+                                  0: 2. IP literals and "localhost" need no lookup */
     int64_t dns_ttl_ms;        /* how long an answer is used before it is looked up again (the
                                   old one still serves while that runs); <= 0: 60000. A
                                   failure is kept min(this, 1000) ms */

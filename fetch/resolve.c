@@ -6,7 +6,7 @@
  * past its time is still used while a fresh lookup runs in the background, so a slow resolver
  * never stalls a name that resolved before); otherwise it holds the entry, which is queued for
  * lookup unless a lookup of it is already queued or running, and its transfer waits outside
- * curl. A fixed number of resolver threads, created together by the first lookup, pop entries,
+ * curl. A fixed number of resolver threads, started with the engine, pop entries,
  * run the lookup with the mutex released, store the answer (or the failure, kept a shorter
  * time), then call notify() with no lock held; the engine wakes its loops, which poll the
  * entries their transfers hold. Any number of transfers on any loops share one lookup.
@@ -196,6 +196,14 @@ static int start_locked(struct fetch_resolver *r)
     }
     r->started = true;
     return 0;
+}
+
+int fetch__resolver_start(struct fetch_resolver *r)
+{
+    pthread_mutex_lock(&r->mu);
+    int err = start_locked(r);
+    pthread_mutex_unlock(&r->mu);
+    return err;
 }
 
 static void enqueue_locked(struct fetch_resolver *r, struct fetch__dns *d)

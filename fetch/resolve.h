@@ -3,7 +3,7 @@
  * libcurl 7.88's threaded resolver runs one thread per lookup, and removing a transfer while
  * its lookup runs joins that thread: the loop that aborts it (a cancel or a deadline) blocks
  * until getaddrinfo() returns. fetch therefore resolves names itself, before a transfer enters
- * curl: a fixed set of resolver threads (started on the first lookup, joined by
+ * curl: a fixed set of resolver threads (started by fetch__resolver_start(), joined by
  * fetch__resolver_free()) run the lookups and keep the answers in a cache; a transfer waits for
  * its answer outside curl, where dropping it costs nothing, and enters curl with the answer
  * pinned (CURLOPT_RESOLVE), so curl never resolves it.
@@ -32,6 +32,10 @@ struct fetch__dns; /* one cache entry, held by a waiting transfer */
 struct fetch_resolver *fetch__resolver_new(unsigned threads, int64_t ttl_ms, int64_t neg_ttl_ms,
                                            fetch_lookup_fn lookup, void *lookup_arg,
                                            void (*notify)(void *), void *notify_arg);
+
+/* Starts the threads (fetch_new() does, so that every thread exists once the engine does).
+ * Returns 0 or a negative errno. Thread-safe; a second call does nothing. */
+int fetch__resolver_start(struct fetch_resolver *r);
 
 /* Tells the threads to stop: queued lookups are dropped, running ones finish. Thread-safe. */
 void fetch__resolver_stop(struct fetch_resolver *r);

@@ -1,7 +1,8 @@
 /* srv: the fanout HTTP server: libmicrohttpd front end, batch fan-out, probes and metrics.
  *
  * srv_new() starts every thread the server will ever have: the libmicrohttpd workers
- * (--http-threads), the fetch loops (--fetch-threads), the disconnect watch, the log writer, the
+ * (--http-threads), the fetch loops (--fetch-threads) and their two resolver threads, the
+ * disconnect watch, the log writer, the
  * ctx timer and, with --demo, the demo upstream. srv_drain() and srv_free() stop them; nothing
  * is started per request or per fetch. */
 #ifndef FANOUT_SRV_H

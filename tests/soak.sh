@@ -129,6 +129,7 @@ fanout_pid=
 
 reports=$(grep -cE 'ERROR: (AddressSanitizer|LeakSanitizer)|WARNING: ThreadSanitizer|runtime error:' "$log")
 verdict=$(awk -F, -v secs="$secs" '
+	BEGIN { n = 0 }
 	NR == 1 { next }
 	{ t = $1; rss[n] = $2; th[n] = $3; fd[n] = $4; tt[n] = t; n++ }
 	END {
@@ -161,7 +162,7 @@ unset multiplot
 EOF
 fi
 for f in "$out/$name".load*.json; do
-	printf 'soak %s: %s\n' "$(basename "$f" .json)" "$(tr -d '\n' <"$f" | grep -oE '"(requests|ok|success_ratio)": *[0-9.]+' | tr '\n' ' ')"
+	printf 'soak %s: %s\n' "$(basename "$f" .json)" "$(tr -d '\n' <"$f" | grep -oE '"(requests|ok|success_ratio)":[[:space:]]*[0-9.]+' | tr -d '\t"' | tr '\n' ' ')"
 done
 echo "soak $name: $secs s, alive=$alive exit=$status sanitizer_reports=$reports; $verdict"
 [[ $alive == 1 && $status == 0 && $reports == 0 && $verdict == ok* ]]

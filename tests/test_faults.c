@@ -771,7 +771,7 @@ static void test_faults_resolver_threads_are_fixed(void)
     fake_init(&d);
     struct fetch *f = engine(2, 0, fake_lookup, &d);
     CU_ASSERT_FATAL(f != NULL);
-    CU_ASSERT_EQUAL(test_thread_count(), b.threads + 2); /* the loops; no resolver yet */
+    CU_ASSERT_EQUAL(test_thread_count(), b.threads + 2 + 2); /* the loops and the resolvers */
     /* Many names, each hanging (hang_after 1): at most the resolver's two threads run them. */
     pthread_mutex_lock(&d.mu);
     d.hang_after = 1;
