@@ -33,6 +33,7 @@ csv=$out/$name.csv log=$out/$name.log
 pids=() flap_pid= fanout_pid=
 cleanup() {
 	[[ -z $flap_pid ]] || kill "$flap_pid" 2>/dev/null
+	[[ ! -f $out/$name.flap.pid ]] || kill -9 "$(cat "$out/$name.flap.pid")" 2>/dev/null
 	[[ ${#pids[@]} -eq 0 ]] || kill "${pids[@]}" 2>/dev/null
 	[[ -z $fanout_pid ]] || kill -9 "$fanout_pid" 2>/dev/null
 	wait 2>/dev/null
@@ -42,7 +43,7 @@ trap cleanup EXIT
 # Ports picked by the kernel: each upstream binds 0 and logs the port it got.
 start_upstream() { # $1: index; prints "pid port"
 	local f=$out/$name.up$1.log port=
-	"$up_bin" --demo-upstream-only --listen 127.0.0.1:0 2>"$f" &
+	"$up_bin" --demo-upstream-only --listen 127.0.0.1:0 >/dev/null 2>"$f" &
 	local pid=$!
 	for _ in $(seq 200); do
 		port=$(grep -o '"port":[0-9]*' "$f" 2>/dev/null | head -1 | cut -d: -f2)
@@ -63,7 +64,7 @@ TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=0}:atexit_sleep_ms=0 \
 	--upstream "http://127.0.0.1:$p1/items/{id}" --upstream "http://127.0.0.1:$p2/items/{id}" \
 	--upstream "http://127.0.0.1:$p3/items/{id}" \
 	--retries 2 --hedge-after-ms auto --eject-after 3 --eject-ms 2000 --eject-max-ms 8000 \
-	--max-timeout-ms 2000 --drain-ms 3000 2>"$log" &
+	--max-timeout-ms 2000 --drain-ms 3000 >/dev/null 2>"$log" &
 fanout_pid=$!
 port=
 for _ in $(seq 400); do # the port it bound, from the kernel (it logs at warn only)
@@ -82,8 +83,9 @@ url=http://127.0.0.1:$port
 		sleep 6
 		kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
 		sleep 2
-		"$up_bin" --demo-upstream-only --listen "127.0.0.1:$p3" --log-level error 2>/dev/null &
+		"$up_bin" --demo-upstream-only --listen "127.0.0.1:$p3" >/dev/null 2>&1 &
 		pid=$!
+		echo "$pid" >"$out/$name.flap.pid"
 	done
 ) &
 flap_pid=$!
@@ -118,6 +120,8 @@ while (( SECONDS - start < secs + 2 )); do
 done
 wait "${loads[@]}" 2>/dev/null
 kill "$flap_pid" 2>/dev/null; wait "$flap_pid" 2>/dev/null; flap_pid=
+[[ ! -f $out/$name.flap.pid ]] || kill -9 "$(cat "$out/$name.flap.pid")" 2>/dev/null
+rm -f "$out/$name.flap.pid"
 sample $((SECONDS - start)) >>"$csv"
 
 alive=1
@@ -155,6 +159,7 @@ set ylabel "RSS (MiB)"
 plot "$csv" using 1:(\$2/1024) skip 1 with lines title "rss"
 set ylabel "threads"
 set yrange [0:*]
+set offsets 0, 0, 2, 0
 plot "$csv" using 1:3 skip 1 with lines title "threads"
 set ylabel "open fds"
 plot "$csv" using 1:4 skip 1 with lines title "fds"
