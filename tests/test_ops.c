@@ -2000,6 +2000,12 @@ static void test_ops_log_level_warn(void)
     env_free(&e);
 }
 
+static bool pipe_nearly_full(void *arg)
+{
+    int queued = 0;
+    return ioctl(*(int *)arg, FIONREAD, &queued) == 0 && queued >= 32768;
+}
+
 /* Nobody reads stderr: once the pipe is full the log writer is stuck, and requests must still be
  * answered (logging only copies into the writer's ring); at shutdown the writer gives up on the
  * stuck pipe and the process still exits 0. */
@@ -2027,9 +2033,9 @@ static void test_ops_stuck_stderr_never_blocks(void)
     CU_ASSERT_EQUAL(r.status, 200);
     resp_free(&r);
     curl_easy_cleanup(k);
-    int queued = 0;
-    CU_ASSERT(ioctl(e.p.err_fd, FIONREAD, &queued) == 0);
-    CU_ASSERT(queued >= 32768); /* the pipe really is (nearly) full: stderr was stuck */
+    /* The pipe really is (nearly) full: stderr was stuck. The log writer fills it on its own
+     * thread, so wait for that. */
+    CU_ASSERT(test_wait_until(pipe_nearly_full, &e.p.err_fd, WAIT_MS));
     int64_t t0 = ctx_now();
     kill(e.p.pid, SIGTERM);
     CU_ASSERT(proc_wait_exit(&e.p, WAIT_MS));
