@@ -301,8 +301,13 @@ static int next_item(int argc, char **argv, int *i, enum item *it, const struct 
         *it = ITEM_CHECK;
         return 0;
     }
-    if (!strcmp(a, "--healthcheck")) {
+    if (!strncmp(a, "--healthcheck", 13) && (a[13] == '\0' || a[13] == '=')) {
+        const char *path = a[13] ? a + 14 : "/healthz";
+        if (path[0] != '/' || strlen(path) >= sizeof(((struct srv_config *)0)->probe_path) ||
+            strpbrk(path, " \t\r\n?#"))
+            return fail(err, errlen, "--healthcheck: want a path like /readyz, got \"%s\"", path);
         *it = ITEM_HEALTHCHECK;
+        *v = path;
         return 0;
     }
     if (strncmp(a, "--", 2) != 0 || a[2] == '\0')
@@ -342,8 +347,10 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
         }
         if (it == ITEM_CHECK)
             *action = CONFIG_CHECK;
-        if (it == ITEM_HEALTHCHECK)
+        if (it == ITEM_HEALTHCHECK) {
             *action = CONFIG_HEALTHCHECK;
+            snprintf(c->probe_path, sizeof(c->probe_path), "%s", v);
+        }
     }
     if ((rc = apply_env(c, err, errlen)) != 0)
         return rc;
@@ -403,8 +410,9 @@ void config_usage(FILE *out)
     }
     fprintf(out, "  %-24s %s\n  %-24s %s\n  %-24s %s\n  %-24s %s\n", "--check-config",
             "validate flags and environment, print the effective config as JSON, exit",
-            "--healthcheck",
-            "GET /healthz on the --listen port over loopback: exit 0 on 200, else 1", "--version",
+            "--healthcheck[=PATH]",
+            "GET PATH [/healthz] on the --listen port over loopback: exit 0 on 200, else 1",
+            "--version",
             "print the version and exit", "-h, --help", "this text");
 }
 

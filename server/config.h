@@ -37,6 +37,7 @@ struct srv_config {
     int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
     bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
     bool timeout_ms_given;      /* --timeout-ms was set; else it follows --max-timeout-ms down */
+    char probe_path[128];       /* --healthcheck[=PATH]: the path it GETs [/healthz] */
 };
 
 /* What the command line asked for besides serving. */

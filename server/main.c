@@ -13,8 +13,8 @@
  * --demo-upstream-only runs the demo upstream (demo.h) on --listen instead of fanout, with the
  * same signal handling: the first SIGTERM/SIGINT stops it (demo_stop()) and exits 0.
  *
- * --healthcheck is a probe for container runtimes whose image has no HTTP client: one GET of
- * /healthz on the --listen port over loopback (the listen address itself when it is a specific
+ * --healthcheck[=PATH] is a probe for container runtimes whose image has no HTTP client: one GET
+ * of PATH (/healthz by default) on the --listen port over loopback (the listen address itself when it is a specific
  * one), exit 0 on a 200 and 1 otherwise, with a one-line reason on stderr.
  *
  * Exit status: 0 after a drain, and for --help, --version and --check-config; 1 when the server
@@ -130,7 +130,7 @@ static size_t discard(char *data, size_t size, size_t n, void *arg)
     return size * n;
 }
 
-/* --healthcheck: GET /healthz on the port 'c' listens on. Returns the exit status. */
+/* --healthcheck[=PATH]: GET c->probe_path on the port 'c' listens on. Returns the exit status. */
 static int healthcheck(const struct srv_config *c)
 {
     const char *host = c->listen_host;
@@ -139,8 +139,8 @@ static int healthcheck(const struct srv_config *c)
     else if (!strcmp(host, "::"))
         host = "::1";
     char url[320];
-    snprintf(url, sizeof(url), strchr(host, ':') ? "http://[%s]:%u/healthz" : "http://%s:%u/healthz",
-             host, c->listen_port);
+    snprintf(url, sizeof(url), strchr(host, ':') ? "http://[%s]:%u%s" : "http://%s:%u%s", host,
+             c->listen_port, c->probe_path);
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "fanout: healthcheck: curl_global_init failed\n");
         return 1;

@@ -1943,12 +1943,14 @@ static void test_ops_demo_drain_exit_clean(void)
     proc_free(&p);
 }
 
-/* fanout --healthcheck against 127.0.0.1:port; returns its exit status (-1 if it did not run). */
-static int healthcheck_on(uint16_t port, struct run *r)
+/* fanout --healthcheck[=PATH] (probe: "" or "=PATH") against 127.0.0.1:port; returns its exit
+ * status (-1 if it did not run). */
+static int healthcheck_on(uint16_t port, const char *probe, struct run *r)
 {
-    char listen[48];
+    char listen[48], flag[64];
     snprintf(listen, sizeof(listen), "FANOUT_LISTEN=127.0.0.1:%u", port);
-    char *args[] = {"--healthcheck", NULL};
+    snprintf(flag, sizeof(flag), "--healthcheck%s", probe);
+    char *args[] = {flag, NULL};
     char *env[] = {listen, NULL};
     if (!run_fanout(args, env, r) || !r->finished || !WIFEXITED(r->status))
         return -1;
@@ -1993,7 +1995,14 @@ static void test_ops_demo_upstream_only(void)
     http(NULL, up.port, "/metrics", NULL, NULL, &h); /* the demo, not fanout */
     CU_ASSERT_EQUAL(h.status, 404);
     resp_free(&h);
-    CU_ASSERT_EQUAL(healthcheck_on(up.port, &r), 0);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "", &r), 0);
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=/readyz", &r), 0);
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=/items/fail-1", &r), 1); /* a 500 */
+    CU_ASSERT(r.err && strstr(r.err, "status 500"));
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=nopath", &r), 2);
     run_free(&r);
 
     /* A fanout in front of it. */
@@ -2009,7 +2018,7 @@ static void test_ops_demo_upstream_only(void)
     http(NULL, fo.port, "/v1/batch", "{\"ids\":[\"apple\",\"fail-1\"]}", NULL, &h);
     CU_ASSERT_EQUAL(h.status, 502);
     resp_free(&h);
-    CU_ASSERT_EQUAL(healthcheck_on(fo.port, &r), 0);
+    CU_ASSERT_EQUAL(healthcheck_on(fo.port, "=/readyz", &r), 0);
     run_free(&r);
     CU_ASSERT(stop_clean(&fo));
     proc_free(&fo);
@@ -2019,7 +2028,7 @@ static void test_ops_demo_upstream_only(void)
     CU_ASSERT(log && strstr(log, "\"mode\":\"demo-upstream-only\"") && strstr(log, "\"msg\":\"stopped\""));
     free(log);
     /* Nothing listens there now: the probe fails with one line. */
-    CU_ASSERT_EQUAL(healthcheck_on(up.port, &r), 1);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "", &r), 1);
     CU_ASSERT(r.err && strstr(r.err, "healthcheck") && strchr(r.err, '\n') == r.err + r.err_len - 1);
     run_free(&r);
     proc_free(&up);
