@@ -2,6 +2,7 @@
 #   make            library, binary and test programs      make test   every suite
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
 #   make bench      micro-benchmarks                       make install / clean
+#   make deploy-test  container images, compose cluster and manifests, under Docker
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
 BUILD    ?= build
@@ -38,7 +39,7 @@ BIN       = $(BUILD)/bin/fanout
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test asan tsan bench run install clean
+.PHONY: all build deps test asan tsan bench run install clean deploy-test
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -111,6 +112,11 @@ run: deps
 install: deps
 	@$(MAKE) --no-print-directory $(BIN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/fanout
+
+# Builds the container images (a local Debian base first, where none exists) and exercises the
+# image, the compose cluster and the Kubernetes manifests under Docker (deploy/deploy-test.sh).
+deploy-test:
+	deploy/deploy-test.sh
 
 clean:
 	rm -rf build
