@@ -104,6 +104,11 @@ load_result() {
 	echo "$total $((${non2xx:-0} + ${sock:-0}))"
 }
 
+# The answers other than 200 and the socket errors of a load run, on one line.
+load_errors() {
+	{ grep -E '^status [0-9]+:' "$1" | grep -v '^status 200:' || true; grep 'Socket errors' "$1" || true; } | paste -sd';' | sed 's/^ *//'
+}
+
 # The haproxy stats table of backend "fanout" servers that have an address:
 # "NAME ADDR STATUS SESSIONS" per line.
 lb_servers() {
@@ -229,6 +234,7 @@ kill -INT "$load_pid" 2>/dev/null || true # stop the load once the last replica 
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load3")"
 echo "requests $total, failed $failed (restarts took ${roll_s} s)"
+[[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load3")"
 roll_failed=$failed
 row "rolling restart (3 replicas, ${roll_s} s): requests / failed" "$total / $failed" \
 	"$([[ $failed -eq 0 ]] && echo "ok, zero failed" || echo "FAILED REQUESTS")"
@@ -249,6 +255,7 @@ eject_ms=$(($(now_ms) - t))
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load4")"
 echo "requests $total, failed $failed; haproxy stopped sending to it after ${eject_ms} ms"
+[[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load4")"
 docker start "$victim" >/dev/null
 docker update --restart=unless-stopped "$victim" >/dev/null
 wait_for 30 cluster_ready || die "the killed replica did not come back"
@@ -258,10 +265,21 @@ row "kill -9: until the LB stops sending to it" "${eject_ms} ms" "(<= 0.2 s poll
 # ---------------------------------------------------------------- 5. upstream cut off
 
 say "5. one upstream replica cut off the network under load"
-cut=$("${compose[@]}" ps -q upstream-2)
+# The busiest upstream replica: the most established connections on its port 8080 (1F90).
+busiest() {
+	local s c n best=-1
+	for s in upstream-1 upstream-2 upstream-3; do
+		c=$("${compose[@]}" ps -q "$s")
+		n=$(docker exec "$c" cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$2 ~ /:1F90$/ && $4 == "01"' | wc -l)
+		if [[ $n -gt $best ]]; then best=$n cut=$c cutname=$s; fi
+	done
+	cutconns=$best
+}
 net=${P}_default
 load 14 "$tmp/load5" -T 2000
 sleep 3
+busiest
+echo "cutting $cutname off (${cutconns} fanout connections to it)"
 t=$(now_ms)
 docker network disconnect "$net" "$cut"
 # Probe batches of 20 ids (1.5 s deadline) for 8 s: when did the last one fail?
@@ -277,16 +295,17 @@ done
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load5")"
 cut_failed=$failed
-docker network connect --alias upstream --alias upstream-2 "$net" "$cut"
+docker network connect --alias upstream --alias "$cutname" "$net" "$cut"
 wait_for 30 healthy "$cut" || true
 if [[ $last_fail -lt 0 ]]; then recover="no probe failed"; else recover="last failure at +${last_fail} ms"; fi
 echo "load: requests $total, failed $failed; probes: $probe_fail of $probes failed, $recover"
+[[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load5")"
 if [[ -n $multi ]]; then
 	verdict=$([[ $failed -eq 0 ]] && echo "ok, zero failed" || echo "FAILED BATCHES")
 else
 	verdict="single --upstream: not gated (needs several upstreams)"
 fi
-row "upstream cut: requests / failed" "$total / $failed" "$verdict"
+row "upstream cut ($cutname, $cutconns conns): requests / failed" "$total / $failed" "$verdict"
 row "upstream cut: probes failed, recovery" "$probe_fail of $probes, $recover" ""
 
 # ---------------------------------------------------------------- 6. manifests
