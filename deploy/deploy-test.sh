@@ -144,17 +144,19 @@ docker build -f deploy/Dockerfile -t "$IMG" . >"$tmp/build.log" 2>&1 || { tail -
 build_s=$((($(now_ms) - t) / 1000))
 suite=$(sed -n 's/^build stage: make test took \([0-9]*\) s/\1 s/p' "$tmp/build.log")
 tests=$(grep -E '^tests: [0-9]+ passed, [0-9]+ failed' "$tmp/build.log" | tail -1 || true)
+t=$(now_ms)
 docker build -t "$LBIMG" deploy/lb >"$tmp/build-lb.log" 2>&1 || { tail -20 "$tmp/build-lb.log"; die "load balancer image build failed"; }
+lbbuild_s=$((($(now_ms) - t) / 1000))
 size=$(docker image inspect -f '{{.Size}}' "$IMG" | awk '{ printf "%.1f MB", $1 / 1e6 }')
 lbsize=$(docker image inspect -f '{{.Size}}' "$LBIMG" | awk '{ printf "%.1f MB", $1 / 1e6 }')
 version=$(docker run --rm "$IMG" --version)
 echo "image $IMG: $size; $version"
 echo "build: ${build_s} s (suite in the build stage: ${suite:-cached, not run}; ${tests:-no new run})"
-row "base image (debootstrap trixie, or kept)" "${base_s} s" ""
+row "base image (debootstrap trixie, or kept)" "${base_s} s" "$(docker image inspect -f '{{.Size}}' debian:trixie-slim | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 row "image build, this run" "${build_s} s" "${suite:+suite ran in ${suite}}${suite:-cached layers}"
 row "build-stage suite" "${tests:-cached}" ""
 row "image size (runtime stage)" "$size" "$(awk -v s="${size% MB}" 'BEGIN { print (s < 100 ? "ok, < 100 MB" : "over 100 MB") }')"
-row "load balancer image size" "$lbsize" ""
+row "load balancer image: build, size" "${lbbuild_s} s, $lbsize" ""
 
 p1=$(free_port)
 docker run -d --name "$P-single" -p "127.0.0.1:$p1:8080" "$IMG" --demo >/dev/null
@@ -242,7 +244,7 @@ row "rolling restart (3 replicas, ${roll_s} s): requests / failed" "$total / $fa
 # ---------------------------------------------------------------- 4. kill -9
 
 say "4. kill -9 of one fanout replica under load"
-victim=$(fanout_containers | head -1)
+victim=$(fanout_containers | sed -n 1p)
 vip=$(ip_of "$victim")
 docker update --restart=no "$victim" >/dev/null # measure the removal, not docker's restart
 load 12 "$tmp/load4"
