@@ -118,6 +118,12 @@ lb_servers() {
 			st = $(col["status"]); gsub(/ /, "_", st)
 			print $2, $(col["addr"]), st, $(col["stot"]) }'
 }
+# "RETRIES REDISPATCHES" of backend "fanout" so far.
+lb_retries() {
+	curl -s --max-time 2 "http://127.0.0.1:$STATSPORT/stats;csv" | awk -F, '
+		NR == 1 { for (i = 1; i <= NF; i++) { h = $i; sub(/^# /, "", h); col[h] = i }; next }
+		$1 == "fanout" && $2 == "BACKEND" { print $(col["wretr"]) + 0, $(col["wredis"]) + 0 }'
+}
 lb_up_count() { lb_servers | awk '$3 == "UP"' | wc -l; }
 lb_has_up() { [[ $(lb_up_count) -ge $1 ]]; }
 
@@ -153,7 +159,8 @@ version=$(docker run --rm "$IMG" --version)
 echo "image $IMG: $size; $version"
 echo "build: ${build_s} s (suite in the build stage: ${suite:-cached, not run}; ${tests:-no new run})"
 row "base image (debootstrap trixie, or kept)" "${base_s} s" "$(docker image inspect -f '{{.Size}}' debian:trixie-slim | awk '{ printf "%.1f MB", $1 / 1e6 }')"
-row "image build, this run" "${build_s} s" "${suite:+suite ran in ${suite}}${suite:-cached layers}"
+if [[ -n $suite ]]; then built="build-stage make test: $suite"; else built="all layers cached"; fi
+row "image build, this run" "${build_s} s" "$built"
 row "build-stage suite" "${tests:-cached}" ""
 row "image size (runtime stage)" "$size" "$(awk -v s="${size% MB}" 'BEGIN { print (s < 100 ? "ok, < 100 MB" : "over 100 MB") }')"
 row "load balancer image: build, size" "${lbbuild_s} s, $lbsize" ""
@@ -223,6 +230,7 @@ row "steady load: requests / failed" "$total / $failed" "ok, 3 of 3 replicas ser
 # ---------------------------------------------------------------- 3. rolling restart
 
 say "3. rolling restart of each fanout replica under load"
+read -r r0 d0 <<<"$(lb_retries)"
 load 40 "$tmp/load3"
 sleep 2
 t=$(now_ms)
@@ -235,9 +243,11 @@ roll_s=$((($(now_ms) - t) / 1000))
 kill -INT "$load_pid" 2>/dev/null || true # stop the load once the last replica is back
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load3")"
-echo "requests $total, failed $failed (restarts took ${roll_s} s)"
+read -r r1 d1 <<<"$(lb_retries)"
+echo "requests $total, failed $failed (restarts took ${roll_s} s); haproxy retried $((r1 - r0)) times, $((d1 - d0)) on another replica"
 [[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load3")"
 roll_failed=$failed
+row "rolling restart: LB retries / redispatches" "$((r1 - r0)) / $((d1 - d0))" ""
 row "rolling restart (3 replicas, ${roll_s} s): requests / failed" "$total / $failed" \
 	"$([[ $failed -eq 0 ]] && echo "ok, zero failed" || echo "FAILED REQUESTS")"
 
@@ -247,6 +257,7 @@ say "4. kill -9 of one fanout replica under load"
 victim=$(fanout_containers | sed -n 1p)
 vip=$(ip_of "$victim")
 docker update --restart=no "$victim" >/dev/null # measure the removal, not docker's restart
+read -r r0 d0 <<<"$(lb_retries)"
 load 12 "$tmp/load4"
 sleep 3
 t=$(now_ms)
@@ -256,12 +267,13 @@ wait_for 20 gone || die "haproxy still sends to the killed replica after 20 s"
 eject_ms=$(($(now_ms) - t))
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load4")"
-echo "requests $total, failed $failed; haproxy stopped sending to it after ${eject_ms} ms"
+read -r r1 d1 <<<"$(lb_retries)"
+echo "requests $total, failed $failed; haproxy stopped sending to it after ${eject_ms} ms; retried $((r1 - r0)) times"
 [[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load4")"
 docker start "$victim" >/dev/null
 docker update --restart=unless-stopped "$victim" >/dev/null
 wait_for 30 cluster_ready || die "the killed replica did not come back"
-row "kill -9 one replica: requests / failed" "$total / $failed" ""
+row "kill -9 one replica: requests / failed" "$total / $failed" "LB retries $((r1 - r0))"
 row "kill -9: until the LB stops sending to it" "${eject_ms} ms" "(<= 0.2 s polling)"
 
 # ---------------------------------------------------------------- 5. upstream cut off
@@ -291,6 +303,7 @@ while [[ $(($(now_ms) - t)) -lt 8000 ]]; do
 	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "http://127.0.0.1:$LBPORT/v1/batch" \
 		-H 'Content-Type: application/json' -d "{\"ids\":[$ids],\"timeout_ms\":1500}" || true)
 	probes=$((probes + 1))
+	printf '+%dms:%s ' "$(($(now_ms) - t))" "$code" >>"$tmp/probes"
 	if [[ $code != 200 ]]; then probe_fail=$((probe_fail + 1)) last_fail=$(($(now_ms) - t)); fi
 	sleep 0.2
 done
@@ -301,6 +314,7 @@ docker network connect --alias upstream --alias "$cutname" "$net" "$cut"
 wait_for 30 healthy "$cut" || true
 if [[ $last_fail -lt 0 ]]; then recover="no probe failed"; else recover="last failure at +${last_fail} ms"; fi
 echo "load: requests $total, failed $failed; probes: $probe_fail of $probes failed, $recover"
+echo "probes (time after the cut: status): $(cat "$tmp/probes")"
 [[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load5")"
 if [[ -n $multi ]]; then
 	verdict=$([[ $failed -eq 0 ]] && echo "ok, zero failed" || echo "FAILED BATCHES")
@@ -353,10 +367,10 @@ row "step 6 time" "${manifests_ms} ms" ""
 # ---------------------------------------------------------------- table
 
 say "deploy-test figures"
-printf '%-52s %-28s %s\n' "what" "figure" "verdict"
+printf '%-58s %-30s %s\n' "what" "figure" "verdict"
 for r in "${rows[@]}"; do
 	IFS='|' read -r a b c <<<"$r"
-	printf '%-52s %-28s %s\n' "$a" "$b" "$c"
+	printf '%-58s %-30s %s\n' "$a" "$b" "$c"
 done
 [[ $roll_failed -eq 0 ]] || die "rolling restart: $roll_failed failed requests"
 if [[ -n $multi && $cut_failed -ne 0 ]]; then die "upstream cut: $cut_failed failed batches"; fi
