@@ -139,6 +139,11 @@ cluster_ready() {
 	lb_has_up 3
 }
 
+# The manifest validator downloads and compiles while the images build.
+go -C deploy/validate build -o "$tmp/validate" . >"$tmp/go-build.log" 2>&1 &
+gobuild=$!
+bgpids+=("$gobuild")
+
 # ---------------------------------------------------------------- 1. image
 
 say "1. base image and fanout image"
@@ -328,17 +333,19 @@ row "upstream cut: probes failed, recovery" "$probe_fail of $probes, $recover" "
 
 say "6. Kubernetes manifests"
 t=$(now_ms)
-go -C deploy/validate run . -k ../k8s
+wait "$gobuild" || { cat "$tmp/go-build.log"; die "building deploy/validate failed"; }
+V=$tmp/validate
+"$V" -k deploy/k8s
 rendered=skipped
 if command -v kubectl >/dev/null && kubectl kustomize deploy/k8s >"$tmp/rendered.yaml" 2>"$tmp/kustomize.err"; then
-	go -C deploy/validate run . "$tmp/rendered.yaml"
+	"$V" "$tmp/rendered.yaml"
 	rendered="kubectl kustomize: $(grep -c '^kind:' "$tmp/rendered.yaml") objects, strict"
 else
 	echo "kubectl kustomize unavailable ($(cat "$tmp/kustomize.err" 2>/dev/null || echo "no kubectl")): the kustomization was read by the validator itself"
 fi
-mapfile -t kargs < <(go -C deploy/validate run . -k ../k8s -emit docker | grep -v '^--env=FANOUT_UPSTREAM=')
+mapfile -t kargs < <("$V" -k deploy/k8s -emit docker | grep -v '^--env=FANOUT_UPSTREAM=')
 declare -A probe
-while read -r k v; do probe[$k]=$v; done < <(go -C deploy/validate run . -k ../k8s -emit probes)
+while read -r k v; do probe[$k]=$v; done < <("$V" -k deploy/k8s -emit probes)
 # As the kubelet would run it, on the compose network so that a batch reaches the upstreams.
 p4=$(free_port)
 docker run -d --name "$P-k8s" --network "$net" -p "127.0.0.1:$p4:8080" "${kargs[@]}" \
