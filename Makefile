@@ -1,6 +1,9 @@
 # fanout: one plain Makefile. Objects go under $(BUILD), one tree per sanitizer.
 #   make            library, binary and test programs      make test   every suite
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
+#   make stress     every suite 20 times beside a CPU hog
+#   make fuzz       each libFuzzer target for FUZZ_SECONDS (clang)
+#   make soak       SOAK_SECONDS of mixed load under ASan, then TSan, with resource samples
 #   make bench      micro-benchmarks                       make install / clean
 #   make deploy-test  container images, compose cluster and manifests, under Docker
 # A command-line CFLAGS= adds to ours instead of replacing them.
@@ -35,16 +38,20 @@ BENCH_SRCS = $(wildcard tests/bench_*.c)
 BENCH_BINS = $(BENCH_SRCS:tests/%.c=$(BUILD)/tests/%)
 LIB       = $(BUILD)/libfanout.a
 BIN       = $(BUILD)/bin/fanout
+# The load-test tool (deploy/loadtest/): its own program; test_loadtest links its parts.
+LOAD_SRCS = $(wildcard deploy/loadtest/*.c)
+LOAD_OBJS = $(LOAD_SRCS:%.c=$(BUILD)/obj/%.o)
+LOAD_BIN  = $(BUILD)/bin/fanout-load
 
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test asan tsan bench run install clean deploy-test
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean load deploy-test
 all: deps
 	@$(MAKE) --no-print-directory build
 
 # The real build, run after 'deps' so that pkg-config answers for every object.
-build: $(BIN) $(TEST_BINS) $(BENCH_BINS)
+build: $(BIN) $(LOAD_BIN) $(TEST_BINS) $(BENCH_BINS)
 	@:
 
 # Installs the -dev packages that pkg-config cannot find (apt-get as root or through sudo), or
@@ -73,6 +80,17 @@ $(BIN): $(BUILD)/obj/server/main.o $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
+$(LOAD_BIN): $(LOAD_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(shell pkg-config --libs libcjson 2>/dev/null) -lm
+
+# 'make load' builds only the load tool (deploy/loadtest.sh runs it).
+load: deps
+	@$(MAKE) --no-print-directory $(LOAD_BIN)
+
+$(BUILD)/tests/test_loadtest: $(filter-out %/main.o,$(LOAD_OBJS))
+$(BUILD)/tests/test_loadtest: PKG_LIBS += -lm
+
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_COMMON) $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
@@ -86,21 +104,84 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
-test: all
-	FANOUT_BIN=$(BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
+# Tools the suites run besides the libraries, as command:Debian package: promtool checks
+# /metrics, gnuplot draws the load tool's sweep plot. Installed like the libraries (apt-get as
+# root or through sudo), or named. FANOUT_SKIP_PROMTOOL=1 skips promtool and its check.
+TEST_TOOLS = promtool:prometheus gnuplot:gnuplot-nox
+test-deps: deps
+	@need=; for t in $(TEST_TOOLS); do c=$${t%%:*}; p=$${t#*:}; \
+	  [ "$$c" = promtool ] && [ -n "$$FANOUT_SKIP_PROMTOOL" ] && continue; \
+	  command -v $$c >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	    else echo "fanout: the tests need:$$need (run apt-get install as root)" >&2; exit 1; fi; \
+	    echo "fanout: installing the test tools:$$need"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null || exit 1; \
+	  else \
+	    echo "fanout: the tests need:$$need (Debian names; install your system's equivalents)" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: all test-deps
+	FANOUT_BIN=$(BIN) FANOUT_LOAD_BIN=$(LOAD_BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
 export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1
 export UBSAN_OPTIONS ?= print_stacktrace=1:halt_on_error=1
 export TSAN_OPTIONS ?= halt_on_error=1:second_deadlock_stack=1
+ASAN_SAN = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+TSAN_SAN = -fsanitize=thread
+TSAN_WRAP = setarch $$(uname -m) -R
 asan:
-	$(MAKE) test BUILD=build/asan OPT="-O1 -g" \
-	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	$(MAKE) test BUILD=build/asan OPT="-O1 -g" SAN="$(ASAN_SAN)"
 
 # setarch -R: TSan cannot map its shadow memory on kernels with high mmap randomisation.
 tsan:
-	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="-fsanitize=thread" \
-	  TEST_WRAP="setarch $$(uname -m) -R"
+	$(MAKE) test BUILD=build/tsan OPT="-O1 -g" SAN="$(TSAN_SAN)" TEST_WRAP="$(TSAN_WRAP)"
+
+# Soak (tests/soak.sh): SOAK_SECONDS of mixed load against the ASan build, then the TSan build,
+# sampling RSS, threads and fds every second; CSVs, plots and logs in build/soak/.
+SOAK_SECONDS ?= 600
+soak: all
+	@$(MAKE) --no-print-directory build/asan/bin/fanout BUILD=build/asan OPT="-O1 -g" SAN="$(ASAN_SAN)"
+	@$(MAKE) --no-print-directory build/tsan/bin/fanout BUILD=build/tsan OPT="-O1 -g" SAN="$(TSAN_SAN)"
+	tests/soak.sh -b build/asan/bin/fanout -s $(SOAK_SECONDS) -n asan
+	$(TSAN_WRAP) tests/soak.sh -b build/tsan/bin/fanout -s $(SOAK_SECONDS) -n tsan
+
+# The suites run again and again beside a CPU hog (tests/stress.sh): STRESS_RUNS times each of
+# STRESS_TARGETS. A test that needs an idle machine fails here.
+STRESS_RUNS ?= 20
+STRESS_TARGETS ?= test tsan asan
+stress:
+	tests/stress.sh -n $(STRESS_RUNS) $(STRESS_TARGETS)
+
+# libFuzzer targets (clang; Debian: clang libclang-rt-14-dev): tests/fuzz/fuzz_<name>.c, seeds
+# in tests/fuzz/corpus/<name>/ (read only; new inputs go to build/fuzz/corpus/<name>/, crashes
+# to build/fuzz/artifacts/). Each runs FUZZ_SECONDS; a crash stops the run with exit 1.
+FUZZ_TARGETS ?= request url render http
+FUZZ_SECONDS ?= 60
+FUZZ_SAN = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzz-build BUILD=build/fuzz CC=clang OPT="-O1 -g" \
+	  SAN="-fsanitize=fuzzer-no-link $(FUZZ_SAN)"
+	@mkdir -p build/fuzz/artifacts
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build/fuzz/corpus/$$t; \
+	  echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  build/fuzz/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=build/fuzz/artifacts/$$t- build/fuzz/corpus/$$t tests/fuzz/corpus/$$t \
+	    2>build/fuzz/fuzz_$$t.log || { tail -n 60 build/fuzz/fuzz_$$t.log; exit 1; }; \
+	  grep -E '^(#[0-9]+.*DONE|Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb)' build/fuzz/fuzz_$$t.log; \
+	done
+
+FUZZ_BINS = $(FUZZ_TARGETS:%=$(BUILD)/fuzz/fuzz_%)
+fuzz-build: $(FUZZ_BINS)
+	@:
+
+$(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done

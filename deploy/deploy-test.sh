@@ -17,7 +17,8 @@
 # its network) is removed on exit, also on failure or interrupt. Published ports are on
 # 127.0.0.1 only, picked free at start.
 #
-# Needs: docker, docker-compose, curl, wrk, debootstrap (first run), Go (/usr/local/go or PATH).
+# Needs: docker, docker-compose, curl, python3, debootstrap (first run), Go (/usr/local/go or
+# PATH); the load comes from the project's load tool (deploy/loadtest.sh, built when missing).
 # DEPLOY_TEST_LOAD_CONNS (8) and DEPLOY_TEST_BATCH (10) shape the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in docker docker-compose curl wrk go; do
+for tool in docker docker-compose curl go python3; do
 	command -v "$tool" >/dev/null || { echo "deploy-test: $tool not found" >&2; exit 1; }
 done
 
@@ -84,29 +85,36 @@ row() { rows+=("$1|$2|$3"); }
 
 # ---------------------------------------------------------------- load and haproxy stats
 
-# load SECONDS OUT [-T ms]: the project's load script through the load balancer, in the
-# background; its pid is left in $load_pid.
+# load SECONDS OUT [flags]: the project's load tool (deploy/loadtest.sh) through the load
+# balancer, closed loop, in the background, its JSON summary in OUT; its pid is left in $load_pid.
+# SIGINT ends it early with the summary of what it sent.
 load() {
 	local secs=$1 out=$2
 	shift 2
-	deploy/loadtest.sh -u "http://127.0.0.1:$LBPORT" -d "${secs}s" -c "$CONNS" -t 2 -b "$BATCH" "$@" >"$out" 2>&1 &
+	deploy/loadtest.sh --json --no-progress --min-success 0 -d "${secs}s" -c "$CONNS" -b "$BATCH" \
+		"$@" "http://127.0.0.1:$LBPORT" >"$out" 2>"$out.err" &
 	load_pid=$!
 	bgpids+=("$load_pid")
 }
 
-# load_result OUT: "TOTAL FAILED" from wrk's report (non-2xx answers plus socket errors).
+# load_result OUT: "ATTEMPTS FAILED" of a load run (failed: anything but a 200 answer).
 load_result() {
-	local total non2xx sock
-	total=$(awk '/ requests in / { print $1 }' "$1")
-	[[ -n $total ]] || { sed 's/^/  | /' "$1" >&2; die "no load report in $1"; }
-	non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ { print $2 }' "$1")
-	sock=$(sed -n 's/.*Socket errors: connect \([0-9]*\), read \([0-9]*\), write \([0-9]*\), timeout \([0-9]*\).*/\1+\2+\3+\4/p' "$1")
-	echo "$total $((${non2xx:-0} + ${sock:-0}))"
+	python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["attempts"], r["attempts"] - r["ok"])' "$1" 2>/dev/null ||
+		{ cat "$1" "$1.err" >&2; die "no load summary in $1"; }
 }
 
 # The answers other than 200 and the socket errors of a load run, on one line.
 load_errors() {
-	{ grep -E '^status [0-9]+:' "$1" | grep -v '^status 200:' || true; grep 'Socket errors' "$1" || true; } | paste -sd';' | sed 's/^ *//'
+	python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+st = ", ".join("%s: %d" % kv for kv in r["status"].items() if kv[0] != "200")
+er = ", ".join("%s %d" % kv for kv in r["errors"].items() if kv[1])
+print("status " + (st or "none") + "; errors " + (er or "none") + "; codes " + json.dumps(r["error_codes"]))' "$1"
+}
+
+# "REQUESTS/S P99_MS" of a load run.
+load_rate() {
+	python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print("%.0f requests/s, p99 %.1f ms" % (r["requests_per_s"], r["latency_ms"]["p99"]))' "$1"
 }
 
 # The haproxy stats table of backend "fanout" servers that have an address:
@@ -138,6 +146,8 @@ cluster_ready() {
 	for c in $(fanout_containers); do healthy "$c" || return 1; done
 	lb_has_up 3
 }
+
+deploy/loadtest.sh --help >/dev/null # builds the load tool now if it is missing or stale
 
 # The manifest validator downloads and compiles while the images build.
 go -C deploy/validate build -o "$tmp/validate" . >"$tmp/go-build.log" 2>&1 &
@@ -225,7 +235,7 @@ load 8 "$tmp/load2"
 wait "$load_pid"
 lb_servers >"$tmp/after"
 read -r total failed <<<"$(load_result "$tmp/load2")"
-grep LOADTEST "$tmp/load2" || true
+echo "load: $(load_rate "$tmp/load2")"
 served=$(join <(sort "$tmp/before") <(sort "$tmp/after") | awk '$3 == "UP" && $7 > $4 { n++ } END { print n + 0 }')
 echo "requests $total, failed $failed, replicas that served: $served of 3"
 [[ $failed -eq 0 ]] || { cat "$tmp/load2"; die "requests failed through the LB"; }

@@ -33,6 +33,7 @@
 
 #include <curl/curl.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -43,7 +44,7 @@
 
 #include "ctx/ctx.h"
 
-#define POLL_MS 1000            /* curl_multi_poll() cap; wakeups and curl's timers cut it short */
+#define POLL_MS 1000            /* default idle_poll_ms */
 #define H2_STREAMS_PER_CONN 100 /* curl's default CURLMOPT_MAX_CONCURRENT_STREAMS */
 #define BODY_MIN_CAP 1024       /* first body buffer when no Content-Length is known */
 
@@ -75,6 +76,9 @@ struct xfer {
     const char *url;              /* points into 'strings' */
     const char *request_id;       /* points into 'strings', or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
+    bool timer;                   /* a fetch_after() timer, not a transfer */
+    int64_t due_us;               /* timers: when it fires (monotonic microseconds) */
+    size_t heap_idx;              /* timers: position in the loop's heap */
     char strings[];               /* the URL, then the request id */
 };
 
@@ -97,6 +101,9 @@ struct fetch_loop {
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
+    int poll_ms;                /* curl_multi_poll() cap (fetch_opts.idle_poll_ms) */
+    struct xfer **timers;       /* armed fetch_after() timers: a min-heap on due_us */
+    size_t ntimers, timers_cap; /* count and allocation */
     CURL **spare;               /* configured easy handles not in use */
     unsigned nspare, spare_cap; /* count and allocation */
 };
@@ -112,6 +119,69 @@ struct fetch {
 };
 
 /* ---------------------------------------------------------------- small helpers */
+
+static void heap_swap(struct fetch_loop *l, size_t a, size_t b)
+{
+    struct xfer *t = l->timers[a];
+    l->timers[a] = l->timers[b];
+    l->timers[b] = t;
+    l->timers[a]->heap_idx = a;
+    l->timers[b]->heap_idx = b;
+}
+
+static void heap_up(struct fetch_loop *l, size_t i)
+{
+    while (i > 0 && l->timers[(i - 1) / 2]->due_us > l->timers[i]->due_us) {
+        heap_swap(l, i, (i - 1) / 2);
+        i = (i - 1) / 2;
+    }
+}
+
+static void heap_down(struct fetch_loop *l, size_t i)
+{
+    for (;;) {
+        size_t m = i, a = 2 * i + 1, b = a + 1;
+        if (a < l->ntimers && l->timers[a]->due_us < l->timers[m]->due_us)
+            m = a;
+        if (b < l->ntimers && l->timers[b]->due_us < l->timers[m]->due_us)
+            m = b;
+        if (m == i)
+            return;
+        heap_swap(l, i, m);
+        i = m;
+    }
+}
+
+/* Arms timer 'x'. Returns false if out of memory. */
+static bool heap_push(struct fetch_loop *l, struct xfer *x)
+{
+    if (l->ntimers == l->timers_cap) {
+        size_t cap = l->timers_cap ? l->timers_cap * 2 : 64;
+        struct xfer **p = realloc(l->timers, cap * sizeof(*p));
+        if (!p)
+            return false;
+        l->timers = p;
+        l->timers_cap = cap;
+    }
+    x->heap_idx = l->ntimers;
+    l->timers[l->ntimers++] = x;
+    heap_up(l, x->heap_idx);
+    return true;
+}
+
+/* Disarms the timer at heap position 'i' and returns it. */
+static struct xfer *heap_take(struct fetch_loop *l, size_t i)
+{
+    struct xfer *x = l->timers[i];
+    l->ntimers--;
+    if (i != l->ntimers) {
+        l->timers[i] = l->timers[l->ntimers];
+        l->timers[i]->heap_idx = i;
+        heap_down(l, i);
+        heap_up(l, i);
+    }
+    return x;
+}
 
 static void queue_push(struct xfer_queue *q, struct xfer *x)
 {
@@ -165,6 +235,7 @@ void fetch_opts_default(struct fetch_opts *o)
     o->max_body = 1 << 20;
     o->connect_timeout_ms = 5000;
     o->h2c = false;
+    o->idle_poll_ms = POLL_MS;
 }
 
 const char *fetch_result_name(int err)
@@ -269,10 +340,21 @@ static void easy_put(struct fetch_loop *l, CURL *e)
 
 /* Completes 'x' with 'err' (its easy handle, if any, already out of the multi): counts, calls the
  * callback and frees the transfer. 'detail' may be NULL for the default text of 'err'. */
-static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *detail)
+static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const char *detail,
+                        bool from_ctx)
 {
     struct fetch *f = l->f;
-    struct fetch_result r = {.err = err};
+    struct fetch_result r = {.err = err, .aborted = from_ctx};
+    if (x->timer) { /* no transfer, nothing to count */
+        ctx_hook_remove(x->ctx, &x->hook);
+        r.detail = err == 0 ? "timer" : from_ctx ? "canceled" : "fetch engine shutting down";
+        r.elapsed_us = now_us() - x->t0_us;
+        r.elapsed_ms = r.elapsed_us / 1000;
+        x->cb(x->arg, &r);
+        ctx_unref(x->ctx);
+        free(x);
+        return;
+    }
     char buf[CURL_ERROR_SIZE + 64];
     if (x->easy) {
         long status = 0, conns = 0;
@@ -289,7 +371,7 @@ static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *
     x->hdrs = NULL;
 
     atomic_uint_fast64_t *counter;
-    switch (err) {
+    switch (from_ctx && err != -ETIMEDOUT ? -ECANCELED : err) {
     case 0:
         counter = &f->ok;
         detail = "ok";
@@ -347,6 +429,18 @@ static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *
     free(x);
 }
 
+/* Completes 'x' for a reason of its own (the upstream's answer, a transport error). */
+static void complete(struct fetch_loop *l, struct xfer *x, int err, const char *detail)
+{
+    complete_as(l, x, err, detail, false);
+}
+
+/* Completes 'x' because its ctx is done, with that ctx's cause. */
+static void complete_ctx(struct fetch_loop *l, struct xfer *x, int cause)
+{
+    complete_as(l, x, cause, NULL, true);
+}
+
 /* Maps a finished curl transfer to a result and completes it. */
 static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
 {
@@ -366,7 +460,7 @@ static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
          * deadline; one well before it came from the connect cap: the upstream is unreachable. */
         int cause = ctx_err(x->ctx);
         if (cause != 0 && cause != -ETIMEDOUT) {
-            complete(l, x, cause, NULL);
+            complete_ctx(l, x, cause);
             return;
         }
         if (cause == -ETIMEDOUT ||
@@ -378,12 +472,12 @@ static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
     complete(l, x, FETCH_EUNREACH, text);
 }
 
-/* Aborts a started transfer with 'err'. */
-static void abort_active(struct fetch_loop *l, struct xfer *x, int err)
+/* Aborts a started transfer because its ctx is done ('cause'), or at shutdown. */
+static void abort_active(struct fetch_loop *l, struct xfer *x, int cause)
 {
     active_del(l, x);
     curl_multi_remove_handle(l->multi, x->easy);
-    complete(l, x, err, NULL);
+    complete_ctx(l, x, cause);
 }
 
 /* ---------------------------------------------------------------- the loop */
@@ -393,12 +487,12 @@ static void start(struct fetch_loop *l, struct xfer *x)
 {
     int cause = ctx_err(x->ctx);
     if (cause != 0) {
-        complete(l, x, cause, NULL);
+        complete_ctx(l, x, cause);
         return;
     }
     int64_t left = ctx_remaining(x->ctx);
     if (left == 0) { /* past the deadline; the timer has not fired yet */
-        complete(l, x, -ETIMEDOUT, NULL);
+        complete_ctx(l, x, -ETIMEDOUT);
         return;
     }
     const struct fetch_opts *o = &l->f->opts;
@@ -450,7 +544,8 @@ nomem:
     complete(l, x, FETCH_EUNREACH, "out of memory starting the transfer");
 }
 
-/* Queues newly handed-over transfers, completing those whose ctx is already done. */
+/* Queues newly handed-over transfers and arms new timers, completing those whose ctx is
+ * already done. */
 static void admit(struct fetch_loop *l, struct xfer *in)
 {
     while (in) {
@@ -458,10 +553,24 @@ static void admit(struct fetch_loop *l, struct xfer *in)
         in = in->next;
         int cause = ctx_err(x->ctx);
         if (cause != 0)
-            complete(l, x, cause, NULL);
-        else
+            complete_ctx(l, x, cause);
+        else if (!x->timer)
             queue_push(&l->waiting, x);
+        else if (!heap_push(l, x))
+            complete(l, x, -ENOMEM, NULL);
     }
+}
+
+/* Fires the timers that are due. Returns the milliseconds until the next one (rounded up), or
+ * -1 when none is armed. */
+static int64_t fire_timers(struct fetch_loop *l)
+{
+    int64_t now = now_us();
+    while (l->ntimers > 0 && l->timers[0]->due_us <= now) {
+        complete(l, heap_take(l, 0), 0, NULL);
+        now = now_us();
+    }
+    return l->ntimers ? (l->timers[0]->due_us - now + 999) / 1000 : -1;
 }
 
 /* Aborts or drops every transfer whose ctx is done. */
@@ -478,11 +587,33 @@ static void reap_canceled(struct fetch_loop *l)
     while ((x = queue_pop(&l->waiting)) != NULL) {
         int cause = ctx_err(x->ctx);
         if (cause != 0)
-            complete(l, x, cause, NULL);
+            complete_ctx(l, x, cause);
         else
             queue_push(&keep, x);
     }
     l->waiting = keep;
+    /* Timers: keep the live ones in place, then rebuild the heap (callbacks run after, since
+     * one may arm a new timer). */
+    struct xfer *dead = NULL;
+    size_t n = 0;
+    for (size_t i = 0; i < l->ntimers; i++) {
+        struct xfer *t = l->timers[i];
+        if (ctx_err(t->ctx) != 0) {
+            t->next = dead;
+            dead = t;
+        } else {
+            t->heap_idx = n;
+            l->timers[n++] = t;
+        }
+    }
+    l->ntimers = n;
+    for (size_t i = n / 2; i-- > 0;)
+        heap_down(l, i);
+    while (dead) {
+        struct xfer *t = dead;
+        dead = t->next;
+        complete_ctx(l, t, ctx_err(t->ctx));
+    }
 }
 
 static void reap_done(struct fetch_loop *l)
@@ -513,13 +644,15 @@ static void drain_all(struct fetch_loop *l, struct xfer *in)
     while (in) {
         struct xfer *x = in;
         in = in->next;
-        complete(l, x, stop_cause(x), NULL);
+        complete_ctx(l, x, stop_cause(x));
     }
     while (l->active)
         abort_active(l, l->active, stop_cause(l->active));
     struct xfer *x;
     while ((x = queue_pop(&l->waiting)) != NULL)
-        complete(l, x, stop_cause(x), NULL);
+        complete_ctx(l, x, stop_cause(x));
+    while (l->ntimers > 0)
+        complete_ctx(l, heap_take(l, l->ntimers - 1), stop_cause(l->timers[l->ntimers - 1]));
 }
 
 static void *loop_main(void *arg)
@@ -544,9 +677,11 @@ static void *loop_main(void *arg)
         int running;
         curl_multi_perform(l->multi, &running);
         reap_done(l);
+        int64_t next = fire_timers(l);
         if (l->waiting.head && l->nactive < l->limit)
             continue; /* slots freed: start the next ones before sleeping */
-        curl_multi_poll(l->multi, NULL, 0, POLL_MS, NULL);
+        int wait = next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms;
+        curl_multi_poll(l->multi, NULL, 0, wait, NULL);
     }
     /* Callbacks run by drain_all() cannot have queued anything: fetch_get() saw 'stopping'. */
     while (l->nspare > 0)
@@ -621,6 +756,41 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     return 0;
 }
 
+int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms, fetch_cb cb,
+                void *arg)
+{
+    if (!f || !c || !cb || loop >= f->nloops || delay_ms < 0)
+        return -EINVAL;
+    if (atomic_load_explicit(&f->stopping, memory_order_acquire))
+        return FETCH_ESHUTDOWN;
+    struct xfer *x = calloc(1, sizeof(*x));
+    if (!x)
+        return -ENOMEM;
+    struct fetch_loop *l = &f->loops[loop];
+    x->timer = true;
+    x->loop = l;
+    x->cb = cb;
+    x->arg = arg;
+    x->t0_us = now_us();
+    x->due_us = x->t0_us + (delay_ms > INT64_MAX / 2000 ? INT64_MAX / 2 : delay_ms * 1000);
+    x->ctx = ctx_ref(c);
+    ctx_hook_add(c, &x->hook, on_ctx_done, l);
+    pthread_mutex_lock(&l->mu);
+    if (l->stopping) {
+        pthread_mutex_unlock(&l->mu);
+        ctx_hook_remove(c, &x->hook);
+        ctx_unref(x->ctx);
+        free(x);
+        return FETCH_ESHUTDOWN;
+    }
+    bool was_empty = l->inbox.head == NULL;
+    queue_push(&l->inbox, x);
+    if (was_empty)
+        curl_multi_wakeup(l->multi);
+    pthread_mutex_unlock(&l->mu);
+    return 0;
+}
+
 unsigned fetch_loops(const struct fetch *f)
 {
     return f->nloops;
@@ -666,6 +836,7 @@ void fetch_free(struct fetch *f)
         struct fetch_loop *l = &f->loops[i];
         curl_multi_cleanup(l->multi);
         free(l->spare);
+        free(l->timers);
         pthread_mutex_destroy(&l->mu);
     }
     free(f->loops);
@@ -686,6 +857,8 @@ static int loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
     curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)cap);
     curl_multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)cap);
     l->limit = f->opts.h2c ? cap * H2_STREAMS_PER_CONN : cap;
+    int64_t poll = f->opts.idle_poll_ms > 0 ? f->opts.idle_poll_ms : POLL_MS;
+    l->poll_ms = poll > INT_MAX ? INT_MAX : (int)poll;
     return 0;
 }
 

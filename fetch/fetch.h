@@ -37,6 +37,9 @@ struct fetch_opts {
     int64_t connect_timeout_ms; /* connect phase cap (still bounded by the ctx deadline); <= 0:
                                    only the deadline */
     bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
+    int64_t idle_poll_ms;      /* longest a loop sleeps in curl_multi_poll() with nothing due
+                                  (wakeups and curl's timers end it sooner); <= 0: 1000. Only
+                                  a safety net: tests raise it to prove no wakeup is missed */
 };
 
 /* What a transfer produced, handed to its callback. */
@@ -49,6 +52,8 @@ struct fetch_result {
     size_t len;         /* body length in bytes */
     int64_t elapsed_ms; /* from fetch_get() to completion, milliseconds */
     int64_t elapsed_us; /* the same in microseconds (for latency histograms) */
+    bool aborted;       /* ended because its ctx was done (err is then the ctx's cause, or
+                           FETCH_ESHUTDOWN), not by anything the upstream did */
     const char *detail; /* human-readable reason for err (curl's text where there is one); valid
                            only during the callback */
 };
@@ -71,7 +76,8 @@ struct fetch_stats {
     uint64_t status;      /* FETCH_ESTATUS */
     uint64_t unreachable; /* FETCH_EUNREACH */
     uint64_t deadline;    /* -ETIMEDOUT */
-    uint64_t canceled;    /* any other ctx cause, or shutdown */
+    uint64_t canceled;    /* ended by its ctx for any other cause (a sibling's failure, a
+                             hedge that won, a client gone), or shutdown */
     uint64_t too_large;   /* FETCH_ETOOBIG */
     uint64_t in_flight;   /* submitted and not yet completed */
     uint64_t conns_opened; /* new connections made to upstreams */
@@ -103,6 +109,15 @@ unsigned fetch_pick_loop(struct fetch *f);
  * fetch_free() has begun). Each loop keeps at most max_conns / loops transfers in curl at once
  * (h2c: 100 times that) and queues the rest in order; the deadline runs while they wait. */
 int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r);
+
+/* A timer on loop 'loop': cb(arg, r) runs once on that loop's thread, with r->err 0 once
+ * 'delay_ms' (>= 0) has passed, or earlier with the cause when 'c' is done first (r->aborted
+ * set), or FETCH_ESHUTDOWN when the engine stops. Only err, aborted and elapsed are filled.
+ * With delay 0 and ctx_background() it runs 'cb' on the loop thread soon: a way to hand work to
+ * a loop. Returns 0, or -EINVAL / -ENOMEM / FETCH_ESHUTDOWN and cb is never called. Timers are
+ * not counted in fetch_stats. Thread-safe, and callable from a fetch callback. */
+int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms, fetch_cb cb,
+                void *arg);
 
 /* Reads the counters. Thread-safe and lock-free. */
 void fetch_stats(struct fetch *f, struct fetch_stats *s);

@@ -284,7 +284,7 @@ int eg_go_async(struct eg *g, eg_start_fn start, void *arg)
         report_end(g);
     else if (r != 0)
         eg_end(g, r);
-    return 0;
+    return r; /* 0, or start's result: the task has completed with it */
 }
 
 void eg_complete(struct eg *g, int rc)

@@ -51,8 +51,13 @@ int eg_go(struct eg *g, eg_fn fn, void *arg);
  * or when the group has failed. */
 bool eg_try_go(struct eg *g, eg_fn fn, void *arg);
 
-/* Adds an async task: started now if a slot is free, else queued. Returns 0, the group's error
- * once it has failed (start not called), or -ENOMEM. Not after eg_wait()/eg_wait_async(). */
+/* Adds an async task: started now if a slot is free, else queued. Returns:
+ *   0        added: running (start returned 0) or queued;
+ *   rc != 0  start ran now and returned rc: the task has completed with that result (and, rc
+ *            being an error, the group has failed);
+ *   the group's error, once it has failed (start not called);
+ *   -ENOMEM  the queue could not grow (start not called; the group goes on);
+ *   -EINVAL  start is NULL, or the group was already waited on (eg_wait, eg_wait_async). */
 int eg_go_async(struct eg *g, eg_start_fn start, void *arg);
 
 /* Completes one running async task with result 'rc'. Any thread. */

@@ -22,9 +22,11 @@
 
 #include "fetch/fetch.h"
 #include "server/json.h"
-#include "server/url.h"
+#include "fetch/upstream.h"
+#include "fetch/url.h"
 
-enum kind { K_LISTEN, K_STRING, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL };
+enum kind { K_LISTEN, K_UPSTREAM, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL, K_POLICY,
+            K_HEDGE };
 
 struct opt {
     const char *name; /* flag without the leading dashes */
@@ -37,8 +39,29 @@ struct opt {
 #define F(field) offsetof(struct srv_config, field)
 static const struct opt opts[] = {
     {"listen", K_LISTEN, 0, 0, 0, "address to serve, HOST:PORT (port 0 picks one) [0.0.0.0:8080]"},
-    {"upstream", K_STRING, F(upstream), 0, 0,
-     "upstream URL template with {id}, e.g. http://items:8080/items/{id}; required unless --demo"},
+    {"upstream", K_UPSTREAM, F(upstream), 0, 0,
+     "upstream URL template with {id}, e.g. http://items:8080/items/{id}; repeat for several "
+     "(FANOUT_UPSTREAM: a comma- or space-separated list), at most 64; required unless --demo"},
+    {"upstream-policy", K_POLICY, F(upstream_policy), 0, 0,
+     "replicas (same data: retries and hedges go to the next upstream) or shards (disjoint "
+     "data: every attempt to the id's own) [replicas]"},
+    {"eject-after", K_UINT, F(eject_after), 0, 1000000,
+     "consecutive failures (transport or 5xx) that eject an upstream; 0 never ejects [5]"},
+    {"eject-ms", K_MS, F(eject_ms), 1, 86400000,
+     "how long an upstream stays ejected, doubled on each repeat, ms [30000]"},
+    {"eject-max-ms", K_MS, F(eject_max_ms), 1, 86400000,
+     "the longest ejection, ms [300000]"},
+    {"max-ejected-pct", K_UINT, F(max_ejected_pct), 0, 100,
+     "most upstreams ejected at once, percent of them [50]"},
+    {"hedge-after-ms", K_HEDGE, F(hedge_after_ms), 0, 3600000,
+     "send a hedged attempt when the first is still pending after N ms, or 'auto' (the "
+     "upstream's recent p95); 0 turns hedging off [0]"},
+    {"hedge-budget-pct", K_UINT, F(hedge_budget_pct), 0, 100,
+     "hedges at most this percent of fetches [5]"},
+    {"retries", K_UINT, F(retries), 0, 10,
+     "retries after a connect error, reset, empty reply or 502/503/504 [1]"},
+    {"retry-budget-pct", K_UINT, F(retry_budget_pct), 0, 1000,
+     "retries at most this percent of fetches, plus 10 a second [20]"},
     {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
     {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
      "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
@@ -97,6 +120,56 @@ void config_defaults(struct srv_config *c)
     c->max_clients = 10000;
     c->idle_timeout_s = 60;
     c->connect_timeout_ms = 2000;
+    c->upstream_policy = UPSTREAM_REPLICAS;
+    c->eject_after = 5;
+    c->eject_ms = 30000;
+    c->eject_max_ms = 300000;
+    c->max_ejected_pct = 50;
+    c->hedge_budget_pct = 5;
+    c->retries = 1;
+    c->retry_budget_pct = 20;
+}
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+unsigned config_split_upstreams(char *list, const char **out, unsigned max)
+{
+    unsigned n = 0;
+    for (char *save = NULL, *t = strtok_r(list, "\n", &save); t && n < max;
+         t = strtok_r(NULL, "\n", &save))
+        out[n++] = t;
+    return n;
+}
+
+/* Appends the templates in 'v' to c->upstream: split on commas and whitespace when 'split'
+ * (FANOUT_UPSTREAM), else 'v' is one template. */
+static int add_upstreams(struct srv_config *c, const char *v, bool split, const char *label,
+                         char *err, size_t errlen)
+{
+    size_t used = strlen(c->upstream);
+    const char *p = v;
+    bool any = false;
+    while (*p) {
+        size_t n = split ? strcspn(p, ", \t\r\n") : strlen(p);
+        if (n == 0) {
+            p++;
+            continue;
+        }
+        if (used + n + 2 > sizeof(c->upstream))
+            return fail(err, errlen, "%s: the upstream list is too long (%zu bytes in all at most)",
+                        label, sizeof(c->upstream) - 1);
+        if (used)
+            c->upstream[used++] = '\n';
+        memcpy(c->upstream + used, p, n);
+        used += n;
+        c->upstream[used] = '\0';
+        p += n;
+        any = true;
+    }
+    if (!any)
+        return fail(err, errlen, "%s: empty upstream", label);
+    return 0;
 }
 
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -172,11 +245,28 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
     switch (o->kind) {
     case K_LISTEN:
         return parse_listen(c, v, label, err, errlen);
-    case K_STRING:
-        if (strlen(v) >= sizeof(c->upstream))
-            return fail(err, errlen, "%s: value too long (%zu bytes max)", label,
-                        sizeof(c->upstream) - 1);
-        strcpy(base + o->off, v);
+    case K_UPSTREAM:
+        return add_upstreams(c, v, strncmp(label, "FANOUT_", 7) == 0, label, err, errlen);
+    case K_POLICY:
+        if (!strcmp(v, "replicas"))
+            c->upstream_policy = UPSTREAM_REPLICAS;
+        else if (!strcmp(v, "shards"))
+            c->upstream_policy = UPSTREAM_SHARDS;
+        else
+            return fail(err, errlen, "%s: want replicas or shards, got \"%s\"", label, v);
+        return 0;
+    case K_HEDGE:
+        if (!strcmp(v, "auto")) {
+            c->hedge_auto = true;
+            c->hedge_after_ms = 0;
+            return 0;
+        }
+        if (!parse_num(v, false, &n) || n < o->min || n > o->max)
+            return fail(err, errlen,
+                        "%s: want auto or a whole number from %" PRId64 " to %" PRId64
+                        ", got \"%s\"", label, o->min, o->max, v);
+        c->hedge_auto = false;
+        c->hedge_after_ms = n;
         return 0;
     case K_BOOL: {
         bool b;
@@ -257,16 +347,30 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
     if (!c->demo && !c->upstream[0] && !c->demo_upstream_only)
         return fail(err, errlen,
                     "--upstream is required (or --demo for the built-in demo upstream)");
-    if (c->upstream[0]) {
-        struct url_template t;
-        char why[256];
-        int rc = url_template_parse(c->upstream, &t, why, sizeof(why));
+    if (!c->demo && !c->demo_upstream_only) {
+        char list[sizeof(c->upstream)];
+        memcpy(list, c->upstream, sizeof(list));
+        const char *t[UPSTREAMS_MAX + 1];
+        unsigned n = config_split_upstreams(list, t, UPSTREAMS_MAX + 1);
+        if (n > UPSTREAMS_MAX)
+            return fail(err, errlen, "--upstream: more than %d upstreams", UPSTREAMS_MAX);
+        struct upstreams_opts uo = {.policy = c->upstream_policy,
+                                    .eject_after = c->eject_after,
+                                    .eject_ms = c->eject_ms,
+                                    .eject_max_ms = c->eject_max_ms,
+                                    .max_ejected_pct = c->max_ejected_pct};
+        struct upstreams *u;
+        char why[512];
+        int rc = upstreams_new(t, n, &uo, &u, why, sizeof(why));
         if (rc == -ENOMEM)
             return fail(err, errlen, "out of memory");
         if (rc != 0)
             return fail(err, errlen, "--upstream: %s", why);
-        url_template_destroy(&t);
+        upstreams_free(u);
     }
+    if (c->eject_max_ms < c->eject_ms)
+        return fail(err, errlen, "--eject-max-ms (%" PRId64 ") is below --eject-ms (%" PRId64 ")",
+                    c->eject_max_ms, c->eject_ms);
     if (c->timeout_ms > c->max_timeout_ms)
         return fail(err, errlen,
                     "--timeout-ms (%" PRId64 ") exceeds --max-timeout-ms (%" PRId64 ")",
@@ -362,10 +466,13 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
             continue;
         char label[64];
         snprintf(label, sizeof(label), "--%s", o->name);
+        bool is_upstream = o->kind == K_UPSTREAM;
+        if (is_upstream && !flag_upstream)
+            c->upstream[0] = '\0'; /* the flags' list replaces FANOUT_UPSTREAM's */
         if ((rc = set_opt(c, o, v, label, err, errlen)) != 0)
             return rc;
         flag_demo |= !strcmp(o->name, "demo");
-        flag_upstream |= !strcmp(o->name, "upstream");
+        flag_upstream |= is_upstream;
         flag_only |= !strcmp(o->name, "demo-upstream-only");
     }
     /* A flag beats the environment also across this pair: --demo drops FANOUT_UPSTREAM, and
@@ -404,16 +511,25 @@ void config_usage(FILE *out)
             "win.\n\n");
     for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
         const struct opt *o = &opts[i];
+        static const char *const meta[] = {[K_LISTEN] = " HOST:PORT", [K_UPSTREAM] = " URL",
+                                           [K_BOOL] = "",          [K_INT] = " N",
+                                           [K_UINT] = " N",        [K_MS] = " MS",
+                                           [K_SIZE] = " SIZE",     [K_LEVEL] = " LEVEL",
+                                           [K_POLICY] = " POLICY", [K_HEDGE] = " MS|auto"};
         char flag[48];
-        snprintf(flag, sizeof(flag), "--%s%s", o->name, o->kind == K_BOOL ? "" : " V");
-        fprintf(out, "  %-24s %s\n", flag, o->help);
+        snprintf(flag, sizeof(flag), "--%s%s", o->name, meta[o->kind]);
+        fprintf(out, "  %-26s %s\n", flag, o->help);
     }
-    fprintf(out, "  %-24s %s\n  %-24s %s\n  %-24s %s\n  %-24s %s\n", "--check-config",
+    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--check-config",
             "validate flags and environment, print the effective config as JSON, exit",
             "--healthcheck[=PATH]",
             "GET PATH [/healthz] on the --listen port over loopback: exit 0 on 200, else 1",
             "--version",
             "print the version and exit", "-h, --help", "this text");
+    fprintf(out, "\nN is a whole number, MS milliseconds; SIZE takes an optional KiB, MiB or GiB "
+                 "(or K, M, G) suffix;\nbooleans are true/false, yes/no, on/off or 1/0.\n"
+                 "Exit status: 0 after a clean stop (or --help, --version, --check-config), 1 if "
+                 "the server\ncannot start or stops unclean, 2 for an invalid configuration.\n");
 }
 
 void config_print_json(const struct srv_config *c, FILE *out)
@@ -425,8 +541,31 @@ void config_print_json(const struct srv_config *c, FILE *out)
     snprintf(listen, sizeof(listen), strchr(c->listen_host, ':') ? "[%s]:%u" : "%s:%u",
              c->listen_host, c->listen_port);
     json_append_string(&b, listen, strlen(listen));
-    json_buf_append_str(&b, ",\"upstream\":");
-    json_append_string(&b, c->upstream, strlen(c->upstream));
+    char list[sizeof(c->upstream)];
+    memcpy(list, c->upstream, sizeof(list));
+    const char *t[UPSTREAMS_MAX];
+    unsigned n = config_split_upstreams(list, t, UPSTREAMS_MAX);
+    json_buf_append_str(&b, ",\"upstream\":"); /* one: a string; several: a list */
+    if (n <= 1) {
+        json_append_string(&b, n ? t[0] : "", n ? strlen(t[0]) : 0);
+    } else {
+        for (unsigned i = 0; i < n; i++) {
+            json_buf_append_str(&b, i ? "," : "[");
+            json_append_string(&b, t[i], strlen(t[i]));
+        }
+        json_buf_append_char(&b, ']');
+    }
+    json_buf_printf(&b,
+                    ",\"upstream_policy\":\"%s\",\"eject_after\":%u,\"eject_ms\":%" PRId64
+                    ",\"eject_max_ms\":%" PRId64 ",\"max_ejected_pct\":%u,\"hedge_after_ms\":",
+                    c->upstream_policy == UPSTREAM_SHARDS ? "shards" : "replicas", c->eject_after,
+                    c->eject_ms, c->eject_max_ms, c->max_ejected_pct);
+    if (c->hedge_auto)
+        json_buf_append_str(&b, "\"auto\"");
+    else
+        json_buf_printf(&b, "%" PRId64, c->hedge_after_ms);
+    json_buf_printf(&b, ",\"hedge_budget_pct\":%u,\"retries\":%u,\"retry_budget_pct\":%u",
+                    c->hedge_budget_pct, c->retries, c->retry_budget_pct);
     json_buf_printf(
         &b,
         ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"

@@ -11,12 +11,26 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "fetch/upstream.h"
+
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
 
 struct srv_config {
     char listen_host[256];      /* --listen host part (IPv4/IPv6 literal or name) */
     uint16_t listen_port;       /* --listen port; 0 picks a free one */
-    char upstream[2048];        /* --upstream URL template with {id}; empty with --demo */
+    char upstream[16384];       /* --upstream URL templates with {id}, one per line (the flag
+                                   may repeat; FANOUT_UPSTREAM splits on commas and spaces);
+                                   empty with --demo */
+    enum upstream_policy upstream_policy; /* --upstream-policy replicas|shards */
+    unsigned eject_after;       /* --eject-after: consecutive failures that eject (0: never) */
+    int64_t eject_ms;           /* --eject-ms: first ejection's length */
+    int64_t eject_max_ms;       /* --eject-max-ms: cap of the doubling */
+    unsigned max_ejected_pct;   /* --max-ejected-pct: most upstreams ejected at once, % */
+    int64_t hedge_after_ms;     /* --hedge-after-ms N: hedge delay (0: off) */
+    bool hedge_auto;            /* --hedge-after-ms auto: after the upstream's recent p95 */
+    unsigned hedge_budget_pct;  /* --hedge-budget-pct: hedges per 100 first attempts */
+    unsigned retries;           /* --retries: extra attempts after retryable failures */
+    unsigned retry_budget_pct;  /* --retry-budget-pct: retries per 100 first attempts (+10/s) */
     bool demo;                  /* --demo: serve the built-in demo upstream and use it */
     bool demo_upstream_only;    /* --demo-upstream-only: serve only the demo upstream on --listen */
     int limit;                  /* --limit: in-flight fetches per request */
@@ -56,6 +70,10 @@ void config_defaults(struct srv_config *c);
  * the FANOUT_* variable when the value came from the environment) in err. Not thread-safe. */
 int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action, char *err,
                  size_t errlen);
+
+/* Splits 'list' (a copy of srv_config.upstream, modified in place) into at most 'max'
+ * templates; returns how many. */
+unsigned config_split_upstreams(char *list, const char **out, unsigned max);
 
 /* Prints --help text. */
 void config_usage(FILE *out);

@@ -41,6 +41,7 @@
 #include <arpa/inet.h>
 #include <assert.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -250,10 +251,41 @@ static enum MHD_Result queue_empty(struct MHD_Connection *conn, unsigned status)
     return ret;
 }
 
+/* libmicrohttpd's messages, on stderr, except the one a dropped connection causes on purpose
+ * (a drop<P> id). */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    if (!strstr(msg, "Application reported internal error"))
+        fputs(msg, stderr);
+}
+
+/* For a "drop<P>" id: true with probability P percent (a per-thread xorshift generator). */
+static bool drop_now(const char *id)
+{
+    if (!has_prefix(id, "drop"))
+        return false;
+    size_t len;
+    int64_t pct = read_number(id + 4, 100, &len);
+    if (len == 0)
+        return false;
+    static _Thread_local uint64_t x;
+    if (x == 0)
+        x = ((uint64_t)(uintptr_t)&x ^ (uint64_t)ctx_now() * 0x9E3779B97F4A7C15ull) | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return (int64_t)((x * 0x2545F4914F6CDD1DULL) % 100) < pct;
+}
+
 /* Answers a GET of /items/<id>, once any delay is over. */
 static enum MHD_Result answer(struct MHD_Connection *conn, const char *id)
 {
     size_t n = strlen(id);
+    if (drop_now(id))
+        return MHD_NO; /* the connection is closed without an answer */
     if (has_prefix(id, "fail"))
         return queue_error(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "injected failure", false, id, n);
     if (has_prefix(id, "text")) {
@@ -669,11 +701,13 @@ int demo_start(const char *host, uint16_t port, struct demo **out)
 
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
                      MHD_USE_ERROR_LOG;
+    MHD_LogCallback logger = mhd_log;
     if (sa.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     /* MHD owns the listening socket from here on and closes it in MHD_stop_daemon(). */
     d->mhd =
-        MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET,
+        MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_EXTERNAL_LOGGER,
+                         logger, NULL, MHD_OPTION_LISTEN_SOCKET,
                          (MHD_socket)lfd, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)DEMO_HTTP_THREADS,
                          MHD_OPTION_CONNECTION_LIMIT, (unsigned)DEMO_MAX_CONNECTIONS,
                          MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)DEMO_IDLE_TIMEOUT_S,

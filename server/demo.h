@@ -11,6 +11,8 @@
  *   text*           200 text/plain "plain text for <id>"
  *   status<NNN>*    status NNN (200..599): 2xx answer the item (204/304 no body), others
  *                   {"error":"injected status","status":NNN,"id":"<id>"}
+ *   drop<P>*        with probability P percent (0..100) the connection is closed without an
+ *                   answer (the client sees an empty reply); otherwise the item, as usual
  * and a query ?ms=N on any id adds N ms of delay. GET /healthz and GET /readyz answer 200
  * {"status":"ok"} (probes for `fanout --demo-upstream-only` in a container). A request's total delay is capped at
  * DEMO_MAX_DELAY_MS. Any other path is 404 {"error":"not found"}, any method but GET is 405

@@ -9,12 +9,16 @@
 #include "server/metrics.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <microhttpd.h>
 #include <string.h>
 #include <time.h>
 
+#include "ctx/ctx.h"
 #include "fetch/fetch.h"
+#include "fetch/upstream.h"
 #include "server/json.h"
 #include "server/version.h"
 
@@ -45,11 +49,40 @@ void metrics_observe(struct metrics_hist *h, int64_t us)
     atomic_fetch_add_explicit(&h->sum_us, (uint_fast64_t)us, memory_order_relaxed);
 }
 
-void metrics_count_status(struct metrics *m, unsigned status)
+void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned status)
 {
     if (status >= 600)
         status = 0;
-    atomic_fetch_add_explicit(&m->by_status[status], 1, memory_order_relaxed);
+    if ((unsigned)route >= ROUTE_COUNT)
+        route = ROUTE_OTHER;
+    atomic_fetch_add_explicit(&m->by_status[route][status], 1, memory_order_relaxed);
+}
+
+static const char *const result_txt[RES_COUNT] = {"ok",       "upstream_status", "unreachable",
+                                                  "deadline", "canceled",        "too_large"};
+
+void metrics_count_fetch(struct metrics *m, unsigned up, int err, bool aborted, int64_t us)
+{
+    enum metrics_result r;
+    if (aborted)
+        r = err == -ETIMEDOUT ? RES_DEADLINE : RES_CANCELED;
+    else if (err == 0)
+        r = RES_OK;
+    else if (err == FETCH_ESTATUS)
+        r = RES_STATUS;
+    else if (err == FETCH_EUNREACH)
+        r = RES_UNREACHABLE;
+    else if (err == FETCH_ETOOBIG)
+        r = RES_TOO_LARGE;
+    else if (err == -ETIMEDOUT)
+        r = RES_DEADLINE;
+    else
+        r = RES_CANCELED;
+    metrics_observe(&m->fetch_seconds, us);
+    if (up >= METRICS_UPSTREAMS)
+        return;
+    atomic_fetch_add_explicit(&m->up[up].fetches[r], 1, memory_order_relaxed);
+    metrics_observe(&m->up[up].seconds, us);
 }
 
 static uint64_t ld(const atomic_uint_fast64_t *a)
@@ -62,29 +95,84 @@ static void family(struct json_buf *o, const char *name, const char *type, const
     json_buf_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* The series of one histogram; 'labels' is "" or label pairs ending in a comma
+ * ("upstream=\"h:1\","), put before le and alone (without the comma) on _sum and _count. */
+static void hist_series(struct json_buf *o, const char *name, const char *labels,
+                        const struct metrics_hist *h)
+{
+    uint64_t cum = 0;
+    for (int i = 0; i < METRICS_BUCKETS; i++) {
+        cum += ld(&h->bucket[i]);
+        json_buf_printf(o, "%s_bucket{%sle=\"%s\"} %" PRIu64 "\n", name, labels, bound_txt[i],
+                        cum);
+    }
+    uint64_t sum = ld(&h->sum_us);
+    size_t ll = strlen(labels);
+    if (ll) {
+        json_buf_printf(o, "%s_sum{%.*s} %" PRIu64 ".%06" PRIu64 "\n%s_count{%.*s} %" PRIu64 "\n",
+                        name, (int)ll - 1, labels, sum / 1000000, sum % 1000000, name,
+                        (int)ll - 1, labels, cum);
+    } else {
+        json_buf_printf(o, "%s_sum %" PRIu64 ".%06" PRIu64 "\n%s_count %" PRIu64 "\n", name,
+                        sum / 1000000, sum % 1000000, name, cum);
+    }
+}
+
 static void hist(struct json_buf *o, const char *name, const char *help,
                  const struct metrics_hist *h)
 {
     family(o, name, "histogram", help);
-    uint64_t cum = 0;
-    for (int i = 0; i < METRICS_BUCKETS; i++) {
-        cum += ld(&h->bucket[i]);
-        json_buf_printf(o, "%s_bucket{le=\"%s\"} %" PRIu64 "\n", name, bound_txt[i], cum);
-    }
-    uint64_t sum = ld(&h->sum_us);
-    json_buf_printf(o, "%s_sum %" PRIu64 ".%06" PRIu64 "\n%s_count %" PRIu64 "\n", name,
-                    sum / 1000000, sum % 1000000, name, cum);
+    hist_series(o, name, "", h);
 }
 
-void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struct json_buf *o)
+/* The per-upstream families. */
+static void render_upstreams(const struct metrics *m, struct upstreams *ups, struct json_buf *o)
 {
-    family(o, "fanout_requests_total", "counter",
-           "HTTP requests completed, by status code (code 0: closed without an answer).");
-    for (unsigned s = 0; s < 600; s++) {
-        uint64_t v = ld(&m->by_status[s]);
-        if (v)
-            json_buf_printf(o, "fanout_requests_total{code=\"%u\"} %" PRIu64 "\n", s, v);
+    unsigned n = upstreams_count(ups);
+    if (n > METRICS_UPSTREAMS)
+        n = METRICS_UPSTREAMS;
+    char lab[400];
+    family(o, "fanout_upstream_fetches_total", "counter",
+           "Upstream attempts completed, by upstream and result (hedges and retries included).");
+    for (unsigned i = 0; i < n; i++)
+        for (unsigned r = 0; r < RES_COUNT; r++)
+            json_buf_printf(o, "fanout_upstream_fetches_total{upstream=\"%s\",result=\"%s\"} %" PRIu64
+                            "\n", upstream_label(ups, i), result_txt[r],
+                            ld(&m->up[i].fetches[r]));
+    family(o, "fanout_upstream_fetch_duration_seconds", "histogram",
+           "Upstream attempt duration in seconds, by upstream.");
+    for (unsigned i = 0; i < n; i++) {
+        snprintf(lab, sizeof(lab), "upstream=\"%s\",", upstream_label(ups, i));
+        hist_series(o, "fanout_upstream_fetch_duration_seconds", lab, &m->up[i].seconds);
     }
+    family(o, "fanout_upstream_ejected", "gauge",
+           "1 while the upstream is ejected by outlier detection, else 0.");
+    int64_t now = ctx_now();
+    for (unsigned i = 0; i < n; i++)
+        json_buf_printf(o, "fanout_upstream_ejected{upstream=\"%s\"} %d\n", upstream_label(ups, i),
+                        upstream_ejected(ups, i, now) ? 1 : 0);
+    family(o, "fanout_upstream_ejections_total", "counter",
+           "Times the upstream was ejected by outlier detection.");
+    for (unsigned i = 0; i < n; i++)
+        json_buf_printf(o, "fanout_upstream_ejections_total{upstream=\"%s\"} %" PRIu64 "\n",
+                        upstream_label(ups, i), upstream_ejections(ups, i));
+}
+
+void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
+                    struct upstreams *ups, struct json_buf *o)
+{
+    static const char *const route_txt[ROUTE_COUNT] = {"batch", "healthz", "readyz", "metrics",
+                                                       "other"};
+    family(o, "fanout_requests_total", "counter",
+           "HTTP requests completed, by route and status code (code 0: closed without an "
+           "answer).");
+    for (unsigned r = 0; r < ROUTE_COUNT; r++)
+        for (unsigned s = 0; s < 600; s++) {
+            uint64_t v = ld(&m->by_status[r][s]);
+            if (v)
+                json_buf_printf(o, "fanout_requests_total{route=\"%s\",code=\"%u\"} %" PRIu64
+                                "\n", route_txt[r], s, v);
+        }
     hist(o, "fanout_request_duration_seconds",
          "Time from a request's first byte to its completion, in seconds.", &m->request_seconds);
     family(o, "fanout_fetches_total", "counter", "Upstream fetches completed, by result.");
@@ -114,6 +202,24 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struc
     json_buf_printf(o, "fanout_upstream_connections_opened_total %" PRIu64 "\n", fs->conns_opened);
     family(o, "fanout_upstream_bytes_total", "counter", "Upstream body bytes received.");
     json_buf_printf(o, "fanout_upstream_bytes_total %" PRIu64 "\n", fs->bytes);
+    const struct {
+        const char *name, *help;
+        const atomic_uint_fast64_t *v;
+    } extra[] = {
+        {"fanout_hedges_sent_total", "Hedged attempts sent.", &m->hedges_sent},
+        {"fanout_hedges_won_total", "Calls whose hedged attempt answered first.", &m->hedges_won},
+        {"fanout_hedges_refused_total", "Hedges not sent because the hedge budget was spent.",
+         &m->hedges_refused},
+        {"fanout_retries_sent_total", "Retried attempts sent.", &m->retries_sent},
+        {"fanout_retries_refused_total", "Retries not sent because the retry budget was spent.",
+         &m->retries_refused},
+    };
+    for (size_t i = 0; i < sizeof(extra) / sizeof(extra[0]); i++) {
+        family(o, extra[i].name, "counter", extra[i].help);
+        json_buf_printf(o, "%s %" PRIu64 "\n", extra[i].name, ld(extra[i].v));
+    }
+    if (ups)
+        render_upstreams(m, ups, o);
     family(o, "fanout_admission_rejections_total", "counter",
            "Batch requests answered 503 overloaded (admission cap or draining).");
     json_buf_printf(o, "fanout_admission_rejections_total %" PRIu64 "\n", ld(&m->rejected));

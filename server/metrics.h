@@ -7,10 +7,12 @@
 #define FANOUT_METRICS_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 struct json_buf;
 struct fetch_stats;
+struct upstreams;
 
 #define METRICS_BUCKETS 14 /* upper bounds in seconds, +Inf last */
 
@@ -19,13 +21,34 @@ struct metrics_hist {
     atomic_uint_fast64_t sum_us;                  /* sum of observations, microseconds */
 };
 
+/* The route label of fanout_requests_total. */
+enum metrics_route { ROUTE_BATCH, ROUTE_HEALTHZ, ROUTE_READYZ, ROUTE_METRICS, ROUTE_OTHER,
+                     ROUTE_COUNT };
+
+/* The result label of an attempt, by upstream (the same names as fetch_result_name()). */
+enum metrics_result { RES_OK, RES_STATUS, RES_UNREACHABLE, RES_DEADLINE, RES_CANCELED,
+                      RES_TOO_LARGE, RES_COUNT };
+
+#define METRICS_UPSTREAMS 64 /* UPSTREAMS_MAX */
+
+struct metrics_upstream {
+    atomic_uint_fast64_t fetches[RES_COUNT]; /* attempts on this upstream, by result */
+    struct metrics_hist seconds;             /* their duration */
+};
+
 struct metrics {
-    atomic_uint_fast64_t by_status[600]; /* requests answered, by HTTP status 0..599 */
+    atomic_uint_fast64_t by_status[ROUTE_COUNT][600]; /* requests answered, by route and status */
     struct metrics_hist request_seconds; /* request duration */
     struct metrics_hist fetch_seconds;   /* upstream fetch duration */
     atomic_uint_fast64_t rejected;       /* 503 overloaded answers (admission or draining) */
     atomic_int_fast64_t in_flight;       /* batch requests admitted and not yet answered */
     atomic_uint_fast64_t log_dropped;    /* log lines dropped because stderr was slow */
+    atomic_uint_fast64_t hedges_sent;    /* hedged attempts started */
+    atomic_uint_fast64_t hedges_won;     /* calls whose hedge answered first */
+    atomic_uint_fast64_t hedges_refused; /* hedges the budget refused */
+    atomic_uint_fast64_t retries_sent;   /* retries started */
+    atomic_uint_fast64_t retries_refused; /* retries the budget refused */
+    struct metrics_upstream up[METRICS_UPSTREAMS]; /* by upstream index */
     double start_time;                   /* process start, seconds since the epoch */
 };
 
@@ -36,9 +59,15 @@ void metrics_init(struct metrics *m);
 void metrics_observe(struct metrics_hist *h, int64_t us);
 
 /* Counts one answered request. */
-void metrics_count_status(struct metrics *m, unsigned status);
+void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned status);
 
-/* Appends the exposition text: our series plus the fetch engine's counters in 'fs'. */
-void metrics_render(const struct metrics *m, const struct fetch_stats *fs, struct json_buf *out);
+/* Counts one attempt on upstream 'up' with fetch result 'err' (aborted: ended by its ctx) and
+ * its duration. */
+void metrics_count_fetch(struct metrics *m, unsigned up, int err, bool aborted, int64_t us);
+
+/* Appends the exposition text: our series, the fetch engine's counters in 'fs' and, when 'ups'
+ * is not NULL, the per-upstream series. */
+void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
+                    struct upstreams *ups, struct json_buf *out);
 
 #endif

@@ -1,14 +1,22 @@
 /* srv: the libmicrohttpd front end, routing, probes, metrics and the server's lifecycle.
  *
  * THREADS: libmicrohttpd runs --http-threads epoll workers (MHD_USE_EPOLL_INTERNAL_THREAD with a
- * thread pool); every handler call happens on one of them. A batch suspends its connection and
- * is resumed from a fetch loop thread when its group ends (server/batch.c). Responses are queued
+ * thread pool); every handler call happens on one of them. A batch request is parsed here
+ * (request.h), admitted here, and run by batch.h on a fetch loop; its connection is suspended
+ * meanwhile and resumed from that loop's thread when the batch is done; the answer is rendered
+ * (render.h) and queued back on a worker. This file alone touches libmicrohttpd connections,
+ * suspend/resume, admission and the gauges. Responses are queued
  * on the handler call after the first, never on the first (libmicrohttpd 0.9.75 closes the
  * connection otherwise), except a body refused by its Content-Length. A body without one that
  * grows past --max-request-bytes is read to its end and dropped (up to DISCARD_MAX), then
  * answered 413: libmicrohttpd refuses a response queued while the body is still arriving.
  *
- * OBSERVABILITY: every request is counted (by status) and timed at completion, in
+ * GAUGES: fanout_requests_in_flight counts batches admitted and not yet answered: it falls
+ * when the answer is queued (or the connection is closed unanswered). The drain waits on a
+ * separate count, 'active', that falls only when libmicrohttpd reports the request complete
+ * (the answer sent), so nothing is cut off mid-write.
+ *
+ * OBSERVABILITY: every request is counted (by route and status) and timed at completion, in
  * on_completed(), and logged there as one JSON line: batches at info (5xx at warn), probes and
  * /metrics at debug. Counters are relaxed atomics (metrics.h); a scrape reads them without a
  * lock. Log lines are copied into the log writer's ring, never written on a worker.
@@ -20,9 +28,13 @@
  * waits for their answers, logging each step. srv_free() stops the daemon (no connection is
  * suspended any more) and then every other thread, in reverse order of creation; the ctx timer
  * is process-wide and stopped by ctx_shutdown() in main. */
-#include "server/srv_internal.h"
+#include "server/srv.h"
 
 #include <arpa/inet.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -40,11 +52,101 @@
 
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
+#include "fetch/upstream.h"
+#include "server/batch.h"
+#include "server/budget.h"
 #include "server/demo.h"
 #include "server/json.h"
 #include "server/log.h"
+#include "server/metrics.h"
+#include "server/render.h"
+#include "server/request.h"
 #include "server/version.h"
 #include "server/watch.h"
+
+enum route { R_BATCH, R_HEALTHZ, R_READYZ, R_METRICS, R_NOT_FOUND, R_BAD_METHOD };
+
+#define REQUEST_ID_MAX 128
+
+struct srv {
+    struct srv_config cfg;         /* effective configuration */
+    struct MHD_Daemon *mhd;        /* the front end */
+    struct fetch *fetch;           /* the upstream engine */
+    struct upstreams *ups;         /* the upstream set */
+    struct watch *watch;           /* disconnect watch for suspended connections */
+    struct log *log;               /* JSON line writer */
+    struct demo *demo;             /* built-in demo upstream, or NULL */
+    struct ctx *root;              /* parent of every request ctx; canceled at shutdown */
+    struct budget hedge_budget;    /* hedges: --hedge-budget-pct of first attempts */
+    struct budget retry_budget;    /* retries: --retry-budget-pct plus 10 a second */
+    bool budgets;                  /* the budgets were initialised */
+    struct batch_env env;          /* what every batch runs with */
+    char upstream[2048];           /* the first upstream template (the demo's with --demo) */
+    struct metrics metrics;        /* counters and histograms */
+    uint16_t port;                 /* bound port */
+    atomic_bool draining;          /* readyz 503, new batches 503 */
+    bool drained;                  /* srv_drain ran; only the owner thread reads/writes it */
+    atomic_int_fast64_t active;    /* batches admitted and not yet completed (sent or closed) */
+    pthread_mutex_t mu;            /* guards nothing but pairs with cv */
+    pthread_cond_t cv;             /* signalled when a batch request completes */
+    atomic_uint_fast64_t seq;      /* request id sequence */
+    atomic_int_fast64_t mhd_log_sec;   /* second of the current libmicrohttpd log budget */
+    atomic_int_fast64_t mhd_log_count; /* libmicrohttpd lines logged in that second */
+    uint64_t id_seed;              /* random part of generated request ids */
+};
+
+/* One HTTP request, from its first handler call to libmicrohttpd's completion notice. */
+struct req {
+    struct srv *s;                 /* the server */
+    struct MHD_Connection *conn;   /* the connection */
+    enum route route;              /* what was asked */
+    const char *method;            /* MHD's string, valid for the request */
+    char path[64];                 /* request path, truncated, for the log */
+    int64_t start_us;              /* monotonic start */
+    char request_id[REQUEST_ID_MAX + 1]; /* given or generated */
+    bool bad_request_id;           /* the client's X-Request-Id was unusable (batch: 400) */
+    char *body;                    /* request body (batch only), NUL-terminated */
+    size_t body_len, body_cap;     /* bytes read, allocated */
+    bool too_large;                /* the body passed --max-request-bytes: 413 once it ends */
+    size_t discarded;              /* body bytes dropped since then */
+    bool admitted;                 /* counted in 'active' (and, until answered, the gauge) */
+    bool in_gauge;                 /* still counted in fanout_requests_in_flight */
+    bool answered;                 /* a response was queued */
+    unsigned status;               /* status of the queued response */
+    const char *err_code;          /* JSON error code sent, or NULL */
+    char *fail_id;                 /* JSON text of the failing id for the log, or NULL */
+    unsigned nids;                 /* ids in the batch */
+    struct batch *batch;           /* the running or finished batch, or NULL */
+    int start_err;                 /* the batch could not be handed to its loop */
+    atomic_bool batch_done;        /* the batch called back (set on the loop thread) */
+    bool watched;                  /* the socket is in the watch */
+    uint64_t watch_token;          /* its token */
+};
+
+static enum metrics_route metrics_route_of(enum route r)
+{
+    switch (r) {
+    case R_BATCH:
+        return ROUTE_BATCH;
+    case R_HEALTHZ:
+        return ROUTE_HEALTHZ;
+    case R_READYZ:
+        return ROUTE_READYZ;
+    case R_METRICS:
+        return ROUTE_METRICS;
+    default:
+        return ROUTE_OTHER;
+    }
+}
+
+/* The batch's answer is queued (or will never be): it leaves the in-flight gauge. */
+static void leave_gauge(struct req *r)
+{
+    if (r->in_gauge) {
+        r->in_gauge = false;
+        atomic_fetch_sub(&r->s->metrics.in_flight, 1);
+    }
+}
 
 #define LOG_RING_BYTES (4u << 20)
 /* Body bytes of a request already refused as too large that are read and dropped before the
@@ -63,8 +165,10 @@ static int64_t now_us(void)
 
 /* ---------------------------------------------------------------- responses */
 
-enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, char *body,
-                            size_t len, bool owned)
+/* Queues a response (takes ownership of 'body', a malloc'd buffer, when 'owned'). Adds
+ * X-Request-Id and Content-Type. Returns MHD_queue_response's result. */
+static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype, char *body,
+                               size_t len, bool owned)
 {
     struct MHD_Response *resp =
         owned ? MHD_create_response_from_buffer_with_free_callback(len, body, free)
@@ -88,6 +192,7 @@ enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, c
     bool probe = r->route == R_HEALTHZ || r->route == R_READYZ || r->route == R_METRICS;
     if (atomic_load(&r->s->draining) && (!probe || status == MHD_HTTP_SERVICE_UNAVAILABLE))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    leave_gauge(r); /* before the client can see the answer; a failed queue closes it */
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     if (ret == MHD_YES) { /* otherwise the connection closes unanswered (status 0) */
@@ -97,26 +202,22 @@ enum MHD_Result srv_respond(struct req *r, unsigned status, const char *ctype, c
     return ret;
 }
 
-enum MHD_Result srv_error(struct req *r, unsigned status, const char *code, const char *message,
-                          const char *extra)
+/* Queues {"error":{"code":..,"message":..}}. */
+static enum MHD_Result error_resp(struct req *r, unsigned status, const char *code,
+                                  const char *message)
 {
     struct json_buf b;
     json_buf_init(&b);
-    json_buf_append_str(&b, "{\"error\":{\"code\":\"");
-    json_buf_append_str(&b, code);
-    json_buf_append_str(&b, "\",\"message\":");
-    json_append_string(&b, message, strlen(message));
-    if (extra)
-        json_buf_append_str(&b, extra);
-    json_buf_append_str(&b, "}}\n");
+    render_error_doc(&b, code, message, NULL);
     r->err_code = code;
     if (json_buf_failed(&b)) {
         json_buf_destroy(&b);
+        leave_gauge(r);
         return MHD_NO;
     }
     size_t len;
     char *body = json_buf_take(&b, &len);
-    return srv_respond(r, status, "application/json", body, len, true);
+    return respond(r, status, "application/json", body, len, true);
 }
 
 /* ---------------------------------------------------------------- routing */
@@ -170,14 +271,165 @@ static enum MHD_Result serve_metrics(struct req *r)
     fetch_stats(r->s->fetch, &fs);
     struct json_buf b;
     json_buf_init(&b);
-    metrics_render(&r->s->metrics, &fs, &b);
+    metrics_render(&r->s->metrics, &fs, r->s->ups, &b);
     if (json_buf_failed(&b)) {
         json_buf_destroy(&b);
         return MHD_NO;
     }
     size_t len;
     char *body = json_buf_take(&b, &len);
-    return srv_respond(r, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len, true);
+    return respond(r, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len, true);
+}
+
+/* ---------------------------------------------------------------- batches */
+
+/* Wakes srv_drain() when the last active batch is gone. */
+static void active_dec(struct srv *s)
+{
+    if (atomic_fetch_sub(&s->active, 1) == 1) {
+        pthread_mutex_lock(&s->mu);
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+/* Admission: at most --max-requests batches in flight; none while draining.
+ * 'active' is raised before 'draining' is read (both sequentially consistent), the mirror of
+ * srv_drain(), which sets 'draining' and then waits for 'active' to reach 0: either the drain
+ * sees this request and waits for it, or this request sees the drain and backs out. Checking
+ * 'draining' first would let a request slip in after the drain found the server idle, and be
+ * suspended while the daemon is being stopped. */
+static bool admit(struct req *r)
+{
+    struct srv *s = r->s;
+    atomic_fetch_add(&s->active, 1);
+    int64_t before = atomic_fetch_add(&s->metrics.in_flight, 1);
+    r->admitted = r->in_gauge = true;
+    const char *why = NULL;
+    char msg[160];
+    if (atomic_load(&s->draining)) {
+        why = "the server is draining; retry on another instance";
+    } else if (before >= (int64_t)s->cfg.max_requests) {
+        snprintf(msg, sizeof(msg), "%u batch requests already in flight (--max-requests)",
+                 s->cfg.max_requests);
+        why = msg;
+    }
+    if (!why)
+        return true;
+    r->admitted = false;
+    active_dec(s);
+    atomic_fetch_add(&s->metrics.rejected, 1);
+    error_resp(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded", why);
+    return false;
+}
+
+/* The batch is done (on its fetch loop's thread): hand the connection back to a worker. */
+static void on_batch_done(void *arg)
+{
+    struct req *r = arg;
+    if (r->watched)
+        watch_remove(r->s->watch, r->watch_token);
+    atomic_store(&r->batch_done, true);
+    MHD_resume_connection(r->conn); /* last touch of the request from this thread */
+}
+
+/* Back on a worker after the resume: the answer, or a close when the client went away. */
+static enum MHD_Result answer_batch(struct req *r)
+{
+    struct srv *s = r->s;
+    if (r->start_err) {
+        if (r->start_err == FETCH_ESHUTDOWN) {
+            atomic_fetch_add(&s->metrics.rejected, 1);
+            return error_resp(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded",
+                              "the server is shutting down; retry on another instance");
+        }
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    }
+    if (batch_err(r->batch) == -EPIPE) {
+        r->err_code = "client_closed";
+        leave_gauge(r);
+        return MHD_NO; /* the client went away: close, nobody to answer */
+    }
+    struct render_limits lim = {.timeout_ms = batch_timeout_ms(r->batch),
+                                .max_body = s->cfg.max_body,
+                                .max_response_bytes = s->cfg.max_response_bytes};
+    struct buf_writer bw;
+    buf_writer_init(&bw, &lim);
+    batch_render(r->batch, &bw.w);
+    r->err_code = bw.code;
+    r->fail_id = bw.fail_id;
+    bw.fail_id = NULL;
+    if (bw.code && !strcmp(bw.code, "overloaded"))
+        atomic_fetch_add(&s->metrics.rejected, 1);
+    if (json_buf_failed(&bw.out)) {
+        buf_writer_destroy(&bw);
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    }
+    size_t len;
+    char *body = json_buf_take(&bw.out, &len);
+    unsigned status = bw.status;
+    buf_writer_destroy(&bw);
+    if (!body) {
+        leave_gauge(r);
+        return MHD_NO;
+    }
+    return respond(r, status, "application/json", body, len, true);
+}
+
+/* POST /v1/batch, once its body is in (and again after the resume). */
+static enum MHD_Result handle_batch(struct req *r)
+{
+    struct srv *s = r->s;
+    if (r->batch || r->start_err) /* called again after the resume */
+        return atomic_load(&r->batch_done) || r->start_err ? answer_batch(r) : MHD_YES;
+    /* A refusal that could not even be queued (out of memory) closes the connection rather
+     * than leave the client waiting for an answer that will never come. */
+    if (!admit(r))
+        return r->answered ? MHD_YES : MHD_NO;
+    if (r->bad_request_id) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "X-Request-Id must be 1-%d visible ASCII characters without "
+                 "quotes or backslashes", REQUEST_ID_MAX);
+        error_resp(r, MHD_HTTP_BAD_REQUEST, "bad_request", msg);
+        return r->answered ? MHD_YES : MHD_NO;
+    }
+    const struct request_limits lim = {.max_batch = s->cfg.max_batch,
+                                       .default_timeout_ms = s->cfg.timeout_ms,
+                                       .max_timeout_ms = s->cfg.max_timeout_ms};
+    struct request rq;
+    struct request_error e;
+    const char *th = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Timeout-Ms");
+    if (request_parse(&lim, r->body, r->body_len, th, &rq, &e) != 0) {
+        error_resp(r, e.status, e.code, e.message);
+        return r->answered ? MHD_YES : MHD_NO;
+    }
+    r->nids = (unsigned)rq.n;
+    if (rq.n == 0) {
+        request_free(&rq);
+        static char empty[] = "{\"results\":[]}\n";
+        return respond(r, MHD_HTTP_OK, "application/json", empty, sizeof(empty) - 1, false);
+    }
+    int rc = batch_new(&s->env, &rq, r->request_id, on_batch_done, r, &r->batch);
+    if (rc != 0)
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    /* Suspend, and watch the socket, before the batch can end: the resume may come any time
+     * once it runs. */
+    MHD_suspend_connection(r->conn);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci && watch_add(s->watch, ci->connect_fd, batch_ctx(r->batch), &r->watch_token) == 0)
+        r->watched = true;
+    rc = batch_run(r->batch);
+    if (rc != 0) { /* nothing runs: answer on the resumed call */
+        if (r->watched)
+            watch_remove(s->watch, r->watch_token);
+        r->watched = false;
+        r->start_err = rc;
+        batch_free(r->batch);
+        r->batch = NULL;
+        MHD_resume_connection(r->conn);
+    }
+    return MHD_YES;
 }
 
 static enum MHD_Result dispatch(struct req *r)
@@ -187,24 +439,24 @@ static enum MHD_Result dispatch(struct req *r)
     char msg[160];
     switch (r->route) {
     case R_BATCH:
-        return batch_handle(r);
+        return handle_batch(r);
     case R_HEALTHZ:
-        return srv_respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
+        return respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
     case R_READYZ:
         if (atomic_load(&r->s->draining))
-            return srv_respond(r, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", draining,
+            return respond(r, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", draining,
                                sizeof(draining) - 1, false);
-        return srv_respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
+        return respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
     case R_METRICS:
         return serve_metrics(r);
     case R_BAD_METHOD:
         snprintf(msg, sizeof(msg), "method %s is not allowed on %s", r->method, r->path);
-        return srv_error(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", msg, NULL);
+        return error_resp(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", msg);
     case R_NOT_FOUND:
         break;
     }
     snprintf(msg, sizeof(msg), "no such path: %s", r->path);
-    return srv_error(r, MHD_HTTP_NOT_FOUND, "not_found", msg, NULL);
+    return error_resp(r, MHD_HTTP_NOT_FOUND, "not_found", msg);
 }
 
 static enum MHD_Result body_too_large(struct req *r)
@@ -212,7 +464,7 @@ static enum MHD_Result body_too_large(struct req *r)
     char msg[128];
     snprintf(msg, sizeof(msg), "request body exceeds %zu bytes (--max-request-bytes)",
              r->s->cfg.max_request_bytes);
-    return srv_error(r, 413, "body_too_large", msg, NULL);
+    return error_resp(r, 413, "body_too_large", msg);
 }
 
 /* Appends to r->body. Returns 0, -E2BIG when --max-request-bytes is passed, or -ENOMEM. */
@@ -348,17 +600,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
         return;
     *req_cls = NULL;
     int64_t dur = now_us() - r->start_us;
-    metrics_count_status(&s->metrics, r->answered ? r->status : 0);
+    metrics_count_status(&s->metrics, metrics_route_of(r->route), r->answered ? r->status : 0);
     metrics_observe(&s->metrics.request_seconds, dur);
     log_request(s, r, dur, toe);
     if (r->batch)
         batch_free(r->batch);
-    if (r->admitted) {
-        atomic_fetch_sub(&s->metrics.in_flight, 1);
-        pthread_mutex_lock(&s->mu);
-        pthread_cond_broadcast(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-    }
+    leave_gauge(r); /* a connection that failed before its answer was queued */
+    if (r->admitted)
+        active_dec(s);
     free(r->fail_id);
     free(r->body);
     free(r);
@@ -433,7 +682,13 @@ static void log_startup(struct srv *s)
                     s->cfg.fetch_threads);
     json_buf_append_str(&b, ",\"upstream\":");
     json_append_string(&b, s->upstream, strlen(s->upstream));
-    json_buf_append_str(&b, ",\"config\":");
+    json_buf_append_str(&b, ",\"upstreams\":[");
+    for (unsigned i = 0; i < upstreams_count(s->ups); i++) {
+        const char *t = upstream_template(s->ups, i);
+        json_buf_append_str(&b, i ? "," : "");
+        json_append_string(&b, t, strlen(t));
+    }
+    json_buf_append_str(&b, "],\"config\":");
     char *cfg = NULL;
     size_t cfglen = 0;
     FILE *mem = open_memstream(&cfg, &cfglen);
@@ -472,6 +727,22 @@ static void fit_fd_budget(struct srv *s)
     s->cfg.max_clients = (unsigned)fit;
 }
 
+/* Retries the retry budget allows a second whatever the traffic (Finagle's floor). */
+#define RETRY_FLOOR_PER_S 10
+
+/* Outlier ejection's events, from whichever thread noticed them. */
+static void on_upstream_event(void *arg, unsigned idx, bool ejected, int64_t ms)
+{
+    struct srv *s = arg;
+    const char *label = upstream_label(s->ups, idx);
+    if (ejected)
+        log_fields(s, LOG_WARN, "upstream ejected",
+                   ",\"upstream\":\"%s\",\"eject_ms\":%" PRId64 ",\"ejections\":%" PRIu64, label, ms,
+                   upstream_ejections(s->ups, idx));
+    else
+        log_fields(s, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\"", label);
+}
+
 int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen)
 {
     struct srv *s = calloc(1, sizeof(*s));
@@ -505,21 +776,43 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
      * the server runs exists once srv_new() returns: arming any deadline starts it (ctx.h), and
      * it keeps running until ctx_shutdown() (main calls it after srv_free()). */
     ctx_free(ctx_with_timeout(ctx_background(), 3600000));
+    const char *tmpls[UPSTREAMS_MAX];
+    unsigned ntmpl = 0;
+    char *list = NULL;
     if (cfg->demo) {
         if ((rc = demo_start("127.0.0.1", 0, &s->demo)) != 0) {
             snprintf(err, errlen, "cannot start the demo upstream: %s", strerror(-rc));
             goto fail;
         }
         demo_url_template(s->demo, s->upstream, sizeof(s->upstream));
+        tmpls[ntmpl++] = s->upstream;
     } else {
-        snprintf(s->upstream, sizeof(s->upstream), "%s", cfg->upstream);
+        list = strdup(cfg->upstream);
+        if (!list) {
+            rc = -ENOMEM;
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
+        ntmpl = config_split_upstreams(list, tmpls, UPSTREAMS_MAX);
+        snprintf(s->upstream, sizeof(s->upstream), "%s", ntmpl ? tmpls[0] : "");
     }
-    char terr[256];
-    if (url_template_parse(s->upstream, &s->tmpl, terr, sizeof(terr)) != 0) {
-        rc = -EINVAL;
-        snprintf(err, errlen, "--upstream: %s", terr);
+    struct upstreams_opts uo = {.policy = cfg->upstream_policy,
+                                .eject_after = cfg->eject_after,
+                                .eject_ms = cfg->eject_ms,
+                                .eject_max_ms = cfg->eject_max_ms,
+                                .max_ejected_pct = cfg->max_ejected_pct,
+                                .on_event = on_upstream_event,
+                                .event_arg = s};
+    char terr[512];
+    rc = upstreams_new(tmpls, ntmpl, &uo, &s->ups, terr, sizeof(terr));
+    free(list);
+    if (rc != 0) {
+        snprintf(err, errlen, "--upstream: %s", rc == -ENOMEM ? "out of memory" : terr);
         goto fail;
     }
+    budget_init(&s->hedge_budget, cfg->hedge_budget_pct, 0, ctx_now());
+    budget_init(&s->retry_budget, cfg->retry_budget_pct, RETRY_FLOOR_PER_S, ctx_now());
+    s->budgets = true;
     if ((rc = watch_new(&s->watch)) != 0) {
         snprintf(err, errlen, "cannot start the disconnect watch: %s", strerror(-rc));
         goto fail;
@@ -543,6 +836,18 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         goto fail;
     }
     fit_fd_budget(s);
+    s->env = (struct batch_env){.fetch = s->fetch,
+                                .ups = s->ups,
+                                .root = s->root,
+                                .hedge_budget = &s->hedge_budget,
+                                .retry_budget = &s->retry_budget,
+                                .metrics = &s->metrics,
+                                .limit = cfg->limit,
+                                .max_response_bytes = cfg->max_response_bytes,
+                                .max_body = cfg->max_body,
+                                .hedge_after_ms = cfg->hedge_after_ms,
+                                .hedge_auto = cfg->hedge_auto,
+                                .retries = cfg->retries};
     struct sockaddr_storage ss;
     if ((rc = resolve_listen(cfg, &ss, err, errlen)) != 0)
         goto fail;
@@ -631,7 +936,7 @@ void srv_drain_start(struct srv *s)
     if (atomic_exchange(&s->draining, true))
         return;
     log_fields(s, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
-               atomic_load(&s->metrics.in_flight), s->cfg.drain_ms);
+               atomic_load(&s->active), s->cfg.drain_ms);
     if (s->mhd)
         close_listener(s);
 }
@@ -639,6 +944,11 @@ void srv_drain_start(struct srv *s)
 int64_t srv_in_flight(struct srv *s)
 {
     return atomic_load(&s->metrics.in_flight);
+}
+
+int64_t srv_active(struct srv *s)
+{
+    return atomic_load(&s->active);
 }
 
 void srv_cancel_all(struct srv *s)
@@ -650,11 +960,11 @@ void srv_cancel_all(struct srv *s)
 static bool wait_idle(struct srv *s, int64_t until)
 {
     pthread_mutex_lock(&s->mu);
-    while (atomic_load(&s->metrics.in_flight) > 0 && ctx_now() < until) {
+    while (atomic_load(&s->active) > 0 && ctx_now() < until) {
         struct timespec ts = {.tv_sec = until / 1000, .tv_nsec = (until % 1000) * 1000000L};
         pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
-    bool idle = atomic_load(&s->metrics.in_flight) == 0;
+    bool idle = atomic_load(&s->active) == 0;
     pthread_mutex_unlock(&s->mu);
     return idle;
 }
@@ -666,7 +976,7 @@ void srv_drain(struct srv *s, int64_t drain_ms)
     srv_drain_start(s);
     int64_t canceled = 0;
     if (!wait_idle(s, t0 + drain_ms)) {
-        canceled = atomic_load(&s->metrics.in_flight);
+        canceled = atomic_load(&s->active);
         log_fields(s, LOG_WARN, "drain deadline passed; canceling batches in flight",
                    ",\"in_flight\":%" PRId64, canceled);
         srv_cancel_all(s);
@@ -674,35 +984,42 @@ void srv_drain(struct srv *s, int64_t drain_ms)
     }
     log_fields(s, LOG_INFO, "drained",
                ",\"canceled\":%" PRId64 ",\"left\":%" PRIdFAST64 ",\"duration_ms\":%" PRId64,
-               canceled, atomic_load(&s->metrics.in_flight), ctx_now() - t0);
+               canceled, atomic_load(&s->active), ctx_now() - t0);
 }
 
-void srv_free(struct srv *s)
+int srv_free(struct srv *s)
 {
     if (!s)
-        return;
+        return 0;
     if (s->mhd && !s->drained)
         srv_drain(s, s->cfg.drain_ms);
-    if (s->mhd && srv_in_flight(s) > 0) {
+    if (s->mhd && srv_active(s) > 0) {
         /* Batches that did not end even after their cancellation: MHD_stop_daemon() with
          * suspended connections is an API violation (0.9.75 aborts), and freeing anything they
-         * use is unsafe. Stop the process instead of aborting or corrupting it. */
-        log_fields(s, LOG_ERROR, "batches still in flight after the drain; exiting at once",
-                   ",\"in_flight\":%" PRIdFAST64, atomic_load(&s->metrics.in_flight));
-        log_free(s->log);
-        _exit(1);
+         * use is unsafe. Leave everything running and tell the caller, who should exit. */
+        log_fields(s, LOG_ERROR, "batches still in flight after the drain; not stopping",
+                   ",\"in_flight\":%" PRIdFAST64, atomic_load(&s->active));
+        struct log *l = s->log; /* written out now: the caller is about to exit */
+        s->log = NULL;
+        log_free(l);
+        return -EBUSY;
     }
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
     fetch_free(s->fetch);
     watch_free(s->watch);
     demo_stop(s->demo);
-    url_template_destroy(&s->tmpl);
+    upstreams_free(s->ups);
+    if (s->budgets) {
+        budget_destroy(&s->hedge_budget);
+        budget_destroy(&s->retry_budget);
+    }
     ctx_free(s->root);
     if (s->log && s->mhd) {
         uint64_t total = 0;
-        for (unsigned i = 0; i < 600; i++)
-            total += atomic_load_explicit(&s->metrics.by_status[i], memory_order_relaxed);
+        for (unsigned r = 0; r < ROUTE_COUNT; r++)
+            for (unsigned i = 0; i < 600; i++)
+                total += atomic_load_explicit(&s->metrics.by_status[r][i], memory_order_relaxed);
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
         log_fields(s, LOG_INFO, "stopped", ",\"requests\":%" PRIu64 ",\"uptime_s\":%.3f", total,
@@ -712,4 +1029,5 @@ void srv_free(struct srv *s)
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     free(s);
+    return 0;
 }

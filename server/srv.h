@@ -30,13 +30,19 @@ const char *srv_upstream(const struct srv *s);
 void srv_drain(struct srv *s, int64_t drain_ms);
 
 /* The pieces of srv_drain(), for a caller that must stay responsive while it waits (main
- * watches for a second signal): start draining; batches in flight now; cancel them all. */
+ * watches for a second signal): start draining; batches admitted and not yet answered (the
+ * fanout_requests_in_flight gauge); cancel them all. */
 void srv_drain_start(struct srv *s);
 int64_t srv_in_flight(struct srv *s);
 void srv_cancel_all(struct srv *s);
 
+/* Batches admitted and not yet completed (their answer sent, or the connection closed). */
+int64_t srv_active(struct srv *s);
+
 /* Stops (draining with --drain-ms first if srv_drain was not called), joins every thread and
- * frees everything. */
-void srv_free(struct srv *s);
+ * frees everything; returns 0. If batches are still running after the drain and their cancel
+ * (which would mean a bug), stopping is unsafe: it logs why, writes out the log and returns
+ * -EBUSY with everything left running, and the caller should exit the process. */
+int srv_free(struct srv *s);
 
 #endif

@@ -156,7 +156,7 @@ static inline struct baseline baseline_take(void)
 static inline bool baseline_back(struct baseline b)
 {
     ctx_shutdown();
-    return test_settles_to(b.threads, b.fds, 5000);
+    return test_settles_to(b.threads, b.fds, test_ms(5000));
 }
 
 /* xorshift64*: a fast per-thread PRNG for stress tests; seed must be non-zero. */

@@ -20,9 +20,10 @@
 
 #include "server/config.h"
 #include "server/srv.h"
+#include "tests/support.h"
 #include "tests/upstub.h"
 
-#define SRVTEST_WAIT_MS 10000 /* bound for anything that should happen "soon" */
+#define SRVTEST_WAIT_MS test_ms(10000) /* bound for anything that should happen "soon" */
 
 /* One HTTP exchange to ask for. Zero-initialise and fill what you need. */
 struct srvtest_call {
@@ -154,7 +155,9 @@ bool srvtest_wait_stub_target(struct upstub *up, const char *target, size_t n, i
 /* Waits until srv_in_flight(s) == n. */
 bool srvtest_wait_srv_in_flight(struct srv *s, int64_t n, int64_t ms);
 
-/* A TCP port on 127.0.0.1 that nothing listens on (bound, then closed). 0 on failure. */
-uint16_t srvtest_closed_port(void);
+/* A TCP port on 127.0.0.1 that refuses connections and that nobody else can take: bound and
+ * never listened on, for as long as the returned fd stays open (close it when done). Returns
+ * the fd and the port in *port, or -1. */
+int srvtest_refusing_port(uint16_t *port);
 
 #endif

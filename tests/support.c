@@ -2,6 +2,10 @@
 #include "tests/support.h"
 
 #include <dirent.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "ctx/ctx.h"
@@ -46,9 +50,86 @@ uint64_t test_rng(uint64_t *state)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
+#if defined(__SANITIZE_THREAD__)
+#define SAN_MULT 3.0
+#elif defined(__SANITIZE_ADDRESS__)
+#define SAN_MULT 2.0
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SAN_MULT 3.0
+#elif __has_feature(address_sanitizer)
+#define SAN_MULT 2.0
+#endif
+#endif
+#ifndef SAN_MULT
+#define SAN_MULT 1.0
+#endif
+
+static double mult;              /* set once by mult_init */
+static pthread_once_t mult_once = PTHREAD_ONCE_INIT;
+
+static void mult_init(void)
+{
+    const char *s = getenv("FANOUT_TEST_MULT");
+    char *end = NULL;
+    double env = s && *s ? strtod(s, &end) : 1.0;
+    if (!(env > 0 && env <= 1000) || (end && *end)) {
+        fprintf(stderr, "FANOUT_TEST_MULT=%s: not a number in (0, 1000]; using 1\n", s);
+        env = 1.0;
+    }
+    mult = env * SAN_MULT;
+}
+
+double test_mult(void)
+{
+    pthread_once(&mult_once, mult_init);
+    return mult;
+}
+
+int64_t test_ms(int64_t ms)
+{
+    return (int64_t)((double)ms * test_mult());
+}
+
+#define PF_EXITING 0x00000004 /* include/linux/sched.h: the task is in do_exit() */
+
+/* True if /proc/self/task/<tid>/stat says the task has not started exiting. A task that
+ * vanished while we read counts as exited. */
+static bool task_live(const char *tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/self/task/%s/stat", tid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return false;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* pid (comm) state ppid pgrp session tty_nr tpgid flags ...; comm may hold spaces and ')' */
+    const char *p = strrchr(buf, ')');
+    if (!p)
+        return false;
+    char state;
+    int ppid, pgrp, session, tty, tpgid;
+    unsigned flags;
+    if (sscanf(p + 1, " %c %d %d %d %d %d %u", &state, &ppid, &pgrp, &session, &tty, &tpgid,
+               &flags) != 7)
+        return false;
+    return !(flags & PF_EXITING) && state != 'Z' && state != 'X';
+}
+
 int test_thread_count(void)
 {
-    return count_dir("/proc/self/task");
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.' && task_live(e->d_name))
+            n++;
+    closedir(d);
+    return n;
 }
 
 int test_fd_count(void)

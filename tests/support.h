@@ -30,18 +30,30 @@ void test_register(struct test_suite *s);
  * failing randomised test reproduces. */
 uint64_t test_rng(uint64_t *state);
 
-/* Threads in this process (/proc/self/task). */
+/* The one factor every time bound in the suite is multiplied by: $FANOUT_TEST_MULT (a positive
+ * number, default 1) times 2 under AddressSanitizer or 3 under ThreadSanitizer, which slow the
+ * code under test down by about that much. A bound is a deadline for an event that should come
+ * far sooner, never a measurement of speed. */
+double test_mult(void);
+
+/* 'ms' scaled by test_mult(). */
+int64_t test_ms(int64_t ms);
+
+/* Threads in this process (/proc/self/task) that are not exiting. A joined thread can stay
+ * listed for a moment after pthread_join() returns; it is already marked PF_EXITING then, so
+ * it is not counted and a count taken right after a join is exact. */
 int test_thread_count(void);
 
 /* Open file descriptors in this process (/proc/self/fd). */
 int test_fd_count(void);
 
 /* Polls cond(arg) every millisecond until it holds or 'ms' pass; returns its last value. For
- * waiting on another thread's progress with a generous bound, never for timing assertions. */
+ * waiting on another thread's progress with a generous bound (pass test_ms(N)), never for
+ * timing assertions. */
 bool test_wait_until(bool (*cond)(void *), void *arg, int64_t ms);
 
-/* Thread and fd counts return to 'threads'/'fds' within 'ms' (threads exit asynchronously after
- * a join returns only in the kernel's view). */
+/* Thread and fd counts return to 'threads'/'fds' within 'ms' (for threads and fds that other
+ * code releases asynchronously, such as a library's resolver thread). */
 bool test_settles_to(int threads, int fds, int64_t ms);
 
 #endif

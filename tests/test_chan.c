@@ -164,7 +164,7 @@ static void start_ops(struct op *o, pthread_t *t, int n, struct chan *ch, struct
                            .go = go};
         pthread_create(&t[i], NULL, op_main, &o[i]);
     }
-    latch_wait(go, base_n + n, 5000);
+    latch_wait(go, base_n + n, test_ms(5000));
     let_block();
 }
 
@@ -267,7 +267,7 @@ static void test_chan_ctx_wakes_blocked_calls(void)
         CU_ASSERT_EQUAL(r[i].rc, -ETIMEDOUT);
         CU_ASSERT_TRUE(s[i].at >= ctx_deadline(d));
         CU_ASSERT_TRUE(r[i].at >= ctx_deadline(d));
-        CU_ASSERT_TRUE(s[i].at <= ctx_deadline(d) + 2000);
+        CU_ASSERT_TRUE(s[i].at <= ctx_deadline(d) + test_ms(2000));
     }
     ctx_free(d);
     /* Same thread, no helper: a deadline ends a blocked recv. */

@@ -406,7 +406,7 @@ static void self_rm_case(struct ctx *c, bool cancel_here)
     CU_ASSERT_EQUAL(ctx_hook_add(c, &s.other, other_fn, &s), 0);
     if (cancel_here)
         ctx_cancel(c, -EIO);
-    CU_ASSERT_TRUE(latch_wait(&s.done, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&s.done, 1, test_ms(5000)));
     CU_ASSERT_FALSE(s.self_ret);
     CU_ASSERT_TRUE(s.other_ret);
     CU_ASSERT_FALSE(ctx_hook_remove(c, &s.h)); /* waits for the hook to have returned */
@@ -420,7 +420,9 @@ static void test_ctx_hook_remove_from_inside_hook(void)
     struct ctx *c = ctx_new(ctx_background(), CTX_FOREVER);
     self_rm_case(c, true);
     ctx_free(c);
-    c = ctx_with_timeout(ctx_background(), 5); /* fired by the timer thread */
+    /* Fired by the timer thread: the deadline must pass after both hooks are in, so it is
+     * far longer than the two calls take, even on a loaded machine. */
+    c = ctx_with_timeout(ctx_background(), test_ms(200));
     self_rm_case(c, false);
     ctx_free(c);
     CHECK_BASELINE();
@@ -558,10 +560,12 @@ static void test_ctx_deadline_clamped_to_parent(void)
     CU_ASSERT_EQUAL(ctx_deadline(val), now + 5000);
     CU_ASSERT_EQUAL(ctx_deadline(tmo), now + 10000);
     CU_ASSERT_EQUAL(ctx_deadline(deep), now + 5000);
-    int64_t rem = ctx_remaining(earlier);
-    CU_ASSERT_TRUE(rem > 4000 && rem <= 5000);
+    /* Remaining time is the deadline less the clock when read: bracket the read. */
+    int64_t rem = ctx_remaining(earlier), t1 = ctx_now();
+    CU_ASSERT_TRUE(rem >= now + 5000 - t1 && rem <= 5000);
     rem = ctx_remaining(later);
-    CU_ASSERT_TRUE(rem > 9000 && rem <= 10000);
+    t1 = ctx_now();
+    CU_ASSERT_TRUE(rem >= now + 10000 - t1 && rem <= 10000);
     CU_ASSERT_EQUAL(ctx_err(later), 0);
     ctx_free(deep);
     ctx_free(tmo);
@@ -576,15 +580,18 @@ static void test_ctx_deadline_clamped_to_parent(void)
 static void test_ctx_remaining(void)
 {
     struct ctx *none = ctx_new(ctx_background(), CTX_FOREVER);
+    int64_t t0 = ctx_now();
     struct ctx *ahead = ctx_with_timeout(ctx_background(), 3000);
     struct ctx *past = ctx_new(ctx_background(), ctx_now() - 1);
     CU_ASSERT_EQUAL(ctx_remaining(none), CTX_FOREVER);
-    int64_t r = ctx_remaining(ahead);
-    CU_ASSERT_TRUE(r > 2000 && r <= 3000);
+    /* The deadline is at least t0 + 3000; the read happens before t1. */
+    int64_t r = ctx_remaining(ahead), t1 = ctx_now();
+    CU_ASSERT_TRUE(r >= t0 + 3000 - t1 && r <= 3000);
     CU_ASSERT_EQUAL(ctx_remaining(past), 0);
     ctx_cancel(ahead, -EIO); /* remaining is about the deadline, not about being done */
     r = ctx_remaining(ahead);
-    CU_ASSERT_TRUE(r > 2000 && r <= 3000);
+    t1 = ctx_now();
+    CU_ASSERT_TRUE(r >= t0 + 3000 - t1 && r <= 3000);
     ctx_free(past);
     ctx_free(ahead);
     ctx_free(none);
@@ -609,15 +616,15 @@ static void test_ctx_timeout_fires_hooks_unwaited(void)
     kid = ctx_new(c[1], CTX_FOREVER);
     CU_ASSERT_EQUAL(rec_add(&rk, kid), 0);
     for (int i = 0; i < 3; i++) {
-        CU_ASSERT_TRUE(latch_wait(&r[i].runs, 1, 5000));
+        CU_ASSERT_TRUE(latch_wait(&r[i].runs, 1, test_ms(5000)));
         CU_ASSERT_EQUAL(ctx_err(c[i]), -ETIMEDOUT);
         CU_ASSERT_EQUAL(r[i].err, -ETIMEDOUT);
         CU_ASSERT_TRUE(r[i].at >= ctx_deadline(c[i]));
-        CU_ASSERT_TRUE(r[i].at <= ctx_deadline(c[i]) + 1000);
+        CU_ASSERT_TRUE(r[i].at <= ctx_deadline(c[i]) + test_ms(1000));
         CU_ASSERT_FALSE(pthread_equal(r[i].tid, pthread_self()));
     }
     CU_ASSERT_TRUE(r[1].at <= r[2].at && r[2].at <= r[0].at);
-    CU_ASSERT_TRUE(latch_wait(&rk.runs, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&rk.runs, 1, test_ms(5000)));
     CU_ASSERT_EQUAL(rk.err, -ETIMEDOUT);
     CU_ASSERT_TRUE(rk.at >= ctx_deadline(c[1]));
     ctx_free(kid);
@@ -667,19 +674,22 @@ static void test_ctx_wait_until_vs_cancel(void)
         w[i] = (struct waiter){.c = c, .until = i ? CTX_FOREVER : ctx_now() + 60000, .go = &go};
         CU_ASSERT_EQUAL_FATAL(pthread_create(&t[i], NULL, waiter_main, &w[i]), 0);
     }
-    CU_ASSERT_TRUE(latch_wait(&go, 4, 5000));
+    CU_ASSERT_TRUE(latch_wait(&go, 4, test_ms(5000)));
     int64_t t0 = ctx_now();
     ctx_cancel(c, -EIO);
     for (int i = 0; i < 4; i++) {
         pthread_join(t[i], NULL);
         CU_ASSERT_EQUAL(w[i].rc, -EIO);
-        CU_ASSERT_TRUE(w[i].at - t0 < 5000);
+        CU_ASSERT_TRUE(w[i].at - t0 < test_ms(5000));
     }
     ctx_free(c);
 
-    /* A deadline first: -ETIMEDOUT, not before it; an 'until' before a deadline: 0. */
-    c = ctx_with_timeout(ctx_background(), 30);
+    /* An 'until' before a deadline: 0 (the deadline is a minute away, so no pause of this
+     * thread can reorder them); a deadline first: -ETIMEDOUT, not before it. */
+    c = ctx_with_timeout(ctx_background(), 60000);
     CU_ASSERT_EQUAL(ctx_wait(c, ctx_now() + 5), 0);
+    ctx_free(c);
+    c = ctx_with_timeout(ctx_background(), 30);
     CU_ASSERT_EQUAL(ctx_wait(c, CTX_FOREVER), -ETIMEDOUT);
     CU_ASSERT_TRUE(ctx_now() >= ctx_deadline(c));
     ctx_free(c);
@@ -771,7 +781,7 @@ static void test_ctx_timer_thread_lazy_joined_restarted(void)
     struct ctx *d2 = ctx_with_timeout(ctx_background(), 60000);
     CU_ASSERT_EQUAL(test_thread_count(), b.threads + 1); /* one thread for all */
     ctx_shutdown();
-    CU_ASSERT_TRUE(test_settles_to(b.threads, b.fds, 5000)); /* joined */
+    CU_ASSERT_TRUE(test_settles_to(b.threads, b.fds, test_ms(5000))); /* joined */
     CU_ASSERT_EQUAL(ctx_err(d), 0);
     ctx_shutdown(); /* twice: harmless */
 
@@ -779,7 +789,7 @@ static void test_ctx_timer_thread_lazy_joined_restarted(void)
     struct rec r;
     CU_ASSERT_EQUAL(rec_add(&r, e), 0);
     CU_ASSERT_EQUAL(test_thread_count(), b.threads + 1);
-    CU_ASSERT_TRUE(latch_wait(&r.runs, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&r.runs, 1, test_ms(5000)));
     CU_ASSERT_TRUE(r.at >= ctx_deadline(e));
     CU_ASSERT_EQUAL(r.err, -ETIMEDOUT);
     latch_destroy(&r.runs);
@@ -788,7 +798,7 @@ static void test_ctx_timer_thread_lazy_joined_restarted(void)
     ctx_free(d);
     ctx_free(plain);
     ctx_shutdown();
-    CU_ASSERT_TRUE(test_settles_to(b.threads, b.fds, 5000));
+    CU_ASSERT_TRUE(test_settles_to(b.threads, b.fds, test_ms(5000)));
     CHECK_BASELINE();
 }
 
@@ -830,7 +840,7 @@ static void test_ctx_many_deadlines(void)
     }
     for (int i = 0; i < MANY_TIMERS; i += 2)
         ctx_cancel(t[i].c, -EIO);
-    CU_ASSERT_TRUE(latch_wait(&all, MANY_TIMERS, 10000));
+    CU_ASSERT_TRUE(latch_wait(&all, MANY_TIMERS, test_ms(10000)));
     int bad_runs = 0, early = 0, bad_err = 0;
     for (int i = 0; i < MANY_TIMERS; i++) {
         bad_runs += atomic_load(&t[i].runs) != 1;
@@ -902,7 +912,7 @@ static void test_ctx_seed_batch_loop_stops_on_cancel(void)
     struct batch x = {.c = ctx_new(ctx_background(), CTX_FOREVER), .n = 1L << 40, .cancel_at = -1};
     pthread_t t;
     CU_ASSERT_EQUAL_FATAL(pthread_create(&t, NULL, batch_main, &x), 0);
-    CU_ASSERT_TRUE(test_wait_until(batch_progress, &x, 10000));
+    CU_ASSERT_TRUE(test_wait_until(batch_progress, &x, test_ms(10000)));
     ctx_cancel(x.c, -EIO);
     pthread_join(t, NULL);
     CU_ASSERT_EQUAL(x.rc, -EIO);
@@ -1206,9 +1216,9 @@ static void test_ctx_hook_remove_waits_for_inline_run(void)
     ctx_cancel(t.c, -ECANCELED);
     pthread_t adder, remover;
     pthread_create(&adder, NULL, inline_hook_adder, &t);
-    CU_ASSERT_TRUE(latch_wait(&t.started, 1, 10000));
+    CU_ASSERT_TRUE(latch_wait(&t.started, 1, test_ms(10000)));
     pthread_create(&remover, NULL, inline_hook_remover, &t);
-    latch_wait(&t.remover_ready, 1, 10000);
+    latch_wait(&t.remover_ready, 1, test_ms(10000));
     /* Give the remover time to reach ctx_hook_remove() while fn is held; whenever it gets
      * there, a correct remove returns only after fn. */
     struct timespec ts = {0, 50 * 1000000L};

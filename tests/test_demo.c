@@ -15,7 +15,7 @@
 #include "tests/support.h"
 
 /* Generous bound for anything that should take milliseconds. */
-#define SLOW_MS 10000
+#define SLOW_MS test_ms(10000)
 
 /* ---------------------------------------------------------------- client helpers */
 
@@ -251,6 +251,33 @@ static void test_demo_text_is_plain(void)
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT_STRING_EQUAL(r.ctype, "text/plain");
     CU_ASSERT_STRING_EQUAL(r.body, "plain text for text-1");
+    resp_free(&r);
+    demo_stop(d);
+}
+
+/* drop100 always closes without an answer, drop0 never does; drop30 closes some of 200. */
+static void test_demo_drop_ids(void)
+{
+    struct demo *d = start();
+    struct resp r;
+    get(d, "/items/drop100-a", &r);
+    CU_ASSERT_EQUAL(r.code, CURLE_GOT_NOTHING);
+    CU_ASSERT_EQUAL(r.status, 0);
+    resp_free(&r);
+    get(d, "/items/drop0-a", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    check_item(r.body, "drop0-a", 7);
+    resp_free(&r);
+    int dropped = 0;
+    for (int i = 0; i < 200; i++) {
+        get(d, "/items/drop30-b", &r);
+        dropped += r.code == CURLE_GOT_NOTHING;
+        CU_ASSERT(r.code == CURLE_GOT_NOTHING || r.status == 200);
+        resp_free(&r);
+    }
+    CU_ASSERT(dropped > 20 && dropped < 110); /* 60 expected; any sane generator is in here */
+    get(d, "/items/dropx", &r); /* no number: an ordinary id */
+    CU_ASSERT_EQUAL(r.status, 200);
     resp_free(&r);
     demo_stop(d);
 }
@@ -581,7 +608,7 @@ static void test_demo_stop_with_requests_mid_sleep(void)
     int64_t t0 = ctx_now();
     demo_stop(d);
     int64_t dt = ctx_now() - t0;
-    CU_ASSERT(dt < 5000); /* the delays are 60 s; this only says "did not wait for them" */
+    CU_ASSERT(dt < test_ms(5000)); /* the delays are 60 s; this only says "did not wait for them" */
 
     drive(m, SLOW_MS, NULL, NULL);
     int got503 = 0;
@@ -667,6 +694,7 @@ static CU_TestInfo demo_tests[] = {
     {"fail ids answer 500", test_demo_fail_is_500},
     {"text ids answer text/plain", test_demo_text_is_plain},
     {"status ids answer that status", test_demo_status_ids},
+    {"drop ids close without an answer, as often as asked", test_demo_drop_ids},
     {"sleep ids and ?ms= delay the answer", test_demo_sleep_delays},
     {"delays overlap without holding threads", test_demo_delays_overlap},
     {"keep-alive: 100 requests on one connection", test_demo_keep_alive},

@@ -124,7 +124,7 @@ static int first_err_failer(struct ctx *c, void *arg)
 {
     struct first_err *f = arg;
     (void)c;
-    latch_wait(&f->started, f->others, 10000);
+    latch_wait(&f->started, f->others, test_ms(10000));
     return -EIO;
 }
 
@@ -166,7 +166,7 @@ static void test_eg_go_after_failure(void)
     CU_ASSERT_FATAL(p && g);
     atomic_long n = 0;
     CU_ASSERT_EQUAL(eg_go(g, fail_fn, (void *)(intptr_t)-ENOENT), 0);
-    CU_ASSERT_EQUAL(ctx_wait(eg_ctx(g), ctx_now() + 10000), -ENOENT); /* the failure landed */
+    CU_ASSERT_EQUAL(ctx_wait(eg_ctx(g), ctx_now() + test_ms(10000)), -ENOENT); /* the failure landed */
     CU_ASSERT_EQUAL(eg_err(g), -ENOENT);
     CU_ASSERT_EQUAL(eg_go(g, count_fn, &n), -ENOENT);
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n));
@@ -202,7 +202,7 @@ static void test_eg_unstarted_tasks_skipped_after_failure(void)
     struct gated_fail f = {&gt, -EIO};
     atomic_long n = 0;
     CU_ASSERT_EQUAL(eg_go(g, gated_fail_fn, &f), 0);
-    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, test_ms(5000)));
     for (int i = 0; i < 50; i++)
         CU_ASSERT_EQUAL(eg_go(g, count_fn, &n), 0); /* queued behind the held worker */
     latch_add(&gt.open, 1);
@@ -243,7 +243,7 @@ static void test_eg_limit_caps_concurrency(void)
     gate_init(&gt);
     for (int i = 0; i < CAP; i++)
         CU_ASSERT_EQUAL(eg_go(g, gate_fn, &gt), 0);
-    CU_ASSERT_TRUE(latch_wait(&gt.entered, CAP, 5000)); /* the cap is reached */
+    CU_ASSERT_TRUE(latch_wait(&gt.entered, CAP, test_ms(5000))); /* the cap is reached */
     atomic_long n = 0;
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n)); /* at the limit */
     latch_add(&gt.open, 1);
@@ -314,7 +314,7 @@ static void test_eg_go_blocks_at_limit(void)
     gate_init(&gt);
     struct blocked_go b = {.g = g, .gt = &gt};
     CU_ASSERT_EQUAL(eg_go(g, blocked_first_fn, &b), 0);
-    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, test_ms(5000)));
     pthread_t t;
     CU_ASSERT_EQUAL_FATAL(pthread_create(&t, NULL, blocked_go_main, &b), 0);
     /* A generous look for a wrong early return (it can only make a broken limit pass, never a
@@ -344,7 +344,7 @@ static void test_eg_try_go(void)
     atomic_long n = 0;
     eg_set_limit(g, 0); /* treated as 1 */
     CU_ASSERT_TRUE(eg_try_go(g, gate_fn, &gt));
-    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, test_ms(5000)));
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n)); /* limit */
     eg_set_limit(g, -5);                         /* no limit */
     CU_ASSERT_TRUE(eg_try_go(g, count_fn, &n));  /* fills the pool's queue of 1 */
@@ -356,7 +356,7 @@ static void test_eg_try_go(void)
 
     g = eg_new(ctx_background(), p);
     CU_ASSERT_TRUE(eg_try_go(g, fail_fn, (void *)(intptr_t)-EIO));
-    ctx_wait(eg_ctx(g), ctx_now() + 10000);
+    ctx_wait(eg_ctx(g), ctx_now() + test_ms(10000));
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n)); /* failed */
     CU_ASSERT_EQUAL(eg_wait(g), -EIO);
     CU_ASSERT_EQUAL(atomic_load(&n), 1);
@@ -384,7 +384,7 @@ static void test_eg_parent_cancel_propagates(void)
     latch_init(&started);
     for (int i = 0; i < 3; i++)
         eg_go(g, ctx_waiter_fn, &started);
-    CU_ASSERT_TRUE(latch_wait(&started, 3, 5000));
+    CU_ASSERT_TRUE(latch_wait(&started, 3, test_ms(5000)));
     ctx_cancel(parent, -EHOSTDOWN);
     CU_ASSERT_EQUAL(eg_wait(g), -EHOSTDOWN);
     CU_ASSERT_EQUAL(ctx_err(eg_ctx(g)), -EHOSTDOWN);
@@ -429,11 +429,11 @@ static int fetch_fn(struct ctx *c, void *arg)
     atomic_fetch_add(&fa->ran, 1);
     latch_add(&fa->started, 1);
     if (a->id == 5) {
-        latch_wait(&fa->started, 6, 10000); /* fail once several are in flight */
+        latch_wait(&fa->started, 6, test_ms(10000)); /* fail once several are in flight */
         fa->canceled_at = ctx_now();
         return -EIO;
     }
-    int rc = ctx_wait(c, ctx_now() + 10000);
+    int rc = ctx_wait(c, ctx_now() + test_ms(10000));
     int64_t now = ctx_now();
     long long prev = atomic_load(&fa->latest_end);
     while (now > prev && !atomic_compare_exchange_weak(&fa->latest_end, &prev, now))
@@ -470,7 +470,7 @@ static void test_eg_seed_fetch_all_first_error_cancels_rest(void)
     CU_ASSERT_TRUE(ran >= 6 && ran <= FETCHES);
     CU_ASSERT_EQUAL(atomic_load(&fa.timed_out), 0);
     CU_ASSERT_EQUAL(atomic_load(&fa.saw_cause), ran - 1); /* every other fetch saw the cause */
-    CU_ASSERT_TRUE(atomic_load(&fa.latest_end) - fa.canceled_at < 5000); /* promptly */
+    CU_ASSERT_TRUE(atomic_load(&fa.latest_end) - fa.canceled_at < test_ms(5000)); /* promptly */
     CU_ASSERT_TRUE(refused > 0); /* the loop stopped submitting */
     latch_destroy(&fa.started);
     eg_free(g);
@@ -710,7 +710,7 @@ static void test_eg_async_start_fails_synchronously(void)
     struct atask *t = atasks(&h, 3, A_FAIL);
     CU_ASSERT_FATAL(g && t);
     h.g = g;
-    CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[0]), 0); /* added, then failed at once */
+    CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[0]), -EIO); /* added, and failed at once */
     CU_ASSERT_EQUAL(eg_err(g), -EIO);
     CU_ASSERT_EQUAL(ctx_err(eg_ctx(g)), -EIO);
     CU_ASSERT_EQUAL(eg_go_async(g, astart, &t[1]), -EIO); /* start not called */
@@ -895,7 +895,7 @@ static void test_eg_mixed_share_limit(void)
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n)); /* full */
     eg_go_async(g, astart, &t[1]);               /* queued */
     CU_ASSERT_EQUAL(atomic_load(&h.starts), 1);
-    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&gt.entered, 1, test_ms(5000)));
     atask_complete(&t[0], 0); /* its slot goes to the queued async task */
     CU_ASSERT_EQUAL(atomic_load(&h.starts), 2);
     CU_ASSERT_FALSE(eg_try_go(g, count_fn, &n));

@@ -3,6 +3,7 @@
  * fanout writes and reject each way a scrape can be broken, and metrics_render() must produce a
  * valid scrape whose numbers are exactly what was counted, also while other threads count. */
 #include <CUnit/CUnit.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -11,6 +12,7 @@
 #include <time.h>
 
 #include "fetch/fetch.h"
+#include "fetch/upstream.h"
 #include "server/json.h"
 #include "server/metrics.h"
 #include "server/version.h"
@@ -18,18 +20,24 @@
 #include "tests/support.h"
 
 /* Renders 'm' with 'fs' and parses it; returns 0 or -1 (the reason printed). */
-static int render_parse(const struct metrics *m, const struct fetch_stats *fs,
-                        struct prom_scrape *out)
+static int render_parse_ups(const struct metrics *m, const struct fetch_stats *fs,
+                            struct upstreams *ups, struct prom_scrape *out)
 {
     struct json_buf b;
     json_buf_init(&b);
-    metrics_render(m, fs, &b);
+    metrics_render(m, fs, ups, &b);
     char err[512];
     int rc = json_buf_failed(&b) ? -1 : prom_parse(b.data, b.len, "fanout_", out, err, sizeof(err));
     if (rc != 0)
         fprintf(stderr, "\n  scrape rejected: %s\n%s\n", err, b.data ? b.data : "");
     json_buf_destroy(&b);
     return rc;
+}
+
+static int render_parse(const struct metrics *m, const struct fetch_stats *fs,
+                        struct prom_scrape *out)
+{
+    return render_parse_ups(m, fs, NULL, out);
 }
 
 static void test_metrics_render_is_valid_and_complete(void)
@@ -135,18 +143,74 @@ static void test_metrics_status_counts(void)
     struct metrics m;
     metrics_init(&m);
     for (int i = 0; i < 3; i++)
-        metrics_count_status(&m, 200);
-    metrics_count_status(&m, 404);
-    metrics_count_status(&m, 0);
-    metrics_count_status(&m, 700); /* out of range: counted as 0 */
+        metrics_count_status(&m, ROUTE_BATCH, 200);
+    metrics_count_status(&m, ROUTE_BATCH, 404);
+    metrics_count_status(&m, ROUTE_BATCH, 0);
+    metrics_count_status(&m, ROUTE_BATCH, 700); /* out of range: counted as 0 */
     struct fetch_stats fs = {0};
     struct prom_scrape sc;
     CU_ASSERT_FATAL(render_parse(&m, &fs, &sc) == 0);
-    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"200\"", -1), 3);
-    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"404\"", -1), 1);
-    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"0\"", -1), 2);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"200\",route=\"batch\"", -1), 3);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"404\",route=\"batch\"", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"0\",route=\"batch\"", -1), 2);
     CU_ASSERT_EQUAL(prom_family(&sc, "fanout_requests_total")->count, 3);
     prom_free(&sc);
+}
+
+/* Routes are labels of one family; per-upstream series carry the upstream's host:port; an
+ * aborted attempt counts as canceled (or deadline), whatever its ctx's cause. */
+static void test_metrics_routes_and_upstreams(void)
+{
+    struct metrics m;
+    metrics_init(&m);
+    metrics_count_status(&m, ROUTE_BATCH, 200);
+    metrics_count_status(&m, ROUTE_HEALTHZ, 200);
+    metrics_count_status(&m, ROUTE_HEALTHZ, 200);
+    metrics_count_status(&m, ROUTE_READYZ, 503);
+    metrics_count_status(&m, ROUTE_METRICS, 200);
+    metrics_count_status(&m, ROUTE_OTHER, 404);
+    const char *t[] = {"http://10.0.0.1:9000/i/{id}", "https://h.example/i/{id}"};
+    struct upstreams_opts uo = {.eject_after = 5, .eject_ms = 1000, .eject_max_ms = 2000,
+                                .max_ejected_pct = 50};
+    struct upstreams *ups;
+    char err[256];
+    CU_ASSERT_FATAL(upstreams_new(t, 2, &uo, &ups, err, sizeof(err)) == 0);
+    metrics_count_fetch(&m, 0, 0, false, 1500);
+    metrics_count_fetch(&m, 0, FETCH_ESTATUS, false, 100);
+    metrics_count_fetch(&m, 0, FETCH_ESTATUS, true, 100); /* aborted by a sibling's 502 */
+    metrics_count_fetch(&m, 1, -ETIMEDOUT, true, 100);
+    metrics_count_fetch(&m, 1, FETCH_EUNREACH, false, 100);
+    struct fetch_stats fs = {0};
+    struct prom_scrape sc;
+    CU_ASSERT_FATAL(render_parse_ups(&m, &fs, ups, &sc) == 0);
+    const char *n = "fanout_requests_total";
+    CU_ASSERT_EQUAL(prom_value(&sc, n, "code=\"200\",route=\"batch\"", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, "code=\"200\",route=\"healthz\"", -1), 2);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, "code=\"503\",route=\"readyz\"", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, "code=\"200\",route=\"metrics\"", -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, "code=\"404\",route=\"other\"", -1), 1);
+    n = "fanout_upstream_fetches_total";
+    const char *a = "10.0.0.1:9000", *b = "h.example:443";
+    char l[128];
+    snprintf(l, sizeof(l), "result=\"ok\",upstream=\"%s\"", a);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, l, -1), 1);
+    snprintf(l, sizeof(l), "result=\"upstream_status\",upstream=\"%s\"", a);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, l, -1), 1);
+    snprintf(l, sizeof(l), "result=\"canceled\",upstream=\"%s\"", a);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, l, -1), 1);
+    snprintf(l, sizeof(l), "result=\"deadline\",upstream=\"%s\"", b);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, l, -1), 1);
+    snprintf(l, sizeof(l), "result=\"unreachable\",upstream=\"%s\"", b);
+    CU_ASSERT_EQUAL(prom_value(&sc, n, l, -1), 1);
+    snprintf(l, sizeof(l), "upstream=\"%s\"", a);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_fetch_duration_seconds_count", l, -1), 3);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_ejected", l, -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_ejections_total", l, -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_fetch_duration_seconds_count", "", -1), 5);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_hedges_sent_total", "", -1), 0);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_retries_refused_total", "", -1), 0);
+    prom_free(&sc);
+    upstreams_free(ups);
 }
 
 /* ---------------------------------------------------------------- the parser itself */
@@ -304,7 +368,7 @@ static void *hammer_main(void *arg)
 {
     struct hammer *h = arg;
     for (int i = 0; i < HAMMER_ROUNDS; i++) {
-        metrics_count_status(h->m, i % 3 ? 200 : 503);
+        metrics_count_status(h->m, ROUTE_BATCH, i % 3 ? 200 : 503);
         metrics_observe(&h->m->request_seconds, (int64_t)((h->seed + (unsigned)i) % 3000000));
         metrics_observe(&h->m->fetch_seconds, 10);
         atomic_fetch_add_explicit(&h->m->in_flight, 1, memory_order_relaxed);
@@ -336,7 +400,7 @@ static void test_metrics_scrapes_during_updates(void)
         clock_gettime(CLOCK_MONOTONIC, &t0);
         struct json_buf b;
         json_buf_init(&b);
-        metrics_render(&m, &fs, &b);
+        metrics_render(&m, &fs, NULL, &b);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         render_ns += (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         struct prom_scrape sc;
@@ -345,7 +409,7 @@ static void test_metrics_scrapes_during_updates(void)
             if (!bad++)
                 fprintf(stderr, "\n  scrape under updates rejected: %s\n", err);
         } else {
-            double v200 = prom_value(&sc, "fanout_requests_total", "code=\"200\"", 0);
+            double v200 = prom_value(&sc, "fanout_requests_total", "code=\"200\",route=\"batch\"", 0);
             double cnt = prom_value(&sc, "fanout_request_duration_seconds_count", "", 0);
             backwards += v200 < last200 || cnt < lastcount;
             last200 = v200;
@@ -364,8 +428,8 @@ static void test_metrics_scrapes_during_updates(void)
     CU_ASSERT_FATAL(render_parse(&m, &fs, &sc) == 0);
     double total = (double)HAMMER_THREADS * HAMMER_ROUNDS;
     double n503 = (double)HAMMER_THREADS * ((HAMMER_ROUNDS + 2) / 3);
-    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"503\"", -1), n503);
-    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"200\"", -1), total - n503);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"503\",route=\"batch\"", -1), n503);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_requests_total", "code=\"200\",route=\"batch\"", -1), total - n503);
     CU_ASSERT_EQUAL(prom_value(&sc, "fanout_request_duration_seconds_count", "", -1), total);
     CU_ASSERT_EQUAL(prom_value(&sc, "fanout_fetch_duration_seconds_bucket", "le=\"0.001\"", -1),
                     total);
@@ -379,6 +443,8 @@ static CU_TestInfo metrics_tests[] = {
     {"render: valid, every family, exact values", test_metrics_render_is_valid_and_complete},
     {"histogram: inclusive bounds, exact counts and sum", test_metrics_histogram_counts_exact},
     {"requests by status code", test_metrics_status_counts},
+    {"requests by route; attempts by upstream, aborted ones canceled",
+     test_metrics_routes_and_upstreams},
     {"parser accepts valid exposition text", test_metrics_parser_accepts_valid_text},
     {"parser rejects each kind of broken text", test_metrics_parser_rejects_broken_text},
     {"scrapes while threads count: valid, monotonic, exact", test_metrics_scrapes_during_updates},

@@ -67,7 +67,7 @@ static void test_pool_full_queue_eagain(void)
     atomic_long n = 0;
     CU_ASSERT_EQUAL(pool_submit(p, gate_task, &g), 0);
     CU_ASSERT_EQUAL(pool_submit(p, gate_task, &g), 0);
-    CU_ASSERT_TRUE(latch_wait(&g.entered, 2, 5000)); /* both workers held: queue empty */
+    CU_ASSERT_TRUE(latch_wait(&g.entered, 2, test_ms(5000))); /* both workers held: queue empty */
     for (int i = 0; i < 3; i++)
         CU_ASSERT_EQUAL(pool_submit(p, count_task, &n), 0);
     CU_ASSERT_EQUAL(pool_submit(p, count_task, &n), -EAGAIN);
@@ -103,7 +103,7 @@ static void test_pool_free_drains_then_joins(void)
     atomic_long n = 0;
     pool_submit(p, gate_task, &g);
     pool_submit(p, gate_task, &g);
-    CU_ASSERT_TRUE(latch_wait(&g.entered, 2, 5000));
+    CU_ASSERT_TRUE(latch_wait(&g.entered, 2, test_ms(5000)));
     for (int i = 0; i < 8; i++)
         CU_ASSERT_EQUAL(pool_submit(p, count_task, &n), 0);
     struct freer f = {p};
@@ -112,7 +112,7 @@ static void test_pool_free_drains_then_joins(void)
     /* The pool cannot be freed while its workers are held, so polling it is safe: -EAGAIN
      * (full) until pool_free() has begun, then -EPIPE. */
     int rc;
-    int64_t until = ctx_now() + 10000;
+    int64_t until = ctx_now() + test_ms(10000);
     while ((rc = pool_submit(p, count_task, &n)) == -EAGAIN && ctx_now() < until)
         ;
     CU_ASSERT_EQUAL(rc, -EPIPE);
@@ -153,12 +153,12 @@ static void test_pool_submit_wait(void)
     struct latch go;
     latch_init(&go);
     pool_submit(p, gate_task, &g);
-    CU_ASSERT_TRUE(latch_wait(&g.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&g.entered, 1, test_ms(5000)));
     CU_ASSERT_EQUAL(pool_submit(p, count_task, &n), 0); /* queue now full */
     struct submitter s = {p, &n, &go, 1};
     pthread_t t;
     CU_ASSERT_EQUAL_FATAL(pthread_create(&t, NULL, submitter_main, &s), 0);
-    latch_wait(&go, 1, 5000);
+    latch_wait(&go, 1, test_ms(5000));
     latch_add(&g.open, 1); /* room appears as the worker moves on */
     pthread_join(t, NULL);
     CU_ASSERT_EQUAL(s.rc, 0);
@@ -172,11 +172,11 @@ static void test_pool_submit_wait(void)
     gate_init(&g);
     atomic_store(&n, 0);
     pool_submit(p, gate_task, &g);
-    CU_ASSERT_TRUE(latch_wait(&g.entered, 1, 5000));
+    CU_ASSERT_TRUE(latch_wait(&g.entered, 1, test_ms(5000)));
     pool_submit(p, count_task, &n);
     struct submitter s2 = {p, &n, &go, 1};
     CU_ASSERT_EQUAL_FATAL(pthread_create(&t, NULL, submitter_main, &s2), 0);
-    latch_wait(&go, 2, 5000);
+    latch_wait(&go, 2, test_ms(5000));
     struct freer f = {p};
     pthread_t tf;
     CU_ASSERT_EQUAL_FATAL(pthread_create(&tf, NULL, freer_main, &f), 0);
@@ -259,7 +259,7 @@ static void test_pool_seed_capped_worker_pool(void)
     CU_ASSERT_PTR_NOT_NULL_FATAL(p);
     for (int i = 0; i < CAP; i++)
         pool_submit(p, capped_task, &c);
-    CU_ASSERT_TRUE(latch_wait(&g.entered, CAP, 5000)); /* the cap is reached ... */
+    CU_ASSERT_TRUE(latch_wait(&g.entered, CAP, test_ms(5000))); /* the cap is reached ... */
     latch_add(&g.open, 1);
     for (int i = CAP; i < TASKS; i++)
         pool_submit_wait(p, capped_task, &c);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "server/json.h"
 #include "tests/srvtest.h"
@@ -416,8 +417,8 @@ static void test_server_upstream_status(void)
     CU_ASSERT(str_is(srvtest_err_field(&r, "id"), id));
     CU_ASSERT(num_is(srvtest_err_field(&r, "upstream_status"), 404));
     srvtest_resp_free(&r);
-    k = snprintf(body, sizeof(body), "{\"timeout_ms\":100,\"ids\":[\"sleep3000");
-    for (int i = 9; i < 256; i++)
+    k = snprintf(body, sizeof(body), "{\"timeout_ms\":100,\"ids\":[\"sleep60000");
+    for (int i = 10; i < 256; i++)
         k += snprintf(body + k, sizeof(body) - (size_t)k, "\\u0001");
     snprintf(body + k, sizeof(body) - (size_t)k, "\"]}");
     srvtest_post(e.port, body, NULL, &r);
@@ -443,9 +444,11 @@ static void test_server_upstream_unreachable(void)
     struct srvtest_env dead = {0};
     struct srv_config cfg;
     srvtest_config(&dead, &cfg);
-    uint16_t port = srvtest_closed_port();
-    CU_ASSERT_FATAL(port != 0);
+    uint16_t port = 0;
+    int refusing = srvtest_refusing_port(&port);
+    CU_ASSERT_FATAL(refusing >= 0);
     snprintf(cfg.upstream, sizeof(cfg.upstream), "http://127.0.0.1:%u/items/{id}", port);
+    cfg.connect_timeout_ms = 600000; /* a refusal must not wait for a connect timeout */
     START_CFG(&dead, &cfg);
     struct srvtest_resp r;
     srvtest_post(dead.port, "{\"ids\":[\"a\",\"b\"]}", NULL, &r);
@@ -453,7 +456,7 @@ static void test_server_upstream_unreachable(void)
     CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "upstream_unreachable");
     const cJSON *id = srvtest_err_field(&r, "id");
     CU_ASSERT(str_is(id, "a") || str_is(id, "b"));
-    CU_ASSERT(r.elapsed_ms < 1500);
+    CU_ASSERT(r.elapsed_ms < test_ms(1500));
     srvtest_resp_free(&r);
     /* A reset mid-body and an empty reply are unreachable too. */
     srvtest_post(e.port, "{\"ids\":[\"reset\"]}", NULL, &r);
@@ -466,6 +469,7 @@ static void test_server_upstream_unreachable(void)
     CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "upstream_unreachable");
     srvtest_resp_free(&r);
     srvtest_env_free(&dead);
+    close(refusing);
     srvtest_env_free(&e);
 }
 
@@ -532,14 +536,17 @@ static void test_server_response_cap(void)
 
 /* ---------------------------------------------------------------- 504 and deadlines */
 
+/* A 504 naming 'id', not before 'min_ms' (a deadline never fires early, so this tells which
+ * deadline won) and long before the 60 s upstream delay would have ended. */
 static void expect_deadline(uint16_t port, const char *body, const char *hdr, const char *id,
-                            int64_t max_ms)
+                            int64_t min_ms)
 {
     const char *h[] = {hdr, NULL};
     struct srvtest_resp r;
     srvtest_post(port, body, hdr ? h : NULL, &r);
     bool ok = r.status == 504 && !strcmp(srvtest_err_code(&r), "deadline_exceeded") &&
-              str_is(srvtest_err_field(&r, "id"), id) && r.elapsed_ms < max_ms;
+              str_is(srvtest_err_field(&r, "id"), id) && r.elapsed_ms >= min_ms &&
+              r.elapsed_ms < test_ms(10000);
     if (!ok)
         fprintf(stderr, "\n  %s | %s: %ld in %lld ms: %s\n", body, hdr ? hdr : "", r.status,
                 (long long)r.elapsed_ms, r.body ? r.body : "");
@@ -556,33 +563,34 @@ static void test_server_deadline(void)
     cfg.max_timeout_ms = 400;
     cfg.timeout_ms = 300;
     START_CFG(&e, &cfg);
-    /* Each sleep id is 3000 ms, so a 504 within 2000 ms proves the smaller deadline won. */
-    expect_deadline(e.port, "{\"ids\":[\"a\",\"sleep3000a\"],\"timeout_ms\":150}", NULL,
-                    "sleep3000a", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000b\",\"a\"]}", "X-Request-Timeout-Ms: 150",
-                    "sleep3000b", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000c\"],\"timeout_ms\":100000}",
-                    "X-Request-Timeout-Ms: 150", "sleep3000c", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000d\"],\"timeout_ms\":150}",
-                    "X-Request-Timeout-Ms: 100000", "sleep3000d", 2000);
+    /* Each sleep id takes 60 s. The 504's earliest time and the X-Request-Timeout-Ms the
+     * upstream saw (never above the effective deadline) show which deadline won. */
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000a\"],\"timeout_ms\":150}", NULL,
+                    "sleep60000a", 150);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000b\"]}", "X-Request-Timeout-Ms: 150",
+                    "sleep60000b", 150);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000c\"],\"timeout_ms\":100000}",
+                    "X-Request-Timeout-Ms: 150", "sleep60000c", 150);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000d\"],\"timeout_ms\":150}",
+                    "X-Request-Timeout-Ms: 100000", "sleep60000d", 150);
     /* No timeout given: the default (300); a huge one: clamped to max_timeout_ms (400). */
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000e\"]}", NULL, "sleep3000e", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000f\"],\"timeout_ms\":60000}", NULL,
-                    "sleep3000f", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000g\"]}", "X-Request-Timeout-Ms: 60000",
-                    "sleep3000g", 2000);
-    expect_deadline(e.port, "{\"ids\":[\"sleep3000h\"]}",
-                    "X-Request-Timeout-Ms: 000099999999999999999999999", "sleep3000h", 2000);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000e\"]}", NULL, "sleep60000e", 300);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000f\"],\"timeout_ms\":60000}", NULL,
+                    "sleep60000f", 400);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000g\"]}", "X-Request-Timeout-Ms: 60000",
+                    "sleep60000g", 400);
+    expect_deadline(e.port, "{\"ids\":[\"sleep60000h\"]}",
+                    "X-Request-Timeout-Ms: 000099999999999999999999999", "sleep60000h", 400);
     /* The upstream saw the remaining deadline, never more than the effective one. */
     struct upstub_req q;
-    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000a", &q));
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000a", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
-    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000c", &q));
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000c", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
-    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000e", &q));
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000e", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 300);
-    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep3000f", &q));
-    CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 150 && atoll(q.timeout_ms) <= 400);
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000f", &q));
+    CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 400);
     /* Every timed-out fetch was closed at the upstream, not left to run. */
     CU_ASSERT(srvtest_wait_stub_canceled(e.up, 8, SRVTEST_WAIT_MS));
 
@@ -605,10 +613,14 @@ static void test_server_deadline_names_pending_id(void)
     srvtest_config(&e, &cfg);
     cfg.limit = 2;
     START_CFG(&e, &cfg);
-    /* With limit 2 the third id waits in the queue; the first two finish, the fourth hangs. */
-    expect_deadline(e.port,
-                    "{\"ids\":[\"a\",\"b\",\"sleep3000x\",\"c\",\"d\"],\"timeout_ms\":300}",
-                    NULL, "sleep3000x", 2000);
+    /* With limit 2 the third id waits in the queue; the first two finish, the third hangs.
+     * The deadline is far longer than the fast fetches take, scaled like every bound. */
+    char body[160];
+    int64_t tmo = test_ms(1500);
+    snprintf(body, sizeof(body),
+             "{\"ids\":[\"a\",\"b\",\"sleep60000x\",\"c\",\"d\"],\"timeout_ms\":%lld}",
+             (long long)tmo);
+    expect_deadline(e.port, body, NULL, "sleep60000x", tmo);
     srvtest_env_free(&e);
 }
 
@@ -818,6 +830,113 @@ static void test_server_request_id(void)
     srvtest_env_free(&e);
 }
 
+/* ---------------------------------------------------------------- modes and upstreams */
+
+/* The request's options are checked like everything else. */
+static void test_server_request_options_checked(void)
+{
+    struct srvtest_env e;
+    START(&e);
+    static const struct {
+        const char *body, *want;
+    } bad[] = {
+        {"{\"ids\":[\"a\"],\"mode\":\"some\"}", "\"mode\" must be"},
+        {"{\"ids\":[\"a\"],\"mode\":1}", "\"mode\" must be"},
+        {"{\"ids\":[\"a\"],\"hedge\":\"no\"}", "\"hedge\" must be true or false"},
+        {"{\"ids\":[\"a\"],\"coalesce\":0}", "\"coalesce\" must be true or false"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct srvtest_resp r;
+        srvtest_post(e.port, bad[i].body, NULL, &r);
+        CU_ASSERT_EQUAL(r.status, 400);
+        CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "bad_request");
+        CU_ASSERT(strstr(srvtest_err_message(&r), bad[i].want) != NULL);
+        srvtest_resp_free(&r);
+    }
+    struct srvtest_resp r;
+    srvtest_post(e.port, "{\"ids\":[\"a\"],\"mode\":\"all\",\"hedge\":false,\"coalesce\":true}",
+                 NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    srvtest_resp_free(&r);
+    CU_ASSERT_EQUAL(stub_requests(e.up), 1);
+    srvtest_env_free(&e);
+}
+
+/* mode settled over HTTP: 200, one entry per position, errors in place. */
+static void test_server_settled_mode(void)
+{
+    struct srvtest_env e;
+    START(&e);
+    struct srvtest_resp r;
+    char body[200];
+    snprintf(body, sizeof(body),
+             "{\"mode\":\"settled\",\"timeout_ms\":%lld,"
+             "\"ids\":[\"a\",\"fail\",\"sleep60000-s\",\"status418\",\"a\"]}",
+             (long long)test_ms(1000));
+    srvtest_post(e.port, body, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    const cJSON *res = srvtest_results(&r);
+    CU_ASSERT_EQUAL(cJSON_GetArraySize(res), 5);
+    static const char *const want[] = {NULL, "upstream_status", "deadline_exceeded",
+                                       "upstream_status", NULL};
+    for (int i = 0; i < 5; i++) {
+        const cJSON *it = cJSON_GetArrayItem(res, i);
+        const cJSON *err = cJSON_GetObjectItemCaseSensitive(it, "error");
+        if (!want[i]) {
+            CU_ASSERT(err == NULL && num_is(cJSON_GetObjectItem(it, "status"), 200));
+            continue;
+        }
+        const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
+        CU_ASSERT(cJSON_IsString(code) && !strcmp(code->valuestring, want[i]));
+        CU_ASSERT(cJSON_IsString(cJSON_GetObjectItem(err, "message")));
+    }
+    CU_ASSERT(num_is(cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(res, 3), "error"),
+                                         "upstream_status"),
+                     418));
+    srvtest_resp_free(&r);
+    srvtest_env_free(&e);
+}
+
+/* Several upstreams: the first refuses connections; with one retry every batch succeeds, and
+ * after --eject-after failures the dead one is ejected (metrics and no more attempts). */
+static void test_server_several_upstreams_failover(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    struct srv_config cfg;
+    srvtest_config(&e, &cfg);
+    uint16_t port = 0;
+    int refusing = srvtest_refusing_port(&port);
+    CU_ASSERT_FATAL(refusing >= 0);
+    char live[256];
+    upstub_url(e.up, live, sizeof(live), "/items/{id}");
+    snprintf(cfg.upstream, sizeof(cfg.upstream), "http://127.0.0.1:%u/items/{id}\n%s", port, live);
+    cfg.retries = 1;
+    cfg.eject_after = 2;
+    cfg.max_ejected_pct = 50;
+    START_CFG(&e, &cfg);
+    int failed = 0;
+    for (int i = 0; i < 30; i++) {
+        char body[64];
+        snprintf(body, sizeof(body), "{\"ids\":[\"f%d\"]}", i);
+        struct srvtest_resp r;
+        srvtest_post(e.port, body, NULL, &r);
+        failed += r.status != 200;
+        srvtest_resp_free(&r);
+    }
+    CU_ASSERT_EQUAL(failed, 0);
+    char name[160];
+    snprintf(name, sizeof(name), "fanout_upstream_ejected{upstream=\"127.0.0.1:%u\"}", port);
+    CU_ASSERT_EQUAL(srvtest_metric(e.port, name), 1);
+    snprintf(name, sizeof(name),
+             "fanout_upstream_fetches_total{upstream=\"127.0.0.1:%u\",result=\"unreachable\"}",
+             port);
+    CU_ASSERT_EQUAL(srvtest_metric(e.port, name), 2);
+    CU_ASSERT_EQUAL(stub_requests(e.up), 30);
+    srvtest_env_free(&e);
+    close(refusing);
+}
+
 static CU_TestInfo server_api_tests[] = {
     {"400 bad_request: every malformed input, index named", test_server_bad_requests},
     {"hostile JSON: huge, truncated, not UTF-8, deeply nested", test_server_hostile_json},
@@ -836,6 +955,9 @@ static CU_TestInfo server_api_tests[] = {
     {"ids are escaped: no dot-segments, no host/query change", test_server_ids_are_escaped},
     {"JSON data spliced, other bodies as strings, empty ids", test_server_data_spliced_or_string},
     {"X-Request-Id echoed, passed upstream, generated", test_server_request_id},
+    {"mode, hedge and coalesce are checked", test_server_request_options_checked},
+    {"mode settled: 200, errors at their positions", test_server_settled_mode},
+    {"several upstreams: failover with retries, ejection", test_server_several_upstreams_failover},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(server_api, server_api_tests)

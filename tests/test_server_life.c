@@ -73,6 +73,7 @@ static void test_server_overloaded(void)
     srvtest_post(e.port, "{\"ids\":[\"c\"]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     srvtest_resp_free(&r);
+    CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
     CU_ASSERT_EQUAL(srvtest_metric(e.port, "fanout_requests_in_flight"), 0);
     srvtest_env_free(&e);
 }
@@ -94,21 +95,22 @@ static void test_server_first_error_cancels_the_rest(void)
     CU_ASSERT_EQUAL(r.status, 200);
     srvtest_resp_free(&r);
     uint64_t canceled0 = STUB(e.up, canceled);
-    /* limit 3: two 3 s sleeps and the failure run; q1..q3 wait in the queue and never start. */
+    /* limit 3: two 60 s sleeps and the failure run; q1..q3 wait in the queue and never start. */
     srvtest_post(e.port,
-                 "{\"ids\":[\"sleep3000a\",\"sleep3000b\",\"fail\",\"q1\",\"q2\",\"q3\"]}",
+                 "{\"ids\":[\"sleep60000a\",\"sleep60000b\",\"fail\",\"q1\",\"q2\",\"q3\"],"
+                 "\"timeout_ms\":30000}",
                  NULL, &r);
     CU_ASSERT_EQUAL(r.status, 502);
     CU_ASSERT_STRING_EQUAL(srvtest_err_code(&r), "upstream_status");
     const cJSON *id = srvtest_err_field(&r, "id");
     CU_ASSERT(cJSON_IsString(id) && !strcmp(id->valuestring, "fail"));
-    CU_ASSERT(r.elapsed_ms < 1500); /* not waiting for the 3 s siblings */
+    CU_ASSERT(r.elapsed_ms < test_ms(5000)); /* not waiting for the 60 s siblings */
     srvtest_resp_free(&r);
     /* The siblings that reached the stub were closed there. */
     uint64_t sent =
-        upstub_count(e.up, "/items/sleep3000a") + upstub_count(e.up, "/items/sleep3000b");
+        upstub_count(e.up, "/items/sleep60000a") + upstub_count(e.up, "/items/sleep60000b");
     CU_ASSERT(sent >= 1);
-    CU_ASSERT(srvtest_wait_stub_canceled(e.up, canceled0 + sent, 2500));
+    CU_ASSERT(srvtest_wait_stub_canceled(e.up, canceled0 + sent, SRVTEST_WAIT_MS));
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/q1"), 0);
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/q2"), 0);
     CU_ASSERT_EQUAL(upstub_count(e.up, "/items/q3"), 0);
@@ -133,7 +135,7 @@ static void test_server_client_disconnect_cancels(void)
         CU_ASSERT_FATAL(fd >= 0);
         char req[512], body[128];
         int bl = snprintf(body, sizeof(body),
-                          "{\"ids\":[\"sleep5000a%d\",\"sleep5000b%d\"],\"timeout_ms\":8000}",
+                          "{\"ids\":[\"sleep60000a%d\",\"sleep60000b%d\"],\"timeout_ms\":30000}",
                           round, round);
         int rl = snprintf(req, sizeof(req),
                           "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: "
@@ -141,8 +143,8 @@ static void test_server_client_disconnect_cancels(void)
                           bl, body);
         CU_ASSERT_FATAL(srvtest_raw_send(fd, req, (size_t)rl));
         char ta[64], tb[64];
-        snprintf(ta, sizeof(ta), "/items/sleep5000a%d", round);
-        snprintf(tb, sizeof(tb), "/items/sleep5000b%d", round);
+        snprintf(ta, sizeof(ta), "/items/sleep60000a%d", round);
+        snprintf(tb, sizeof(tb), "/items/sleep60000b%d", round);
         CU_ASSERT(srvtest_wait_stub_target(e.up, ta, 1, SRVTEST_WAIT_MS));
         CU_ASSERT(srvtest_wait_stub_target(e.up, tb, 1, SRVTEST_WAIT_MS));
         CU_ASSERT_EQUAL(srv_in_flight(e.srv), 1);
@@ -150,9 +152,9 @@ static void test_server_client_disconnect_cancels(void)
         if (round == 1)
             shutdown(fd, SHUT_RDWR); /* a FIN before the close */
         close(fd);
-        /* Both fetches are closed at the stub well before their 5 s would pass. */
-        CU_ASSERT(srvtest_wait_stub_canceled(e.up, canceled0 + 2, 3000));
-        CU_ASSERT(ctx_now() - t0 < 3000);
+        /* Both fetches are closed at the stub long before their 30 s deadline. */
+        CU_ASSERT(srvtest_wait_stub_canceled(e.up, canceled0 + 2, test_ms(5000)));
+        CU_ASSERT(ctx_now() - t0 < test_ms(5000));
         CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
     }
     /* Still serving. */
@@ -327,8 +329,8 @@ static void test_server_drain_completes_in_flight(void)
     free(a);
     free(b);
     int64_t t0 = ctx_now();
-    srv_drain(e.srv, 5000);
-    CU_ASSERT(ctx_now() - t0 < 4000); /* returned once the batch was answered */
+    srv_drain(e.srv, 600000);
+    CU_ASSERT(ctx_now() - t0 < test_ms(10000)); /* returned once the batch was answered */
     srvtest_bg_join(&bg);
     CU_ASSERT_EQUAL(bg.resp.status, 200);
     CU_ASSERT_EQUAL(cJSON_GetArraySize(srvtest_results(&bg.resp)), 2);
@@ -381,18 +383,18 @@ static void test_server_drain_deadline_answers_503(void)
     struct srvtest_env e;
     CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
     CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
-    static const char body[] = "{\"ids\":[\"sleep5000\",\"y\"],\"timeout_ms\":9000}";
+    static const char body[] = "{\"ids\":[\"sleep60000\",\"y\"],\"timeout_ms\":30000}";
     struct srvtest_bg bg = {.port = e.port, .call = {.body = body}};
     CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
     CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
     int64_t t0 = ctx_now();
     srv_drain(e.srv, 200);
-    CU_ASSERT(ctx_now() - t0 < 3000);
+    CU_ASSERT(ctx_now() - t0 < test_ms(5000)); /* the batch's deadline is 30 s away */
     srvtest_bg_join(&bg);
     CU_ASSERT_EQUAL(bg.resp.status, 503);
     CU_ASSERT_STRING_EQUAL(srvtest_err_code(&bg.resp), "overloaded");
     CU_ASSERT(atoi(bg.resp.retry_after) >= 1);
-    CU_ASSERT(bg.resp.elapsed_ms < 3000);
+    CU_ASSERT(bg.resp.elapsed_ms < test_ms(5000));
     srvtest_resp_free(&bg.resp);
     CU_ASSERT(srvtest_wait_stub_canceled(e.up, 1, SRVTEST_WAIT_MS));
     srvtest_env_free(&e);
@@ -407,13 +409,14 @@ static void test_server_free_with_batch_in_flight(void)
     srvtest_config(&e, &cfg);
     cfg.drain_ms = 100;
     CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
-    struct srvtest_bg bg = {.port = e.port, .call = {.body = "{\"ids\":[\"sleep5000\"]}"}};
+    struct srvtest_bg bg = {.port = e.port,
+                            .call = {.body = "{\"ids\":[\"sleep60000\"],\"timeout_ms\":30000}"}};
     CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
     CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 1, SRVTEST_WAIT_MS));
     int64_t t0 = ctx_now();
     srv_free(e.srv);
     e.srv = NULL;
-    CU_ASSERT(ctx_now() - t0 < 3000);
+    CU_ASSERT(ctx_now() - t0 < test_ms(5000)); /* drain 100 ms, then canceled */
     srvtest_bg_join(&bg);
     CU_ASSERT_EQUAL(bg.resp.status, 503);
     srvtest_resp_free(&bg.resp);
@@ -470,7 +473,7 @@ static void test_server_releases_everything(void)
         srvtest_resp_free(&bg.resp);
         srvtest_env_free(&e);
         ctx_shutdown();
-        CU_ASSERT(test_settles_to(threads, fds, 5000));
+        CU_ASSERT(test_settles_to(threads, fds, test_ms(5000)));
         if (test_thread_count() != threads || test_fd_count() != fds)
             fprintf(stderr, "\n  threads %d (was %d), fds %d (was %d)\n", test_thread_count(),
                     threads, test_fd_count(), fds);
@@ -496,7 +499,7 @@ static void test_server_concurrent_mixed_batches(void)
     } kinds[] = {
         {"{\"ids\":[\"m1\",\"m2\",\"m3\",\"m4\",\"m5\",7,8,9]}", 200},
         {"{\"ids\":[\"sleep30\",\"fail\",\"sleep2000\",\"z1\",\"z2\"]}", 502},
-        {"{\"ids\":[\"sleep2000\",\"sleep10\"],\"timeout_ms\":60}", 504},
+        {"{\"ids\":[\"sleep60000\",\"sleep10\"],\"timeout_ms\":60}", 504},
         {"{\"ids\":[\"sleep5\",\"sleep5\",\"m1\",\"m1\"]}", 200},
         {"{\"ids\":[1,]}", 400},
         {"{\"ids\":[\"status503\",\"m6\"]}", 502},
@@ -787,6 +790,40 @@ static void test_server_watch_remove_waits_for_cancel(void)
     close(fds[0]);
 }
 
+/* fanout_requests_in_flight falls when the answer is queued: read on a second connection right
+ * after each answer on the first, it is 0 every time. */
+static void test_server_gauge_zero_after_answer(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
+    struct srvtest_raw *a = malloc(sizeof(*a)), *m = malloc(sizeof(*m));
+    CU_ASSERT_FATAL(a && m);
+    CU_ASSERT_FATAL(srvtest_raw_open(a, e.port) && srvtest_raw_open(m, e.port));
+    static const char batch[] = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n"
+                                "{\"ids\":[\"g\"]}";
+    static const char scrape[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    char *body = malloc(65536);
+    CU_ASSERT_FATAL(body != NULL);
+    int rounds = 500, nonzero = 0, bad = 0;
+    for (int i = 0; i < rounds && !bad; i++) {
+        bad += !srvtest_raw_send(a->fd, batch, sizeof(batch) - 1);
+        bad += srvtest_raw_response(a, NULL, 0, SRVTEST_WAIT_MS) != 200;
+        bad += !srvtest_raw_send(m->fd, scrape, sizeof(scrape) - 1);
+        bad += srvtest_raw_response(m, body, 65536, SRVTEST_WAIT_MS) != 200;
+        const char *g = strstr(body, "\nfanout_requests_in_flight ");
+        nonzero += !g || atoi(g + 27) != 0;
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    CU_ASSERT_EQUAL(nonzero, 0);
+    free(body);
+    srvtest_raw_close(a);
+    srvtest_raw_close(m);
+    free(a);
+    free(m);
+    srvtest_env_free(&e);
+}
+
 static CU_TestInfo server_life_tests[] = {
     {"503 overloaded at max_requests, metrics", test_server_overloaded},
     {"first error cancels the rest", test_server_first_error_cancels_the_rest},
@@ -805,6 +842,7 @@ static CU_TestInfo server_life_tests[] = {
     {"watch: hang-up cancels, removed entries never do", test_server_watch_hangup_cancels},
     {"watch: removal racing hang-ups never cancels late", test_server_watch_remove_races_hangup},
     {"watch: removal waits for a cancel in progress", test_server_watch_remove_waits_for_cancel},
+    {"in-flight gauge is 0 right after every answer", test_server_gauge_zero_after_answer},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(server_life, server_life_tests)

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "server/json.h"
-#include "server/url.h"
+#include "fetch/url.h"
 #include "tests/support.h"
 
 static uint64_t rng_state = 0xD1B54A32D192ED03ULL;

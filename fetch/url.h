@@ -53,8 +53,27 @@ int url_template_parse(const char *tmpl, struct url_template *out, char *err, si
 /* Frees what url_template_parse() allocated; 't' is zeroed and may be destroyed again. */
 void url_template_destroy(struct url_template *t);
 
-/* Most bytes url_encode_id() writes for an id of 'idlen' bytes. */
+/* Most bytes url_encode_id() or url_encode_key() writes for an id of 'idlen' bytes. */
 #define URL_ENCODED_MAX(idlen) (3 * (idlen))
+
+/* Bytes url_format_int64() may write: "-9223372036854775808" is 20. */
+#define URL_INT64_MAX_CHARS 20
+
+/* Writes the id's key: the id percent-encoded as by url_encode_id() but without the dot rule,
+ * which depends on a template. The key is the same for every upstream, so it names the
+ * resource for deduplication; url_build_key_into() turns it into a URL for one template.
+ * 'dst' has room for URL_ENCODED_MAX(idlen) bytes; no NUL is written. Returns the length. */
+size_t url_encode_key(const char *id, size_t idlen, char *dst);
+
+/* Writes the decimal text of 'v' (no NUL) to 'dst' (URL_INT64_MAX_CHARS bytes); returns its
+ * length. A numeric id's key is its decimal text, so 7 and "7" share a key. */
+size_t url_format_int64(int64_t v, char *dst);
+
+/* Writes the URL for a key (from url_encode_key()) into dst[0..cap), NUL-terminated, applying
+ * the template's dot rule. Returns the URL's length; when that is cap or more, nothing useful was
+ * written and the return value + 1 is the room needed. */
+size_t url_build_key_into(const struct url_template *t, const char *key, size_t keylen, char *dst,
+                          size_t cap);
 
 /* Writes the percent-encoded id (rules at the top of this file, including the dot rule that
  * depends on 't') to 'dst', which has room for URL_ENCODED_MAX(idlen) bytes; writes no NUL.

@@ -8,16 +8,16 @@
  * the host, port, path prefix, query and fragment are those of the template.
  *
  * Threads and locks: none; a parsed template is read-only. */
-#include "server/url.h"
+#include "fetch/url.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "server/json.h"
 
 #define ID_MARK "{id}"
 #define ID_MARK_LEN 4
@@ -156,14 +156,12 @@ void url_template_destroy(struct url_template *t)
     memset(t, 0, sizeof(*t));
 }
 
-size_t url_encode_id(const struct url_template *t, const char *id, size_t idlen, char *dst)
+size_t url_encode_key(const char *id, size_t idlen, char *dst)
 {
     char *q = dst;
-    bool dots =
-        t->id_seg_start && idlen >= 1 && idlen <= 2 && id[0] == '.' && (idlen == 1 || id[1] == '.');
     for (size_t i = 0; i < idlen; i++) {
         unsigned char c = (unsigned char)id[i];
-        if (unreserved[c] && !dots) {
+        if (unreserved[c]) {
             *q++ = (char)c;
         } else {
             *q++ = '%';
@@ -172,6 +170,54 @@ size_t url_encode_id(const struct url_template *t, const char *id, size_t idlen,
         }
     }
     return (size_t)(q - dst);
+}
+
+size_t url_format_int64(int64_t v, char *dst)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof(tmp), "%" PRId64, v);
+    memcpy(dst, tmp, (size_t)n);
+    return (size_t)n;
+}
+
+/* The bytes that stand for 'key' in a URL from 't': the key itself, except "." and ".." right
+ * after a '/', whose dots are escaped so that no dot-segment appears. */
+static size_t put_key(const struct url_template *t, const char *key, size_t keylen, char *dst)
+{
+    bool dots = t->id_seg_start && keylen >= 1 && keylen <= 2 && key[0] == '.' &&
+                (keylen == 1 || key[1] == '.');
+    if (!dots) {
+        memcpy(dst, key, keylen);
+        return keylen;
+    }
+    for (size_t i = 0; i < keylen; i++)
+        memcpy(dst + 3 * i, "%2E", 3);
+    return 3 * keylen;
+}
+
+size_t url_encode_id(const struct url_template *t, const char *id, size_t idlen, char *dst)
+{
+    size_t n = url_encode_key(id, idlen, dst);
+    if (n <= 2) { /* only "." and ".." change, and both encode to themselves */
+        char key[2];
+        memcpy(key, dst, n);
+        n = put_key(t, key, n, dst);
+    }
+    return n;
+}
+
+size_t url_build_key_into(const struct url_template *t, const char *key, size_t keylen, char *dst,
+                          size_t cap)
+{
+    size_t need = t->prefix_len + (keylen <= 2 ? 3 * keylen : keylen) + t->suffix_len + 1;
+    if (need > cap)
+        return need - 1; /* >= cap: the caller needs a larger buffer */
+    char *q = dst;
+    memcpy(q, t->text, t->prefix_len);
+    q += t->prefix_len;
+    q += put_key(t, key, keylen, q);
+    memcpy(q, t->text + t->suffix_off, t->suffix_len + 1); /* with the NUL */
+    return (size_t)(q - dst) + t->suffix_len;
 }
 
 int url_build(const struct url_template *t, const char *id, size_t idlen, char **out,
@@ -199,6 +245,6 @@ int url_build(const struct url_template *t, const char *id, size_t idlen, char *
 
 int url_build_int64(const struct url_template *t, int64_t id, char **out, size_t *outlen)
 {
-    char num[JSON_INT64_MAX_CHARS];
-    return url_build(t, num, json_format_int64(id, num), out, outlen);
+    char num[URL_INT64_MAX_CHARS];
+    return url_build(t, num, url_format_int64(id, num), out, outlen);
 }

@@ -1,0 +1,76 @@
+/* batch: running one parsed request: its plan's calls under an errgroup, on one fetch loop.
+ *
+ * batch_new() takes a parsed request and plans it (plan.h); batch_run() hands it to a fetch loop;
+ * from then on everything about it (the errgroup's tasks, each call's attempts, timers and
+ * callbacks) happens on that loop's thread, so no lock guards a batch. What crosses threads is
+ * cancellation: the batch's ctx (a child of env->root with the request's deadline) may be
+ * canceled from anywhere (a client gone, shutdown), and the fetch engine turns that into aborted
+ * transfers on the loop. When the group has ended and every attempt and timer has called back,
+ * done(arg) runs once, on the loop thread; after it the batch is the caller's again, to render
+ * (batch_render()) and free on any one thread.
+ *
+ * There is no HTTP here: the caller (srv.c) owns connections, admission and gauges. */
+#ifndef FANOUT_BATCH_H
+#define FANOUT_BATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "server/request.h"
+
+struct ctx;
+struct fetch;
+struct upstreams;
+struct budget;
+struct metrics;
+struct writer;
+struct batch;
+
+/* Everything a batch needs from the server. Read-only, shared by all batches. */
+struct batch_env {
+    struct fetch *fetch;          /* the engine */
+    struct upstreams *ups;        /* where ids are fetched from */
+    struct ctx *root;             /* parent of every batch ctx (canceled at shutdown) */
+    struct budget *hedge_budget;  /* shared by all batches */
+    struct budget *retry_budget;  /* shared by all batches */
+    struct metrics *metrics;      /* fetch, hedge, retry and per-upstream counters */
+    int limit;                    /* calls in flight per batch (the errgroup limit) */
+    size_t max_response_bytes;    /* one answer's size */
+    size_t max_body;              /* upstream body per id (for messages) */
+    int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
+    bool hedge_auto;              /* hedge after the first upstream's recent p95 */
+    unsigned retries;             /* extra attempts after a retryable failure */
+};
+
+typedef void (*batch_done_fn)(void *arg);
+
+/* Makes a batch for 'rq' (taken: freed with the batch, also on failure) with request id 'rid'
+ * (copied; sent upstream): the plan, the ctx and the errgroup. Nothing runs yet. The request
+ * must have at least one position. Returns 0 and the batch, or -ENOMEM. */
+int batch_new(const struct batch_env *env, struct request *rq, const char *rid,
+              batch_done_fn done, void *arg, struct batch **out);
+
+/* Hands the batch to its fetch loop. Returns 0, and done(arg) is then called exactly once, on
+ * the loop thread, never from inside batch_run(); or -ENOMEM / FETCH_ESHUTDOWN, and nothing
+ * runs (free the batch). */
+int batch_run(struct batch *b);
+
+/* The request's effective deadline, ms (for messages). */
+int64_t batch_timeout_ms(const struct batch *b);
+
+/* The batch's ctx, to cancel it from outside (a client gone: -EPIPE). Valid until batch_free. */
+struct ctx *batch_ctx(struct batch *b);
+
+/* Why the batch ended, after done: 0, or the group's error, or the ctx's cause (-EPIPE for a
+ * client gone, -ESHUTDOWN). */
+int batch_err(const struct batch *b);
+
+/* Writes the answer through 'w' (render.h): results in request order, or the error. After done
+ * only. */
+void batch_render(struct batch *b, struct writer *w);
+
+/* Frees a batch: after done, or one that never ran. */
+void batch_free(struct batch *b);
+
+#endif

@@ -1,0 +1,38 @@
+/* The inside of a batch, shared by batch.c (the run) and call.c (a call's attempts) only. */
+#ifndef FANOUT_BATCH_IMPL_H
+#define FANOUT_BATCH_IMPL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "server/batch.h"
+#include "server/call.h"
+#include "server/plan.h"
+#include "server/request.h"
+
+#define BATCH_RID_MAX 128
+
+/* Bytes a result adds to the answer besides its body: {"id":..,"status":..,"data":..}. */
+#define RESULT_OVERHEAD 48
+
+struct batch {
+    const struct batch_env *env; /* the server's */
+    struct request rq;           /* the parsed request (owned) */
+    struct plan plan;            /* positions -> calls */
+    struct call *calls;          /* plan.ncalls of them */
+    struct ctx *ctx;             /* the request's ctx: deadline, client gone, shutdown */
+    struct eg *g;                /* the errgroup over the calls */
+    unsigned loop;               /* the fetch loop everything runs on */
+    bool hedge;                  /* hedging on for this batch */
+    batch_done_fn done;          /* the caller's callback and its argument */
+    void *arg;
+    /* Loop thread only, until done: */
+    int err;                     /* the group's result */
+    int start_err;               /* a call could not even be queued (out of memory) */
+    long fail_call;              /* first call that failed (mode all), or -1 */
+    size_t resp_bytes;           /* the answer's size so far, counted as results arrive */
+    char rid[BATCH_RID_MAX + 1]; /* request id, sent upstream */
+};
+
+#endif

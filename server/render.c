@@ -1,0 +1,187 @@
+/* render: error mapping and the buffer writer (see render.h). */
+#include "server/render.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fetch/fetch.h"
+#include "server/call.h"
+
+void render_error(const struct render_limits *lim, const char *echo, const struct call_result *r,
+                  struct render_error *e)
+{
+    const char *id = echo ? echo : "?";
+    const char *detail = r->detail ? r->detail : "";
+    e->upstream_status = false;
+    e->status = 502;
+    switch (r->err) {
+    case FETCH_ESTATUS:
+        e->code = "upstream_status";
+        e->upstream_status = true;
+        snprintf(e->message, sizeof(e->message), "upstream answered %ld for id %s", r->status, id);
+        return;
+    case FETCH_EUNREACH:
+        e->code = "upstream_unreachable";
+        snprintf(e->message, sizeof(e->message), "upstream unreachable for id %s: %s", id, detail);
+        return;
+    case FETCH_ETOOBIG:
+        e->code = "upstream_too_large";
+        snprintf(e->message, sizeof(e->message), "upstream body for id %s exceeds %zu bytes "
+                 "(--max-body)", id, lim->max_body);
+        return;
+    case CALL_ERESPONSE:
+        e->code = "upstream_too_large";
+        snprintf(e->message, sizeof(e->message), "the response would exceed %zu bytes "
+                 "(--max-response-bytes); it failed at id %s", lim->max_response_bytes, id);
+        return;
+    case -ETIMEDOUT:
+        e->status = 504;
+        e->code = "deadline_exceeded";
+        snprintf(e->message, sizeof(e->message), "deadline of %" PRId64 " ms exceeded%s%s",
+                 lim->timeout_ms, echo ? " while fetching id " : "", echo ? echo : "");
+        return;
+    case -ESHUTDOWN:
+    case FETCH_ESHUTDOWN:
+        e->status = 503;
+        e->code = "overloaded";
+        snprintf(e->message, sizeof(e->message),
+                 "the server is shutting down; retry on another instance");
+        return;
+    case -ECANCELED:
+        e->status = 500;
+        e->code = "canceled";
+        snprintf(e->message, sizeof(e->message), "the fetch of id %s was canceled", id);
+        return;
+    default:
+        e->status = 500;
+        e->code = "internal";
+        snprintf(e->message, sizeof(e->message), "internal error (%d)%s%s", r->err,
+                 *detail ? ": " : "", detail);
+        return;
+    }
+}
+
+void render_error_doc(struct json_buf *o, const char *code, const char *message,
+                      const char *extra)
+{
+    json_buf_append_str(o, "{\"error\":{\"code\":\"");
+    json_buf_append_str(o, code);
+    json_buf_append_str(o, "\",\"message\":");
+    json_append_string(o, message, strlen(message));
+    if (extra)
+        json_buf_append_str(o, extra);
+    json_buf_append_str(o, "}}\n");
+}
+
+/* ---------------------------------------------------------------- the buffer writer */
+
+/* The upstream body as a JSON value: spliced when it is JSON, else a JSON string. */
+static void append_data(struct json_buf *o, struct call_result *r)
+{
+    if (r->valid < 0)
+        r->valid = r->body && json_valid(r->body, r->len, &r->vstart, &r->vend);
+    if (r->valid)
+        json_buf_append(o, r->body + r->vstart, r->vend - r->vstart);
+    else
+        json_append_string(o, r->body ? r->body : "", r->len);
+}
+
+/* The members of an error object after "code" and "message": ,"upstream_status":N. */
+static void error_members(struct json_buf *o, const struct render_error *e,
+                          const struct call_result *r)
+{
+    if (e->upstream_status)
+        json_buf_printf(o, ",\"upstream_status\":%ld", r->status);
+}
+
+static void bw_begin(struct writer *w)
+{
+    struct buf_writer *bw = (struct buf_writer *)w;
+    bw->status = 200;
+    json_buf_append_str(&bw->out, "{\"results\":[");
+}
+
+static void bw_item(struct writer *w, size_t pos, const char *echo, const struct call_result *cr)
+{
+    struct buf_writer *bw = (struct buf_writer *)w;
+    struct json_buf *o = &bw->out;
+    struct call_result *r = (struct call_result *)(uintptr_t)cr; /* caches body validity */
+    json_buf_append_str(o, pos ? ",{\"id\":" : "{\"id\":");
+    json_buf_append_str(o, echo);
+    if (r->err == 0) {
+        json_buf_printf(o, ",\"status\":%ld,\"data\":", r->status);
+        append_data(o, r);
+    } else {
+        struct render_error e;
+        render_error(&w->lim, echo, r, &e);
+        json_buf_append_str(o, ",\"error\":{\"code\":\"");
+        json_buf_append_str(o, e.code);
+        json_buf_append_str(o, "\",\"message\":");
+        json_append_string(o, e.message, strlen(e.message));
+        error_members(o, &e, r);
+        json_buf_append_char(o, '}');
+    }
+    json_buf_append_char(o, '}');
+    if (o->len > w->lim.max_response_bytes)
+        bw->too_large = true;
+}
+
+static void bw_fail(struct writer *w, const char *echo, const struct call_result *r)
+{
+    struct buf_writer *bw = (struct buf_writer *)w;
+    struct render_error e;
+    render_error(&w->lim, echo, r, &e);
+    json_buf_clear(&bw->out);
+    struct json_buf extra;
+    json_buf_init(&extra);
+    if (echo) {
+        json_buf_append_str(&extra, ",\"id\":");
+        json_buf_append_str(&extra, echo);
+        free(bw->fail_id);
+        bw->fail_id = strdup(echo);
+    }
+    error_members(&extra, &e, r);
+    render_error_doc(&bw->out, e.code, e.message, extra.data);
+    if (json_buf_failed(&extra))
+        bw->out.oom = true;
+    json_buf_destroy(&extra);
+    bw->status = e.status;
+    bw->code = e.code;
+}
+
+static void bw_end(struct writer *w)
+{
+    struct buf_writer *bw = (struct buf_writer *)w;
+    if (bw->code)
+        return; /* an error document is complete as it is */
+    json_buf_append_str(&bw->out, "]}\n");
+    if (bw->too_large) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "the response would exceed %zu bytes (--max-response-bytes)",
+                 w->lim.max_response_bytes);
+        json_buf_clear(&bw->out);
+        render_error_doc(&bw->out, "upstream_too_large", msg, NULL);
+        bw->status = 502;
+        bw->code = "upstream_too_large";
+    }
+}
+
+static const struct writer_ops buf_ops = {bw_begin, bw_item, bw_fail, bw_end};
+
+void buf_writer_init(struct buf_writer *bw, const struct render_limits *lim)
+{
+    memset(bw, 0, sizeof(*bw));
+    bw->w.ops = &buf_ops;
+    bw->w.lim = *lim;
+    json_buf_init(&bw->out);
+}
+
+void buf_writer_destroy(struct buf_writer *bw)
+{
+    json_buf_destroy(&bw->out);
+    free(bw->fail_id);
+    bw->fail_id = NULL;
+}

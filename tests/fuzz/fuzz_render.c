@@ -1,0 +1,127 @@
+/* Fuzz target: the response writer (server/render.h). Any upstream bodies, any mix of results
+ * and errors: the answer is strict JSON that round-trips the inputs: a body that is JSON is
+ * spliced as the same value, any other body is a JSON string equal to it (when it is UTF-8 with
+ * no NUL), and an error entry has a code and a message. A batch-level failure is an error
+ * document naming the id.
+ *
+ * Input: byte 0 is a bit mask of which positions fail (bit 7: render a batch failure instead);
+ * the rest is split at 0xFF bytes into up to 7 upstream bodies. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fetch/fetch.h"
+#include "server/call.h"
+#include "server/json.h"
+#include "server/render.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const int errs[] = {FETCH_ESTATUS, FETCH_EUNREACH, FETCH_ETOOBIG, -ETIMEDOUT,
+                           CALL_ERESPONSE, -ESHUTDOWN, -ENOMEM};
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1)
+        return 0;
+    uint8_t mask = data[0];
+    struct call_result res[7];
+    char echo[7][16];
+    size_t k = 0, start = 1;
+    for (size_t i = 1; i <= size && k < 7; i++) {
+        if (i == size || data[i] == 0xFF) {
+            struct call_result *r = &res[k];
+            memset(r, 0, sizeof(*r));
+            r->valid = -1;
+            r->len = i - start;
+            r->body = malloc(r->len + 1);
+            if (!r->body)
+                abort();
+            memcpy(r->body, data + start, r->len);
+            r->body[r->len] = '\0';
+            r->status = 200;
+            r->decided = true;
+            if (mask & (1u << k)) {
+                r->err = errs[(r->len + k) % (sizeof(errs) / sizeof(errs[0]))];
+                r->status = r->err == FETCH_ESTATUS ? 404 : 0;
+                r->detail = strdup("detail \"quoted\"");
+            }
+            snprintf(echo[k], sizeof(echo[k]), "\"id%zu\"", k);
+            k++;
+            start = i + 1;
+        }
+    }
+    struct render_limits lim = {1000, 1 << 20, 1 << 30};
+    struct buf_writer bw;
+    buf_writer_init(&bw, &lim);
+    bool fail = mask & 0x80;
+    if (fail) {
+        bw.w.ops->fail(&bw.w, k ? echo[0] : NULL, &res[0]);
+    } else {
+        bw.w.ops->begin(&bw.w);
+        for (size_t i = 0; i < k; i++)
+            bw.w.ops->item(&bw.w, i, echo[i], &res[i]);
+    }
+    bw.w.ops->end(&bw.w);
+    if (json_buf_failed(&bw.out) || !json_valid(bw.out.data, bw.out.len, NULL, NULL))
+        abort();
+    cJSON *doc = cJSON_ParseWithLength(bw.out.data, bw.out.len);
+    if (!doc)
+        abort();
+    if (fail) {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(doc, "error");
+        if (!cJSON_IsString(cJSON_GetObjectItem(e, "code")) ||
+            !cJSON_IsString(cJSON_GetObjectItem(e, "message")))
+            abort();
+    } else {
+        const cJSON *a = cJSON_GetObjectItemCaseSensitive(doc, "results");
+        if (!cJSON_IsArray(a) || (size_t)cJSON_GetArraySize(a) != k)
+            abort();
+        for (size_t i = 0; i < k; i++) {
+            const cJSON *it = cJSON_GetArrayItem(a, (int)i);
+            const cJSON *id = cJSON_GetObjectItem(it, "id");
+            char want[16];
+            snprintf(want, sizeof(want), "id%zu", i);
+            if (!cJSON_IsString(id) || strcmp(id->valuestring, want) != 0)
+                abort();
+            if (res[i].err) {
+                const cJSON *e = cJSON_GetObjectItem(it, "error");
+                if (!cJSON_IsString(cJSON_GetObjectItem(e, "code")) ||
+                    !cJSON_IsString(cJSON_GetObjectItem(e, "message")))
+                    abort();
+                continue;
+            }
+            const cJSON *d = cJSON_GetObjectItem(it, "data");
+            if (!d)
+                abort();
+            if (json_valid(res[i].body, res[i].len, NULL, NULL)) {
+                /* The same value: compared as cJSON prints both (cJSON_Compare calls two
+                 * infinities, as 1e999 parses, different). */
+                cJSON *orig = cJSON_ParseWithLength(res[i].body, res[i].len);
+                char *pa = orig ? cJSON_PrintUnformatted(orig) : NULL;
+                char *pb = orig ? cJSON_PrintUnformatted(d) : NULL;
+                if (orig && (!pa || !pb || strcmp(pa, pb) != 0))
+                    abort();
+                free(pa);
+                free(pb);
+                cJSON_Delete(orig);
+            } else {
+                if (!cJSON_IsString(d))
+                    abort();
+                if (json_utf8_valid(res[i].body, res[i].len) && !memchr(res[i].body, 0, res[i].len) &&
+                    strcmp(d->valuestring, res[i].body) != 0)
+                    abort();
+            }
+        }
+    }
+    cJSON_Delete(doc);
+    buf_writer_destroy(&bw);
+    for (size_t i = 0; i < k; i++) {
+        free(res[i].body);
+        free(res[i].detail);
+    }
+    return 0;
+}

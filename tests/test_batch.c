@@ -1,0 +1,718 @@
+/* Tests for the batch core (server/batch.h, call.h, render.h) without HTTP: a request parsed
+ * with request_parse(), run on a real fetch engine against in-process upstream stubs
+ * (tests/upstub.h), and its answer rendered by the buffer writer.
+ *
+ * The stubs act on the last path segment, so an upstream template with a prefix before {id}
+ * makes a whole upstream slow or failing: "http://A/items/sleep60000-{id}" answers every id
+ * after a minute, "http://B/items/status503-{id}" fails every id with 503. Which upstream an
+ * id tries first is its rendezvous ranking, so tests pick ids by asking upstreams_rank().
+ *
+ * Synchronization is by events: the batch's done callback (a latch), stub counters reaching a
+ * value. Every bound is test_ms(); the failure modes (a minute-long upstream) lie far beyond. */
+#include <CUnit/CUnit.h>
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctx/ctx.h"
+#include "fetch/fetch.h"
+#include "fetch/upstream.h"
+#include "fetch/url.h"
+#include "server/batch.h"
+#include "server/budget.h"
+#include "server/metrics.h"
+#include "server/render.h"
+#include "server/request.h"
+#include "tests/core_util.h"
+#include "tests/srvtest.h"
+#include "tests/support.h"
+#include "tests/upstub.h"
+
+#define WAIT_MS test_ms(10000)
+
+/* An engine, stubs and the shared state a batch runs with. */
+struct rig {
+    struct upstub *stub[3];     /* up to three upstreams */
+    unsigned nstub;
+    char tmpl[3][256];          /* their templates */
+    struct fetch *fetch;
+    struct upstreams *ups;
+    struct budget hedge, retry;
+    struct metrics *m;
+    struct ctx *root;
+    struct batch_env env;
+    struct upstreams_opts uo;
+};
+
+/* Starts 'n' stubs with templates "<stub i>/items/<prefix[i]>{id}" and the rest; the upstream
+ * options are g->uo when its eject_after is set before the call, else no ejection. */
+static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsigned hedge_pct,
+                     unsigned retry_pct)
+{
+    struct upstreams_opts uo = g->uo;
+    memset(g, 0, sizeof(*g));
+    g->uo = uo;
+    g->nstub = n;
+    const char *t[3];
+    for (unsigned i = 0; i < n; i++) {
+        if (upstub_new(1, &g->stub[i]) != 0)
+            return false;
+        char path[128];
+        snprintf(path, sizeof(path), "/items/%s{id}", prefix && prefix[i] ? prefix[i] : "");
+        upstub_url(g->stub[i], g->tmpl[i], sizeof(g->tmpl[i]), path);
+        t[i] = g->tmpl[i];
+    }
+    struct fetch_opts fo;
+    fetch_opts_default(&fo);
+    fo.loops = 1;
+    fo.max_conns = 64;
+    fo.idle_poll_ms = 600000; /* a missed wakeup would stall for minutes, not hide */
+    if (fetch_new(&fo, &g->fetch) != 0)
+        return false;
+    if (!g->uo.eject_after)
+        g->uo = (struct upstreams_opts){.policy = UPSTREAM_REPLICAS,
+                                        .eject_after = 1000000,
+                                        .eject_ms = 1000,
+                                        .eject_max_ms = 1000,
+                                        .max_ejected_pct = 50};
+    char err[256];
+    if (upstreams_new(t, n, &g->uo, &g->ups, err, sizeof(err)) != 0) {
+        fprintf(stderr, "\n  %s\n", err);
+        return false;
+    }
+    budget_init(&g->hedge, hedge_pct, 0, ctx_now());
+    budget_init(&g->retry, retry_pct, 0, ctx_now());
+    for (int i = 0; i < 10; i++) { /* some credit to start with */
+        budget_deposit(&g->hedge);
+        budget_deposit(&g->retry);
+    }
+    g->m = calloc(1, sizeof(*g->m));
+    if (!g->m)
+        return false;
+    metrics_init(g->m);
+    g->root = ctx_new(ctx_background(), CTX_FOREVER);
+    g->env = (struct batch_env){.fetch = g->fetch,
+                                .ups = g->ups,
+                                .root = g->root,
+                                .hedge_budget = &g->hedge,
+                                .retry_budget = &g->retry,
+                                .metrics = g->m,
+                                .limit = 8,
+                                .max_response_bytes = 1 << 20,
+                                .max_body = 1 << 20,
+                                .retries = 0};
+    return g->root != NULL;
+}
+
+static void rig_free(struct rig *g)
+{
+    fetch_free(g->fetch);
+    upstreams_free(g->ups);
+    budget_destroy(&g->hedge);
+    budget_destroy(&g->retry);
+    for (unsigned i = 0; i < g->nstub; i++)
+        upstub_free(g->stub[i]);
+    ctx_free(g->root);
+    free(g->m);
+}
+
+static uint64_t stub_stat(struct upstub *s, size_t off)
+{
+    struct upstub_stats st;
+    upstub_stats(s, &st);
+    return *(uint64_t *)((char *)&st + off);
+}
+#define STUB(s, field) stub_stat(s, offsetof(struct upstub_stats, field))
+
+struct stub_want {
+    struct upstub *s;
+    size_t off;
+    uint64_t n;
+};
+
+static bool stub_reached(void *arg)
+{
+    struct stub_want *w = arg;
+    return stub_stat(w->s, w->off) >= w->n;
+}
+
+static bool wait_stub(struct upstub *s, size_t off, uint64_t n)
+{
+    struct stub_want w = {s, off, n};
+    return test_wait_until(stub_reached, &w, WAIT_MS);
+}
+#define WAIT_STUB(s, field, n) wait_stub(s, offsetof(struct upstub_stats, field), n)
+
+/* A running batch and its answer. */
+struct run {
+    struct batch *b;
+    struct latch done;
+    unsigned status;
+    const char *code;
+    cJSON *json;
+    char *text;
+    int64_t t0, elapsed;
+};
+
+static void on_done(void *arg)
+{
+    latch_add(&((struct run *)arg)->done, 1);
+}
+
+/* Parses 'body' and starts it; false (after a message) if it cannot. */
+static bool run_start(struct rig *g, struct run *r, const char *body)
+{
+    memset(r, 0, sizeof(*r));
+    latch_init(&r->done);
+    struct request_limits lim = {1000, 5000, 60000};
+    struct request rq;
+    struct request_error e;
+    char *copy = strdup(body);
+    int rc = copy ? request_parse(&lim, copy, strlen(copy), NULL, &rq, &e) : -ENOMEM;
+    free(copy);
+    if (rc != 0) {
+        fprintf(stderr, "\n  request refused: %s\n", e.message);
+        return false;
+    }
+    r->t0 = ctx_now();
+    if (batch_new(&g->env, &rq, "rid-1", on_done, r, &r->b) != 0)
+        return false;
+    if (batch_run(r->b) != 0) {
+        batch_free(r->b);
+        r->b = NULL;
+        return false;
+    }
+    return true;
+}
+
+/* Waits for the batch, renders it, frees it. */
+static bool run_finish(struct run *r)
+{
+    bool ok = latch_wait(&r->done, 1, WAIT_MS);
+    r->elapsed = ctx_now() - r->t0;
+    if (!ok) {
+        fprintf(stderr, "\n  batch not done in time\n");
+        return false; /* the batch is left to the engine's shutdown */
+    }
+    struct render_limits lim = {batch_timeout_ms(r->b), 1 << 20, 1 << 20};
+    struct buf_writer bw;
+    buf_writer_init(&bw, &lim);
+    batch_render(r->b, &bw.w);
+    r->status = bw.status;
+    r->code = bw.code;
+    r->text = bw.out.data ? strdup(bw.out.data) : NULL;
+    r->json = r->text ? cJSON_Parse(r->text) : NULL;
+    buf_writer_destroy(&bw);
+    batch_free(r->b);
+    r->b = NULL;
+    latch_destroy(&r->done);
+    return true;
+}
+
+static bool run_body(struct rig *g, struct run *r, const char *body)
+{
+    return run_start(g, r, body) && run_finish(r);
+}
+
+static void run_free(struct run *r)
+{
+    cJSON_Delete(r->json);
+    free(r->text);
+}
+
+static const cJSON *item(const struct run *r, int i, const char *field)
+{
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(r->json, "results");
+    const cJSON *o = cJSON_GetArrayItem(a, i);
+    return field ? cJSON_GetObjectItemCaseSensitive(o, field) : o;
+}
+
+static const char *item_code(const struct run *r, int i)
+{
+    const cJSON *e = item(r, i, "error");
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(e, "code");
+    return cJSON_IsString(c) ? c->valuestring : "";
+}
+
+static const char *data_id(const struct run *r, int i)
+{
+    const cJSON *d = item(r, i, "data");
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(d, "id");
+    return cJSON_IsString(id) ? id->valuestring : "";
+}
+
+/* An id whose ranking puts upstream 'first' first (and, when second >= 0, 'second' next). */
+static void id_ranked(const struct rig *g, unsigned first, int second, char *out, size_t cap)
+{
+    for (unsigned i = 0;; i++) {
+        snprintf(out, cap, "k%u", i);
+        uint8_t rank[UPSTREAMS_MAX];
+        upstreams_rank(g->ups, out, strlen(out), rank);
+        if (rank[0] == first && (second < 0 || rank[1] == (unsigned)second))
+            return;
+    }
+}
+
+static uint64_t M(const atomic_uint_fast64_t *a)
+{
+    return atomic_load(a);
+}
+
+/* ---------------------------------------------------------------- hedging */
+
+/* The first attempt hangs on A; after the hedge delay a second goes to B and wins; A's socket is
+ * closed at once (seen at the stub); the metrics say one hedge sent and won. */
+static void test_batch_hedge_wins_and_loser_is_closed(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"sleep60000-", ""};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
+    g.env.hedge_after_ms = 20;
+    char id[32], body[128];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":30000}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id); /* B's answer: its id, not "sleep60000-..." */
+    CU_ASSERT(r.elapsed < test_ms(5000));
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1)); /* the loser, closed at the upstream */
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 1);
+    CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 1);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 1);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[RES_OK]), 1);
+    run_free(&r);
+
+    /* "hedge": false in the body: no hedge, the deadline ends it. */
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":200,\"hedge\":false}", id);
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 504);
+    CU_ASSERT_STRING_EQUAL(r.code, "deadline_exceeded");
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 1);
+    CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 1);
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* An empty hedge budget refuses the hedge: counted, and the first attempt's answer is used. */
+static void test_batch_hedge_refused_by_budget(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"sleep300-", ""};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 0));
+    g.env.hedge_after_ms = 20;
+    while (budget_withdraw(&g.hedge, ctx_now())) /* spend the starting credit */
+        ;
+    char id[32], body[128];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"]}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 200);
+    char want[64];
+    snprintf(want, sizeof(want), "sleep300-%s", id); /* A's answer */
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 0), want);
+    CU_ASSERT(r.elapsed >= 300);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_refused), 1);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 0);
+    CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 0);
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* Shards: the hedge goes to the same upstream; canceling the batch closes both attempts. */
+static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"sleep60000-", "sleep60000-"};
+    memset(&g, 0, sizeof(g));
+    g.uo = (struct upstreams_opts){.policy = UPSTREAM_SHARDS,
+                                   .eject_after = 5,
+                                   .eject_ms = 1000,
+                                   .eject_max_ms = 1000,
+                                   .max_ejected_pct = 50};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
+    g.env.hedge_after_ms = 10;
+    char a[32], b[32], body[160];
+    id_ranked(&g, 0, -1, a, sizeof(a));
+    id_ranked(&g, 1, -1, b, sizeof(b));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"%s\"],\"timeout_ms\":30000}", a, b);
+    struct run r;
+    CU_ASSERT_FATAL(run_start(&g, &r, body));
+    /* Each id's two attempts reach its own shard. */
+    CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 2));
+    CU_ASSERT(WAIT_STUB(g.stub[1], in_flight, 2));
+    ctx_cancel(batch_ctx(r.b), -EPIPE); /* as a client going away does */
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
+    CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 2);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]) + M(&g.m->up[1].fetches[RES_CANCELED]),
+                    4);
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* ---------------------------------------------------------------- retries */
+
+/* A 503 from the first upstream is retried on the next; with no retries it is the answer; a 500
+ * or a 404 is never retried. */
+static void test_batch_retry_goes_to_the_next_upstream(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"status503-", ""};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 100));
+    g.env.retries = 1;
+    char id[32], body[128];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"]}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id);
+    CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_STATUS]), 1);
+    run_free(&r);
+    g.env.retries = 0;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_STRING_EQUAL(r.code, "upstream_status");
+    CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
+    run_free(&r);
+    rig_free(&g);
+
+    const char *pre500[] = {"status500-", "status404-"};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre500, 0, 100));
+    g.env.retries = 3;
+    char a[32], b2[32];
+    id_ranked(&g, 0, 1, a, sizeof(a));
+    id_ranked(&g, 1, 0, b2, sizeof(b2));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"%s\"],\"mode\":\"settled\"}", a, b2);
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 0), "upstream_status");
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 1), "upstream_status");
+    CU_ASSERT_EQUAL(M(&g.m->retries_sent), 0);
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 2);
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* A connection refused is retried; an empty retry budget refuses (counted); every attempt that
+ * reached an upstream went out before the deadline (it carried a positive remaining time). */
+static void test_batch_retry_budget_and_deadline(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"status503-", "status503-"};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 0));
+    g.env.retries = 1;
+    while (budget_withdraw(&g.retry, ctx_now()))
+        ;
+    char id[32], body[160];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"]}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_EQUAL(M(&g.m->retries_refused), 1);
+    CU_ASSERT_EQUAL(M(&g.m->retries_sent), 0);
+    CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 0);
+    run_free(&r);
+    /* Plenty of budget and retries, a short deadline: the chain stops at the deadline. */
+    for (int i = 0; i < 2000; i++)
+        budget_deposit(&g.retry);
+    g.env.retries = 10;
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":60}", id);
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT(r.status == 502 || r.status == 504);
+    struct upstub_req log[64];
+    size_t late = 0, total = 0;
+    for (unsigned s = 0; s < 2; s++) {
+        size_t n = upstub_log(g.stub[s], log, 64);
+        for (size_t i = 0; i < n; i++) {
+            total++;
+            late += !log[i].has_timeout_ms || atoll(log[i].timeout_ms) <= 0;
+        }
+    }
+    CU_ASSERT(total >= 1);
+    CU_ASSERT_EQUAL(late, 0);
+    CU_ASSERT(M(&g.m->retries_sent) < 10); /* the backoffs outgrew the 60 ms */
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* Canceled while backing off or retrying: no attempt starts afterwards. */
+static void test_batch_no_retry_after_cancel(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"status503-", "status503-"};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 1000));
+    for (int i = 0; i < 2000; i++)
+        budget_deposit(&g.retry);
+    g.env.retries = 10;
+    char id[32], body[128];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":30000}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_start(&g, &r, body));
+    CU_ASSERT(WAIT_STUB(g.stub[1], requests, 1)); /* the first retry went out */
+    ctx_cancel(batch_ctx(r.b), -ECANCELED);
+    uint64_t at_cancel = STUB(g.stub[0], requests) + STUB(g.stub[1], requests);
+    CU_ASSERT_FATAL(run_finish(&r));
+    uint64_t after = STUB(g.stub[0], requests) + STUB(g.stub[1], requests);
+    CU_ASSERT(after <= at_cancel + 1); /* at most the one already on its way */
+    CU_ASSERT(r.elapsed < test_ms(5000));
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* ---------------------------------------------------------------- failover and ejection */
+
+/* One of three replicas refuses connections: every batch still succeeds (retried on the next
+ * replica), and after --eject-after failures it is ejected and no longer tried. */
+static void test_batch_failover_and_ejection(void)
+{
+    struct rig g = {0};
+    memset(&g, 0, sizeof(g));
+    g.uo = (struct upstreams_opts){.policy = UPSTREAM_REPLICAS,
+                                   .eject_after = 3,
+                                   .eject_ms = 600000,
+                                   .eject_max_ms = 600000,
+                                   .max_ejected_pct = 50};
+    CU_ASSERT_FATAL(rig_init(&g, 2, NULL, 0, 1000));
+    for (int i = 0; i < 2000; i++)
+        budget_deposit(&g.retry);
+    g.env.retries = 1;
+    /* A third upstream whose port refuses: rebuild the set with it first in the list. */
+    uint16_t port = 0;
+    int refusing = srvtest_refusing_port(&port);
+    CU_ASSERT_FATAL(refusing >= 0);
+    char dead[128];
+    snprintf(dead, sizeof(dead), "http://127.0.0.1:%u/items/{id}", port);
+    const char *t[] = {dead, g.tmpl[0], g.tmpl[1]};
+    upstreams_free(g.ups);
+    char err[256];
+    CU_ASSERT_FATAL(upstreams_new(t, 3, &g.uo, &g.ups, err, sizeof(err)) == 0);
+    g.env.ups = g.ups;
+    int failed = 0;
+    for (int i = 0; i < 20; i++) {
+        char id[32], body[128];
+        snprintf(id, sizeof(id), "x%d", i);
+        uint8_t rank[UPSTREAMS_MAX];
+        upstreams_rank(g.ups, id, strlen(id), rank);
+        snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"%s-b\"]}", id, id);
+        struct run r;
+        CU_ASSERT_FATAL(run_body(&g, &r, body));
+        failed += r.status != 200;
+        run_free(&r);
+    }
+    CU_ASSERT_EQUAL(failed, 0);
+    CU_ASSERT_TRUE(upstream_ejected(g.ups, 0, ctx_now()));
+    CU_ASSERT_EQUAL(upstream_ejections(g.ups, 0), 1);
+    uint64_t tried = M(&g.m->up[0].fetches[RES_UNREACHABLE]);
+    /* eject_after attempts, plus at most the batch's other id already on its way to it at the
+     * moment of the ejection; then never again. Each was retried elsewhere. */
+    CU_ASSERT(tried >= 3 && tried <= 4);
+    CU_ASSERT_EQUAL(M(&g.m->retries_sent), tried);
+    close(refusing);
+    rig_free(&g);
+}
+
+/* ---------------------------------------------------------------- settled mode */
+
+/* mode settled: 200 with one entry per position, each a result or its own error: upstream
+ * status (with upstream_status), unreachable, too large, deadline (in flight, and never started
+ * behind the limit), duplicates at each position. */
+static void test_batch_settled_every_error_kind(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 5;
+    g.env.max_body = 1000; /* for the message only: the engine's cap is set below */
+    fetch_free(g.fetch);
+    struct fetch_opts fo;
+    fetch_opts_default(&fo);
+    fo.loops = 1;
+    fo.max_conns = 16;
+    fo.max_body = 1000;
+    fo.idle_poll_ms = 600000;
+    CU_ASSERT_FATAL(fetch_new(&fo, &g.fetch) == 0);
+    g.env.fetch = g.fetch;
+    /* The deadline is far longer than the fast fetches take, scaled like every bound. */
+    int64_t tmo = test_ms(1000);
+    char body[512];
+    snprintf(body, sizeof(body),
+             "{\"mode\":\"settled\",\"timeout_ms\":%lld,\"ids\":[\"ok\",\"fail-1\","
+             "\"status404-2\",\"empty-3\",\"big5000\",\"sleep60000-4\",7,\"ok\","
+             "\"sleep60000-5\",\"sleep60000-6\",\"sleep60000-7\"]}",
+             (long long)tmo);
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, body));
+    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_PTR_NULL(r.code);
+    CU_ASSERT_EQUAL(cJSON_GetArraySize(cJSON_GetObjectItem(r.json, "results")), 11);
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 0), "ok");
+    CU_ASSERT(cJSON_IsNumber(item(&r, 0, "status")));
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 1), "upstream_status");
+    const cJSON *us = cJSON_GetObjectItem(item(&r, 1, "error"), "upstream_status");
+    CU_ASSERT(cJSON_IsNumber(us) && us->valueint == 500);
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 2), "upstream_status");
+    us = cJSON_GetObjectItem(item(&r, 2, "error"), "upstream_status");
+    CU_ASSERT(cJSON_IsNumber(us) && us->valueint == 404);
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 3), "upstream_unreachable");
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 4), "upstream_too_large");
+    CU_ASSERT_STRING_EQUAL(item_code(&r, 5), "deadline_exceeded");
+    CU_ASSERT(cJSON_IsNumber(item(&r, 6, "id")) && item(&r, 6, "id")->valueint == 7);
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 6), "7");
+    CU_ASSERT_STRING_EQUAL(data_id(&r, 7), "ok"); /* a duplicate, at its own position */
+    for (int i = 8; i < 11; i++) /* queued behind the limit, or in flight: the deadline */
+        CU_ASSERT_STRING_EQUAL(item_code(&r, i), "deadline_exceeded");
+    const cJSON *msg = cJSON_GetObjectItem(item(&r, 5, "error"), "message");
+    char want[64];
+    snprintf(want, sizeof(want), "%lld ms", (long long)tmo);
+    CU_ASSERT(cJSON_IsString(msg) && strstr(msg->valuestring, want));
+    CU_ASSERT(r.elapsed >= tmo && r.elapsed < tmo + test_ms(5000));
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1));
+    run_free(&r);
+    /* The same batch in mode all: the first error decides. */
+    CU_ASSERT_FATAL(run_body(&g, &r, "{\"ids\":[\"ok\",\"fail-1\"]}"));
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_STRING_EQUAL(r.code, "upstream_status");
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* ---------------------------------------------------------------- first error, answers */
+
+/* Mode all: one 500 among slow siblings ends the batch at once; the siblings are closed at the
+ * upstream and counted canceled, not as upstream status. */
+static void test_batch_first_error_cancels_siblings_counted_canceled(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    struct run r;
+    CU_ASSERT_FATAL(run_start(&g, &r, "{\"ids\":[\"sleep60000-a\",\"sleep60000-b\","
+                                      "\"sleep60000-c\",\"fail-x\"],\"timeout_ms\":30000}"));
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_STRING_EQUAL(r.code, "upstream_status");
+    const cJSON *id = cJSON_GetObjectItem(cJSON_GetObjectItem(r.json, "error"), "id");
+    CU_ASSERT(cJSON_IsString(id) && !strcmp(id->valuestring, "fail-x"));
+    CU_ASSERT(r.elapsed < test_ms(5000));
+    uint64_t sent = upstub_count(g.stub[0], "/items/sleep60000-a") +
+                    upstub_count(g.stub[0], "/items/sleep60000-b") +
+                    upstub_count(g.stub[0], "/items/sleep60000-c");
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, sent));
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), sent);
+    struct fetch_stats st;
+    fetch_stats(g.fetch, &st);
+    CU_ASSERT_EQUAL(st.status, 1);
+    CU_ASSERT_EQUAL(st.canceled, sent);
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* A response that would pass max_response_bytes fails with upstream_too_large; duplicates
+ * count at each position. */
+static void test_batch_response_cap(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.max_response_bytes = 4096;
+    struct run r;
+    CU_ASSERT_FATAL(run_body(&g, &r, "{\"ids\":[\"big1000\",\"big1000\",\"big1000\"]}"));
+    CU_ASSERT_EQUAL(r.status, 200);
+    run_free(&r);
+    CU_ASSERT_FATAL(run_body(&g, &r, "{\"ids\":[\"big1500\",\"big1500\",\"big1500\"]}"));
+    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_STRING_EQUAL(r.code, "upstream_too_large");
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 2); /* one fetch per distinct id */
+    run_free(&r);
+    rig_free(&g);
+}
+
+/* Many concurrent batches with hedges, retries and cancels on two loops, for make tsan: each
+ * ends exactly once, nothing is left in the engine. */
+struct storm {
+    struct rig *g;
+    int rounds;
+    int bad;
+};
+
+static void *storm_main(void *arg)
+{
+    struct storm *s = arg;
+    for (int i = 0; i < s->rounds; i++) {
+        char body[256];
+        snprintf(body, sizeof(body),
+                 "{\"ids\":[\"a%d\",\"sleep%d-b\",\"fail-%d\",\"c%d\",\"a%d\"],\"mode\":\"%s\","
+                 "\"timeout_ms\":%d}",
+                 i % 7, i % 30, i, i % 5, i % 7, i % 2 ? "settled" : "all", 5 + i % 40);
+        struct run r;
+        if (!run_start(s->g, &r, body)) {
+            s->bad++;
+            continue;
+        }
+        if (i % 3 == 0)
+            ctx_cancel(batch_ctx(r.b), -EPIPE);
+        if (!run_finish(&r))
+            s->bad++;
+        run_free(&r);
+    }
+    return NULL;
+}
+
+static void test_batch_storm(void)
+{
+    int threads0 = test_thread_count(), fds0 = test_fd_count();
+    struct rig g = {0};
+    const char *pre[] = {"", "status503-"};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 50, 1000));
+    g.env.hedge_after_ms = 3;
+    g.env.retries = 2;
+    enum { T = 4 };
+    pthread_t t[T];
+    struct storm s[T];
+    for (int i = 0; i < T; i++) {
+        s[i] = (struct storm){&g, core_rounds(60), 0};
+        CU_ASSERT_FATAL(pthread_create(&t[i], NULL, storm_main, &s[i]) == 0);
+    }
+    int bad = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(t[i], NULL);
+        bad += s[i].bad;
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    struct fetch_stats st;
+    fetch_stats(g.fetch, &st);
+    CU_ASSERT_EQUAL(st.in_flight, 0);
+    rig_free(&g);
+    CU_ASSERT(test_settles_to(threads0 + 1 /* ctx timer */, fds0, test_ms(5000)) ||
+              test_settles_to(threads0, fds0, test_ms(5000)));
+}
+
+static CU_TestInfo batch_tests[] = {
+    {"hedge: sent after the delay, wins, the loser is closed", test_batch_hedge_wins_and_loser_is_closed},
+    {"hedge: refused when the budget is spent", test_batch_hedge_refused_by_budget},
+    {"shards: hedge to the same upstream; a cancel closes every attempt",
+     test_batch_shards_hedge_same_upstream_and_cancel_closes_all},
+    {"retry: 503 goes to the next upstream; 500 and 404 never retried",
+     test_batch_retry_goes_to_the_next_upstream},
+    {"retry: budget refuses; never past the deadline", test_batch_retry_budget_and_deadline},
+    {"retry: none after the batch was canceled", test_batch_no_retry_after_cancel},
+    {"failover and ejection of a dead replica", test_batch_failover_and_ejection},
+    {"settled: one entry per position for every error kind", test_batch_settled_every_error_kind},
+    {"first error: siblings closed and counted canceled",
+     test_batch_first_error_cancels_siblings_counted_canceled},
+    {"response cap, duplicates counted at each position", test_batch_response_cap},
+    {"storm: concurrent batches with hedges, retries, cancels", test_batch_storm},
+    CU_TEST_INFO_NULL,
+};
+TEST_SUITE(batch, batch_tests)
