@@ -216,7 +216,11 @@ if ! docker run --rm -e 'FANOUT_UPSTREAM=http://a:1/items/{id},http://b:1/items/
 	multi=
 	compose+=(-f deploy/compose.single-upstream.yaml)
 fi
-echo "upstreams: ${multi:+three, as a list}${multi:-one name for the three (this fanout takes a single --upstream)}"
+if [[ -n $multi ]]; then
+	echo "upstreams: the three, as a list"
+else
+	echo "upstreams: one name for the three (this fanout takes a single --upstream)"
+fi
 LBPORT=$(free_port)
 STATSPORT=$(free_port)
 export FANOUT_IMAGE=$IMG FANOUT_LB_IMAGE=$LBIMG
@@ -305,11 +309,21 @@ busiest() {
 	cutconns=$best
 }
 net=${P}_default
+# "RETRIES HEDGES" sent so far, summed over the fanout replicas (their /metrics, on the project's
+# network).
+fanout_counters() {
+	local c
+	for c in $(fanout_containers); do
+		curl -s --max-time 2 "http://$(ip_of "$c"):8080/metrics" || true
+	done | awk '/^fanout_retries_sent_total / { r += $2 } /^fanout_hedges_sent_total / { h += $2 } END { print r + 0, h + 0 }'
+}
+read -r re0 he0 <<<"$(fanout_counters)"
 load 14 "$tmp/load5" -T 2000
 sleep 3
 busiest
 echo "cutting $cutname off (${cutconns} fanout connections to it)"
 t=$(now_ms)
+cut_wall=$(date -u +%s.%N)
 docker network disconnect "$net" "$cut"
 # Probe batches of 20 ids (1.5 s deadline) for 8 s: when did the last one fail?
 last_fail=-1 probes=0 probe_fail=0
@@ -325,10 +339,28 @@ done
 wait "$load_pid" || true
 read -r total failed <<<"$(load_result "$tmp/load5")"
 cut_failed=$failed
+read -r re1 he1 <<<"$(fanout_counters)"
+# The first "upstream ejected" line naming it, in any replica's log, after the cut.
+eject_up=$(for c in $(fanout_containers); do docker logs "$c" 2>&1; done | python3 -c '
+import datetime, json, sys
+t0, name, first, n = float(sys.argv[1]), sys.argv[2], None, 0
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("msg") != "upstream ejected" or not str(r.get("upstream", "")).startswith(name):
+        continue
+    t = datetime.datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
+    if t >= t0:
+        n += 1
+        first = t if first is None or t < first else first
+print("%d ms (%d ejections)" % ((first - t0) * 1000, n) if first is not None else "not ejected")' "$cut_wall" "$cutname")
 docker network connect --alias upstream --alias "$cutname" "$net" "$cut"
 wait_for 30 healthy "$cut" || true
 if [[ $last_fail -lt 0 ]]; then recover="no probe failed"; else recover="last failure at +${last_fail} ms"; fi
 echo "load: requests $total, failed $failed; probes: $probe_fail of $probes failed, $recover"
+echo "fanout: $((re1 - re0)) retries, $((he1 - he0)) hedges sent; $cutname ejected after: $eject_up"
 echo "probes (time after the cut: status): $(cat "$tmp/probes")"
 [[ $failed -eq 0 ]] || echo "failures: $(load_errors "$tmp/load5")"
 if [[ -n $multi ]]; then
@@ -338,6 +370,8 @@ else
 fi
 row "upstream cut ($cutname, $cutconns conns): requests / failed" "$total / $failed" "$verdict"
 row "upstream cut: probes failed, recovery" "$probe_fail of $probes, $recover" ""
+row "upstream cut: fanout retries / hedges sent" "$((re1 - re0)) / $((he1 - he0))" ""
+row "upstream cut: time to ejection (first replica)" "$eject_up" ""
 
 # ---------------------------------------------------------------- 6. manifests
 
