@@ -5,6 +5,7 @@
 #   make fuzz       each libFuzzer target for FUZZ_SECONDS (clang)
 #   make soak       SOAK_SECONDS of mixed load under ASan, then TSan, with resource samples
 #   make bench      micro-benchmarks                       make install / clean
+#   make deploy-test  container images, compose cluster and manifests, under Docker
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
 BUILD    ?= build
@@ -45,7 +46,7 @@ LOAD_BIN  = $(BUILD)/bin/fanout-load
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean load
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean load deploy-test
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -192,6 +193,11 @@ run: deps
 install: deps
 	@$(MAKE) --no-print-directory $(BIN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/fanout
+
+# Builds the container images (a local Debian base first, where none exists) and exercises the
+# image, the compose cluster and the Kubernetes manifests under Docker (deploy/deploy-test.sh).
+deploy-test:
+	deploy/deploy-test.sh
 
 clean:
 	rm -rf build

@@ -331,6 +331,10 @@ static CURL *easy_get(struct fetch_loop *l)
     curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    /* Send the path exactly as built: libcurl 8 treats %2E as a dot when it removes
+     * dot-segments, so it would turn the encoded ids "." and ".." (url.h) back into path
+     * navigation. The URL builder already leaves no dot-segment in an id. */
+    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
     if (o->h2c) {
         curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
         curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);

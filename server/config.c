@@ -5,7 +5,7 @@
  * flags win. Numbers must be whole and within the setting's bounds; sizes take an optional
  * KiB/MiB/GiB (or K/M/G) suffix; booleans take 1/0/true/false/yes/no/on/off. --demo and
  * --upstream exclude each other only when both come from the same source: a flag overrides the
- * other one's environment variable. The upstream template is parsed here too (url.h), so a bad
+ * other one's environment variable; so does --demo-upstream-only, against both. The upstream template is parsed here too (url.h), so a bad
  * one is a configuration error that --check-config reports.
  *
  * Every error is one line that names the flag (and the variable, for the environment).
@@ -63,6 +63,8 @@ static const struct opt opts[] = {
     {"retry-budget-pct", K_UINT, F(retry_budget_pct), 0, 1000,
      "retries at most this percent of fetches, plus 10 a second [20]"},
     {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
+    {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
+     "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
     {"limit", K_INT, F(limit), 1, 100000, "in-flight fetches per request (errgroup limit) [32]"},
     {"max-conns", K_UINT, F(max_conns), 1, 1000000,
      "connections to the upstream, all fetch loops together [512]"},
@@ -338,12 +340,14 @@ static int apply_env(struct srv_config *c, char *err, size_t errlen)
 
 static int check(const struct srv_config *c, char *err, size_t errlen)
 {
+    if (c->demo_upstream_only && (c->demo || c->upstream[0]))
+        return fail(err, errlen, "--demo-upstream-only excludes --demo and --upstream");
     if (c->demo && c->upstream[0])
         return fail(err, errlen, "--demo and --upstream exclude each other");
-    if (!c->demo && !c->upstream[0])
+    if (!c->demo && !c->upstream[0] && !c->demo_upstream_only)
         return fail(err, errlen,
                     "--upstream is required (or --demo for the built-in demo upstream)");
-    if (!c->demo) {
+    if (!c->demo && !c->demo_upstream_only) {
         char list[sizeof(c->upstream)];
         memcpy(list, c->upstream, sizeof(list));
         const char *t[UPSTREAMS_MAX + 1];
@@ -381,7 +385,7 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
 }
 
 /* One command-line item: a flag with its value, or an action. */
-enum item { ITEM_FLAG, ITEM_HELP, ITEM_VERSION, ITEM_CHECK };
+enum item { ITEM_FLAG, ITEM_HELP, ITEM_VERSION, ITEM_CHECK, ITEM_HEALTHCHECK };
 
 /* Reads the item at argv[*i] (advancing *i past a separate value). Returns 0 and the item (for
  * ITEM_FLAG also the option and its value text), or -EINVAL with the reason in err. */
@@ -399,6 +403,15 @@ static int next_item(int argc, char **argv, int *i, enum item *it, const struct 
     }
     if (!strcmp(a, "--check-config")) {
         *it = ITEM_CHECK;
+        return 0;
+    }
+    if (!strncmp(a, "--healthcheck", 13) && (a[13] == '\0' || a[13] == '=')) {
+        const char *path = a[13] ? a + 14 : "/healthz";
+        if (path[0] != '/' || strlen(path) >= sizeof(((struct srv_config *)0)->probe_path) ||
+            strpbrk(path, " \t\r\n?#"))
+            return fail(err, errlen, "--healthcheck: want a path like /readyz, got \"%s\"", path);
+        *it = ITEM_HEALTHCHECK;
+        *v = path;
         return 0;
     }
     if (strncmp(a, "--", 2) != 0 || a[2] == '\0')
@@ -438,10 +451,14 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
         }
         if (it == ITEM_CHECK)
             *action = CONFIG_CHECK;
+        if (it == ITEM_HEALTHCHECK) {
+            *action = CONFIG_HEALTHCHECK;
+            snprintf(c->probe_path, sizeof(c->probe_path), "%s", v);
+        }
     }
     if ((rc = apply_env(c, err, errlen)) != 0)
         return rc;
-    bool flag_demo = false, flag_upstream = false;
+    bool flag_demo = false, flag_upstream = false, flag_only = false;
     for (int i = 1; i < argc; i++) {
         if ((rc = next_item(argc, argv, &i, &it, &o, &v, err, errlen)) != 0)
             return rc;
@@ -456,6 +473,7 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
             return rc;
         flag_demo |= !strcmp(o->name, "demo");
         flag_upstream |= is_upstream;
+        flag_only |= !strcmp(o->name, "demo-upstream-only");
     }
     /* A flag beats the environment also across this pair: --demo drops FANOUT_UPSTREAM, and
      * --upstream drops FANOUT_DEMO. Both as flags is an error (check()). */
@@ -463,9 +481,17 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
         c->upstream[0] = '\0';
     if (flag_upstream && !flag_demo && c->upstream[0])
         c->demo = false;
+    if (flag_only && !flag_demo && !flag_upstream && c->demo_upstream_only) {
+        c->demo = false;
+        c->upstream[0] = '\0';
+    }
+    if ((flag_demo || flag_upstream) && !flag_only && (c->demo || c->upstream[0]))
+        c->demo_upstream_only = false;
     /* The default deadline follows a lower --max-timeout-ms down; an explicit one must fit. */
     if (!c->timeout_ms_given && c->timeout_ms > c->max_timeout_ms)
         c->timeout_ms = c->max_timeout_ms;
+    if (*action == CONFIG_HEALTHCHECK)
+        return 0;
     return check(c, err, errlen);
 }
 
@@ -494,8 +520,11 @@ void config_usage(FILE *out)
         snprintf(flag, sizeof(flag), "--%s%s", o->name, meta[o->kind]);
         fprintf(out, "  %-26s %s\n", flag, o->help);
     }
-    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--check-config",
-            "validate flags and environment, print the effective config as JSON, exit", "--version",
+    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--check-config",
+            "validate flags and environment, print the effective config as JSON, exit",
+            "--healthcheck[=PATH]",
+            "GET PATH [/healthz] on the --listen port over loopback: exit 0 on 200, else 1",
+            "--version",
             "print the version and exit", "-h, --help", "this text");
     fprintf(out, "\nN is a whole number, MS milliseconds; SIZE takes an optional KiB, MiB or GiB "
                  "(or K, M, G) suffix;\nbooleans are true/false, yes/no, on/off or 1/0.\n"
@@ -539,12 +568,12 @@ void config_print_json(const struct srv_config *c, FILE *out)
                     c->hedge_budget_pct, c->retries, c->retry_budget_pct);
     json_buf_printf(
         &b,
-        ",\"demo\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
+        ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"max_response_bytes\":%zu,\"http_threads\":%u,"
         "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
         "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s}",
-        c->demo ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
+        c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false");

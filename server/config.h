@@ -32,6 +32,7 @@ struct srv_config {
     unsigned retries;           /* --retries: extra attempts after retryable failures */
     unsigned retry_budget_pct;  /* --retry-budget-pct: retries per 100 first attempts (+10/s) */
     bool demo;                  /* --demo: serve the built-in demo upstream and use it */
+    bool demo_upstream_only;    /* --demo-upstream-only: serve only the demo upstream on --listen */
     int limit;                  /* --limit: in-flight fetches per request */
     unsigned max_conns;         /* --max-conns: upstream connections, all loops together */
     unsigned max_batch;         /* --max-batch: ids per request */
@@ -50,10 +51,11 @@ struct srv_config {
     int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
     bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
     bool timeout_ms_given;      /* --timeout-ms was set; else it follows --max-timeout-ms down */
+    char probe_path[128];       /* --healthcheck[=PATH]: the path it GETs [/healthz] */
 };
 
 /* What the command line asked for besides serving. */
-enum config_action { CONFIG_RUN, CONFIG_HELP, CONFIG_VERSION, CONFIG_CHECK };
+enum config_action { CONFIG_RUN, CONFIG_HELP, CONFIG_VERSION, CONFIG_CHECK, CONFIG_HEALTHCHECK };
 
 /* Fills 'c' with the defaults (CPU count for the thread settings). */
 void config_defaults(struct srv_config *c);
@@ -61,7 +63,9 @@ void config_defaults(struct srv_config *c);
 /* Applies the environment, then argv[1..argc), to 'c' (config_defaults() first). --help and
  * --version anywhere on the command line win and skip the rest (the environment too).
  * Otherwise every value is checked, and so is the whole: --upstream (a valid template with
- * {id}, url.h) or --demo, --timeout-ms <= --max-timeout-ms, --max-conns >= --fetch-threads.
+ * {id}, url.h) or --demo (or --demo-upstream-only, which excludes both), --timeout-ms <=
+ * --max-timeout-ms, --max-conns >= --fetch-threads. For --healthcheck only the values are
+ * checked, not the whole: the probe needs nothing but --listen.
  * Returns 0 and the action in *action, or -EINVAL with a one-line reason naming the flag (and
  * the FANOUT_* variable when the value came from the environment) in err. Not thread-safe. */
 int config_parse(struct srv_config *c, int argc, char **argv, enum config_action *action, char *err,

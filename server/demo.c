@@ -90,6 +90,7 @@ struct demo {
     struct MHD_Response *bad_method; /* shared 405 response */
     struct MHD_Response *shutting;   /* shared 503 response, with Connection: close */
     struct MHD_Response *gone;       /* shared empty 499 response, with Connection: close */
+    struct MHD_Response *ok;         /* shared 200 response of the probes */
     struct ctx *root;                /* parent of every delayed request's ctx */
     pthread_t watcher;               /* the watcher thread */
     int epfd;                        /* the watcher's epoll set: evfd and suspended sockets */
@@ -492,6 +493,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return finish_delay(d, conn, url, *req_cls);
     if (strcmp(method, MHD_HTTP_METHOD_GET) != 0)
         return MHD_queue_response(conn, MHD_HTTP_METHOD_NOT_ALLOWED, d->bad_method);
+    if (!strcmp(url, "/healthz") || !strcmp(url, "/readyz"))
+        return MHD_queue_response(conn, MHD_HTTP_OK, d->ok);
     const char *id = item_id(url);
     if (!id)
         return MHD_queue_response(conn, MHD_HTTP_NOT_FOUND, d->not_found);
@@ -555,6 +558,8 @@ static void destroy_responses(struct demo *d)
         MHD_destroy_response(d->shutting);
     if (d->gone)
         MHD_destroy_response(d->gone);
+    if (d->ok)
+        MHD_destroy_response(d->ok);
 }
 
 static int make_responses(struct demo *d)
@@ -563,7 +568,8 @@ static int make_responses(struct demo *d)
     d->bad_method = static_json("{\"error\":\"method not allowed\"}", false);
     d->shutting = static_json("{\"error\":\"shutting down\"}", true);
     d->gone = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
-    if (!d->not_found || !d->bad_method || !d->shutting || !d->gone ||
+    d->ok = static_json("{\"status\":\"ok\"}", false);
+    if (!d->not_found || !d->bad_method || !d->shutting || !d->gone || !d->ok ||
         MHD_add_response_header(d->gone, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES ||
         MHD_add_response_header(d->bad_method, MHD_HTTP_HEADER_ALLOW, "GET") != MHD_YES) {
         destroy_responses(d);

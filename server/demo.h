@@ -13,7 +13,8 @@
  *                   {"error":"injected status","status":NNN,"id":"<id>"}
  *   drop<P>*        with probability P percent (0..100) the connection is closed without an
  *                   answer (the client sees an empty reply); otherwise the item, as usual
- * and a query ?ms=N on any id adds N ms of delay. A request's total delay is capped at
+ * and a query ?ms=N on any id adds N ms of delay. GET /healthz and GET /readyz answer 200
+ * {"status":"ok"} (probes for `fanout --demo-upstream-only` in a container). A request's total delay is capped at
  * DEMO_MAX_DELAY_MS. Any other path is 404 {"error":"not found"}, any method but GET is 405
  * {"error":"method not allowed"} (with Allow: GET); a request body is read and dropped. Requests
  * delayed when demo_stop() runs get 503 {"error":"shutting down"} and a closed connection.

@@ -10,6 +10,13 @@
  * teardown is waiting for and exits at once (status 1) without running any cleanup. SIGPIPE is
  * ignored so that a vanished peer is an error code, not a death.
  *
+ * --demo-upstream-only runs the demo upstream (demo.h) on --listen instead of fanout, with the
+ * same signal handling: the first SIGTERM/SIGINT stops it (demo_stop()) and exits 0.
+ *
+ * --healthcheck[=PATH] is a probe for container runtimes whose image has no HTTP client: one GET
+ * of PATH (/healthz by default) on the --listen port over loopback (the listen address itself when it is a specific
+ * one), exit 0 on a 200 and 1 otherwise, with a one-line reason on stderr.
+ *
  * Exit status: 0 after a drain, and for --help, --version and --check-config; 1 when the server
  * cannot start or after a second signal; 2 for invalid configuration (one line on stderr). */
 #include <curl/curl.h>
@@ -27,6 +34,7 @@
 
 #include "ctx/ctx.h"
 #include "server/config.h"
+#include "server/demo.h"
 #include "server/srv.h"
 #include "server/version.h"
 
@@ -114,6 +122,102 @@ static void arm_second_signal(void)
     pthread_sigmask(SIG_UNBLOCK, &stop, NULL); /* a pending one is delivered right here */
 }
 
+/* Discards a response body. */
+static size_t discard(char *data, size_t size, size_t n, void *arg)
+{
+    (void)data;
+    (void)arg;
+    return size * n;
+}
+
+/* --healthcheck[=PATH]: GET c->probe_path on the port 'c' listens on. Returns the exit status. */
+static int healthcheck(const struct srv_config *c)
+{
+    const char *host = c->listen_host;
+    if (!strcmp(host, "0.0.0.0"))
+        host = "127.0.0.1";
+    else if (!strcmp(host, "::"))
+        host = "::1";
+    char url[320];
+    snprintf(url, sizeof(url), strchr(host, ':') ? "http://[%s]:%u%s" : "http://%s:%u%s", host,
+             c->listen_port, c->probe_path);
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "fanout: healthcheck: curl_global_init failed\n");
+        return 1;
+    }
+    CURL *h = curl_easy_init();
+    if (!h) {
+        fprintf(stderr, "fanout: healthcheck: out of memory\n");
+        curl_global_cleanup();
+        return 1;
+    }
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_PROXY, ""); /* never through a proxy from the environment */
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 2000L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard);
+    CURLcode rc = curl_easy_perform(h);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(h);
+    curl_global_cleanup();
+    if (rc != CURLE_OK) {
+        fprintf(stderr, "fanout: healthcheck: %s: %s\n", url, curl_easy_strerror(rc));
+        return 1;
+    }
+    if (status != 200) {
+        fprintf(stderr, "fanout: healthcheck: %s: status %ld\n", url, status);
+        return 1;
+    }
+    return 0;
+}
+
+/* One log line on stderr, for the mode that runs without the server's logger:
+ * {"time":...,"level":"info","msg":<msg>,"mode":"demo-upstream-only"[,"version":...,"port":N]}
+ * (the port and version when port >= 0). */
+static void log_line(const char *msg, int port)
+{
+    char now[32];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    *put_utc(now, &ts) = '\0';
+    fprintf(stderr, "{\"time\":\"%s\",\"level\":\"info\",\"msg\":\"%s\",\"mode\":\"demo-upstream-only\"",
+            now, msg);
+    if (port >= 0)
+        fprintf(stderr, ",\"version\":\"%s\",\"port\":%d", FANOUT_VERSION, port);
+    fputs("}\n", stderr);
+}
+
+/* --demo-upstream-only: the demo upstream on --listen until SIGTERM/SIGINT ('set' is blocked).
+ * Returns the exit status. */
+static int run_demo_upstream(const struct srv_config *c, const sigset_t *set)
+{
+    struct demo *d;
+    int rc = demo_start(c->listen_host, c->listen_port, &d);
+    if (rc != 0) {
+        if (rc == -EINVAL)
+            fprintf(stderr, "fanout: --listen: the demo upstream needs a numeric address, got "
+                            "\"%s\"\n",
+                    c->listen_host);
+        else
+            fprintf(stderr, "fanout: cannot start the demo upstream: %s\n", strerror(-rc));
+        ctx_shutdown();
+        return rc == -EINVAL ? 2 : 1;
+    }
+    log_line("starting", demo_port(d));
+    for (;;) {
+        int sig = sigwaitinfo(set, NULL);
+        if (sig == SIGTERM || sig == SIGINT)
+            break;
+    }
+    arm_second_signal();
+    log_line("draining", -1);
+    demo_stop(d);
+    ctx_shutdown();
+    log_line("stopped", -1);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct srv_config cfg;
@@ -136,6 +240,8 @@ int main(int argc, char **argv)
         config_print_json(&cfg, stdout);
         putchar('\n');
         return 0;
+    case CONFIG_HEALTHCHECK:
+        return healthcheck(&cfg);
     case CONFIG_RUN:
         break;
     }
@@ -152,6 +258,8 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL); /* inherited by every thread started below */
+    if (cfg.demo_upstream_only)
+        return run_demo_upstream(&cfg, &set);
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         fprintf(stderr, "fanout: curl_global_init failed\n");
         return 1;

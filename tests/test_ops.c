@@ -349,6 +349,11 @@ static bool proc_wait_exit(struct proc *p, int64_t ms)
         while (n < 0 && errno == EINTR);
         if (n <= 0)
             return false;
+        p->exit_ms = ctx_now();
+        /* The child is gone, but its last lines may still be in the pipe: let the reader
+         * reach the end of stderr, so that proc_log() after this sees all of them. */
+        if (p->reader_started)
+            proc_wait_text(p, "\x01never\x01", WAIT_MS);
     } else { /* no pidfd: the end of its stderr marks the exit */
         int64_t until = ctx_now() + ms;
         pthread_mutex_lock(&p->mu);
@@ -361,8 +366,8 @@ static bool proc_wait_exit(struct proc *p, int64_t ms)
         pthread_mutex_unlock(&p->mu);
         if (!eof)
             return false;
+        p->exit_ms = ctx_now();
     }
-    p->exit_ms = ctx_now();
     waitpid(p->pid, &p->status, 0);
     p->reaped = true;
     /* Its output is complete only at EOF on the pipe, which can come after the exit is seen. */
@@ -2095,6 +2100,97 @@ static void test_ops_demo_drain_exit_clean(void)
     proc_free(&p);
 }
 
+/* fanout --healthcheck[=PATH] (probe: "" or "=PATH") against 127.0.0.1:port; returns its exit
+ * status (-1 if it did not run). */
+static int healthcheck_on(uint16_t port, const char *probe, struct run *r)
+{
+    char listen[48], flag[64];
+    snprintf(listen, sizeof(listen), "FANOUT_LISTEN=127.0.0.1:%u", port);
+    snprintf(flag, sizeof(flag), "--healthcheck%s", probe);
+    char *args[] = {flag, NULL};
+    char *env[] = {listen, NULL};
+    if (!run_fanout(args, env, r) || !r->finished || !WIFEXITED(r->status))
+        return -1;
+    return WEXITSTATUS(r->status);
+}
+
+/* --demo-upstream-only serves the demo upstream alone on --listen (items and probes, no fanout
+ * routes), passes --healthcheck, serves a fanout pointed at it, and exits 0 on SIGTERM; it
+ * excludes --demo and --upstream, and beats FANOUT_UPSTREAM as a flag. */
+static void test_ops_demo_upstream_only(void)
+{
+    if (!have_bin())
+        return;
+    struct run r;
+    char *both[] = {"--demo-upstream-only", "--upstream", "http://127.0.0.1:9/items/{id}", NULL};
+    CU_ASSERT_FATAL(run_fanout(both, NULL, &r));
+    CU_ASSERT(exited_with(r.status, 2));
+    CU_ASSERT(r.err && strstr(r.err, "--demo-upstream-only"));
+    run_free(&r);
+    char *only[] = {"--demo-upstream-only", NULL};
+    char *env_up[] = {"FANOUT_UPSTREAM=http://127.0.0.1:9/items/{id}", NULL};
+    cJSON *c = check_config(only, env_up, &r);
+    CU_ASSERT_FATAL(c != NULL);
+    CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "demo_upstream_only")));
+    CU_ASSERT_STRING_EQUAL(str(c, "upstream"), "");
+    cJSON_Delete(c);
+    run_free(&r);
+
+    struct proc up;
+    CU_ASSERT_FATAL(server_start(&up, only, NULL));
+    struct resp h;
+    http(NULL, up.port, "/items/apple", NULL, NULL, &h);
+    CU_ASSERT_EQUAL(h.status, 200);
+    CU_ASSERT(h.body && strstr(h.body, "\"id\":\"apple\""));
+    resp_free(&h);
+    http(NULL, up.port, "/healthz", NULL, NULL, &h);
+    CU_ASSERT_EQUAL(h.status, 200);
+    resp_free(&h);
+    http(NULL, up.port, "/readyz", NULL, NULL, &h);
+    CU_ASSERT_EQUAL(h.status, 200);
+    resp_free(&h);
+    http(NULL, up.port, "/metrics", NULL, NULL, &h); /* the demo, not fanout */
+    CU_ASSERT_EQUAL(h.status, 404);
+    resp_free(&h);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "", &r), 0);
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=/readyz", &r), 0);
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=/items/fail-1", &r), 1); /* a 500 */
+    CU_ASSERT(r.err && strstr(r.err, "status 500"));
+    run_free(&r);
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "=nopath", &r), 2);
+    run_free(&r);
+
+    /* A fanout in front of it. */
+    char tmpl[96];
+    snprintf(tmpl, sizeof(tmpl), "http://127.0.0.1:%u/items/{id}", up.port);
+    char *fargs[] = {"--upstream", tmpl, NULL};
+    struct proc fo;
+    CU_ASSERT_FATAL(server_start(&fo, fargs, NULL));
+    http(NULL, fo.port, "/v1/batch", "{\"ids\":[\"apple\",7,\"sleep20-x\"]}", NULL, &h);
+    CU_ASSERT_EQUAL(h.status, 200);
+    CU_ASSERT_EQUAL(result_count(&h), 3);
+    resp_free(&h);
+    http(NULL, fo.port, "/v1/batch", "{\"ids\":[\"apple\",\"fail-1\"]}", NULL, &h);
+    CU_ASSERT_EQUAL(h.status, 502);
+    resp_free(&h);
+    CU_ASSERT_EQUAL(healthcheck_on(fo.port, "=/readyz", &r), 0);
+    run_free(&r);
+    CU_ASSERT(stop_clean(&fo));
+    proc_free(&fo);
+
+    CU_ASSERT(stop_clean(&up));
+    char *log = proc_log(&up);
+    CU_ASSERT(log && strstr(log, "\"mode\":\"demo-upstream-only\"") && strstr(log, "\"msg\":\"stopped\""));
+    free(log);
+    /* Nothing listens there now: the probe fails with one line. */
+    CU_ASSERT_EQUAL(healthcheck_on(up.port, "", &r), 1);
+    CU_ASSERT(r.err && strstr(r.err, "healthcheck") && strchr(r.err, '\n') == r.err + r.err_len - 1);
+    run_free(&r);
+    proc_free(&up);
+}
+
 static CU_TestInfo ops_tests[] = {
     {"--version prints the version, exit 0", test_ops_version},
     {"--help lists every flag", test_ops_help_lists_every_flag},
@@ -2121,6 +2217,7 @@ static CU_TestInfo ops_tests[] = {
     {"a stuck stderr blocks neither requests nor shutdown", test_ops_stuck_stderr_never_blocks},
     {"--demo: drain with work in flight, exit 0 (leak-checked under asan)",
      test_ops_demo_drain_exit_clean},
+    {"--demo-upstream-only: the demo upstream alone; --healthcheck", test_ops_demo_upstream_only},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(ops, ops_tests)
