@@ -288,14 +288,18 @@ static void timer_done(void *arg, struct fetch_result *r)
         }
         return;
     }
-    if (kind == TIMER_HEDGE && !stale && !c->hedged && c->in_flight > 0) {
-        c->hedged = true;
+    if (kind == TIMER_HEDGE && !stale && c->hedges < CALL_MAX_HEDGES && c->in_flight > 0) {
         if (!budget_withdraw(env->hedge_budget, ctx_now())) {
             atomic_fetch_add_explicit(&env->metrics->hedges_refused, 1, memory_order_relaxed);
+            c->hedges = CALL_MAX_HEDGES; /* no more for this call */
             return;
         }
-        if (start_attempt(c, true) == 0)
-            atomic_fetch_add_explicit(&env->metrics->hedges_sent, 1, memory_order_relaxed);
+        if (start_attempt(c, true) != 0)
+            return;
+        c->hedges++;
+        atomic_fetch_add_explicit(&env->metrics->hedges_sent, 1, memory_order_relaxed);
+        if (c->hedges < CALL_MAX_HEDGES)
+            arm_timer(c, TIMER_HEDGE, c->hedge_ms);
     }
 }
 
@@ -324,8 +328,8 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
     }
     const struct plan_call *pc = &b->plan.calls[c->idx];
     upstreams_rank(env->ups, plan_key(&b->plan, c->idx), pc->key_len, c->rank);
-    budget_deposit(env->hedge_budget);
-    budget_deposit(env->retry_budget);
+    budget_deposit(env->hedge_budget, ctx_now());
+    budget_deposit(env->retry_budget, ctx_now());
     int rc = start_attempt(c, false);
     if (rc != 0) {
         c->res.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
@@ -339,9 +343,9 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
             b->fail_call = (long)c->idx;
         return c->res.err;
     }
-    int64_t delay = hedge_delay(b, upstreams_pick(env->ups, c->rank, 0, ctx_now()));
-    if (delay >= 0)
-        arm_timer(c, TIMER_HEDGE, delay); /* without it, simply no hedge */
+    c->hedge_ms = hedge_delay(b, upstreams_pick(env->ups, c->rank, 0, ctx_now()));
+    if (c->hedge_ms >= 0)
+        arm_timer(c, TIMER_HEDGE, c->hedge_ms); /* without it, simply no hedge */
     return 0;
 }
 

@@ -3,10 +3,10 @@
  * A call owns a ctx (a child of its batch's group ctx) and the attempts made for it, each with
  * its own ctx (a child of the call's) and URL. The policy lives here, in one place:
  *   - the first attempt goes to the key's first upstream (upstream.h);
- *   - a hedge: when the first attempt is still pending after the hedge delay (fixed, or the
- *     upstream's recent p95), and the hedge budget has a token, one more attempt goes to the
- *     next upstream (replicas) or the same one (shards); the first good answer wins and every
- *     other attempt is aborted at once;
+ *   - a hedge: when no answer has come within the hedge delay (fixed, or the first upstream's
+ *     recent p95), and the hedge budget has a token, one more attempt goes to the next upstream
+ *     (replicas) or the same one (shards), and again after each further delay, up to
+ *     CALL_MAX_HEDGES; the first good answer wins and every other attempt is aborted at once;
  *   - a retry: an attempt that failed with a transport error or 502/503/504, when no other
  *     attempt is pending, retries left, the retry budget has a token and the deadline allows,
  *     is followed after a jittered exponential backoff (uniform in [0, (2^k - 1) * 25 ms],
@@ -28,6 +28,10 @@
 struct batch;
 struct ctx;
 struct eg;
+
+/* Hedges per call: each time the delay passes with no answer, one more attempt, this many at
+ * most (so an attempt and its hedge both landing in the tail cannot hold a batch back). */
+#define CALL_MAX_HEDGES 2
 
 /* The response would pass --max-response-bytes. */
 #define CALL_ERESPONSE (-3001)
@@ -54,7 +58,8 @@ struct call {
     unsigned pending;          /* attempts and timers not yet called back */
     unsigned in_flight;        /* attempts not yet called back */
     bool done;                 /* the outcome is decided (the rest only winds down) */
-    bool hedged;               /* the hedge was sent */
+    unsigned hedges;           /* hedges sent (at most CALL_MAX_HEDGES) */
+    int64_t hedge_ms;          /* the hedge delay in use, or -1 */
     unsigned timer_gen;        /* timers armed before the latest one are stale */
     bool completed;            /* the errgroup was told */
     struct call_result res;    /* the outcome */

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Benchmarks of fanout over several upstream replicas: a slow replica (with and without
-# hedging), a replica killed in the middle of a run (with and without retries), and replicas
-# that drop a share of their connections (with 0 to 3 retries). The upstreams are fanout's own
-# demo upstream (`fanout --demo-upstream-only`), one process each; a replica is made slow or
-# flaky by its URL template (`/items/sleep50-{id}`, `/items/drop5-{id}`). The load is
-# fanout-load, open loop, so a stall shows in the latencies. Everything is on loopback.
+# Benchmarks of fanout's upstream resilience, on loopback:
+#   s4    the bench harness's S4 (one upstream, 99% 5 ms / 1% 100 ms, random per request; its Go
+#         item upstream) with --hedge-after-ms 0, 15 and auto: batches of 100, limit 100,
+#         4 connections in a closed loop;
+#   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging;
+#   kill  three replicas, one killed with SIGKILL a third of the way in, --retries 0 and 1, and
+#         the time from the kill until fanout ejected it;
+#   drop  three replicas that each drop 5% of requests (connection closed, no answer), with
+#         --retries 0 to 3.
+# The replicas are fanout's own demo upstream (`fanout --demo-upstream-only`), one process each,
+# made slow or flaky by their URL templates (`/items/sleep50-{id}`, `/items/drop5-{id}`). The
+# load is fanout-load: open loop at RATE batches/s of 10 ids (so a stall shows in the
+# latencies), closed loop for s4 as the harness runs it.
 #
-#   tests/bench_upstreams.sh [-d SECONDS] [-r RATE] [SCENARIO...]   (slow kill drop; default all)
+#   tests/bench_upstreams.sh [-d SECONDS] [-r RATE] [SCENARIO...]   (default: s4 slow kill drop)
 #
-# Prints one markdown table row per run: batches/s, success ratio, p50/p99/p99.9, hedges and
-# retries sent (from /metrics), and for the kill scenario the time from the kill until fanout
-# ejected the replica. Needs build/bin/fanout and build/bin/fanout-load (make).
+# Prints one markdown table row per run: batches/s, success ratio, p50/p99/p99.9 ms, hedges
+# and retries sent, and upstream attempts beyond one per id (from fanout's /metrics). Needs
+# build/bin/fanout and build/bin/fanout-load (make), and for s4 the harness's Go upstream
+# ($ITEMUPSTREAM, default ~/.cache/fanout-bench/itemupstream, which its run.sh builds).
 set -u
 dur=15 rate=200
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:r:h" o; do
 	case $o in
 	d) dur=$OPTARG ;; r) rate=$OPTARG ;;
@@ -23,7 +31,7 @@ while getopts "d:r:h" o; do
 done
 shift $((OPTIND - 1))
 scen=("$@")
-[[ ${#scen[@]} -gt 0 ]] || scen=(slow kill drop)
+[[ ${#scen[@]} -gt 0 ]] || scen=(s4 slow kill drop)
 cd "$(dirname "$0")/.."
 bin=build/bin/fanout load=build/bin/fanout-load
 for b in "$bin" "$load"; do [[ -x $b ]] || { echo "bench: $b missing (run make)" >&2; exit 2; }; done
@@ -46,24 +54,31 @@ port_of() { # $1: a log file with a "port":N line; waits for it
 	return 1
 }
 
-# Starts upstream i (a demo upstream alone); sets UP_PID[i], UP_PORT[i].
+listen_port_of() { # $1: pid; its one loopback listening port, from the kernel
+	local p=
+	for _ in $(seq 200); do
+		p=$(ss -ltnpH 2>/dev/null | grep "pid=$1," | grep -o '127.0.0.1:[0-9]*' | head -1 | cut -d: -f2)
+		[[ -n $p ]] && { echo "$p"; return 0; }
+		sleep 0.05
+	done
+	return 1
+}
+
 declare -a UP_PID UP_PORT
-start_up() {
-	"$bin" --demo-upstream-only --listen "127.0.0.1:${2:-0}" 2>"$tmp/up$1.log" &
+start_up() { # $1: index; a demo upstream alone; sets UP_PID[i], UP_PORT[i]
+	"$bin" --demo-upstream-only --listen 127.0.0.1:0 >/dev/null 2>"$tmp/up$1.log" &
 	UP_PID[$1]=$!
 	pids+=($!)
 	UP_PORT[$1]=$(port_of "$tmp/up$1.log") || { echo "bench: upstream $1 did not start" >&2; exit 1; }
 }
 
-# Starts fanout with the templates "$@" (host:port/path parts) and $FLAGS; sets FPID, FPORT.
-start_fanout() {
+start_fanout() { # "$@": host:port/path templates; FLAGS: more flags; sets FPORT
 	local args=() t
 	for t in "$@"; do args+=(--upstream "http://$t"); done
 	# shellcheck disable=SC2086
-	"$bin" --listen 127.0.0.1:0 "${args[@]}" $FLAGS 2>"$tmp/fanout.log" &
-	FPID=$!
+	"$bin" --listen 127.0.0.1:0 "${args[@]}" $FLAGS >/dev/null 2>"$tmp/fanout.log" &
 	pids+=($!)
-	FPORT=$(port_of "$tmp/fanout.log") || { echo "bench: fanout did not start" >&2; cat "$tmp/fanout.log" >&2; exit 1; }
+	FPORT=$(listen_port_of $!) || { echo "bench: fanout did not start" >&2; cat "$tmp/fanout.log" >&2; exit 1; }
 }
 
 stop_all() {
@@ -72,45 +87,72 @@ stop_all() {
 	pids=()
 }
 
-metric() { # $1: exact series name; prints its value (0 if absent)
+metric() { # $1: an exact series name; its value (0 if absent)
 	curl -s "http://127.0.0.1:$FPORT/metrics" | awk -v n="$1" '$1 == n { print $2; f = 1 } END { if (!f) print 0 }'
 }
 
-# Runs the load and prints a table row: $1 label, $2 note; LOADARGS extra load flags.
-row() {
-	local j=$tmp/load.json h0 r0
-	h0=$(metric fanout_hedges_sent_total) r0=$(metric fanout_retries_sent_total)
-	# shellcheck disable=SC2086
-	"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" -r "$rate" -c 16 -t 2 --no-progress \
-		--min-success 0 --json $LOADARGS >"$j" 2>"$tmp/load.err"
-	local h1 r1
-	h1=$(metric fanout_hedges_sent_total) r1=$(metric fanout_retries_sent_total)
-	python3 - "$j" "$1" "$2" "$((h1 - h0))" "$((r1 - r0))" <<'EOF'
-import json, sys
-j = json.load(open(sys.argv[1]))
-lat = j["latency_ms"]
-print(f"| {sys.argv[2]} | {j['requests_per_s']:.0f} | {j['success_ratio']*100:.3f}% | "
-      f"{lat['p50']:.1f} | {lat['p99']:.1f} | {lat['p99_9']:.1f} | {sys.argv[4]} | {sys.argv[5]} | {sys.argv[3]} |")
-EOF
+attempts() { # every upstream attempt so far, whatever its result
+	curl -s "http://127.0.0.1:$FPORT/metrics" |
+		awk '$1 ~ /^fanout_fetches_total[{]/ { s += $2 } END { print s + 0 }'
 }
 
-echo "| run | batches/s | success | p50 ms | p99 ms | p99.9 ms | hedges sent | retries sent | note |"
-echo "|---|---|---|---|---|---|---|---|---|"
+summarize() { # load.json label note hedges retries attempts ids-per-batch
+	python3 - "$@" <<'PY'
+import json, sys
+a = sys.argv
+j = json.load(open(a[1]))
+lat = j["latency_ms"]
+ids = j["attempts"] * int(a[7])
+extra = (int(a[6]) / ids - 1) * 100 if ids else 0
+rps, ok = j["requests_per_s"], j["success_ratio"] * 100
+print(f"| {a[2]} | {rps:.0f} | {ok:.3f}% | {lat['p50']:.1f} | {lat['p99']:.1f} | "
+      f"{lat['p99_9']:.1f} | {a[4]} | {a[5]} | {extra:+.1f}% | {a[3]} |")
+PY
+}
+
+# Runs the load and prints a row: $1 label, $2 note, $3 ids per batch. LOADARGS: more load
+# flags; LOOP: "open" (-r $rate over 16 connections) or "closed N" (N connections).
+row() {
+	local j=$tmp/load.json h0 r0 a0 h1 r1 a1 loop
+	h0=$(metric fanout_hedges_sent_total) r0=$(metric fanout_retries_sent_total) a0=$(attempts)
+	if [[ ${LOOP:-open} == open ]]; then loop="-r $rate -c 16"; else loop="-c ${LOOP#closed }"; fi
+	# shellcheck disable=SC2086
+	"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" $loop -t 2 --no-progress --min-success 0 \
+		--json $LOADARGS >"$j" 2>"$tmp/load.err"
+	h1=$(metric fanout_hedges_sent_total) r1=$(metric fanout_retries_sent_total) a1=$(attempts)
+	summarize "$j" "$1" "$2" "$((h1 - h0))" "$((r1 - r0))" "$((a1 - a0))" "$3"
+}
+
+echo "| run | batches/s | success | p50 ms | p99 ms | p99.9 ms | hedges | retries | upstream requests beyond one per id | note |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 
 for s in "${scen[@]}"; do
 	case $s in
-	slow) # three replicas, one ten times slower (5 ms vs 50 ms); batches of 10
+	s4)
+		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
+		[[ -x $goup ]] || { echo "bench: s4 needs the harness's Go upstream ($goup; run its run.sh once, or set ITEMUPSTREAM)" >&2; exit 2; }
+		for h in 0 15 auto; do
+			"$goup" -listen 127.0.0.1:0 -delay 5ms -tail-frac 0.01 -tail-delay 100ms 2>"$tmp/goup.log" &
+			pids+=($!)
+			gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+			FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
+			start_fanout "127.0.0.1:$gport/items/{id}"
+			LOADARGS="-b 100 --ids seq" LOOP="closed 4" row "S4, --hedge-after-ms $h" "one upstream, 1% at 100 ms" 100
+			stop_all
+		done
+		;;
+	slow)
 		for h in 0 15 auto; do
 			start_up 1; start_up 2; start_up 3
 			FLAGS="--hedge-after-ms $h --hedge-budget-pct 30 --log-level warn"
 			start_fanout "127.0.0.1:${UP_PORT[1]}/items/sleep5-{id}" \
 				"127.0.0.1:${UP_PORT[2]}/items/sleep5-{id}" "127.0.0.1:${UP_PORT[3]}/items/sleep50-{id}"
-			LOADARGS="-b 10 --ids uniform -k 100000"
-			row "slow replica, --hedge-after-ms $h" "replicas 5/5/50 ms"
+			LOADARGS="-b 10 --ids uniform -k 100000" row "slow replica, --hedge-after-ms $h" \
+				"replicas 5/5/50 ms, hedge budget 30%" 10
 			stop_all
 		done
 		;;
-	kill) # three replicas; one killed with SIGKILL a third of the way in
+	kill)
 		for rt in 0 1; do
 			start_up 1; start_up 2; start_up 3
 			FLAGS="--retries $rt --eject-after 5 --log-level info"
@@ -121,30 +163,30 @@ for s in "${scen[@]}"; do
 				kill -9 "${UP_PID[3]}"
 				date +%s%3N >"$tmp/killed_at"
 			) &
-			LOADARGS="-b 10 --ids uniform -k 100000"
-			row "replica killed, --retries $rt" "see ejection below" | tee "$tmp/row"
+			kpid=$!
+			LOADARGS="-b 10 --ids uniform -k 100000" row "replica killed, --retries $rt" \
+				"killed at ${dur}/3 s" 10
+			wait "$kpid"
 			ej=$(grep -m1 '"msg":"upstream ejected"' "$tmp/fanout.log" | grep -o '"time":"[^"]*"' | cut -d'"' -f4)
 			if [[ -n $ej && -f $tmp/killed_at ]]; then
-				ej_ms=$(date -d "$ej" +%s%3N)
-				echo "|  | ejected $((ej_ms - $(cat "$tmp/killed_at"))) ms after the kill |  |  |  |  |  |  |  |"
+				echo "|  | ejected $(($(date -d "$ej" +%s%3N) - $(cat "$tmp/killed_at"))) ms after the kill |  |  |  |  |  |  |  |  |"
 			else
-				echo "|  | not ejected |  |  |  |  |  |  |  |"
+				echo "|  | not ejected |  |  |  |  |  |  |  |  |"
 			fi
 			rm -f "$tmp/killed_at"
 			stop_all
 		done
 		;;
-	drop) # three replicas that each drop 5% of requests (connection closed, no answer)
+	drop)
 		for rt in 0 1 2 3; do
 			start_up 1; start_up 2; start_up 3
 			FLAGS="--retries $rt --eject-after 0 --log-level warn"
 			start_fanout "127.0.0.1:${UP_PORT[1]}/items/drop5-{id}" \
 				"127.0.0.1:${UP_PORT[2]}/items/drop5-{id}" "127.0.0.1:${UP_PORT[3]}/items/drop5-{id}"
-			LOADARGS="-b 10 --ids uniform -k 100000"
-			row "5% dropped, --retries $rt" "batches of 10"
+			LOADARGS="-b 10 --ids uniform -k 100000" row "5% dropped, --retries $rt" "batches of 10" 10
 			stop_all
 		done
 		;;
-	*) echo "bench: unknown scenario $s (slow, kill, drop)" >&2; exit 2 ;;
+	*) echo "bench: unknown scenario $s (s4, slow, kill, drop)" >&2; exit 2 ;;
 	esac
 done

@@ -24,6 +24,7 @@
 #include "fetch/url.h"
 #include "server/batch.h"
 #include "server/budget.h"
+#include "server/call.h"
 #include "server/metrics.h"
 #include "server/render.h"
 #include "server/request.h"
@@ -87,8 +88,8 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     budget_init(&g->hedge, hedge_pct, 0, ctx_now());
     budget_init(&g->retry, retry_pct, 0, ctx_now());
     for (int i = 0; i < 10; i++) { /* some credit to start with */
-        budget_deposit(&g->hedge);
-        budget_deposit(&g->retry);
+        budget_deposit(&g->hedge, ctx_now());
+        budget_deposit(&g->retry, ctx_now());
     }
     g->m = calloc(1, sizeof(*g->m));
     if (!g->m)
@@ -281,11 +282,12 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id); /* B's answer: its id, not "sleep60000-..." */
     CU_ASSERT(r.elapsed < test_ms(5000));
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1)); /* the loser, closed at the upstream */
-    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 1);
-    CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 1);
-    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 1);
+    /* One hedge to B, or (if B was slow to answer) a second one, back to A. */
+    uint64_t sent = M(&g.m->hedges_sent);
+    CU_ASSERT(sent >= 1 && sent <= CALL_MAX_HEDGES);
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 1 + sent);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), sent); /* every A attempt lost */
     CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[RES_OK]), 1);
     run_free(&r);
 
@@ -294,7 +296,7 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT_FATAL(run_body(&g, &r, body));
     CU_ASSERT_EQUAL(r.status, 504);
     CU_ASSERT_STRING_EQUAL(r.code, "deadline_exceeded");
-    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 1);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), sent);
     CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 1);
     run_free(&r);
     rig_free(&g);
@@ -352,9 +354,10 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
     CU_ASSERT_FATAL(run_finish(&r));
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
     CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
-    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 2);
+    uint64_t sent = M(&g.m->hedges_sent); /* each id hedged once or twice */
+    CU_ASSERT(sent >= 2 && sent <= 2 * CALL_MAX_HEDGES);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]) + M(&g.m->up[1].fetches[RES_CANCELED]),
-                    4);
+                    2 + sent);
     run_free(&r);
     rig_free(&g);
 }
@@ -426,7 +429,7 @@ static void test_batch_retry_budget_and_deadline(void)
     run_free(&r);
     /* Plenty of budget and retries, a short deadline: the chain stops at the deadline. */
     for (int i = 0; i < 2000; i++)
-        budget_deposit(&g.retry);
+        budget_deposit(&g.retry, ctx_now());
     g.env.retries = 10;
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":60}", id);
     CU_ASSERT_FATAL(run_body(&g, &r, body));
@@ -454,7 +457,7 @@ static void test_batch_no_retry_after_cancel(void)
     const char *pre[] = {"status503-", "status503-"};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 1000));
     for (int i = 0; i < 2000; i++)
-        budget_deposit(&g.retry);
+        budget_deposit(&g.retry, ctx_now());
     g.env.retries = 10;
     char id[32], body[128];
     id_ranked(&g, 0, 1, id, sizeof(id));
@@ -487,7 +490,7 @@ static void test_batch_failover_and_ejection(void)
                                    .max_ejected_pct = 50};
     CU_ASSERT_FATAL(rig_init(&g, 2, NULL, 0, 1000));
     for (int i = 0; i < 2000; i++)
-        budget_deposit(&g.retry);
+        budget_deposit(&g.retry, ctx_now());
     g.env.retries = 1;
     /* A third upstream whose port refuses: rebuild the set with it first in the list. */
     uint16_t port = 0;

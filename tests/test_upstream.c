@@ -332,16 +332,23 @@ static void test_budget_refuses_when_spent(void)
     budget_init(&b, 10, 0, 0); /* 10% of first attempts, no floor */
     CU_ASSERT_FALSE(budget_withdraw(&b, 0));
     for (int i = 0; i < 9; i++)
-        budget_deposit(&b);
+        budget_deposit(&b, 0);
     CU_ASSERT_FALSE(budget_withdraw(&b, 0)); /* 0.9 tokens */
-    budget_deposit(&b);
+    budget_deposit(&b, 0);
     CU_ASSERT_TRUE(budget_withdraw(&b, 0));
     CU_ASSERT_FALSE(budget_withdraw(&b, 0));
-    /* 100000 deposits bank at most the cap. */
+    /* 100000 first attempts within the window bank their 10% (a busy service's burst). */
     for (int i = 0; i < 100000; i++)
-        budget_deposit(&b);
+        budget_deposit(&b, 5000);
     int got = 0;
-    while (budget_withdraw(&b, 0))
+    while (got < 20000 && budget_withdraw(&b, 5000))
+        got++;
+    CU_ASSERT_EQUAL(got, 10000);
+    /* The same deposits, then a quiet window: only the base cap survives it. */
+    for (int i = 0; i < 100000; i++)
+        budget_deposit(&b, 10000);
+    got = 0;
+    while (got < 20000 && budget_withdraw(&b, 10000 + BUDGET_WINDOW_S * 1000 + 1000))
         got++;
     CU_ASSERT_EQUAL(got, BUDGET_CAP_BASE);
     budget_destroy(&b);
@@ -367,7 +374,7 @@ static CU_TestInfo upstream_tests[] = {
     {"ejection: concurrent reports respect the cap", test_upstream_ejection_races},
     {"p95 estimate: needs samples, tracks, decays", test_upstream_p95_estimate},
     {"bad sets are refused with a reason", test_upstream_rejects_bad_sets},
-    {"budget: refuses when spent, capped, floor per second", test_budget_refuses_when_spent},
+    {"budget: refuses when spent, window cap, floor per second", test_budget_refuses_when_spent},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(upstream, upstream_tests)
