@@ -3,7 +3,8 @@
 #   s4    the bench harness's S4 (one upstream, 99% 5 ms / 1% 100 ms, random per request; its Go
 #         item upstream) with --hedge-after-ms 0, 15 and auto: batches of 100, limit 100,
 #         4 connections in a closed loop;
-#   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging;
+#   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging
+#         (hedge budget $HEDGE_BUDGET percent, default 30);
 #   kill  three replicas, one killed with SIGKILL a third of the way in, --retries 0 and 1, and
 #         the time from the kill until fanout ejected it;
 #   drop  three replicas that each drop 5% of requests (connection closed, no answer), with
@@ -144,11 +145,11 @@ for s in "${scen[@]}"; do
 	slow)
 		for h in 0 15 auto; do
 			start_up 1; start_up 2; start_up 3
-			FLAGS="--hedge-after-ms $h --hedge-budget-pct 30 --log-level warn"
+			FLAGS="--hedge-after-ms $h --hedge-budget-pct ${HEDGE_BUDGET:-30} --log-level warn"
 			start_fanout "127.0.0.1:${UP_PORT[1]}/items/sleep5-{id}" \
 				"127.0.0.1:${UP_PORT[2]}/items/sleep5-{id}" "127.0.0.1:${UP_PORT[3]}/items/sleep50-{id}"
 			LOADARGS="-b 10 --ids uniform -k 100000" row "slow replica, --hedge-after-ms $h" \
-				"replicas 5/5/50 ms, hedge budget 30%" 10
+				"replicas 5/5/50 ms, hedge budget ${HEDGE_BUDGET:-30}%" 10
 			stop_all
 		done
 		;;
