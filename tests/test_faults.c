@@ -941,7 +941,7 @@ static CU_TestInfo faults_tests[] = {
      test_faults_lookup_longer_than_connect_timeout_is_unreachable},
     {"an expired answer serves while its refresh hangs",
      test_faults_stale_answer_serves_during_refresh},
-    {"resolver threads: a fixed set, started on first use", test_faults_resolver_threads_are_fixed},
+    {"resolver threads: a fixed set, started with the engine", test_faults_resolver_threads_are_fixed},
     {"over HTTP: every fault's status and code", test_faults_over_http},
     {"over HTTP: refused, never accepted, unresolvable",
      test_faults_over_http_refused_mute_and_dns},
