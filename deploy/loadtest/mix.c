@@ -109,7 +109,7 @@ static char *put_str(char *p, const char *s)
     return p + n;
 }
 
-static char *put_u64(char *p, uint64_t v)
+char *lt_put_u64(char *p, uint64_t v)
 {
     char tmp[24];
     size_t n = 0;
@@ -139,18 +139,18 @@ size_t lt_gen_body(struct lt_gen *g, char *buf, int *nids)
             p = put_str(p, "fail-");
         } else if (u < m->fail_frac + m->slow_frac) {
             p = put_str(p, "sleep");
-            p = put_u64(p, (uint64_t)m->slow_ms);
+            p = lt_put_u64(p, (uint64_t)m->slow_ms);
             *p++ = '-';
         } else {
             p = put_str(p, m->prefix);
         }
-        p = put_u64(p, key);
+        p = lt_put_u64(p, key);
         *p++ = '"';
     }
     *p++ = ']';
     if (m->timeout_ms > 0) {
         p = put_str(p, ",\"timeout_ms\":");
-        p = put_u64(p, (uint64_t)m->timeout_ms);
+        p = lt_put_u64(p, (uint64_t)m->timeout_ms);
     }
     if (m->mode) {
         p = put_str(p, ",\"mode\":\"");

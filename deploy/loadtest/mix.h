@@ -69,6 +69,9 @@ void lt_gen_init(struct lt_gen *g, const struct lt_mix *mix, uint64_t seed, uint
  * *nids is the number of ids in it. */
 size_t lt_gen_body(struct lt_gen *g, char *buf, int *nids);
 
+/* Writes the decimal digits of v at p (no NUL); returns the end. */
+char *lt_put_u64(char *p, uint64_t v);
+
 /* The next key a draw gives (without prefix or replacement), for tests. */
 uint64_t lt_gen_key(struct lt_gen *g);
 

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "deploy/loadtest/http.h"
+#include "deploy/loadtest/mix.h"
 
 #define LT_TICK_NS 10000000LL   /* housekeeping: timeouts, reconnects */
 #define LT_RETRY_NS 100000000LL /* wait before reconnecting after a failed connect */
@@ -362,19 +363,6 @@ static void conn_write(struct conn *c, int64_t now)
     set_out(c, false);
 }
 
-static char *put_dec(char *p, uint64_t v)
-{
-    char tmp[24];
-    size_t n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
-}
-
 /* Sends the next request on idle connection c; its latency counts from 'intended'. */
 static void conn_send(struct conn *c, int64_t intended, int64_t now)
 {
@@ -382,7 +370,7 @@ static void conn_send(struct conn *c, int64_t intended, int64_t now)
     size_t blen = lt_gen_body(&w->gen, w->body, &c->nids);
     char *p = c->wbuf;
     memcpy(p, w->head, w->head_len);
-    p = put_dec(p + w->head_len, blen);
+    p = lt_put_u64(p + w->head_len, blen);
     memcpy(p, "\r\n\r\n", 4);
     p += 4;
     memcpy(p, w->body, blen);
