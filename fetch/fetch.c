@@ -90,6 +90,8 @@ struct xfer {
     size_t len, cap;              /* body length and allocation */
     uint64_t received;            /* body bytes curl delivered, kept or not */
     bool too_big;                 /* the write callback refused data past the cap */
+    bool bad_status;              /* the header callback refused a malformed status line */
+    bool in_headers;              /* the next header line starts a response (status line) */
     const char *url;              /* points into 'strings' */
     const char *request_id;       /* points into 'strings', or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
@@ -287,6 +289,43 @@ const char *fetch_result_name(int err)
 
 /* ---------------------------------------------------------------- easy handles */
 
+/* A status line as RFC 9112 has it: HTTP/1.0 or HTTP/1.1 (or the HTTP/2 one curl writes for
+ * h2c), a space, exactly three digits, then a space or the end of the line. libcurl's own
+ * parser is laxer in some versions (8.x reads "2000" as 200). */
+static bool status_line_ok(const char *d, size_t n)
+{
+    size_t v;
+    if (n >= 9 && (!memcmp(d, "HTTP/1.1 ", 9) || !memcmp(d, "HTTP/1.0 ", 9)))
+        v = 9;
+    else if (n >= 7 && !memcmp(d, "HTTP/2 ", 7))
+        v = 7;
+    else
+        return false;
+    if (n < v + 3)
+        return false;
+    for (size_t i = v; i < v + 3; i++)
+        if (d[i] < '0' || d[i] > '9')
+            return false;
+    return n == v + 3 || d[v + 3] == ' ' || d[v + 3] == '\r' || d[v + 3] == '\n';
+}
+
+/* Header lines: the first of each response must be a well-formed status line. */
+static size_t on_header(char *data, size_t size, size_t nmemb, void *arg)
+{
+    struct xfer *x = arg;
+    size_t n = size * nmemb;
+    if (!x->in_headers) { /* a status line */
+        if (!status_line_ok(data, n)) {
+            x->bad_status = true;
+            return 0; /* curl stops with a write error */
+        }
+        x->in_headers = true;
+    } else if (n <= 2 && (data[0] == '\r' || data[0] == '\n')) {
+        x->in_headers = false; /* the end of these headers: an interim 1xx may be followed */
+    }
+    return n;
+}
+
 static size_t on_write(char *data, size_t size, size_t nmemb, void *arg)
 {
     struct xfer *x = arg;
@@ -328,6 +367,7 @@ static CURL *easy_get(struct fetch_loop *l)
     const struct fetch_opts *o = &l->f->opts;
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
@@ -350,6 +390,7 @@ static void easy_put(struct fetch_loop *l, CURL *e)
     /* Leave nothing pointing at the finished transfer. */
     curl_easy_setopt(e, CURLOPT_PRIVATE, NULL);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, NULL);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, NULL);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, NULL);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(e, CURLOPT_RESOLVE, NULL);
@@ -484,6 +525,10 @@ static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
         long status = 0;
         curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
         complete(l, x, status >= 200 && status <= 299 ? 0 : FETCH_ESTATUS, NULL);
+        return;
+    }
+    if (x->bad_status) {
+        complete(l, x, FETCH_EUNREACH, "malformed status line from the upstream");
         return;
     }
     if (x->too_big || rc == CURLE_FILESIZE_EXCEEDED) {
@@ -712,6 +757,7 @@ static void start(struct fetch_loop *l, struct xfer *x)
         goto nomem;
     curl_easy_setopt(e, CURLOPT_PRIVATE, x);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->errbuf);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->hdrs);
     curl_easy_setopt(e, CURLOPT_RESOLVE, x->pin);
