@@ -350,10 +350,6 @@ static bool proc_wait_exit(struct proc *p, int64_t ms)
         if (n <= 0)
             return false;
         p->exit_ms = ctx_now();
-        /* The child is gone, but its last lines may still be in the pipe: let the reader
-         * reach the end of stderr, so that proc_log() after this sees all of them. */
-        if (p->reader_started)
-            proc_wait_text(p, "\x01never\x01", WAIT_MS);
     } else { /* no pidfd: the end of its stderr marks the exit */
         int64_t until = ctx_now() + ms;
         pthread_mutex_lock(&p->mu);
