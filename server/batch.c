@@ -3,10 +3,11 @@
  * FLOW: batch_new() (the caller's thread) plans the request, makes the batch's ctx (a child of
  * the server root with the request's deadline) and the errgroup (--limit); batch_run() hands the
  * batch to its fetch loop with a zero-delay fetch_after(). On the loop thread, run() adds one async task
- * per call (call.c starts its attempts) and waits for the group by callback. Calls complete
- * their tasks only when all their attempts and timers have called back, so when the group ends
- * nothing of the batch is left in the fetch engine; group_done() then calls the caller's done,
- * and the batch belongs to the caller again for rendering and freeing.
+ * per call (call.c waits on the key's flight) and waits for the group by callback. A call
+ * completes its task from its waiter's callback, so when the group ends nothing of the batch
+ * is left in the fetch engine (a flight the batch left goes on, or winds down, on its own: it
+ * holds copies, never the batch); group_done() then calls the caller's done, and the batch
+ * belongs to the caller again for rendering and freeing.
  *
  * The first failing call (mode all) is remembered in fail_call; calls aborted afterwards by the
  * group's cancel report the same cause and do not overwrite it. */
@@ -82,6 +83,7 @@ int batch_new(const struct batch_env *env, struct request *rq, const char *rid,
     b->arg = arg;
     b->fail_call = -1;
     b->hedge = b->rq.hedge && (env->hedge_auto || env->hedge_after_ms > 0);
+    b->coalesce = b->rq.coalesce && env->coalesce;
     snprintf(b->rid, sizeof(b->rid), "%s", rid ? rid : "");
     int rc = plan_build(&b->rq, &b->plan);
     if (rc == 0 && !(b->calls = calloc(b->plan.ncalls ? b->plan.ncalls : 1, sizeof(*b->calls))))

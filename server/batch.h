@@ -34,7 +34,9 @@ struct batch_env {
     struct ctx *root;             /* parent of every batch ctx (canceled at shutdown) */
     struct budget *hedge_budget;  /* shared by all batches */
     struct budget *retry_budget;  /* shared by all batches */
-    struct metrics *metrics;      /* fetch, hedge, retry and per-upstream counters */
+    struct metrics *metrics;      /* fetch, hedge, retry, flight and per-upstream counters */
+    struct flights *flights;      /* running flights, for coalescing (flight.h) */
+    bool coalesce;                /* --coalesce on */
     int limit;                    /* calls in flight per batch (the errgroup limit) */
     size_t max_response_bytes;    /* one answer's size */
     size_t max_body;              /* upstream body per id (for messages) */

@@ -25,6 +25,7 @@ struct batch {
     struct eg *g;                /* the errgroup over the calls */
     unsigned loop;               /* the fetch loop everything runs on */
     bool hedge;                  /* hedging on for this batch */
+    bool coalesce;               /* its calls may share flights with other batches */
     batch_done_fn done;          /* the caller's callback and its argument */
     void *arg;
     /* Loop thread only, until done: */

@@ -25,7 +25,7 @@
 #include "fetch/upstream.h"
 #include "fetch/url.h"
 
-enum kind { K_LISTEN, K_UPSTREAM, K_BOOL, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL, K_POLICY,
+enum kind { K_LISTEN, K_UPSTREAM, K_BOOL, K_ONOFF, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL, K_POLICY,
             K_HEDGE };
 
 struct opt {
@@ -62,6 +62,9 @@ static const struct opt opts[] = {
      "retries after a connect error, reset, empty reply or 502/503/504 [1]"},
     {"retry-budget-pct", K_UINT, F(retry_budget_pct), 0, 1000,
      "retries at most this percent of fetches, plus 10 a second [20]"},
+    {"coalesce", K_ONOFF, F(coalesce), 0, 0,
+     "on: concurrent requests for the same id share one upstream fetch (a request may opt out "
+     "with \"coalesce\": false) [on]"},
     {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
     {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
      "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
@@ -121,6 +124,7 @@ void config_defaults(struct srv_config *c)
     c->idle_timeout_s = 60;
     c->connect_timeout_ms = 2000;
     c->upstream_policy = UPSTREAM_REPLICAS;
+    c->coalesce = true;
     c->eject_after = 5;
     c->eject_ms = 30000;
     c->eject_max_ms = 300000;
@@ -268,14 +272,17 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
         c->hedge_auto = false;
         c->hedge_after_ms = n;
         return 0;
-    case K_BOOL: {
+    case K_BOOL:
+    case K_ONOFF: {
         bool b;
         if (!strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "on"))
             b = true;
         else if (!strcmp(v, "0") || !strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "off"))
             b = false;
         else
-            return fail(err, errlen, "%s: want true or false, got \"%s\"", label, v);
+            return fail(err, errlen, o->kind == K_ONOFF ? "%s: want on or off, got \"%s\""
+                                                        : "%s: want true or false, got \"%s\"",
+                        label, v);
         *(bool *)(base + o->off) = b;
         return 0;
     }
@@ -512,7 +519,8 @@ void config_usage(FILE *out)
     for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
         const struct opt *o = &opts[i];
         static const char *const meta[] = {[K_LISTEN] = " HOST:PORT", [K_UPSTREAM] = " URL",
-                                           [K_BOOL] = "",          [K_INT] = " N",
+                                           [K_BOOL] = "",          [K_ONOFF] = " on|off",
+                                           [K_INT] = " N",
                                            [K_UINT] = " N",        [K_MS] = " MS",
                                            [K_SIZE] = " SIZE",     [K_LEVEL] = " LEVEL",
                                            [K_POLICY] = " POLICY", [K_HEDGE] = " MS|auto"};
@@ -564,8 +572,10 @@ void config_print_json(const struct srv_config *c, FILE *out)
         json_buf_append_str(&b, "\"auto\"");
     else
         json_buf_printf(&b, "%" PRId64, c->hedge_after_ms);
-    json_buf_printf(&b, ",\"hedge_budget_pct\":%u,\"retries\":%u,\"retry_budget_pct\":%u",
-                    c->hedge_budget_pct, c->retries, c->retry_budget_pct);
+    json_buf_printf(&b, ",\"hedge_budget_pct\":%u,\"retries\":%u,\"retry_budget_pct\":%u"
+                        ",\"coalesce\":%s",
+                    c->hedge_budget_pct, c->retries, c->retry_budget_pct,
+                    c->coalesce ? "true" : "false");
     json_buf_printf(
         &b,
         ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"

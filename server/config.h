@@ -50,6 +50,7 @@ struct srv_config {
     unsigned idle_timeout_s;    /* --idle-timeout-s: idle client connection timeout */
     int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
     bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
+    bool coalesce;              /* --coalesce on|off: share in-flight fetches across requests */
     bool timeout_ms_given;      /* --timeout-ms was set; else it follows --max-timeout-ms down */
     char probe_path[128];       /* --healthcheck[=PATH]: the path it GETs [/healthz] */
 };

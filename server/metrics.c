@@ -207,12 +207,20 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
         const atomic_uint_fast64_t *v;
     } extra[] = {
         {"fanout_hedges_sent_total", "Hedged attempts sent.", &m->hedges_sent},
-        {"fanout_hedges_won_total", "Calls whose hedged attempt answered first.", &m->hedges_won},
+        {"fanout_hedges_won_total", "Flights whose hedged attempt answered first.", &m->hedges_won},
         {"fanout_hedges_refused_total", "Hedges not sent because the hedge budget was spent.",
          &m->hedges_refused},
         {"fanout_retries_sent_total", "Retried attempts sent.", &m->retries_sent},
         {"fanout_retries_refused_total", "Retries not sent because the retry budget was spent.",
          &m->retries_refused},
+        {"fanout_flights_started_total",
+         "Flights started: upstream fetches of a key, each shared by every call that joined it.",
+         &m->flights_started},
+        {"fanout_flights_joined_total",
+         "Calls that joined a flight already running for their key (coalesced).",
+         &m->flights_joined},
+        {"fanout_flights_abandoned_total",
+         "Flights canceled because every call waiting on them had left.", &m->flights_abandoned},
     };
     for (size_t i = 0; i < sizeof(extra) / sizeof(extra[0]); i++) {
         family(o, extra[i].name, "counter", extra[i].help);

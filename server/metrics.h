@@ -48,6 +48,9 @@ struct metrics {
     atomic_uint_fast64_t hedges_refused; /* hedges the budget refused */
     atomic_uint_fast64_t retries_sent;   /* retries started */
     atomic_uint_fast64_t retries_refused; /* retries the budget refused */
+    atomic_uint_fast64_t flights_started; /* flights started (one per key fetched) */
+    atomic_uint_fast64_t flights_joined;  /* calls that joined a running flight */
+    atomic_uint_fast64_t flights_abandoned; /* flights canceled because every waiter left */
     struct metrics_upstream up[METRICS_UPSTREAMS]; /* by upstream index */
     double start_time;                   /* process start, seconds since the epoch */
 };

@@ -56,6 +56,7 @@
 #include "server/batch.h"
 #include "server/budget.h"
 #include "server/demo.h"
+#include "server/flight.h"
 #include "server/json.h"
 #include "server/log.h"
 #include "server/metrics.h"
@@ -79,6 +80,7 @@ struct srv {
     struct ctx *root;              /* parent of every request ctx; canceled at shutdown */
     struct budget hedge_budget;    /* hedges: --hedge-budget-pct of first attempts */
     struct budget retry_budget;    /* retries: --retry-budget-pct plus 10 a second */
+    struct flights *flights;       /* running flights (coalescing) */
     bool budgets;                  /* the budgets were initialised */
     struct batch_env env;          /* what every batch runs with */
     char upstream[2048];           /* the first upstream template (the demo's with --demo) */
@@ -813,6 +815,11 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     budget_init(&s->hedge_budget, cfg->hedge_budget_pct, 0, ctx_now());
     budget_init(&s->retry_budget, cfg->retry_budget_pct, RETRY_FLOOR_PER_S, ctx_now());
     s->budgets = true;
+    if (!(s->flights = flights_new())) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     if ((rc = watch_new(&s->watch)) != 0) {
         snprintf(err, errlen, "cannot start the disconnect watch: %s", strerror(-rc));
         goto fail;
@@ -842,12 +849,14 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
                                 .hedge_budget = &s->hedge_budget,
                                 .retry_budget = &s->retry_budget,
                                 .metrics = &s->metrics,
+                                .flights = s->flights,
                                 .limit = cfg->limit,
                                 .max_response_bytes = cfg->max_response_bytes,
                                 .max_body = cfg->max_body,
                                 .hedge_after_ms = cfg->hedge_after_ms,
                                 .hedge_auto = cfg->hedge_auto,
-                                .retries = cfg->retries};
+                                .retries = cfg->retries,
+                                .coalesce = cfg->coalesce};
     struct sockaddr_storage ss;
     if ((rc = resolve_listen(cfg, &ss, err, errlen)) != 0)
         goto fail;
@@ -1007,6 +1016,7 @@ int srv_free(struct srv *s)
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
     fetch_free(s->fetch);
+    flights_free(s->flights); /* every flight ended with the engine's last callback */
     watch_free(s->watch);
     demo_stop(s->demo);
     upstreams_free(s->ups);

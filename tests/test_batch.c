@@ -45,8 +45,10 @@ struct rig {
     struct budget hedge, retry;
     struct metrics *m;
     struct ctx *root;
+    struct flights *flights;
     struct batch_env env;
     struct upstreams_opts uo;
+    unsigned loops;             /* fetch loops (set before rig_init; 0: one) */
 };
 
 /* Starts 'n' stubs with templates "<stub i>/items/<prefix[i]>{id}" and the rest; the upstream
@@ -55,8 +57,10 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
                      unsigned retry_pct)
 {
     struct upstreams_opts uo = g->uo;
+    unsigned loops = g->loops;
     memset(g, 0, sizeof(*g));
     g->uo = uo;
+    g->loops = loops;
     g->nstub = n;
     const char *t[3];
     for (unsigned i = 0; i < n; i++) {
@@ -69,7 +73,7 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     }
     struct fetch_opts fo;
     fetch_opts_default(&fo);
-    fo.loops = 1;
+    fo.loops = g->loops ? g->loops : 1;
     fo.max_conns = 64;
     fo.idle_poll_ms = 600000; /* a missed wakeup would stall for minutes, not hide */
     if (fetch_new(&fo, &g->fetch) != 0)
@@ -96,22 +100,26 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
         return false;
     metrics_init(g->m);
     g->root = ctx_new(ctx_background(), CTX_FOREVER);
+    g->flights = flights_new();
     g->env = (struct batch_env){.fetch = g->fetch,
                                 .ups = g->ups,
                                 .root = g->root,
                                 .hedge_budget = &g->hedge,
                                 .retry_budget = &g->retry,
                                 .metrics = g->m,
+                                .flights = g->flights,
+                                .coalesce = true,
                                 .limit = 8,
                                 .max_response_bytes = 1 << 20,
                                 .max_body = 1 << 20,
                                 .retries = 0};
-    return g->root != NULL;
+    return g->root != NULL && g->flights != NULL;
 }
 
 static void rig_free(struct rig *g)
 {
     fetch_free(g->fetch);
+    flights_free(g->flights);
     upstreams_free(g->ups);
     budget_destroy(&g->hedge);
     budget_destroy(&g->retry);
@@ -261,6 +269,17 @@ static void id_ranked(const struct rig *g, unsigned first, int second, char *out
 static uint64_t M(const atomic_uint_fast64_t *a)
 {
     return atomic_load(a);
+}
+
+struct counter_want {
+    const atomic_uint_fast64_t *a;
+    uint64_t n;
+};
+
+static bool counter_reached(void *arg)
+{
+    struct counter_want *w = arg;
+    return atomic_load(w->a) >= w->n;
 }
 
 /* ---------------------------------------------------------------- hedging */
@@ -701,6 +720,202 @@ static void test_batch_storm(void)
               test_settles_to(threads0, fds0, test_ms(5000)));
 }
 
+/* ---------------------------------------------------------------- coalescing */
+
+static bool batch_is_done(void *arg)
+{
+    return latch_get(&((struct run *)arg)->done) > 0;
+}
+
+/* Two batches ask for the same key: one upstream request. The first one to leave (a client
+ * gone) does not disturb the other; when the last one leaves, the flight is canceled and its
+ * socket closed at the upstream. */
+static void test_coalesce_last_waiter_cancels_flight(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    const char *body = "{\"ids\":[\"fault-silent\"],\"timeout_ms\":60000}";
+    struct run a, b;
+    CU_ASSERT_FATAL(run_start(&g, &a, body));
+    CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 1));
+    CU_ASSERT_FATAL(run_start(&g, &b, body));
+    CU_ASSERT(test_wait_until(counter_reached, &(struct counter_want){&g.m->flights_joined, 1},
+                              WAIT_MS));
+    ctx_cancel(batch_ctx(a.b), -EPIPE); /* a's client goes away */
+    CU_ASSERT_FATAL(run_finish(&a));
+    CU_ASSERT_NOT_EQUAL(a.status, 200); /* canceled: its client is gone */
+    CU_ASSERT_FALSE(batch_is_done(&b)); /* b still waits on the flight */
+    CU_ASSERT_EQUAL(STUB(g.stub[0], canceled), 0);
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 0);
+    ctx_cancel(batch_ctx(b.b), -EPIPE);
+    CU_ASSERT_FATAL(run_finish(&b));
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1)); /* the flight's attempt, closed */
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 1);
+    CU_ASSERT_EQUAL(M(&g.m->flights_started), 1);
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 1);
+    run_free(&a);
+    run_free(&b);
+    rig_free(&g);
+}
+
+/* A waiter's own deadline ends that waiter alone, with a deadline error; the flight goes on
+ * for the later one, with a fresh attempt once the first attempt's deadline (the earlier
+ * waiter's) has passed; a batch that fails (mode all) leaves its flights to the others. */
+static void test_coalesce_deadline_is_per_waiter(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    struct run a, b, c;
+    CU_ASSERT_FATAL(run_start(&g, &a, "{\"ids\":[\"fault-silent\"],\"timeout_ms\":300}"));
+    CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 1));
+    CU_ASSERT_FATAL(run_start(&g, &b, "{\"ids\":[\"fault-silent\"],\"timeout_ms\":60000}"));
+    CU_ASSERT_FATAL(run_finish(&a));
+    CU_ASSERT_EQUAL(a.status, 504);
+    CU_ASSERT_STRING_EQUAL(a.code, "deadline_exceeded");
+    CU_ASSERT_FALSE(batch_is_done(&b));
+    if (M(&g.m->flights_joined) == 1) { /* b joined before a's deadline (not a given) */
+        /* The first attempt ended at a's deadline; the next one carries b's. */
+        CU_ASSERT(WAIT_STUB(g.stub[0], requests, 2));
+        CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 1));
+        struct upstub_req log[4];
+        size_t n = upstub_log(g.stub[0], log, 4);
+        CU_ASSERT_FATAL(n == 2);
+        CU_ASSERT(atoll(log[0].timeout_ms) <= 300);
+        CU_ASSERT(atoll(log[1].timeout_ms) > 300);
+    }
+    /* c fails at once (a 500) while sharing the silent key with b: b is not disturbed. */
+    CU_ASSERT_FATAL(run_start(&g, &c, "{\"ids\":[\"fault-silent\",\"fail-c\"],\"timeout_ms\":60000}"));
+    CU_ASSERT_FATAL(run_finish(&c));
+    CU_ASSERT_EQUAL(c.status, 502);
+    CU_ASSERT_FALSE(batch_is_done(&b));
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 0);
+    ctx_cancel(batch_ctx(b.b), -EPIPE);
+    CU_ASSERT_FATAL(run_finish(&b));
+    CU_ASSERT(test_wait_until(counter_reached, &(struct counter_want){&g.m->flights_abandoned, 1},
+                              WAIT_MS));
+    run_free(&a);
+    run_free(&b);
+    run_free(&c);
+    rig_free(&g);
+}
+
+/* A flight that has failed is never joined: the next batch starts a new one. Opting out per
+ * request ("coalesce": false) or for the server (--coalesce off) fetches for each batch. */
+static void test_coalesce_never_joins_a_finished_flight_and_opt_out(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    struct run a, b;
+    CU_ASSERT_FATAL(run_body(&g, &a, "{\"ids\":[\"fail-x\"]}"));
+    CU_ASSERT_EQUAL(a.status, 502);
+    CU_ASSERT_FATAL(run_body(&g, &b, "{\"ids\":[\"fail-x\"]}"));
+    CU_ASSERT_EQUAL(b.status, 502);
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 2);
+    CU_ASSERT_EQUAL(M(&g.m->flights_started), 2);
+    CU_ASSERT_EQUAL(M(&g.m->flights_joined), 0);
+    run_free(&a);
+    run_free(&b);
+
+    for (int off = 0; off < 2; off++) { /* per request, then for the server */
+        g.env.coalesce = off == 1 ? false : true;
+        const char *body = off ? "{\"ids\":[\"fault-silent\"],\"timeout_ms\":60000}"
+                               : "{\"ids\":[\"fault-silent\"],\"timeout_ms\":60000,"
+                                 "\"coalesce\":false}";
+        uint64_t req0 = STUB(g.stub[0], requests), can0 = STUB(g.stub[0], canceled);
+        CU_ASSERT_FATAL(run_start(&g, &a, body));
+        CU_ASSERT_FATAL(run_start(&g, &b, body));
+        CU_ASSERT(WAIT_STUB(g.stub[0], requests, req0 + 2)); /* one each */
+        ctx_cancel(batch_ctx(a.b), -EPIPE);
+        CU_ASSERT_FATAL(run_finish(&a));
+        CU_ASSERT(WAIT_STUB(g.stub[0], canceled, can0 + 1)); /* a's own, at once */
+        CU_ASSERT_FALSE(batch_is_done(&b));
+        ctx_cancel(batch_ctx(b.b), -EPIPE);
+        CU_ASSERT_FATAL(run_finish(&b));
+        CU_ASSERT(WAIT_STUB(g.stub[0], canceled, can0 + 2));
+        run_free(&a);
+        run_free(&b);
+    }
+    CU_ASSERT_EQUAL(M(&g.m->flights_joined), 0);
+    rig_free(&g);
+}
+
+/* Hot keys: 1000 batches in flight at once over 10 ids on two loops (for make tsan): every
+ * batch gets every id's own answer, and the upstream sees far fewer requests than calls. */
+enum { HOT_BATCHES = 1000, HOT_KEYS = 10, HOT_PER = 4 };
+
+struct hot {
+    struct rig *g;
+    struct run r[HOT_BATCHES / 4];
+    int n, bad;
+};
+
+static void *hot_main(void *arg)
+{
+    struct hot *h = arg;
+    for (int i = 0; i < h->n; i++) {
+        char body[256];
+        int k = i % HOT_KEYS;
+        snprintf(body, sizeof(body), "{\"ids\":[\"sleep20-h%d\",\"sleep20-h%d\",\"h%d\",\"sleep20-h%d\"]}",
+                 k, (k + 1) % HOT_KEYS, k, (k + 3) % HOT_KEYS);
+        if (!run_start(h->g, &h->r[i], body))
+            h->bad++;
+    }
+    for (int i = 0; i < h->n; i++) {
+        struct run *r = &h->r[i];
+        if (!r->b || !run_finish(r)) {
+            h->bad++;
+            continue;
+        }
+        int k = i % HOT_KEYS;
+        char want[HOT_PER][32];
+        snprintf(want[0], 32, "sleep20-h%d", k);
+        snprintf(want[1], 32, "sleep20-h%d", (k + 1) % HOT_KEYS);
+        snprintf(want[2], 32, "h%d", k);
+        snprintf(want[3], 32, "sleep20-h%d", (k + 3) % HOT_KEYS);
+        if (r->status != 200)
+            h->bad++;
+        for (int j = 0; j < HOT_PER && r->status == 200; j++)
+            h->bad += strcmp(data_id(r, j), want[j]) != 0;
+        run_free(r);
+    }
+    return NULL;
+}
+
+static void test_coalesce_hot_keys_many_batches(void)
+{
+    int threads0 = test_thread_count(), fds0 = test_fd_count();
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 4;
+    enum { T = 4 };
+    pthread_t t[T];
+    static struct hot h[T];
+    for (int i = 0; i < T; i++) {
+        h[i] = (struct hot){.g = &g, .n = HOT_BATCHES / T};
+        CU_ASSERT_FATAL(pthread_create(&t[i], NULL, hot_main, &h[i]) == 0);
+    }
+    int bad = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(t[i], NULL);
+        bad += h[i].bad;
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    uint64_t started = M(&g.m->flights_started), joined = M(&g.m->flights_joined);
+    CU_ASSERT_EQUAL(started + joined, (uint64_t)HOT_BATCHES * HOT_PER);
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), started);
+    CU_ASSERT(joined > 0);
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 0);
+    fprintf(stderr, "\n  %d calls, %llu upstream requests (not asserted beyond > 0 joins) ",
+            HOT_BATCHES * HOT_PER, (unsigned long long)started);
+    struct fetch_stats st;
+    fetch_stats(g.fetch, &st);
+    CU_ASSERT_EQUAL(st.in_flight, 0);
+    rig_free(&g);
+    CU_ASSERT(test_settles_to(threads0 + 1 /* ctx timer */, fds0, test_ms(5000)) ||
+              test_settles_to(threads0, fds0, test_ms(5000)));
+}
+
 static CU_TestInfo batch_tests[] = {
     {"hedge: sent after the delay, wins, the loser is closed", test_batch_hedge_wins_and_loser_is_closed},
     {"hedge: refused when the budget is spent", test_batch_hedge_refused_by_budget},
@@ -716,6 +931,11 @@ static CU_TestInfo batch_tests[] = {
      test_batch_first_error_cancels_siblings_counted_canceled},
     {"response cap, duplicates counted at each position", test_batch_response_cap},
     {"storm: concurrent batches with hedges, retries, cancels", test_batch_storm},
+    {"coalesce: one fetch for two batches; the last to leave cancels it",
+     test_coalesce_last_waiter_cancels_flight},
+    {"coalesce: a deadline or a failure ends that waiter alone", test_coalesce_deadline_is_per_waiter},
+    {"coalesce: a finished flight is never joined; opting out", test_coalesce_never_joins_a_finished_flight_and_opt_out},
+    {"coalesce: 1000 batches on 10 hot ids, two loops", test_coalesce_hot_keys_many_batches},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(batch, batch_tests)

@@ -1565,16 +1565,20 @@ static void test_ops_metrics_under_load(void)
         snprintf(t, sizeof(t), "/items/sleep3000-h%d", i);
         CU_ASSERT(bg_wait_stub(&g, e.up, t, 1, WAIT_MS));
     }
-    /* A stream of short batches with mixed outcomes around the scrape. */
-    static const char *const mix[] = {"{\"ids\":[\"a\",\"b\",\"c\",\"a\",1,2,3]}",
-                                      "{\"ids\":[\"fail-l\",\"sleep200-l\"]}",
-                                      "{\"ids\":[\"sleep1000-t\"],\"timeout_ms\":50}",
-                                      "{\"ids\":[\"big2000000\"]}",
+    /* A stream of short batches with mixed outcomes around the scrape (ids differ from batch
+     * to batch, so none of them shares a fetch with another: each outcome is counted). */
+    static const char *const mix[] = {"{\"ids\":[\"a%d\",\"b\",\"c\",\"a%d\",1,2,3]}",
+                                      "{\"ids\":[\"fail-l%d\",\"sleep200-l%d\"]}",
+                                      "{\"ids\":[\"sleep1000-t%d\"],\"timeout_ms\":50}",
+                                      "{\"ids\":[\"big2000000-%d\"]}",
                                       "{\"ids\":[]}",
                                       "{\"bad\":",
-                                      "{\"ids\":[\"status503-l\",\"d\"]}"};
-    for (int i = 0; i < 21; i++)
-        CU_ASSERT(bg_add(&g, e.p.port, "/v1/batch", mix[i % 7]) >= 0);
+                                      "{\"ids\":[\"status503-l%d\",\"d%d\"]}"};
+    static char mixed[21][96];
+    for (int i = 0; i < 21; i++) {
+        snprintf(mixed[i], sizeof(mixed[i]), mix[i % 7], i, i);
+        CU_ASSERT(bg_add(&g, e.p.port, "/v1/batch", mixed[i]) >= 0);
+    }
     for (int i = 0; i < 5; i++)
         bg_pump(&g, 10);
     int sidx = bg_add(&g, e.p.port, "/metrics", NULL);

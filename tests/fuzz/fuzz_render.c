@@ -37,11 +37,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             memset(r, 0, sizeof(*r));
             r->valid = -1;
             r->len = i - start;
-            r->body = malloc(r->len + 1);
-            if (!r->body)
+            char *body = malloc(r->len + 1);
+            if (!body)
                 abort();
-            memcpy(r->body, data + start, r->len);
-            r->body[r->len] = '\0';
+            memcpy(body, data + start, r->len);
+            body[r->len] = '\0';
+            r->body = body;
             r->status = 200;
             r->decided = true;
             if (mask & (1u << k)) {
@@ -120,7 +121,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cJSON_Delete(doc);
     buf_writer_destroy(&bw);
     for (size_t i = 0; i < k; i++) {
-        free(res[i].body);
+        free((void *)(uintptr_t)res[i].body);
         free(res[i].detail);
     }
     return 0;

@@ -1,0 +1,103 @@
+/* flight: the fetch of one key, made by attempts, hedges and retries, and shared by every call
+ * that asks for the same key while it runs (coalescing across requests).
+ *
+ * A call waits on a flight: it joins the flight running for its key (same key encoding, same
+ * hedging), or starts a new one on its own loop. The flight has its own ctx (a child of the
+ * server's root, no deadline of its own), so no waiter's cancel or deadline reaches it: a waiter
+ * that leaves (its batch failed or was canceled, its client went away, its deadline passed) only
+ * drops its reference, and the flight is canceled when its last waiter has left. Each attempt's
+ * deadline is the latest of the waiters' deadlines when it starts (sent upstream as
+ * X-Request-Timeout-Ms); an attempt that reaches it while a later waiter still waits is followed
+ * by a fresh attempt with the rest of that waiter's time. A flight that has its outcome, or that
+ * every waiter left, is out of the registry at once: it is never joined, a later call starts a
+ * new flight, and no result outlives its flight (this is coalescing, not a cache).
+ *
+ * The policy of a flight's attempts, in one place:
+ *   - the first attempt goes to the key's first upstream (upstream.h);
+ *   - a hedge: when no answer has come within the hedge delay (fixed, or the first upstream's
+ *     recent p95), and the hedge budget has a token, one more attempt goes to the next upstream
+ *     (replicas) or the same one (shards), and again after each further delay, up to
+ *     FLIGHT_MAX_HEDGES; the first good answer wins and every other attempt is aborted at once;
+ *   - a retry: an attempt that failed with a transport error or 502/503/504, when no other
+ *     attempt is pending, retries left, the retry budget has a token and the deadline allows,
+ *     is followed after a jittered exponential backoff (uniform in [0, (2^k - 1) * 25 ms],
+ *     capped at 250 ms) by an attempt to the next upstream;
+ *   - anything else (a 4xx, a 500, a body too large) is final.
+ * Every outcome of an attempt that reached the upstream is reported to upstream.h (ejection,
+ * latency) and counted in the metrics, by upstream.
+ *
+ * Threads: a flight runs on the loop of the call that started it; its waiters may be on any
+ * loop, and each waiter's callback runs on the waiter's own loop. The registry and each flight's
+ * list of waiters are guarded by the registry's mutex; everything else of a flight belongs to
+ * its loop thread. */
+#ifndef FANOUT_FLIGHT_H
+#define FANOUT_FLIGHT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct batch_env;
+struct ctx;
+struct flight;
+struct flights;
+
+/* Hedges per flight: each time the delay passes with no answer, one more attempt, this many at
+ * most (so an attempt and its hedge both landing in the tail cannot hold a batch back). */
+#define FLIGHT_MAX_HEDGES 2
+
+/* The outcome of a flight, read-only for its waiters. */
+struct flight_outcome {
+    int err;            /* 0, FETCH_E*, or a cause (-ETIMEDOUT, -ECANCELED, -ESHUTDOWN, -ENOMEM) */
+    long status;        /* upstream status of the deciding attempt (0 if none answered) */
+    const char *body;   /* its body (success and FETCH_ESTATUS), or NULL */
+    size_t len;         /* body length */
+    const char *detail; /* error text, or NULL */
+};
+
+/* What a call asks for. */
+struct flight_params {
+    const char *key;    /* the id's encoding (the registry key, with 'hedge') */
+    size_t key_len;
+    bool hedge;         /* hedging on for this call's batch */
+    bool coalesce;      /* may join a running flight, and be joined */
+    const char *rid;    /* request id sent upstream (a new flight keeps the starter's) */
+    unsigned loop;      /* the caller's fetch loop: its callback runs there, a new flight too */
+};
+
+/* A waiter's callback: 'cause' is 0 when the outcome is there (flight_outcome()), or the
+ * cause that made the waiter leave first (its ctx's: -ETIMEDOUT, -ECANCELED, -EPIPE, ...). */
+typedef void (*flight_wait_fn)(void *arg, int cause);
+
+/* One call's wait on a flight (the caller's memory, until flight_release()). */
+struct flight_waiter {
+    struct flight *f;                  /* the flight waited on (a reference) */
+    struct ctx *ctx;                   /* a child of the caller's ctx, canceled when the outcome
+                                          is set */
+    struct flight_waiter *prev, *next; /* in the flight's list (registry mutex) */
+    bool delivered;                    /* the outcome was set while in the list (mutex) */
+    bool joined;                       /* joined a flight another call started */
+    unsigned loop;                     /* the caller's loop */
+    int cause;                         /* why it left, for a callback deferred to the run's end */
+    flight_wait_fn cb;
+    void *arg;
+};
+
+/* The registry of running flights. */
+struct flights *flights_new(void);
+void flights_free(struct flights *t); /* every flight must have ended */
+
+/* Waits for the key's flight, joining the running one or starting one, bound to 'parent' (the
+ * caller's ctx; its deadline is the waiter's). Must be called on p->loop's thread. Returns 0,
+ * and cb(arg, cause) runs exactly once on that thread, never from inside flight_wait(); or
+ * -ENOMEM / FETCH_ESHUTDOWN, and nothing was started or joined. */
+int flight_wait(const struct batch_env *env, struct ctx *parent, const struct flight_params *p,
+                struct flight_waiter *w, flight_wait_fn cb, void *arg);
+
+/* The outcome, once cb was called with 0: valid until flight_release(). */
+const struct flight_outcome *flight_outcome(const struct flight_waiter *w);
+
+/* Drops the waiter's reference (after its callback; also with no flight, a no-op). */
+void flight_release(struct flight_waiter *w);
+
+#endif
