@@ -29,6 +29,7 @@ static void batch_release(struct batch *b)
         for (size_t i = 0; i < b->plan.ncalls; i++)
             call_destroy(&b->calls[i]);
     free(b->calls);
+    free(b->pos_next);
     eg_free(b->g);
     ctx_free(b->ctx);
     plan_free(&b->plan);
@@ -46,6 +47,8 @@ static void group_done(void *arg, int err)
 {
     struct batch *b = arg;
     b->err = err;
+    if (b->stream)
+        batch_render(b, b->stream); /* the rest, and the last line */
     b->done(b->arg); /* last: the caller may free the batch from here on */
 }
 
@@ -114,6 +117,46 @@ int batch_run(struct batch *b)
     return fetch_after(b->env->fetch, b->loop, ctx_background(), 0, run, b);
 }
 
+int batch_stream(struct batch *b, struct writer *w)
+{
+    if (!(b->pos_next = malloc((b->plan.npos ? b->plan.npos : 1) * sizeof(*b->pos_next))))
+        return -ENOMEM;
+    uint32_t *last = malloc((b->plan.ncalls ? b->plan.ncalls : 1) * sizeof(*last));
+    if (!last) {
+        free(b->pos_next);
+        b->pos_next = NULL;
+        return -ENOMEM;
+    }
+    for (size_t c = 0; c < b->plan.ncalls; c++)
+        last[c] = UINT32_MAX;
+    for (size_t p = b->plan.npos; p-- > 0;) { /* chain each call's positions, in order */
+        uint32_t c = b->plan.pos_call[p];
+        b->pos_next[p] = last[c];
+        last[c] = (uint32_t)p;
+    }
+    free(last);
+    b->stream = w;
+    return 0;
+}
+
+void batch_call_done(struct batch *b, struct call *c)
+{
+    struct writer *w = b->stream;
+    if (!w)
+        return;
+    c->streamed = true;
+    const struct plan_call *pc = &b->plan.calls[c->idx];
+    if (c->res.err != 0 && b->rq.mode == MODE_ALL) {
+        if (b->fail_call == (long)c->idx) { /* the first error; the rest are its cancels */
+            w->fail_pos = pc->first_pos;
+            w->ops->fail(w, request_echo(&b->rq, pc->first_pos), &c->res);
+        }
+        return;
+    }
+    for (uint32_t p = pc->first_pos; p != UINT32_MAX; p = b->pos_next[p])
+        w->ops->item(w, p, request_echo(&b->rq, p), &c->res);
+}
+
 int64_t batch_timeout_ms(const struct batch *b)
 {
     return b->rq.timeout_ms;
@@ -149,13 +192,17 @@ void batch_render(struct batch *b, struct writer *w)
         const char *echo = NULL;
         if (b->fail_call >= 0) {
             r = &b->calls[b->fail_call].res;
-            echo = request_echo(&b->rq, b->plan.calls[b->fail_call].first_pos);
+            w->fail_pos = b->plan.calls[b->fail_call].first_pos;
+            echo = request_echo(&b->rq, w->fail_pos);
         }
         w->ops->fail(w, echo, r);
     } else {
-        w->ops->begin(w);
+        if (!b->stream)
+            w->ops->begin(w);
         for (size_t i = 0; i < b->plan.npos; i++) {
             struct call *c = &b->calls[b->plan.pos_call[i]];
+            if (c->streamed)
+                continue; /* its lines are out */
             if (!c->res.decided) { /* never started, or cut short: the deadline's, in effect */
                 c->res.err = cause ? cause : -ETIMEDOUT;
                 c->res.decided = true;

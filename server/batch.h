@@ -58,6 +58,12 @@ int batch_new(const struct batch_env *env, struct request *rq, const char *rid,
  * runs (free the batch). */
 int batch_run(struct batch *b);
 
+/* Streams the answer through 'w' (render.h) as it is made, instead of batch_render() after
+ * done: before batch_run(). On the loop thread, item() for each position as its call
+ * completes, fail() once when the batch fails (mode all), and, just before done(arg), the
+ * positions not yet written (in request order) and end() (or fail()). Returns 0 or -ENOMEM. */
+int batch_stream(struct batch *b, struct writer *w);
+
 /* The request's effective deadline, ms (for messages). */
 int64_t batch_timeout_ms(const struct batch *b);
 

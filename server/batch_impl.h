@@ -33,7 +33,12 @@ struct batch {
     int start_err;               /* a call could not even be queued (out of memory) */
     long fail_call;              /* first call that failed (mode all), or -1 */
     size_t resp_bytes;           /* the answer's size so far, counted as results arrive */
+    struct writer *stream;       /* batch_stream()'s writer, or NULL */
+    uint32_t *pos_next;          /* streaming: next position of the same call, UINT32_MAX last */
     char rid[BATCH_RID_MAX + 1]; /* request id, sent upstream */
 };
+
+/* A call's outcome is in (loop thread, before the errgroup is told): streams its lines. */
+void batch_call_done(struct batch *b, struct call *c);
 
 #endif

@@ -30,6 +30,7 @@ static void complete(struct call *c)
     c->completed = true;
     if (c->res.err != 0 && b->rq.mode == MODE_ALL && b->fail_call < 0)
         b->fail_call = (long)c->idx;
+    batch_call_done(b, c);
     int rc = b->rq.mode == MODE_SETTLED ? 0 : c->res.err;
     eg_complete(b->g, rc); /* last: the group may end here, and cancels the siblings on rc */
 }

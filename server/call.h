@@ -44,6 +44,7 @@ struct call {
     struct ctx *ctx;           /* child of the group ctx; NULL before the call starts */
     struct flight_waiter w;    /* the wait on the key's flight */
     bool completed;            /* the errgroup was told */
+    bool streamed;             /* its lines went to the batch's stream */
     struct call_result res;    /* the outcome */
 };
 

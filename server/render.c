@@ -97,6 +97,26 @@ static void error_members(struct json_buf *o, const struct render_error *e,
         json_buf_printf(o, ",\"upstream_status\":%ld", r->status);
 }
 
+/* A position's members after "id": ,"status":N,"data":.. or ,"error":{..}. */
+static void append_result(struct json_buf *o, const struct render_limits *lim, const char *echo,
+                          const struct call_result *cr)
+{
+    struct call_result *r = (struct call_result *)(uintptr_t)cr; /* caches body validity */
+    if (r->err == 0) {
+        json_buf_printf(o, ",\"status\":%ld,\"data\":", r->status);
+        append_data(o, r);
+        return;
+    }
+    struct render_error e;
+    render_error(lim, echo, r, &e);
+    json_buf_append_str(o, ",\"error\":{\"code\":\"");
+    json_buf_append_str(o, e.code);
+    json_buf_append_str(o, "\",\"message\":");
+    json_append_string(o, e.message, strlen(e.message));
+    error_members(o, &e, r);
+    json_buf_append_char(o, '}');
+}
+
 static void bw_begin(struct writer *w)
 {
     struct buf_writer *bw = (struct buf_writer *)w;
@@ -108,22 +128,9 @@ static void bw_item(struct writer *w, size_t pos, const char *echo, const struct
 {
     struct buf_writer *bw = (struct buf_writer *)w;
     struct json_buf *o = &bw->out;
-    struct call_result *r = (struct call_result *)(uintptr_t)cr; /* caches body validity */
     json_buf_append_str(o, pos ? ",{\"id\":" : "{\"id\":");
     json_buf_append_str(o, echo);
-    if (r->err == 0) {
-        json_buf_printf(o, ",\"status\":%ld,\"data\":", r->status);
-        append_data(o, r);
-    } else {
-        struct render_error e;
-        render_error(&w->lim, echo, r, &e);
-        json_buf_append_str(o, ",\"error\":{\"code\":\"");
-        json_buf_append_str(o, e.code);
-        json_buf_append_str(o, "\",\"message\":");
-        json_append_string(o, e.message, strlen(e.message));
-        error_members(o, &e, r);
-        json_buf_append_char(o, '}');
-    }
+    append_result(o, &w->lim, echo, cr);
     json_buf_append_char(o, '}');
     if (o->len > w->lim.max_response_bytes)
         bw->too_large = true;
@@ -176,6 +183,7 @@ void buf_writer_init(struct buf_writer *bw, const struct render_limits *lim)
     memset(bw, 0, sizeof(*bw));
     bw->w.ops = &buf_ops;
     bw->w.lim = *lim;
+    bw->w.fail_pos = SIZE_MAX;
     json_buf_init(&bw->out);
 }
 
@@ -184,4 +192,113 @@ void buf_writer_destroy(struct buf_writer *bw)
     json_buf_destroy(&bw->out);
     free(bw->fail_id);
     bw->fail_id = NULL;
+}
+
+/* ---------------------------------------------------------------- the line writer (NDJSON) */
+
+/* Hands the line built so far to the owner. */
+static void lw_emit(struct line_writer *lw)
+{
+    if (json_buf_failed(&lw->line)) {
+        lw->oom = true;
+        lw->emit(lw->arg, NULL, 0); /* a line is lost: the owner must cut the stream */
+    } else {
+        lw->emit(lw->arg, lw->line.data, lw->line.len);
+    }
+    lw->sent += lw->line.len;
+    json_buf_clear(&lw->line);
+}
+
+static void lw_begin(struct writer *w)
+{
+    (void)w; /* the 200 and its headers went out when the stream started */
+}
+
+static void lw_item(struct writer *w, size_t pos, const char *echo, const struct call_result *r)
+{
+    struct line_writer *lw = (struct line_writer *)w;
+    if (lw->code)
+        return;
+    json_buf_printf(&lw->line, "{\"index\":%zu,\"id\":", pos);
+    size_t head = lw->line.len;
+    json_buf_append_str(&lw->line, echo);
+    append_result(&lw->line, &w->lim, echo, r);
+    json_buf_append_str(&lw->line, "}\n");
+    if (r->err == 0 && lw->sent + lw->line.len > w->lim.max_response_bytes) {
+        /* Past the cap (escaping grew a body): this position gets the cap's error instead. */
+        static const struct call_result capped = {.err = CALL_ERESPONSE};
+        lw->line.len = head;
+        json_buf_append_str(&lw->line, echo);
+        append_result(&lw->line, &w->lim, echo, &capped);
+        json_buf_append_str(&lw->line, "}\n");
+        r = &capped;
+    }
+    lw_emit(lw);
+    if (r->err == 0)
+        lw->results++;
+    else
+        lw->errors++;
+}
+
+static void lw_fail(struct writer *w, const char *echo, const struct call_result *r)
+{
+    struct line_writer *lw = (struct line_writer *)w;
+    if (lw->code)
+        return; /* the first error decides */
+    struct render_error e;
+    render_error(&w->lim, echo, r, &e);
+    lw->code = e.code;
+    lw->status = e.status;
+    struct json_buf *o = &lw->line;
+    if (echo && w->fail_pos != SIZE_MAX) {
+        json_buf_printf(o, "{\"index\":%zu,\"id\":", w->fail_pos);
+        json_buf_append_str(o, echo);
+        append_result(o, &w->lim, echo, r);
+        json_buf_append_str(o, "}\n");
+        lw_emit(lw);
+        free(lw->fail_id);
+        lw->fail_id = strdup(echo);
+    }
+    json_buf_append_str(o, "{\"done\":true,\"error\":{\"code\":\"");
+    json_buf_append_str(o, e.code);
+    json_buf_append_str(o, "\",\"message\":");
+    json_append_string(o, e.message, strlen(e.message));
+    if (echo) {
+        json_buf_append_str(o, ",\"id\":");
+        json_buf_append_str(o, echo);
+    }
+    error_members(o, &e, r);
+    json_buf_append_str(o, "}}\n");
+    lw_emit(lw);
+}
+
+static void lw_end(struct writer *w)
+{
+    struct line_writer *lw = (struct line_writer *)w;
+    if (lw->code)
+        return; /* the fail line was the last */
+    json_buf_printf(&lw->line, "{\"done\":true,\"results\":%u,\"errors\":%u}\n", lw->results,
+                    lw->errors);
+    lw_emit(lw);
+}
+
+static const struct writer_ops line_ops = {lw_begin, lw_item, lw_fail, lw_end};
+
+void line_writer_init(struct line_writer *lw, const struct render_limits *lim,
+                      void (*emit)(void *arg, const char *data, size_t len), void *arg)
+{
+    memset(lw, 0, sizeof(*lw));
+    lw->w.ops = &line_ops;
+    lw->w.lim = *lim;
+    lw->emit = emit;
+    lw->arg = arg;
+    lw->w.fail_pos = SIZE_MAX;
+    json_buf_init(&lw->line);
+}
+
+void line_writer_destroy(struct line_writer *lw)
+{
+    json_buf_destroy(&lw->line);
+    free(lw->fail_id);
+    lw->fail_id = NULL;
 }

@@ -38,6 +38,7 @@ struct writer_ops {
 struct writer {
     const struct writer_ops *ops;
     struct render_limits lim;
+    size_t fail_pos; /* set before fail(): the failing id's first position, or SIZE_MAX */
 };
 
 /* What an error result means to a client. */
@@ -64,6 +65,32 @@ struct buf_writer {
 
 void buf_writer_init(struct buf_writer *bw, const struct render_limits *lim);
 void buf_writer_destroy(struct buf_writer *bw);
+
+/* The line writer (Accept: application/x-ndjson): one JSON line per position as it completes,
+ * {"index":i,"id":..,"status":..,"data":..} or {"index":i,"id":..,"error":{..}}, then
+ * {"done":true,"results":N,"errors":M}; when the batch fails (mode all), the failing position's
+ * error line and {"done":true,"error":{..}} last. Each line goes to emit() whole (or NULL
+ * when it could not be built for want of memory: the owner must end the stream as broken). A result
+ * whose line would take the answer past max_response_bytes gets an upstream_too_large error
+ * line instead (the calls' own accounting refuses bodies past the cap before that), so the
+ * lines waiting for a slow reader never pass the cap by more than an error line a position. */
+struct line_writer {
+    struct writer w;       /* first */
+    struct json_buf line;  /* the line being built */
+    void (*emit)(void *arg, const char *data, size_t len);
+    void *arg;
+    size_t sent;           /* bytes emitted */
+    unsigned results;      /* lines with a result */
+    unsigned errors;       /* lines with an error (settled mode) */
+    unsigned status;       /* the HTTP status the error would have had (for the log) */
+    const char *code;      /* the error code once failed, or NULL */
+    char *fail_id;         /* the failing id's JSON text (malloc'd), or NULL */
+    bool oom;              /* a line could not be built */
+};
+
+void line_writer_init(struct line_writer *lw, const struct render_limits *lim,
+                      void (*emit)(void *arg, const char *data, size_t len), void *arg);
+void line_writer_destroy(struct line_writer *lw);
 
 /* {"error":{"code":..,"message":..<extra>}} for an error of the server's own (no batch):
  * 'extra' is raw JSON members starting with a comma, or NULL. */

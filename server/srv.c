@@ -121,6 +121,7 @@ struct req {
     struct batch *batch;           /* the running or finished batch, or NULL */
     int start_err;                 /* the batch could not be handed to its loop */
     atomic_bool batch_done;        /* the batch called back (set on the loop thread) */
+    struct stream *stream;         /* an NDJSON answer in progress, or NULL */
     bool watched;                  /* the socket is in the watch */
     uint64_t watch_token;          /* its token */
 };
@@ -378,6 +379,200 @@ static enum MHD_Result answer_batch(struct req *r)
     return respond(r, status, "application/json", body, len, true);
 }
 
+/* ---------------------------------------------------------------- NDJSON streams */
+
+/* An answer streamed as lines (Accept: application/x-ndjson). The batch's loop thread writes
+ * lines into 'q' through the line writer; libmicrohttpd's content reader takes them out on the
+ * connection's worker and, when there is nothing to send yet, suspends the connection until the
+ * next line (or the end) resumes it. Two references: the response's (dropped when
+ * libmicrohttpd destroys it, which cancels a batch still running: the client is gone) and the
+ * batch's (dropped when it is done); the last one frees the batch and the stream. Memory is
+ * bounded by --max-response-bytes: the line writer stops queueing at that cap. */
+struct stream {
+    pthread_mutex_t mu;
+    struct json_buf q;            /* lines not yet handed to libmicrohttpd (mu) */
+    size_t off;                   /* bytes of q already handed (mu) */
+    bool done;                    /* the last line is in q (mu) */
+    bool suspended;               /* the reader is waiting for lines (mu) */
+    bool gone;                    /* the response was destroyed: conn is no more (mu) */
+    bool watched;                 /* the socket is in the disconnect watch (mu) */
+    uint64_t watch_token;
+    struct MHD_Connection *conn;
+    struct srv *s;
+    struct batch *batch;
+    struct line_writer lw;        /* the loop thread's, until done */
+    atomic_uint refs;
+};
+
+static void stream_unref(struct stream *st)
+{
+    if (atomic_fetch_sub(&st->refs, 1) != 1)
+        return;
+    batch_free(st->batch);
+    line_writer_destroy(&st->lw);
+    json_buf_destroy(&st->q);
+    pthread_mutex_destroy(&st->mu);
+    free(st);
+}
+
+/* Mutex held: wakes a reader waiting for lines. */
+static void stream_wake(struct stream *st)
+{
+    if (st->suspended && !st->gone) {
+        st->suspended = false;
+        MHD_resume_connection(st->conn);
+    }
+}
+
+/* Mutex held: the socket leaves the watch (before libmicrohttpd closes it, or at the end). */
+static void stream_unwatch(struct stream *st)
+{
+    if (st->watched) {
+        st->watched = false;
+        watch_remove(st->s->watch, st->watch_token);
+    }
+}
+
+/* The line writer's output (loop thread). */
+static void stream_emit(void *arg, const char *data, size_t len)
+{
+    struct stream *st = arg;
+    pthread_mutex_lock(&st->mu);
+    if (data)
+        json_buf_append(&st->q, data, len);
+    else
+        st->q.oom = true; /* the reader ends the stream with an error: never a silent gap */
+    stream_wake(st);
+    pthread_mutex_unlock(&st->mu);
+}
+
+/* The batch is done, its last line written (loop thread). */
+static void on_stream_done(void *arg)
+{
+    struct stream *st = arg;
+    pthread_mutex_lock(&st->mu);
+    stream_unwatch(st);
+    st->done = true;
+    stream_wake(st);
+    pthread_mutex_unlock(&st->mu);
+    stream_unref(st);
+}
+
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    struct stream *st = cls;
+    pthread_mutex_lock(&st->mu);
+    ssize_t n = 0;
+    if (json_buf_failed(&st->q)) {
+        n = MHD_CONTENT_READER_END_WITH_ERROR; /* a line was lost: cut the stream visibly */
+    } else if (st->off < st->q.len) {
+        size_t k = st->q.len - st->off < max ? st->q.len - st->off : max;
+        memcpy(buf, st->q.data + st->off, k);
+        st->off += k;
+        if (st->off == st->q.len) {
+            json_buf_clear(&st->q);
+            st->off = 0;
+        }
+        n = (ssize_t)k;
+    } else if (st->done) {
+        n = MHD_CONTENT_READER_END_OF_STREAM;
+    } else {
+        st->suspended = true; /* resumed by the next line */
+        MHD_suspend_connection(st->conn);
+    }
+    pthread_mutex_unlock(&st->mu);
+    return n;
+}
+
+/* libmicrohttpd is done with the response: the connection is over. */
+static void stream_response_gone(void *cls)
+{
+    struct stream *st = cls;
+    pthread_mutex_lock(&st->mu);
+    st->gone = true;
+    stream_unwatch(st);
+    bool running = !st->done;
+    pthread_mutex_unlock(&st->mu);
+    if (running)
+        ctx_cancel(batch_ctx(st->batch), -EPIPE); /* the client is gone: stop the rest */
+    stream_unref(st);
+}
+
+/* Whether the client asked for NDJSON (an Accept naming application/x-ndjson). */
+static bool wants_ndjson(struct req *r)
+{
+    const char *a = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_ACCEPT);
+    return a && strcasestr(a, "application/x-ndjson") != NULL;
+}
+
+/* Starts the batch for 'rq' (taken) with its answer streamed: 200 at once, a line per
+ * position as it completes. */
+static enum MHD_Result start_stream(struct req *r, struct request *rq)
+{
+    struct srv *s = r->s;
+    struct stream *st = calloc(1, sizeof(*st));
+    if (!st) {
+        request_free(rq);
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    }
+    pthread_mutex_init(&st->mu, NULL);
+    json_buf_init(&st->q);
+    st->conn = r->conn;
+    st->s = s;
+    atomic_init(&st->refs, 1); /* ours, until the response takes it over */
+    int64_t timeout = rq->timeout_ms;
+    int rc = batch_new(&s->env, rq, r->request_id, on_stream_done, st, &st->batch);
+    struct render_limits lim = {.timeout_ms = timeout,
+                                .max_body = s->cfg.max_body,
+                                .max_response_bytes = s->cfg.max_response_bytes};
+    line_writer_init(&st->lw, &lim, stream_emit, st);
+    if (rc == 0)
+        rc = batch_stream(st->batch, &st->lw.w);
+    struct MHD_Response *resp =
+        rc == 0 ? MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_read, st,
+                                                    stream_response_gone)
+                : NULL;
+    if (!resp) {
+        stream_unref(st);
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    }
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci && watch_add(s->watch, ci->connect_fd, batch_ctx(st->batch), &st->watch_token) == 0)
+        st->watched = true;
+    atomic_fetch_add(&st->refs, 1); /* the batch's */
+    if ((rc = batch_run(st->batch)) != 0) {
+        atomic_fetch_sub(&st->refs, 1);
+        pthread_mutex_lock(&st->mu);
+        stream_unwatch(st);
+        st->done = true; /* nothing will run */
+        pthread_mutex_unlock(&st->mu);
+        MHD_destroy_response(resp); /* drops the response's reference: frees the stream */
+        if (rc == FETCH_ESHUTDOWN) {
+            atomic_fetch_add(&s->metrics.rejected, 1);
+            return error_resp(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded",
+                              "the server is shutting down; retry on another instance");
+        }
+        return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
+    }
+    r->stream = st;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/x-ndjson");
+    MHD_add_response_header(resp, "X-Request-Id", r->request_id);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (atomic_load(&s->draining))
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    leave_gauge(r); /* answered: the 200 is queued */
+    enum MHD_Result ret = MHD_queue_response(r->conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp); /* the connection holds it now (or, if queueing failed, frees
+                                   it: the batch is canceled as for a client gone) */
+    if (ret == MHD_YES) {
+        r->answered = true;
+        r->status = MHD_HTTP_OK;
+    }
+    return ret;
+}
+
 /* POST /v1/batch, once its body is in (and again after the resume). */
 static enum MHD_Result handle_batch(struct req *r)
 {
@@ -411,6 +606,8 @@ static enum MHD_Result handle_batch(struct req *r)
         static char empty[] = "{\"results\":[]}\n";
         return respond(r, MHD_HTTP_OK, "application/json", empty, sizeof(empty) - 1, false);
     }
+    if (wants_ndjson(r))
+        return start_stream(r, &rq);
     int rc = batch_new(&s->env, &rq, r->request_id, on_batch_done, r, &r->batch);
     if (rc != 0)
         return error_resp(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "out of memory");
@@ -602,11 +799,22 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
         return;
     *req_cls = NULL;
     int64_t dur = now_us() - r->start_us;
+    if (r->stream) {
+        pthread_mutex_lock(&r->stream->mu);
+        if (r->stream->done) /* the line writer is finished with: its error code, for the log */
+            r->err_code = r->stream->lw.code;
+        pthread_mutex_unlock(&r->stream->mu);
+    }
     metrics_count_status(&s->metrics, metrics_route_of(r->route), r->answered ? r->status : 0);
     metrics_observe(&s->metrics.request_seconds, dur);
     log_request(s, r, dur, toe);
     if (r->batch)
         batch_free(r->batch);
+    if (r->stream) { /* the response holds the stream until libmicrohttpd drops it */
+        pthread_mutex_lock(&r->stream->mu);
+        stream_unwatch(r->stream); /* before the socket is closed */
+        pthread_mutex_unlock(&r->stream->mu);
+    }
     leave_gauge(r); /* a connection that failed before its answer was queued */
     if (r->admitted)
         active_dec(s);
