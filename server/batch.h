@@ -75,7 +75,7 @@ struct ctx *batch_ctx(struct batch *b);
 int batch_err(const struct batch *b);
 
 /* Writes the answer through 'w' (render.h): results in request order, or the error. After done
- * only. */
+ * only, and only for a batch that does not stream (batch_stream() renders on its own). */
 void batch_render(struct batch *b, struct writer *w);
 
 /* Frees a batch: after done, or one that never ran. */

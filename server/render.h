@@ -4,7 +4,8 @@
  * result, or in settled mode possibly an error), then end; or, when the batch failed as a whole,
  * fail() once with the deciding call's result. The mapping from a result to an HTTP status, an
  * error code and a message (render_error()) is here, in one place, for every writer. The buffer
- * writer builds the JSON answer in memory; a streaming writer can implement the same four calls.
+ * writer builds the JSON answer in memory; the line writer streams it as NDJSON, driven by
+ * batch_stream() as calls complete.
  * Threads: a writer is used by one thread. */
 #ifndef FANOUT_RENDER_H
 #define FANOUT_RENDER_H

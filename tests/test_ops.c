@@ -1102,6 +1102,9 @@ static void test_ops_config_upstreams_and_resilience(void)
     CU_ASSERT_EQUAL(c.hedge_budget_pct, 5);
     CU_ASSERT_EQUAL(c.retries, 1);
     CU_ASSERT_EQUAL(c.retry_budget_pct, 20);
+    CU_ASSERT_TRUE(c.coalesce);
+    CU_ASSERT_EQUAL(parse(&c, A("--demo", "--coalesce", "off"), NULL, &act, err, sizeof(err)), 0);
+    CU_ASSERT_FALSE(c.coalesce);
     CU_ASSERT_EQUAL(parse(&c, A("--demo", "--upstream-policy", "shards", "--hedge-after-ms",
                                 "auto", "--eject-after", "0", "--retries", "3",
                                 "--hedge-budget-pct", "10", "--retry-budget-pct", "50"),
@@ -1132,6 +1135,7 @@ static void test_ops_config_upstreams_and_resilience(void)
         {{"--demo", "--retries", "11"}, NULL, "--retries"},
         {{"--demo", "--max-ejected-pct", "101"}, NULL, "--max-ejected-pct"},
         {{"--demo", "--hedge-budget-pct", "101"}, NULL, "--hedge-budget-pct"},
+        {{"--demo", "--coalesce", "sometimes"}, NULL, "want on or off"},
         {{"--demo", "--eject-ms", "5000", "--eject-max-ms", "1000"}, NULL, "--eject-max-ms"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
