@@ -1009,6 +1009,10 @@ static void test_loadtest_ndjson_answers(void)
         const cJSON *en = cJSON_GetObjectItem(j, "entries");
         CU_ASSERT_EQUAL(num(en, "ok"), num(j, "requests"));
         CU_ASSERT_EQUAL(num(en, "failed"), 0);
+        /* Time to the first line: measured for every answer, never after the whole answer. */
+        const cJSON *fl = cJSON_GetObjectItem(j, "first_line_ms");
+        CU_ASSERT(cJSON_IsObject(fl) && num(fl, "p50") >= 0);
+        CU_ASSERT(num(fl, "max") <= num(cJSON_GetObjectItem(j, "latency_ms"), "max"));
     }
     cJSON_Delete(j);
 

@@ -125,6 +125,13 @@ void lt_print_table(const struct lt_cli *c, const struct lt_stats *st, const str
         printf("  ok latency    p50 %.3f   p99 %.3f   (successful answers only)\n",
                (double)lt_hist_quantile(&st->lat_ok, 0.5) / 1000.0,
                (double)lt_hist_quantile(&st->lat_ok, 0.99) / 1000.0);
+    if (st->lat_first.count)
+        printf("  first line ms p50 %.3f   p90 %.3f   p99 %.3f   p99.9 %.3f   (NDJSON: time to "
+               "the first result line)\n",
+               (double)lt_hist_quantile(&st->lat_first, 0.5) / 1000.0,
+               (double)lt_hist_quantile(&st->lat_first, 0.9) / 1000.0,
+               (double)lt_hist_quantile(&st->lat_first, 0.99) / 1000.0,
+               (double)lt_hist_quantile(&st->lat_first, 0.999) / 1000.0);
     printf("  status      ");
     bool any = false;
     for (int i = 0; i < LT_MAX_STATUS; i++)
@@ -192,6 +199,13 @@ cJSON *lt_summary_json(const struct lt_cli *c, const struct lt_stats *st,
         cJSON_AddNumberToObject(lok, names[i],
                                 (double)lt_hist_quantile(&st->lat_ok, quantiles[i]) / 1000.0);
     cJSON_AddNumberToObject(lok, "max", (double)st->lat_ok.max / 1000.0);
+    if (st->lat_first.count) {
+        cJSON *lf = cJSON_AddObjectToObject(j, "first_line_ms");
+        for (int i = 0; i < 4; i++)
+            cJSON_AddNumberToObject(lf, names[i],
+                                    (double)lt_hist_quantile(&st->lat_first, quantiles[i]) / 1000.0);
+        cJSON_AddNumberToObject(lf, "max", (double)st->lat_first.max / 1000.0);
+    }
     cJSON *sc = cJSON_AddObjectToObject(j, "status");
     for (int i = 0; i < LT_MAX_STATUS; i++)
         if (st->status[i]) {

@@ -48,6 +48,8 @@ struct conn {
     enum conn_state state; /* see DESIGN */
     bool out_armed;        /* EPOLLOUT is in the interest set */
     bool got_bytes;        /* the current answer has begun */
+    bool got_line;         /* NDJSON: its first line is in */
+    int64_t first_line;    /* NDJSON: when it came */
     int64_t intended;      /* when the current request was due (latency origin) */
     int64_t deadline;      /* when the request (or, CONNECTING, the connect) times out */
     int64_t retry_at;      /* CLOSED: when to reconnect */
@@ -178,6 +180,10 @@ static void on_line(void *arg, const char *line, size_t n)
 {
     struct conn *c = arg;
     struct lt_stats *st = &c->w->st;
+    if (!c->got_line) { /* time to the first line: counted with the answer */
+        c->got_line = true;
+        c->first_line = lt_now_ns();
+    }
     cJSON *doc = cJSON_ParseWithLength(line, n);
     if (!doc) {
         if (n >= LT_HTTP_LINE)
@@ -378,6 +384,7 @@ static void conn_send(struct conn *c, int64_t intended, int64_t now)
     c->woff = 0;
     c->state = C_BUSY;
     c->got_bytes = false;
+    c->got_line = false;
     c->intended = intended;
     c->deadline = now + w->o->timeout_ns;
     w->busy++;
@@ -396,6 +403,10 @@ static void conn_answered(struct conn *c, int64_t now)
     st->bytes_in += h->body_len;
     st->status[h->status > 0 && h->status < LT_MAX_STATUS ? h->status : 0]++;
     lt_hist_add(&st->lat, us);
+    if (c->got_line) { /* from the intended send time, like the answer's; never after it */
+        int64_t t = c->first_line < now ? c->first_line : now;
+        lt_hist_add(&st->lat_first, t > c->intended ? (uint64_t)(t - c->intended) / 1000 : 0);
+    }
     bool ok = classify(st, h);
     if (ok) {
         st->ok++;
@@ -644,6 +655,7 @@ static struct worker *worker_new(const struct lt_opts *o, int idx, int nconns, i
     w->pwait2 = true;
     lt_hist_init(&w->st.lat);
     lt_hist_init(&w->st.lat_ok);
+    lt_hist_init(&w->st.lat_first);
     if (o->rate > 0) {
         w->period = 1e9 * o->threads / o->rate;
         w->offset = 1e9 * idx / o->rate;
@@ -766,6 +778,7 @@ static void stats_merge(struct lt_stats *into, const struct lt_stats *from)
     into->entries_unknown += from->entries_unknown;
     lt_hist_merge(&into->lat, &from->lat);
     lt_hist_merge(&into->lat_ok, &from->lat_ok);
+    lt_hist_merge(&into->lat_first, &from->lat_first);
     if (from->elapsed_ns > into->elapsed_ns)
         into->elapsed_ns = from->elapsed_ns;
     if (from->window_ns > into->window_ns)
@@ -800,6 +813,7 @@ void lt_run_finish(struct lt_run *r, struct lt_stats *st)
     memset(st, 0, sizeof(*st));
     lt_hist_init(&st->lat);
     lt_hist_init(&st->lat_ok);
+    lt_hist_init(&st->lat_first);
     for (int i = 0; i < r->started; i++)
         pthread_join(r->w[i]->th, NULL);
     for (int i = 0; i < r->o.threads; i++) {

@@ -95,6 +95,7 @@ struct lt_stats {
     struct lt_codes entry_codes; /* with 'entries': error codes of failed entries */
     struct lt_hist lat;     /* latency of every answer (us) */
     struct lt_hist lat_ok;  /* latency of successful answers (us) */
+    struct lt_hist lat_first; /* NDJSON: latency of each answer's first line (us) */
     struct lt_row *rows;    /* per-second rows (owned), when asked for */
     size_t nrows;           /* their number */
     int64_t elapsed_ns;     /* from the start to the last worker's end */
