@@ -8,7 +8,11 @@
 #   kill  three replicas, one killed with SIGKILL a third of the way in, --retries 0 and 1, and
 #         the time from the kill until fanout ejected it;
 #   drop  three replicas that each drop 5% of requests (connection closed, no answer), with
-#         --retries 0 to 3.
+#         --retries 0 to 3;
+#   hot   hot keys: 64 connections, batches of 20 ids from Zipf(1.1) over 10,000 ids, a 20 ms
+#         Go upstream, --coalesce off and on: upstream requests per batch, p50/p99;
+#   stream  S4 answered as JSON and as NDJSON, --hedge-after-ms 0 and 15: time to the first
+#         line against the time to the whole answer.
 # The replicas are fanout's own demo upstream (`fanout --demo-upstream-only`), one process each,
 # made slow or flaky by their URL templates (`/items/sleep50-{id}`, `/items/drop5-{id}`). The
 # load is fanout-load: open loop at RATE batches/s of 10 ids (so a stall shows in the
@@ -18,11 +22,11 @@
 #
 # Prints one markdown table row per run: batches/s, success ratio, p50/p99/p99.9 ms, hedges
 # and retries sent, and upstream attempts beyond one per id (from fanout's /metrics). Needs
-# build/bin/fanout and build/bin/fanout-load (make), and for s4 the harness's Go upstream
+# build/bin/fanout and build/bin/fanout-load (make), and for s4, hot and stream the harness's Go upstream
 # ($ITEMUPSTREAM, default ~/.cache/fanout-bench/itemupstream, which its run.sh builds).
 set -u
 dur=15 rate=200
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "d:r:h" o; do
 	case $o in
 	d) dur=$OPTARG ;; r) rate=$OPTARG ;;
@@ -188,6 +192,60 @@ for s in "${scen[@]}"; do
 			stop_all
 		done
 		;;
-	*) echo "bench: unknown scenario $s (s4, slow, kill, drop)" >&2; exit 2 ;;
+	hot)
+		# Hot keys: 64 connections, batches of 20 ids from Zipf(1.1) over 10,000 ids, an
+		# upstream that answers in 20 ms; coalescing off, then on.
+		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
+		[[ -x $goup ]] || { echo "bench: hot needs the harness's Go upstream ($goup)" >&2; exit 2; }
+		echo
+		echo "| --coalesce | batches/s | success | p50 ms | p99 ms | upstream requests per batch | joined per batch |"
+		echo "|---|---|---|---|---|---|---|"
+		for co in off on; do
+			"$goup" -listen 127.0.0.1:0 -delay 20ms 2>"$tmp/goup.log" &
+			pids+=($!)
+			gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+			FLAGS="--coalesce $co --log-level warn"
+			start_fanout "127.0.0.1:$gport/items/{id}"
+			a0=$(attempts) j0=$(metric fanout_flights_joined_total)
+			"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" -c 64 -t 2 --no-progress --min-success 0 \
+				--json -b 20 --ids zipf -k 10000 --zipf-s 1.1 >"$tmp/load.json" 2>"$tmp/load.err"
+			a1=$(attempts) j1=$(metric fanout_flights_joined_total)
+			python3 - "$tmp/load.json" "$co" "$((a1 - a0))" "$((j1 - j0))" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1])); lat = j["latency_ms"]; n = j["requests"] or 1
+print(f"| {sys.argv[2]} | {j['requests_per_s']:.0f} | {j['success_ratio'] * 100:.3f}% | "
+      f"{lat['p50']:.1f} | {lat['p99']:.1f} | {int(sys.argv[3]) / n:.2f} | {int(sys.argv[4]) / n:.2f} |")
+PY
+			stop_all
+		done
+		;;
+	stream)
+		# S4 streamed: the time to the first NDJSON line against the time to the whole answer.
+		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
+		[[ -x $goup ]] || { echo "bench: stream needs the harness's Go upstream ($goup)" >&2; exit 2; }
+		echo
+		echo "| S4 (--hedge-after-ms) | answer | batches/s | first line p50 ms | first line p99 ms | whole answer p50 ms | whole answer p99 ms |"
+		echo "|---|---|---|---|---|---|---|"
+		for h in 0 15; do
+			for nd in "" --ndjson; do
+				"$goup" -listen 127.0.0.1:0 -delay 5ms -tail-frac 0.01 -tail-delay 100ms 2>"$tmp/goup.log" &
+				pids+=($!)
+				gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+				FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
+				start_fanout "127.0.0.1:$gport/items/{id}"
+				"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" -c 4 -t 2 --no-progress --min-success 0 \
+					--json -b 100 --ids seq $nd >"$tmp/load.json" 2>"$tmp/load.err"
+				python3 - "$tmp/load.json" "$h" "${nd:-JSON}" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1])); lat = j["latency_ms"]; fl = j.get("first_line_ms")
+first = f"{fl['p50']:.1f} | {fl['p99']:.1f}" if fl else "- | -"
+print(f"| {sys.argv[2]} | {sys.argv[3].lstrip('-')} | {j['requests_per_s']:.0f} | {first} | "
+      f"{lat['p50']:.1f} | {lat['p99']:.1f} |")
+PY
+				stop_all
+			done
+		done
+		;;
+	*) echo "bench: unknown scenario $s (s4, slow, kill, drop, hot, stream)" >&2; exit 2 ;;
 	esac
 done
