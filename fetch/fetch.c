@@ -7,6 +7,9 @@
  * the loop's mutex and, when the inbox was empty, calls curl_multi_wakeup() (still under the mutex,
  * so a loop that has stopped is never woken after its multi is gone). A transfer's ctx hook does
  * the same with a "cancel pending" flag: it marks, wakes and returns, never touching the transfer.
+ * From the loop's own thread (its callbacks queue and cancel all the time: a batch's calls, a
+ * decided call's losers) neither wakes anything: a flag of the loop's own makes it take another
+ * pass before it sleeps, which saves a wakeup write and read per batch step.
  *
  * Each pass of the loop thread: take the inbox and the flags; admit new transfers (a ctx already
  * done completes them without starting); on "cancel pending", scan the active and waiting
@@ -114,6 +117,9 @@ struct fetch_loop {
     pthread_mutex_t mu;      /* guards inbox, cancel_pending, stopping */
     struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
     bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
+    bool self_cancel;        /* the same, noticed on the loop's own thread (loop thread only):
+                                no wakeup needed, only another turn before sleeping */
+    bool self_inbox;         /* the loop's own callbacks queued work (loop thread only) */
     bool stopping;           /* fetch_free() began; guarded by mu */
     bool dns_ready;          /* the resolver answered some lookup; guarded by mu */
     /* Loop thread only: */
@@ -894,15 +900,19 @@ static void drain_all(struct fetch_loop *l, struct xfer *in)
         complete_ctx(l, heap_take(l, l->ntimers - 1), stop_cause(l->timers[l->ntimers - 1]));
 }
 
+/* The loop whose thread this is, or NULL. */
+static _Thread_local struct fetch_loop *this_loop;
+
 static void *loop_main(void *arg)
 {
     struct fetch_loop *l = arg;
+    this_loop = l;
     for (;;) {
         pthread_mutex_lock(&l->mu);
         struct xfer *in = l->inbox.head;
         l->inbox.head = l->inbox.tail = NULL;
-        bool cancel = l->cancel_pending, stop = l->stopping, dns = l->dns_ready;
-        l->cancel_pending = false;
+        bool cancel = l->cancel_pending || l->self_cancel, stop = l->stopping, dns = l->dns_ready;
+        l->cancel_pending = l->self_cancel = l->self_inbox = false;
         l->dns_ready = false;
         pthread_mutex_unlock(&l->mu);
         if (stop) {
@@ -923,8 +933,8 @@ static void *loop_main(void *arg)
         int64_t dns_next = expire_resolving(l);
         if (dns_next >= 0 && (next < 0 || dns_next < next))
             next = dns_next;
-        if (l->waiting.head && l->nactive < l->limit)
-            continue; /* slots freed: start the next ones before sleeping */
+        if ((l->waiting.head && l->nactive < l->limit) || l->self_cancel || l->self_inbox)
+            continue; /* slots freed, or callbacks canceled or queued something: another turn */
         int wait = next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms;
         curl_multi_poll(l->multi, NULL, 0, wait, NULL);
     }
@@ -938,6 +948,10 @@ static void *loop_main(void *arg)
 static void on_ctx_done(void *arg)
 {
     struct fetch_loop *l = arg;
+    if (this_loop == l) { /* from one of this loop's callbacks: seen before it sleeps again */
+        l->self_cancel = true;
+        return;
+    }
     pthread_mutex_lock(&l->mu);
     if (!l->cancel_pending && !l->stopping) {
         l->cancel_pending = true;
@@ -1011,7 +1025,9 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     }
     bool was_empty = l->inbox.head == NULL;
     queue_push(&l->inbox, x);
-    if (was_empty) /* otherwise a wakeup is already on its way */
+    if (this_loop == l) /* from the loop's own callback: taken before it sleeps */
+        l->self_inbox = true;
+    else if (was_empty) /* otherwise a wakeup is already on its way */
         curl_multi_wakeup(l->multi);
     pthread_mutex_unlock(&l->mu);
     return 0;
@@ -1046,7 +1062,9 @@ int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms,
     }
     bool was_empty = l->inbox.head == NULL;
     queue_push(&l->inbox, x);
-    if (was_empty)
+    if (this_loop == l)
+        l->self_inbox = true;
+    else if (was_empty)
         curl_multi_wakeup(l->multi);
     pthread_mutex_unlock(&l->mu);
     return 0;

@@ -1,7 +1,7 @@
 /* call: a batch's wait on one key's flight (see call.h).
  *
  * Life of a call, all on its batch's loop thread: call_start() (the errgroup starts it when a
- * slot is free) creates the call's ctx and waits on the key's flight (flight.h), joining a
+ * slot is free) waits on the key's flight (flight.h), bound to the group's ctx, joining a
  * running one when coalescing allows. flight_done() takes the outcome, or the cause that made
  * the call leave first, and tells the errgroup; after the group ends, call_destroy() drops the
  * call's reference to the flight, whose body the answer was rendered from. */
@@ -40,8 +40,9 @@ static void flight_done(void *arg, int cause)
 {
     struct call *c = arg;
     struct batch *b = c->b;
-    if (cause != 0 || ctx_err(c->ctx) != 0) { /* left, or delivered after the call was done */
-        int e = ctx_err(c->ctx);
+    int gone = ctx_err(eg_ctx(b->g));
+    if (cause != 0 || gone != 0) { /* left, or delivered after the group was done */
+        int e = cause ? cause : gone;
         c->res.err = e ? e : cause;
         set_detail(&c->res, c->res.err == -ETIMEDOUT ? "deadline exceeded" : "canceled");
         complete(c);
@@ -75,7 +76,6 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
     struct batch *b = c->b;
     const struct batch_env *env = b->env;
     (void)g;
-    c->ctx = ctx_new(gctx, CTX_FOREVER);
     const struct plan_call *pc = &b->plan.calls[c->idx];
     struct flight_params p = {.key = plan_key(&b->plan, c->idx),
                               .key_len = pc->key_len,
@@ -83,7 +83,7 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
                               .coalesce = b->coalesce,
                               .rid = b->rid,
                               .loop = b->loop};
-    int rc = c->ctx ? flight_wait(env, c->ctx, &p, &c->w, flight_done, c) : -ENOMEM;
+    int rc = flight_wait(env, gctx, &p, &c->w, flight_done, c);
     if (rc == 0)
         return 0;
     c->res.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
@@ -101,7 +101,6 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
 void call_destroy(struct call *c)
 {
     flight_release(&c->w);
-    ctx_free(c->ctx);
     free(c->res.detail);
     memset(c, 0, sizeof(*c));
 }

@@ -1,6 +1,6 @@
 /* call: one distinct key of a batch, as a batch sees it: a wait on the key's flight.
  *
- * A call owns a ctx (a child of its batch's group ctx) and waits on the flight that fetches its
+ * A call waits, bound to its batch's group ctx, on the flight that fetches its
  * key (flight.h: attempts, hedges, retries, shared with other batches when coalescing is on).
  * When the flight's outcome arrives the call takes it for its positions, counts its size
  * against --max-response-bytes and tells the errgroup; a call whose ctx ends first (the batch
@@ -41,7 +41,6 @@ struct call_result {
 struct call {
     struct batch *b;           /* owner */
     uint32_t idx;              /* index in the plan */
-    struct ctx *ctx;           /* child of the group ctx; NULL before the call starts */
     struct flight_waiter w;    /* the wait on the key's flight */
     bool completed;            /* the errgroup was told */
     bool streamed;             /* its lines went to the batch's stream */
