@@ -46,7 +46,7 @@ LOAD_BIN  = $(BUILD)/bin/fanout-load
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-build bench run install clean load deploy-test
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -162,7 +162,27 @@ stress:
 FUZZ_TARGETS ?= request url render http
 FUZZ_SECONDS ?= 60
 FUZZ_SAN = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
-fuzz: deps
+# clang with its libFuzzer and sanitizer runtimes (Debian: clang, libclang-rt-N-dev for clang N),
+# installed like the libraries when a test link fails.
+fuzz-deps: deps
+	@probe() { printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { (void)d; return (int)n * 0; }\n' | \
+	  clang -fsanitize=fuzzer,address,undefined -x c - -o /dev/null >/dev/null 2>&1; }; \
+	probe && exit 0; \
+	need=clang; if command -v clang >/dev/null 2>&1; then \
+	  v=$$(clang -dumpversion | cut -d. -f1); need="libclang-rt-$$v-dev"; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "fanout: make fuzz needs: $$need (run apt-get install as root)" >&2; exit 1; fi; \
+	  echo "fanout: installing the fuzzing tools: $$need"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null || exit 1; \
+	  if [ "$$need" = clang ]; then v=$$(clang -dumpversion | cut -d. -f1); \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends libclang-rt-$$v-dev >/dev/null 2>&1 || true; fi; \
+	  probe || { echo "fanout: clang still cannot link a libFuzzer target" >&2; exit 1; }; \
+	else \
+	  echo "fanout: make fuzz needs clang with libFuzzer and the ASan/UBSan runtimes" >&2; exit 1; \
+	fi
+
+fuzz: fuzz-deps
 	@$(MAKE) --no-print-directory fuzz-build BUILD=build/fuzz CC=clang OPT="-O1 -g" \
 	  SAN="-fsanitize=fuzzer-no-link $(FUZZ_SAN)"
 	@mkdir -p build/fuzz/artifacts

@@ -18,6 +18,38 @@
 #include "server/json.h"
 #include "server/render.h"
 
+/* What the line writer wrote. */
+struct lines_seen {
+    size_t n;        /* lines */
+    int seen[7];     /* lines per index */
+    bool done, bad;  /* a done line came (last), something was wrong */
+};
+
+static void on_line(void *arg, const char *data, size_t len)
+{
+    struct lines_seen *ls = arg;
+    if (!data || len == 0 || data[len - 1] != '\n' || memchr(data, '\n', len - 1) || ls->done) {
+        ls->bad = true;
+        return;
+    }
+    ls->n++;
+    cJSON *j = cJSON_ParseWithLength(data, len - 1);
+    const cJSON *idx = cJSON_GetObjectItemCaseSensitive(j, "index");
+    if (!cJSON_IsObject(j)) {
+        ls->bad = true;
+    } else if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "done"))) {
+        ls->done = true;
+    } else if (!cJSON_IsNumber(idx) || idx->valuedouble < 0 || idx->valuedouble >= 7 ||
+               !cJSON_GetObjectItemCaseSensitive(j, "id") ||
+               (!cJSON_GetObjectItemCaseSensitive(j, "data") &&
+                !cJSON_GetObjectItemCaseSensitive(j, "error"))) {
+        ls->bad = true;
+    } else {
+        ls->seen[idx->valueint]++;
+    }
+    cJSON_Delete(j);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const int errs[] = {FETCH_ESTATUS, FETCH_EUNREACH, FETCH_ETOOBIG, -ETIMEDOUT,
@@ -120,6 +152,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     cJSON_Delete(doc);
     buf_writer_destroy(&bw);
+
+    /* The same results streamed (NDJSON): each line is one JSON object; a line per position
+     * with its index and id, or the failure's lines; the done line last, with the counts. */
+    struct lines_seen ls = {0};
+    struct line_writer lw;
+    line_writer_init(&lw, &lim, on_line, &ls);
+    if (fail) {
+        lw.w.fail_pos = 0;
+        lw.w.ops->fail(&lw.w, k ? echo[0] : NULL, &res[0]);
+    } else {
+        lw.w.ops->begin(&lw.w);
+        for (size_t i = k; i-- > 0;) /* any order: completion order */
+            lw.w.ops->item(&lw.w, i, echo[i], &res[i]);
+    }
+    lw.w.ops->end(&lw.w);
+    if (lw.oom || !ls.done || ls.bad || ls.n != (fail ? (k ? 2 : 1) : k + 1))
+        abort();
+    for (size_t i = 0; !fail && i < k; i++)
+        if (ls.seen[i] != 1)
+            abort();
+    line_writer_destroy(&lw);
     for (size_t i = 0; i < k; i++) {
         free((void *)(uintptr_t)res[i].body);
         free(res[i].detail);
