@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of fanout's upstream resilience, on loopback:
 #   s4    the bench harness's S4 (one upstream, 99% 5 ms / 1% 100 ms, random per request; its Go
-#         item upstream) with --hedge-after-ms 0, 15 and auto: batches of 100, limit 100,
+#         item upstream) with --hedge-after-ms 0, 15 and auto (or $HEDGES): batches of 100, limit 100,
 #         4 connections in a closed loop;
 #   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging
 #         (hedge budget $HEDGE_BUDGET percent, default 30);
@@ -77,6 +77,14 @@ start_up() { # $1: index; a demo upstream alone; sets UP_PID[i], UP_PORT[i]
 	UP_PORT[$1]=$(port_of "$tmp/up$1.log") || { echo "bench: upstream $1 did not start" >&2; exit 1; }
 }
 
+start_goup() { # "$@": the harness's Go item upstream's flags; sets gport
+	local goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
+	[[ -x $goup ]] || { echo "bench: the scenario needs the harness's Go upstream ($goup; run its run.sh once, or set ITEMUPSTREAM)" >&2; exit 2; }
+	"$goup" -listen 127.0.0.1:0 "$@" 2>"$tmp/goup.log" &
+	pids+=($!)
+	gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+}
+
 start_fanout() { # "$@": host:port/path templates; FLAGS: more flags; sets FPORT
 	local args=() t
 	for t in "$@"; do args+=(--upstream "http://$t"); done
@@ -134,12 +142,8 @@ echo "|---|---|---|---|---|---|---|---|---|---|"
 for s in "${scen[@]}"; do
 	case $s in
 	s4)
-		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
-		[[ -x $goup ]] || { echo "bench: s4 needs the harness's Go upstream ($goup; run its run.sh once, or set ITEMUPSTREAM)" >&2; exit 2; }
-		for h in 0 15 auto; do
-			"$goup" -listen 127.0.0.1:0 -delay 5ms -tail-frac 0.01 -tail-delay 100ms 2>"$tmp/goup.log" &
-			pids+=($!)
-			gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+		for h in ${HEDGES:-0 15 auto}; do
+			start_goup -delay 5ms -tail-frac 0.01 -tail-delay 100ms
 			FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
 			start_fanout "127.0.0.1:$gport/items/{id}"
 			LOADARGS="-b 100 --ids seq" LOOP="closed 4" row "S4, --hedge-after-ms $h" "one upstream, 1% at 100 ms" 100
@@ -195,15 +199,11 @@ for s in "${scen[@]}"; do
 	hot)
 		# Hot keys: 64 connections, batches of 20 ids from Zipf(1.1) over 10,000 ids, an
 		# upstream that answers in 20 ms; coalescing off, then on.
-		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
-		[[ -x $goup ]] || { echo "bench: hot needs the harness's Go upstream ($goup)" >&2; exit 2; }
 		echo
 		echo "| --coalesce | batches/s | success | p50 ms | p99 ms | upstream requests per batch | joined per batch |"
 		echo "|---|---|---|---|---|---|---|"
 		for co in off on; do
-			"$goup" -listen 127.0.0.1:0 -delay 20ms 2>"$tmp/goup.log" &
-			pids+=($!)
-			gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+			start_goup -delay 20ms
 			FLAGS="--coalesce $co --log-level warn"
 			start_fanout "127.0.0.1:$gport/items/{id}"
 			a0=$(attempts) j0=$(metric fanout_flights_joined_total)
@@ -221,16 +221,12 @@ PY
 		;;
 	stream)
 		# S4 streamed: the time to the first NDJSON line against the time to the whole answer.
-		goup=${ITEMUPSTREAM:-$HOME/.cache/fanout-bench/itemupstream}
-		[[ -x $goup ]] || { echo "bench: stream needs the harness's Go upstream ($goup)" >&2; exit 2; }
 		echo
 		echo "| S4 (--hedge-after-ms) | answer | batches/s | first line p50 ms | first line p99 ms | whole answer p50 ms | whole answer p99 ms |"
 		echo "|---|---|---|---|---|---|---|"
 		for h in 0 15; do
 			for nd in "" --ndjson; do
-				"$goup" -listen 127.0.0.1:0 -delay 5ms -tail-frac 0.01 -tail-delay 100ms 2>"$tmp/goup.log" &
-				pids+=($!)
-				gport=$(listen_port_of $!) || { echo "bench: the Go upstream did not start" >&2; exit 1; }
+				start_goup -delay 5ms -tail-frac 0.01 -tail-delay 100ms
 				FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
 				start_fanout "127.0.0.1:$gport/items/{id}"
 				"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" -c 4 -t 2 --no-progress --min-success 0 \
