@@ -20,6 +20,7 @@
 #include "pool/errgroup.h"
 #include "server/batch_impl.h"
 #include "server/budget.h"
+#include "server/membudget.h"
 #include "server/metrics.h"
 
 #define BACKOFF_BASE_MS 25
@@ -238,8 +239,9 @@ static void attempt_done(void *arg, struct fetch_result *r)
         keep_failure(c, r); /* the same fields, now a success */
         const struct plan_call *pc = &b->plan.calls[c->idx];
         size_t add = (c->res.len + b->rq.items[pc->first_pos].echo_len + RESULT_OVERHEAD) * pc->mult;
-        if (b->resp_bytes + add > env->max_response_bytes) { /* refused here, while the others
-                                                               can still be stopped */
+        if (b->resp_bytes + add > env->max_response_bytes ||
+            !membudget_take(env->mem, add)) { /* refused here, while the others can still be
+                                                  stopped; --max-memory as --max-response-bytes */
             free(c->res.body);
             c->res.body = NULL;
             c->res.len = 0;
