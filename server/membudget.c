@@ -32,9 +32,10 @@ void membudget_give(struct membudget *m, size_t n)
         atomic_fetch_sub_explicit(&m->_used, n, memory_order_relaxed);
 }
 
-bool membudget_room(const struct membudget *m, size_t n)
+bool membudget_room(const struct membudget *m, size_t n, size_t own)
 {
     size_t cur = atomic_load_explicit(&m->_used, memory_order_relaxed);
+    cur = cur > own ? cur - own : 0;
     return n <= m->_max && cur <= m->_max - n;
 }
 

@@ -27,8 +27,9 @@ void membudget_force(struct membudget *m, size_t n);
 /* Gives back 'n' bytes taken earlier. NULL: no-op. */
 void membudget_give(struct membudget *m, size_t n);
 
-/* True when 'n' more bytes would fit now (a hint: others may take meanwhile). */
-bool membudget_room(const struct membudget *m, size_t n);
+/* True when 'n' more bytes would fit now besides the 'own' bytes the caller holds already (a
+ * hint: others may take meanwhile). */
+bool membudget_room(const struct membudget *m, size_t n, size_t own);
 
 /* Bytes held now. */
 size_t membudget_used(const struct membudget *m);

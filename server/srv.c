@@ -362,7 +362,7 @@ static bool admit(struct req *r)
         snprintf(msg, sizeof(msg), "%u batch requests already in flight (--max-requests)",
                  s->cfg.max_requests);
         why = msg;
-    } else if (!membudget_room(&s->mem, s->cfg.max_body)) {
+    } else if (!membudget_room(&s->mem, s->cfg.max_body, r->body_cap)) {
         /* a batch that could not hold even one upstream body would only fail later */
         snprintf(msg, sizeof(msg), "the memory for requests in flight is spent (--max-memory "
                  "%zu bytes); retry later", s->cfg.max_memory);

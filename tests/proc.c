@@ -498,3 +498,28 @@ bool server_start(struct proc *p, char *const *args, char *const *env)
 {
     return server_start_opt(p, args, env, false, true);
 }
+bool env_start(struct env *e, char *const *args, char *const *envv)
+{
+    memset(e, 0, sizeof(*e));
+    e->p.err_fd = e->p.pidfd = -1;
+    if (upstub_new(2, &e->up) != 0)
+        return false;
+    upstub_url(e->up, e->upstream, sizeof(e->upstream), "/items/{id}");
+    char *argv[40];
+    size_t n = 0;
+    argv[n++] = "--upstream";
+    argv[n++] = e->upstream;
+    for (size_t i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    return server_start(&e->p, argv, envv);
+}
+
+void env_free(struct env *e)
+{
+    if (e->p.pid > 0 || e->p.reader_started)
+        proc_free(&e->p);
+    upstub_free(e->up);
+    memset(e, 0, sizeof(*e));
+}
+

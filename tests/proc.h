@@ -12,6 +12,7 @@
 #include <sys/types.h>
 
 #include "tests/support.h"
+#include "tests/upstub.h"
 
 #define WAIT_MS test_ms(20000) /* bound for anything that should happen soon */
 
@@ -92,5 +93,18 @@ uint16_t listen_port_of(pid_t pid);
 bool server_start_opt(struct proc *p, char *const *args, char *const *env, bool quiet, bool read_stderr);
 
 bool server_start(struct proc *p, char *const *args, char *const *env);
+
+/* A started stub and a server in front of it. */
+struct env {
+    struct upstub *up;  /* in-process upstream */
+    char upstream[128]; /* its template */
+    struct proc p;      /* the server */
+};
+
+/* Starts the stub and a server with "--upstream <stub>/items/{id}" plus 'args'. */
+bool env_start(struct env *e, char *const *args, char *const *envv);
+
+/* Stops the server (SIGKILL if still running) and the stub; frees both. */
+void env_free(struct env *e);
 
 #endif

@@ -266,39 +266,6 @@ static int result_count(const struct resp *r)
     return n;
 }
 
-/* A started stub and a server in front of it. */
-struct env {
-    struct upstub *up;  /* in-process upstream */
-    char upstream[128]; /* its template */
-    struct proc p;      /* the server */
-};
-
-/* Starts the stub and a server with "--upstream <stub>/items/{id}" plus 'args'. */
-static bool env_start(struct env *e, char *const *args, char *const *envv)
-{
-    memset(e, 0, sizeof(*e));
-    e->p.err_fd = e->p.pidfd = -1;
-    if (upstub_new(2, &e->up) != 0)
-        return false;
-    upstub_url(e->up, e->upstream, sizeof(e->upstream), "/items/{id}");
-    char *argv[40];
-    size_t n = 0;
-    argv[n++] = "--upstream";
-    argv[n++] = e->upstream;
-    for (size_t i = 0; args && args[i] && n < 39; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    return server_start(&e->p, argv, envv);
-}
-
-static void env_free(struct env *e)
-{
-    if (e->p.pid > 0 || e->p.reader_started)
-        proc_free(&e->p);
-    upstub_free(e->up);
-    memset(e, 0, sizeof(*e));
-}
-
 /* Sends SIGTERM and waits for a clean exit; true if it exited 0 in time. Prints the log if not. */
 static bool stop_clean(struct proc *p)
 {
