@@ -404,6 +404,17 @@ static void test_ops_invalid_config_exits_2(void)
         {{"--demo", "--max-body", "12XB", NULL}, NULL, "--max-body"},
         {{"--demo", "positional", NULL}, NULL, "positional"},
         {{"--demo", NULL}, "FANOUT_DEMO=maybe", "FANOUT_DEMO"},
+        /* An all-digit host that is no IPv4 address: refused before any bind or lookup. */
+        {{"--demo", "--listen", "999.1.1.1:1", NULL}, NULL, "--listen"},
+        {{"--demo", "--header-timeout-ms", "soon", NULL}, NULL, "--header-timeout-ms"},
+        {{"--demo", "--body-timeout-ms", "-1", NULL}, NULL, "--body-timeout-ms"},
+        {{"--demo", "--max-clients-per-ip", "x", NULL}, NULL, "--max-clients-per-ip"},
+        {{"--demo", "--max-memory", "1000", NULL}, NULL, "--max-memory"},
+        {{"--demo", "--max-memory", "1MiB", "--max-request-bytes", "2MiB", NULL},
+         NULL,
+         "--max-memory"},
+        {{"--demo", "--linger-ms", "600000", NULL}, NULL, "--linger-ms"},
+        {{"--demo", "--linger-bytes", "2GiB", NULL}, NULL, "--linger-bytes"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char *args[8];
@@ -429,6 +440,14 @@ static void test_ops_invalid_config_exits_2(void)
         if (!two || !one_line || !named)
             fprintf(stderr, "\n  case %zu (%s): status 0x%x, stderr: %s", i, cases[i].names,
                     r.status, r.err ? r.err : "(none)\n");
+        /* --check-config refuses the same way, with the same line. */
+        char *cargs[9] = {"--check-config"};
+        memcpy(cargs + 1, args, (n + 1) * sizeof(args[0]));
+        struct run rc;
+        CU_ASSERT_FATAL(run_fanout(cargs, env, &rc));
+        CU_ASSERT(rc.finished && exited_with(rc.status, 2));
+        CU_ASSERT(r.err && rc.err && !strcmp(r.err, rc.err));
+        run_free(&rc);
         run_free(&r);
     }
 }
@@ -1137,6 +1156,12 @@ static void test_ops_port_in_use_exits_1(void)
     CU_ASSERT(proc_wait_exit(&p2, WAIT_MS) && exited_with(p2.status, 1));
     char *log = proc_log(&p2);
     CU_ASSERT(log && strstr(log, "cannot listen"));
+    /* The real reason and the real port, not libmicrohttpd's "port 0" or a guess. */
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%u: Address already in use", e.p.port);
+    CU_ASSERT(log && strstr(log, want));
+    if (log && !strstr(log, want))
+        fprintf(stderr, "\n  want \"%s\" in: %s\n", want, log);
     free(log);
     proc_free(&p2);
     CU_ASSERT(stop_clean(&e.p));
