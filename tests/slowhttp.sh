@@ -87,7 +87,7 @@ for m in $(echo "$modes" | grep -o .); do
 	fi
 	printf '%-12s %8s %8s %8s %8s %8s %9s %s\n' "$name" "$p50" "$p99" "$mx" "$ok" "$peak" "$f" "$res"
 	[[ $after == ok ]] || echo "    not back to the baseline: $after"
-	grep -E 'service available|closed:|pending:|connected:' "$out/$name.slow" | tail -n 4 | sed 's/^/    slowhttptest: /' || true
+	grep -E 'service available|closed:|pending:|connected:' "$out/$name.slow" | tail -n 4 | sed 's/\x1b\[[0-9;]*m//g; s/^/    slowhttptest: /' || true
 done
 kill -0 "$pid" || { echo "slowhttp: fanout died" >&2; cat "$out/log" >&2; exit 1; }
 exit "$fail"
