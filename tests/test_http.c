@@ -26,6 +26,7 @@
 
 #include "ctx/ctx.h"
 #include "tests/proc.h"
+#include "tests/srvtest.h"
 #include "tests/support.h"
 #include "tests/upstub.h"
 
@@ -33,37 +34,19 @@
 
 /* ---------------------------------------------------------------- sockets */
 
+/* A connection to the server whose blocked writes fail after the bound instead of hanging. */
 static int dial(uint16_t port)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    /* A blocked write fails after the bound instead of hanging the suite. */
+    int fd = srvtest_raw_connect(port);
     struct timeval tv = {.tv_sec = WAIT_MS / 1000, .tv_usec = 0};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return -1;
-    }
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     return fd;
 }
 
-/* Writes all of 'p' (blocking, like a write-first client). Returns false on an error. */
 static bool send_all(int fd, const void *p, size_t n)
 {
-    const char *c = p;
-    while (n) {
-        ssize_t w = send(fd, c, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return false;
-        c += w;
-        n -= (size_t)w;
-    }
-    return true;
+    return srvtest_raw_send(fd, p, n);
 }
 
 /* What came back on a connection. */
@@ -563,6 +546,14 @@ static void test_http_clients_per_ip(void)
 
 /* ---------------------------------------------------------------- memory budget */
 
+/* A POST /v1/batch with 'body' into req; returns its length. */
+static size_t batch_request(char *req, size_t size, const char *body)
+{
+    int n = snprintf(req, size, "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n"
+                     "\r\n%s", strlen(body), body);
+    return n > 0 && (size_t)n < size ? (size_t)n : 0;
+}
+
 static bool stub_saw(void *arg)
 {
     struct env *e = arg;
@@ -583,29 +574,21 @@ static void test_http_memory_budget(void)
      * though each body is within --max-body and the answer within --max-response-bytes. */
     const char *b2 = "{\"ids\":[\"big600000-1\",\"big600000-2\"]}";
     char req[512];
-    int n = snprintf(req, sizeof(req), "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                     "%zu\r\n\r\n%s", strlen(b2), b2);
-    exchange(e.p.port, req, (size_t)n, &r, false);
+    exchange(e.p.port, req, batch_request(req, sizeof(req), b2), &r, false);
     CU_ASSERT_EQUAL(r.status, 502);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "upstream_too_large");
     /* One of them alone fits: the budget came back when the first batch ended. */
     const char *b1 = "{\"ids\":[\"big600000-3\"]}";
-    n = snprintf(req, sizeof(req), "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %zu"
-                 "\r\n\r\n%s", strlen(b1), b1);
-    exchange(e.p.port, req, (size_t)n, &r, false);
+    exchange(e.p.port, req, batch_request(req, sizeof(req), b1), &r, false);
     CU_ASSERT_EQUAL(r.status, 200);
     /* While a batch holds memory (its request body, its results), a new batch that could not
      * hold one --max-body more is refused at admission. */
     const char *slow = "{\"ids\":[\"sleep60000-m\"],\"timeout_ms\":60000}";
-    n = snprintf(req, sizeof(req), "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %zu"
-                 "\r\n\r\n%s", strlen(slow), slow);
     int fd = dial(e.p.port);
     CU_ASSERT_FATAL(fd >= 0);
-    CU_ASSERT(send_all(fd, req, (size_t)n));
+    CU_ASSERT(send_all(fd, req, batch_request(req, sizeof(req), slow)));
     CU_ASSERT_FATAL(test_wait_until(stub_saw, &e, WAIT_MS)); /* admitted and running */
-    n = snprintf(req, sizeof(req), "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %zu"
-                 "\r\n\r\n%s", strlen(b1), b1);
-    exchange(e.p.port, req, (size_t)n, &r, false);
+    exchange(e.p.port, req, batch_request(req, sizeof(req), b1), &r, false);
     CU_ASSERT_EQUAL(r.status, 503);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "overloaded");
     close(fd); /* the slow batch is canceled (client gone) */
