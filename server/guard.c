@@ -172,14 +172,15 @@ static void time_out(struct guard *g, struct guard_conn *c, bool in_body, char *
 
 #define REPORTS_MAX 64
 
-/* One pass over the registry and the lingering list: answers the requests whose deadline
- * passed (at most REPORTS_MAX a pass; the rest on the next) and records them in 'rep'.
- * Returns how many. mu held. */
+/* A 408 the guard sent, reported after the scan. */
 struct report {
     bool in_body;            /* which deadline */
     char rid[RID_MAX + 1];   /* the id the 408 carried */
 };
 
+/* One pass over the registry and the lingering list: answers the requests whose deadline
+ * passed (at most REPORTS_MAX a pass; the rest on the next) and records them in 'rep'; closes
+ * the lingering sockets whose time is up. Returns how many 408s. mu held. */
 static unsigned scan(struct guard *g, int64_t now, struct report *rep)
 {
     unsigned nrep = 0;

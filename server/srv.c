@@ -163,6 +163,9 @@ static void leave_gauge(struct req *r)
 /* After the drain deadline, how long canceled batches get to send their 503s. */
 #define DRAIN_CANCEL_GRACE_MS 5000
 #define MHD_LOG_PER_SEC 10
+/* Lingering closes at once (each holds a descriptor beyond --max-clients for up to
+ * --linger-ms); past it a connection closes at once. */
+#define LINGER_MAX 1024
 
 static int64_t now_us(void)
 {
@@ -938,15 +941,15 @@ static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const
     __attribute__((format(printf, 4, 5)));
 
 /* Every client connection and every upstream connection is a descriptor. When RLIMIT_NOFILE
- * cannot hold --max-clients + --max-conns (+ a margin for the process's own), the server would
- * hit EMFILE at accept time, where libmicrohttpd busy-waits; lower --max-clients instead, and
- * say so. */
+ * cannot hold --max-clients + --max-conns + LINGER_MAX (+ a margin for the process's own), the
+ * server would hit EMFILE at accept time, where libmicrohttpd busy-waits; lower --max-clients
+ * instead, and say so. */
 static void fit_fd_budget(struct srv *s)
 {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
         return;
-    uint64_t reserve = (uint64_t)s->cfg.max_conns + 64;
+    uint64_t reserve = (uint64_t)s->cfg.max_conns + 64 + LINGER_MAX;
     if ((uint64_t)s->cfg.max_clients + reserve <= rl.rlim_cur)
         return;
     uint64_t fit = rl.rlim_cur > reserve + 16 ? rl.rlim_cur - reserve : 16;
@@ -1083,7 +1086,7 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
                             .body_timeout_ms = cfg->body_timeout_ms,
                             .linger_ms = cfg->linger_ms,
                             .linger_bytes = cfg->linger_bytes,
-                            .max_lingering = s->cfg.max_clients,
+                            .max_lingering = LINGER_MAX,
                             .on_timeout = on_guard_timeout,
                             .new_id = guard_new_id,
                             .arg = s};
