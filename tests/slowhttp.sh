@@ -46,9 +46,10 @@ url=http://127.0.0.1:$port
 threads() { awk '/^Threads:/ {print $2}' "/proc/$pid/status"; }
 fds() { ls "/proc/$pid/fd" | wc -l; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
-# Client connections to fanout's port (its own upstream pool, in the same process with --demo,
-# is not counted: it is kept warm on purpose).
-clients() { ss -Htn state established "( sport = :$port )" | wc -l; }
+# Client connections to fanout's port in any state that holds a descriptor (not LISTEN, not
+# TIME-WAIT); its own upstream pool, in the same process with --demo, is not counted: it is kept
+# warm on purpose.
+clients() { ss -Htn "( sport = :$port )" | awk '$1 != "LISTEN" && $1 != "TIME-WAIT"' | wc -l; }
 
 # Warm up before the baseline: connection pools, and one short attack, since the allocator keeps
 # the heap a first burst of connections grew (a high-water mark, not a leak: later attacks must
