@@ -185,9 +185,9 @@ $(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(LIB)
 	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
 
 # Slow-client attacks (tests/slowhttp.sh): slowhttptest in bounded runs of SLOWHTTP_SECONDS with
-# SLOWHTTP_CONNS connections each, while fanout-load measures another client's latency; threads,
-# client connections and RSS must come back to their baseline. slowhttptest is installed like
-# the suites' tools.
+# SLOWHTTP_CONNS connections each, while fanout-load measures another client's latency; threads
+# and client connections must come back to their baseline (RSS to within 16 MiB of its
+# high-water mark). slowhttptest is installed like the suites' tools.
 SLOWHTTP_SECONDS ?= 30
 SLOWHTTP_CONNS ?= 1000
 slowhttp: all
