@@ -6,6 +6,7 @@
 #   make soak       SOAK_SECONDS of mixed load under ASan, then TSan, with resource samples
 #   make bench      micro-benchmarks                       make install / clean
 #   make deploy-test  container images, compose cluster and manifests, under Docker
+#   make slowhttp   slowhttptest attacks (slowloris, slow body, slow read, many connections)
 # A command-line CFLAGS= adds to ours instead of replacing them.
 
 BUILD    ?= build
@@ -46,7 +47,7 @@ LOAD_BIN  = $(BUILD)/bin/fanout-load
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test
+.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test slowhttp
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -202,6 +203,16 @@ fuzz-build: $(FUZZ_BINS)
 $(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(ALL_LDFLAGS) $(PKG_LIBS)
+
+# Slow-client attacks (tests/slowhttp.sh): slowhttptest in bounded runs of SLOWHTTP_SECONDS with
+# SLOWHTTP_CONNS connections each, while fanout-load measures another client's latency; threads
+# and client connections must come back to their baseline (RSS to within 16 MiB of its
+# high-water mark). slowhttptest is installed like the suites' tools.
+SLOWHTTP_SECONDS ?= 30
+SLOWHTTP_CONNS ?= 1000
+slowhttp: all
+	@$(MAKE) --no-print-directory test-deps TEST_TOOLS=slowhttptest:slowhttptest
+	tests/slowhttp.sh -b $(BIN) -L $(LOAD_BIN) -s $(SLOWHTTP_SECONDS) -c $(SLOWHTTP_CONNS)
 
 bench: all
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done

@@ -21,10 +21,12 @@
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
 #include "pool/errgroup.h"
+#include "server/membudget.h"
 #include "server/render.h"
 
 static void batch_release(struct batch *b)
 {
+    membudget_give(b->env->mem, b->resp_bytes); /* taken in call.c as results arrived */
     if (b->calls)
         for (size_t i = 0; i < b->plan.ncalls; i++)
             call_destroy(&b->calls[i]);

@@ -26,6 +26,7 @@ struct budget;
 struct metrics;
 struct writer;
 struct batch;
+struct membudget;
 
 /* Everything a batch needs from the server. Read-only, shared by all batches. */
 struct batch_env {
@@ -43,6 +44,7 @@ struct batch_env {
     int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
     bool hedge_auto;              /* hedge after the first upstream's recent p95 */
     unsigned retries;             /* extra attempts after a retryable failure */
+    struct membudget *mem;        /* the server's memory budget, or NULL for none */
 };
 
 typedef void (*batch_done_fn)(void *arg);

@@ -15,6 +15,7 @@
 #include "fetch/fetch.h"
 #include "pool/errgroup.h"
 #include "server/batch_impl.h"
+#include "server/membudget.h"
 
 static void set_detail(struct call_result *res, const char *detail)
 {
@@ -57,8 +58,9 @@ static void flight_done(void *arg, int cause)
     if (o->err == 0) {
         const struct plan_call *pc = &b->plan.calls[c->idx];
         size_t add = (o->len + b->rq.items[pc->first_pos].echo_len + RESULT_OVERHEAD) * pc->mult;
-        if (b->resp_bytes + add > b->env->max_response_bytes) { /* refused here, while the
-                                                                  others can still be stopped */
+        if (b->resp_bytes + add > b->env->max_response_bytes ||
+            !membudget_take(b->env->mem, add)) { /* refused here, while the others can still be
+                                                    stopped; --max-memory as --max-response-bytes */
             c->res.body = NULL;
             c->res.len = 0;
             c->res.err = CALL_ERESPONSE;

@@ -12,9 +12,13 @@
  * Threads: none; not thread-safe (getenv), call once from main before any thread starts. */
 #include "server/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <sys/socket.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,6 +97,23 @@ static const struct opt opts[] = {
     {"connect-timeout-ms", K_MS, F(connect_timeout_ms), 1, 3600000,
      "upstream connect timeout, ms (the request deadline still bounds it) [2000]"},
     {"h2c", K_BOOL, F(h2c), 0, 0, "speak HTTP/2 (prior knowledge, cleartext) to the upstream; needs libcurl >= 8.0.0"},
+    {"header-timeout-ms", K_MS, F(header_timeout_ms), 0, 3600000,
+     "a request's first byte to the end of its headers, else 408 and close; 0: none, ms [10000]"},
+    {"body-timeout-ms", K_MS, F(body_timeout_ms), 0, 3600000,
+     "the end of a request's headers to the end of its body, else 408 and close; 0: none, ms "
+     "[30000]"},
+    {"max-clients-per-ip", K_UINT, F(max_clients_per_ip), 0, 1000000,
+     "client connections from one address at once (more are refused); 0: no limit "
+     "[a quarter of --max-clients]"},
+    {"max-memory", K_SIZE, F(max_memory), 1 << 20, (int64_t)1 << 40,
+     "request bodies, upstream bodies and answers held at once, all requests together; a "
+     "batch past it gets 503 overloaded or 502 upstream_too_large, bytes [a quarter of RAM, "
+     "at most 4GiB]"},
+    {"linger-ms", K_MS, F(linger_ms), 0, 60000,
+     "after an early error answer, read and drop what the client still sends for this long "
+     "before closing; 0: close at once, ms [5000]"},
+    {"linger-bytes", K_SIZE, F(linger_bytes), 0, (int64_t)1 << 30,
+     "the most bytes read and dropped in one lingering close, bytes [16MiB]"},
 };
 #undef F
 
@@ -100,6 +121,26 @@ static unsigned cpu_count(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (unsigned)n : 1;
+}
+
+/* A quarter of the memory this process may use: the machine's RAM, or the cgroup's limit when
+ * lower (a container), at most 4 GiB. */
+static size_t default_max_memory(void)
+{
+    uint64_t ram = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+    FILE *f = fopen("/sys/fs/cgroup/memory.max", "re");
+    if (f) {
+        unsigned long long lim;
+        if (fscanf(f, "%llu", &lim) == 1 && lim > 0 && lim < ram)
+            ram = lim;
+        fclose(f);
+    }
+    uint64_t q = ram / 4;
+    if (q > (uint64_t)4 << 30)
+        q = (uint64_t)4 << 30;
+    if (q < (uint64_t)1 << 24)
+        q = (uint64_t)1 << 24;
+    return (size_t)q;
 }
 
 void config_defaults(struct srv_config *c)
@@ -132,6 +173,11 @@ void config_defaults(struct srv_config *c)
     c->hedge_budget_pct = 5;
     c->retries = 1;
     c->retry_budget_pct = 20;
+    c->header_timeout_ms = 10000;
+    c->body_timeout_ms = 30000;
+    c->max_memory = default_max_memory();
+    c->linger_ms = 5000;
+    c->linger_bytes = (size_t)16 << 20;
 }
 
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -312,6 +358,8 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
             *(size_t *)(base + o->off) = (size_t)n;
         if (o->off == offsetof(struct srv_config, timeout_ms))
             c->timeout_ms_given = true;
+        if (o->off == offsetof(struct srv_config, max_clients_per_ip))
+            c->max_clients_per_ip_given = true;
         return 0;
     }
     return -EINVAL;
@@ -345,8 +393,38 @@ static int apply_env(struct srv_config *c, char *err, size_t errlen)
     return 0;
 }
 
+int config_resolve_listen(const struct srv_config *c, struct sockaddr_storage *ss, char *err,
+                          size_t errlen)
+{
+    const char *h = c->listen_host;
+    if (h[strspn(h, "0123456789.")] == '\0') { /* looks like IPv4: never a name to look up */
+        struct in_addr a;
+        if (inet_pton(AF_INET, h, &a) != 1)
+            return fail(err, errlen, "--listen: \"%s\" is not a valid IPv4 address", h);
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res;
+    char port[8];
+    snprintf(port, sizeof(port), "%u", c->listen_port);
+    int rc = getaddrinfo(h, port, &hints, &res);
+    if (rc != 0)
+        return fail(err, errlen, "--listen: cannot resolve \"%s\": %s", h, gai_strerror(rc));
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    freeaddrinfo(res);
+    return 0;
+}
+
 static int check(const struct srv_config *c, char *err, size_t errlen)
 {
+    struct sockaddr_storage ss;
+    if (config_resolve_listen(c, &ss, err, errlen) != 0)
+        return -EINVAL;
+    if (c->max_memory < c->max_request_bytes || c->max_memory < c->max_body)
+        return fail(err, errlen,
+                    "--max-memory (%zu) must hold at least one --max-request-bytes (%zu) and one "
+                    "--max-body (%zu)", c->max_memory, c->max_request_bytes, c->max_body);
     if (c->demo_upstream_only && (c->demo || c->upstream[0]))
         return fail(err, errlen, "--demo-upstream-only excludes --demo and --upstream");
     if (c->demo && c->upstream[0])
@@ -497,6 +575,8 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
     /* The default deadline follows a lower --max-timeout-ms down; an explicit one must fit. */
     if (!c->timeout_ms_given && c->timeout_ms > c->max_timeout_ms)
         c->timeout_ms = c->max_timeout_ms;
+    if (!c->max_clients_per_ip_given)
+        c->max_clients_per_ip = c->max_clients / 4 ? c->max_clients / 4 : 1;
     if (*action == CONFIG_HEALTHCHECK)
         return 0;
     return check(c, err, errlen);
@@ -582,11 +662,15 @@ void config_print_json(const struct srv_config *c, FILE *out)
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"max_response_bytes\":%zu,\"http_threads\":%u,"
         "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
-        "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s}",
+        "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s,"
+        "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
+        ",\"max_clients_per_ip\":%u,\"max_memory\":%zu,\"linger_ms\":%" PRId64
+        ",\"linger_bytes\":%zu}",
         c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
-        c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false");
+        c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false", c->header_timeout_ms,
+        c->body_timeout_ms, c->max_clients_per_ip, c->max_memory, c->linger_ms, c->linger_bytes);
     if (!json_buf_failed(&b))
         fwrite(b.data, 1, b.len, out);
     json_buf_destroy(&b);

@@ -51,6 +51,15 @@ struct srv_config {
     int64_t connect_timeout_ms; /* --connect-timeout-ms: upstream connect phase cap */
     bool h2c;                   /* --h2c: HTTP/2 prior knowledge to the upstream */
     bool coalesce;              /* --coalesce on|off: share in-flight fetches across requests */
+    int64_t header_timeout_ms;  /* --header-timeout-ms: first byte to end of headers (0: off) */
+    int64_t body_timeout_ms;    /* --body-timeout-ms: end of headers to end of body (0: off) */
+    unsigned max_clients_per_ip; /* --max-clients-per-ip: connections from one address (0: no
+                                    limit); a quarter of --max-clients unless given */
+    bool max_clients_per_ip_given; /* --max-clients-per-ip was set */
+    size_t max_memory;          /* --max-memory: request bodies, upstream bodies and answers
+                                   held at once, all requests together */
+    int64_t linger_ms;          /* --linger-ms: longest lingering close (0: none) */
+    size_t linger_bytes;        /* --linger-bytes: most bytes dropped while lingering */
     bool timeout_ms_given;      /* --timeout-ms was set; else it follows --max-timeout-ms down */
     char probe_path[128];       /* --healthcheck[=PATH]: the path it GETs [/healthz] */
 };
@@ -75,6 +84,13 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
 /* Splits 'list' (a copy of srv_config.upstream, modified in place) into at most 'max'
  * templates; returns how many. */
 unsigned config_split_upstreams(char *list, const char **out, unsigned max);
+
+/* Resolves --listen's host and port (numeric or a name; a dotted all-digit host must be a
+ * valid IPv4 address, never a name to look up) into 'ss'. Returns 0, or -EINVAL with a
+ * one-line reason naming --listen. Used by --check-config and by the real start alike. */
+struct sockaddr_storage;
+int config_resolve_listen(const struct srv_config *c, struct sockaddr_storage *ss, char *err,
+                          size_t errlen);
 
 /* Prints --help text. */
 void config_usage(FILE *out);

@@ -57,8 +57,11 @@
 #include "server/budget.h"
 #include "server/demo.h"
 #include "server/flight.h"
+#include "server/framing.h"
+#include "server/guard.h"
 #include "server/json.h"
 #include "server/log.h"
+#include "server/membudget.h"
 #include "server/metrics.h"
 #include "server/render.h"
 #include "server/request.h"
@@ -75,6 +78,8 @@ struct srv {
     struct fetch *fetch;           /* the upstream engine */
     struct upstreams *ups;         /* the upstream set */
     struct watch *watch;           /* disconnect watch for suspended connections */
+    struct guard *guard;           /* header and body deadlines, lingering closes */
+    struct membudget mem;          /* --max-memory: bodies and answers held, all requests */
     struct log *log;               /* JSON line writer */
     struct demo *demo;             /* built-in demo upstream, or NULL */
     struct ctx *root;              /* parent of every request ctx; canceled at shutdown */
@@ -101,6 +106,9 @@ struct srv {
 struct req {
     struct srv *s;                 /* the server */
     struct MHD_Connection *conn;   /* the connection */
+    struct guard_conn *gc;         /* its deadlines (the socket context), or NULL */
+    bool close;                    /* answer with Connection: close (framing errors, 413) */
+    bool over_memory;              /* the body did not fit in --max-memory: 503 once it ends */
     enum route route;              /* what was asked */
     const char *method;            /* MHD's string, valid for the request */
     char path[64];                 /* request path, truncated, for the log */
@@ -158,6 +166,9 @@ static void leave_gauge(struct req *r)
 /* After the drain deadline, how long canceled batches get to send their 503s. */
 #define DRAIN_CANCEL_GRACE_MS 5000
 #define MHD_LOG_PER_SEC 10
+/* Lingering closes at once (each holds a descriptor beyond --max-clients for up to
+ * --linger-ms); past it a connection closes at once. */
+#define LINGER_MAX 1024
 
 static int64_t now_us(void)
 {
@@ -168,19 +179,53 @@ static int64_t now_us(void)
 
 /* ---------------------------------------------------------------- responses */
 
-/* Queues a response (takes ownership of 'body', a malloc'd buffer, when 'owned'). Adds
- * X-Request-Id and Content-Type. Returns MHD_queue_response's result. */
-static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype, char *body,
-                               size_t len, bool owned)
+/* A rendered answer counted in --max-memory until libmicrohttpd lets it go. */
+struct charged {
+    struct membudget *mem; /* the server's */
+    char *body;            /* the answer (owned) */
+    size_t len;            /* its length, as taken from the budget */
+};
+
+static void charged_free(void *cls)
 {
+    struct charged *c = cls;
+    membudget_give(c->mem, c->len);
+    free(c->body);
+    free(c);
+}
+
+/* A response for 'body' (owned when 'owned'; then also counted in --max-memory when 'charge'),
+ * or NULL (the body freed) when out of memory. */
+static struct MHD_Response *make_response(struct srv *s, char *body, size_t len, bool owned,
+                                          bool charge)
+{
+    if (!owned)
+        return MHD_create_response_from_buffer(len, body, MHD_RESPMEM_PERSISTENT);
+    struct charged *c = charge ? malloc(sizeof(*c)) : NULL;
+    if (!charge)
+        return MHD_create_response_from_buffer_with_free_callback(len, body, free);
     struct MHD_Response *resp =
-        owned ? MHD_create_response_from_buffer_with_free_callback(len, body, free)
-              : MHD_create_response_from_buffer(len, body, MHD_RESPMEM_PERSISTENT);
+        c ? MHD_create_response_from_buffer_with_free_callback_cls(len, body, charged_free, c)
+          : NULL;
     if (!resp) {
-        if (owned)
-            free(body);
-        return MHD_NO;
+        free(c);
+        free(body);
+        return NULL;
     }
+    *c = (struct charged){.mem = &s->mem, .body = body, .len = len};
+    membudget_force(&s->mem, len); /* it exists already; admission looks at the total */
+    return resp;
+}
+
+/* Queues a response (takes ownership of 'body', a malloc'd buffer, when 'owned'; a batch's
+ * answer, 'charge', counts in --max-memory while it is held). Adds X-Request-Id and
+ * Content-Type. Returns MHD_queue_response's result. */
+static enum MHD_Result respond_charged(struct req *r, unsigned status, const char *ctype,
+                                       char *body, size_t len, bool owned, bool charge)
+{
+    struct MHD_Response *resp = make_response(r->s, body, len, owned, charge);
+    if (!resp)
+        return MHD_NO;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     MHD_add_response_header(resp, "X-Request-Id", r->request_id);
     if (status == MHD_HTTP_SERVICE_UNAVAILABLE)
@@ -193,8 +238,10 @@ static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype
      * Probes keep their connection unless the answer is 503, so a prober sees /readyz turn 503
      * on the connection it holds instead of a 200 that closes it. */
     bool probe = r->route == R_HEALTHZ || r->route == R_READYZ || r->route == R_METRICS;
-    if (atomic_load(&r->s->draining) && (!probe || status == MHD_HTTP_SERVICE_UNAVAILABLE))
+    if (r->close ||
+        (atomic_load(&r->s->draining) && (!probe || status == MHD_HTTP_SERVICE_UNAVAILABLE)))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    guard_body_done(r->gc); /* answered: no body deadline any more, even one not read */
     leave_gauge(r); /* before the client can see the answer; a failed queue closes it */
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
@@ -203,6 +250,12 @@ static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype
         r->status = status;
     }
     return ret;
+}
+
+static enum MHD_Result respond(struct req *r, unsigned status, const char *ctype, char *body,
+                               size_t len, bool owned)
+{
+    return respond_charged(r, status, ctype, body, len, owned, false);
 }
 
 /* Queues {"error":{"code":..,"message":..}}. */
@@ -246,9 +299,8 @@ static enum route route_of(const char *url, const char *method)
     return R_NOT_FOUND;
 }
 
-static bool request_id_ok(const char *v)
+static bool request_id_ok(const char *v, size_t n)
 {
-    size_t n = strlen(v);
     if (n == 0 || n > REQUEST_ID_MAX)
         return false;
     for (size_t i = 0; i < n; i++)
@@ -316,6 +368,11 @@ static bool admit(struct req *r)
         snprintf(msg, sizeof(msg), "%u batch requests already in flight (--max-requests)",
                  s->cfg.max_requests);
         why = msg;
+    } else if (!membudget_room(&s->mem, s->cfg.max_body, r->body_cap)) {
+        /* a batch that could not hold even one upstream body would only fail later */
+        snprintf(msg, sizeof(msg), "the memory for requests in flight is spent (--max-memory "
+                 "%zu bytes); retry later", s->cfg.max_memory);
+        why = msg;
     }
     if (!why)
         return true;
@@ -376,7 +433,26 @@ static enum MHD_Result answer_batch(struct req *r)
         leave_gauge(r);
         return MHD_NO;
     }
-    return respond(r, status, "application/json", body, len, true);
+    return respond_charged(r, status, "application/json", body, len, true, true);
+}
+
+/* The value of header 'name' without optional whitespace around it, copied into 'buf'
+ * (truncated to size - 1), or NULL when absent. */
+static const char *header_trimmed(struct MHD_Connection *conn, const char *name, char *buf,
+                                  size_t size)
+{
+    const char *v;
+    size_t n;
+    if (MHD_lookup_connection_value_n(conn, MHD_HEADER_KIND, name, strlen(name), &v, &n) !=
+            MHD_YES ||
+        !v)
+        return NULL;
+    framing_trim(&v, &n);
+    if (n >= size)
+        n = size - 1;
+    memcpy(buf, v, n);
+    buf[n] = '\0';
+    return buf;
 }
 
 /* ---------------------------------------------------------------- NDJSON streams */
@@ -595,7 +671,8 @@ static enum MHD_Result handle_batch(struct req *r)
                                        .max_timeout_ms = s->cfg.max_timeout_ms};
     struct request rq;
     struct request_error e;
-    const char *th = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Timeout-Ms");
+    char tbuf[64];
+    const char *th = header_trimmed(r->conn, "X-Request-Timeout-Ms", tbuf, sizeof(tbuf));
     if (request_parse(&lim, r->body, r->body_len, th, &rq, &e) != 0) {
         error_resp(r, e.status, e.code, e.message);
         return r->answered ? MHD_YES : MHD_NO;
@@ -666,7 +743,51 @@ static enum MHD_Result body_too_large(struct req *r)
     return error_resp(r, 413, "body_too_large", msg);
 }
 
-/* Appends to r->body. Returns 0, -E2BIG when --max-request-bytes is passed, or -ENOMEM. */
+static enum MHD_Result over_memory(struct req *r)
+{
+    char msg[160];
+    snprintf(msg, sizeof(msg), "the memory for request bodies is spent (--max-memory %zu "
+             "bytes); retry later", r->s->cfg.max_memory);
+    atomic_fetch_add(&r->s->metrics.rejected, 1);
+    return error_resp(r, MHD_HTTP_SERVICE_UNAVAILABLE, "overloaded", msg);
+}
+
+/* A body still arriving past DISCARD_MAX: its answer (413, or 503 for --max-memory) written
+ * straight to the socket (libmicrohttpd has written nothing for this request), then the
+ * connection closed, lingering. Returns MHD_NO, which closes it. */
+static enum MHD_Result answer_on_socket(struct req *r)
+{
+    char msg[160];
+    unsigned status = r->too_large ? 413 : 503;
+    r->err_code = r->too_large ? "body_too_large" : "overloaded";
+    if (r->too_large)
+        snprintf(msg, sizeof(msg), "request body exceeds %zu bytes (--max-request-bytes)",
+                 r->s->cfg.max_request_bytes);
+    else
+        snprintf(msg, sizeof(msg), "the memory for request bodies is spent (--max-memory %zu "
+                 "bytes); retry later", r->s->cfg.max_memory);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci && guard_body_done(r->gc) &&
+        guard_answer(ci->connect_fd, status, r->err_code, msg, r->request_id)) {
+        r->answered = true;
+        r->status = status;
+        guard_linger(r->gc);
+    }
+    return MHD_NO;
+}
+
+/* Drops the body buffer and gives its bytes back to --max-memory. */
+static void drop_body(struct req *r)
+{
+    membudget_give(&r->s->mem, r->body_cap);
+    free(r->body);
+    r->body = NULL;
+    r->body_len = r->body_cap = 0;
+}
+
+/* Appends to r->body. Returns 0, -E2BIG when --max-request-bytes is passed, -ENOSPC when
+ * --max-memory is, or -ENOMEM. */
 static int take_body(struct req *r, const char *data, size_t n)
 {
     size_t cap = r->s->cfg.max_request_bytes;
@@ -678,9 +799,13 @@ static int take_body(struct req *r, const char *data, size_t n)
             want *= 2;
         if (want > cap + 1)
             want = cap + 1;
+        if (!membudget_take(&r->s->mem, want - r->body_cap))
+            return -ENOSPC; /* --max-memory: answered 503 once the body ends */
         char *nb = realloc(r->body, want);
-        if (!nb)
+        if (!nb) {
+            membudget_give(&r->s->mem, want - r->body_cap);
             return -ENOMEM;
+        }
         r->body = nb;
         r->body_cap = want;
     }
@@ -690,11 +815,32 @@ static int take_body(struct req *r, const char *data, size_t n)
     return 0;
 }
 
+/* What the first handler call gathers from the header fields. */
+struct head {
+    struct framing f; /* the framing verdict so far */
+    const char *rid;  /* X-Request-Id's value (its last line), or NULL */
+    size_t rid_len;   /* its length: a NUL inside counts */
+    unsigned rids;    /* X-Request-Id lines */
+};
+
+static enum MHD_Result on_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                 size_t key_size, const char *value, size_t value_size)
+{
+    (void)kind;
+    struct head *h = cls;
+    framing_field(&h->f, key, key_size, value ? value : "", value ? value_size : 0);
+    if (key_size == 12 && !strncasecmp(key, "X-Request-Id", 12)) {
+        h->rids++;
+        h->rid = value ? value : "";
+        h->rid_len = value ? value_size : 0;
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **req_cls)
 {
-    (void)version;
     struct srv *s = cls;
     struct req *r = *req_cls;
     if (!r) {
@@ -705,22 +851,48 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->conn = conn;
         r->start_us = now_us();
         r->method = method;
-        snprintf(r->path, sizeof(r->path), "%s", url);
-        r->route = route_of(url, method);
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        r->gc = ci ? ci->socket_context : NULL;
+        const char *path = framing_target_path(url); /* origin or absolute form */
+        snprintf(r->path, sizeof(r->path), "%s", path);
+        r->route = route_of(path, method);
         *req_cls = r;
-        const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
-        if (rid && request_id_ok(rid))
-            snprintf(r->request_id, sizeof(r->request_id), "%s", rid);
-        else
+        struct head h;
+        framing_init(&h.f);
+        h.rid = NULL;
+        h.rid_len = 0;
+        h.rids = 0;
+        MHD_get_connection_values_n(conn, MHD_HEADER_KIND, on_header, &h);
+        framing_trim(&h.rid, &h.rid_len);
+        bool rid_ok = h.rids == 1 && request_id_ok(h.rid, h.rid_len);
+        if (rid_ok) {
+            memcpy(r->request_id, h.rid, h.rid_len);
+            r->request_id[h.rid_len] = '\0';
+        } else {
             new_request_id(s, r->request_id);
-        r->bad_request_id = rid && !request_id_ok(rid);
+        }
+        r->bad_request_id = h.rids && !rid_ok;
+        if (!guard_headers_done(r->gc)) /* answered 408 already: close */
+            return MHD_NO;
+        struct framing_verdict v;
+        if (!framing_finish(&h.f, version, &v)) {
+            /* Nothing of the body is read: answer, close, and linger so that a client still
+             * writing it reads the answer. */
+            r->close = true;
+            guard_linger(r->gc);
+            return error_resp(r, v.status, v.code, v.message);
+        }
         if (r->route == R_BATCH) {
-            /* Refuse a body that announces itself too large before reading it; this closes
-             * the connection, which is what we want for such a client. */
+            /* Refuse a body that announces itself too large before reading it; the
+             * connection closes after the answer (lingering, for a client still writing). */
             const char *cl =
                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-            if (cl && strtoull(cl, NULL, 10) > s->cfg.max_request_bytes)
+            if (cl && strtoull(cl, NULL, 10) > s->cfg.max_request_bytes) {
+                r->close = true;
+                guard_linger(r->gc);
                 return body_too_large(r);
+            }
         }
         return MHD_YES;
     }
@@ -733,27 +905,31 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->discarded += n;
             return r->discarded > DISCARD_MAX ? MHD_NO : MHD_YES;
         }
-        if (r->too_large) {
+        if (r->too_large || r->over_memory) {
             /* libmicrohttpd cannot queue a response while the body is still arriving, so the
-             * rest of a body without Content-Length is read and dropped, and 413 answered at
-             * its end; a client that keeps sending past DISCARD_MAX is cut off instead. */
+             * rest of a body without Content-Length is read and dropped, and answered at its
+             * end; past DISCARD_MAX the answer is written to the socket here instead, and the
+             * connection closes lingering. */
             r->discarded += n;
-            return r->discarded > DISCARD_MAX ? MHD_NO : MHD_YES;
+            return r->discarded > DISCARD_MAX ? answer_on_socket(r) : MHD_YES;
         }
         int rc = take_body(r, upload_data, n);
-        if (rc == -E2BIG) {
-            r->too_large = true;
+        if (rc == -E2BIG || rc == -ENOSPC) {
+            r->too_large = rc == -E2BIG;
+            r->over_memory = rc == -ENOSPC;
             r->discarded = n;
-            free(r->body);
-            r->body = NULL;
-            r->body_len = r->body_cap = 0;
+            drop_body(r);
         }
         return rc == -ENOMEM ? MHD_NO : MHD_YES;
     }
     if (r->answered)
         return MHD_YES;
+    if (!guard_body_done(r->gc)) /* answered 408 already: close */
+        return MHD_NO;
     if (r->too_large)
         return body_too_large(r);
+    if (r->over_memory)
+        return over_memory(r);
     return dispatch(r);
 }
 
@@ -805,6 +981,12 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
             r->err_code = r->stream->lw.code;
         pthread_mutex_unlock(&r->stream->mu);
     }
+    if (!r->answered && guard_timed_out(r->gc)) { /* its body missed --body-timeout-ms */
+        r->answered = true;
+        r->status = 408;
+        r->err_code = "request_timeout";
+    }
+    guard_request_done(r->gc);
     metrics_count_status(&s->metrics, metrics_route_of(r->route), r->answered ? r->status : 0);
     metrics_observe(&s->metrics.request_seconds, dur);
     log_request(s, r, dur, toe);
@@ -819,8 +1001,48 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     if (r->admitted)
         active_dec(s);
     free(r->fail_id);
-    free(r->body);
+    drop_body(r);
     free(r);
+}
+
+/* Every connection is registered with the guard from its accept to its close. */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct srv *s = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        *socket_context = ci ? guard_conn_open(s->guard, ci->connect_fd) : NULL;
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        guard_conn_close(s->guard, *socket_context);
+        *socket_context = NULL;
+    }
+}
+
+/* The guard answered a request 408 before its headers were in: no handler call, so no
+ * request line: count it and log it here. One whose body was late is logged at completion. */
+static void on_guard_timeout(void *arg, bool in_body, const char *request_id)
+{
+    struct srv *s = arg;
+    if (in_body)
+        return;
+    metrics_count_status(&s->metrics, ROUTE_OTHER, 408);
+    if (!log_enabled(s->log, LOG_INFO))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, LOG_INFO, "request");
+    json_buf_append_str(&b, ",\"request_id\":");
+    json_append_string(&b, request_id, strlen(request_id));
+    json_buf_printf(&b, ",\"status\":408,\"error\":\"request_timeout\",\"phase\":\"headers\"");
+    log_end(s->log, &b);
+    json_buf_destroy(&b);
+}
+
+static void guard_new_id(void *arg, char *out)
+{
+    new_request_id(arg, out);
 }
 
 static void mhd_logger(void *cls, const char *fmt, va_list ap)
@@ -858,24 +1080,34 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
 
 /* ---------------------------------------------------------------- lifecycle */
 
-static int resolve_listen(const struct srv_config *c, struct sockaddr_storage *ss, char *err,
-                          size_t errlen)
+/* Binds and listens on 'ss' ourselves, so a failure names its real reason and port (for the
+ * socket handed to libmicrohttpd, MHD_OPTION_LISTEN_SOCKET). Returns the descriptor, or
+ * -errno with the reason in err. */
+static int bind_listen(const struct srv_config *c, const struct sockaddr_storage *ss, char *err,
+                       size_t errlen)
 {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC,
-                             .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res;
-    char port[8];
-    snprintf(port, sizeof(port), "%u", c->listen_port);
-    int rc = getaddrinfo(c->listen_host, port, &hints, &res);
-    if (rc != 0) {
-        snprintf(err, errlen, "--listen: cannot resolve \"%s\": %s", c->listen_host,
-                 gai_strerror(rc));
-        return -EINVAL;
+    const char *fmt = strchr(c->listen_host, ':') ? "[%s]:%u" : "%s:%u";
+    char where[300];
+    snprintf(where, sizeof(where), fmt, c->listen_host, c->listen_port);
+    int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot listen on %s: socket: %s", where, strerror(e));
+        return -e;
     }
-    memcpy(ss, res->ai_addr, res->ai_addrlen);
-    freeaddrinfo(res);
-    return 0;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* restarts: TIME_WAIT */
+    if (ss->ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    socklen_t len = ss->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                              : sizeof(struct sockaddr_in);
+    if (bind(fd, (const struct sockaddr *)ss, len) != 0 || listen(fd, 4096) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot listen on %s: %s", where, strerror(e));
+        close(fd);
+        return -e;
+    }
+    return fd;
 }
 
 static void log_startup(struct srv *s)
@@ -919,15 +1151,15 @@ static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const
     __attribute__((format(printf, 4, 5)));
 
 /* Every client connection and every upstream connection is a descriptor. When RLIMIT_NOFILE
- * cannot hold --max-clients + --max-conns (+ a margin for the process's own), the server would
- * hit EMFILE at accept time, where libmicrohttpd busy-waits; lower --max-clients instead, and
- * say so. */
+ * cannot hold --max-clients + --max-conns + LINGER_MAX (+ a margin for the process's own), the
+ * server would hit EMFILE at accept time, where libmicrohttpd busy-waits; lower --max-clients
+ * instead, and say so. */
 static void fit_fd_budget(struct srv *s)
 {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
         return;
-    uint64_t reserve = (uint64_t)s->cfg.max_conns + 64;
+    uint64_t reserve = (uint64_t)s->cfg.max_conns + 64 + LINGER_MAX;
     if ((uint64_t)s->cfg.max_clients + reserve <= rl.rlim_cur)
         return;
     uint64_t fit = rl.rlim_cur > reserve + 16 ? rl.rlim_cur - reserve : 16;
@@ -1065,16 +1297,42 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
                                 .hedge_auto = cfg->hedge_auto,
                                 .retries = cfg->retries,
                                 .coalesce = cfg->coalesce};
-    struct sockaddr_storage ss;
-    if ((rc = resolve_listen(cfg, &ss, err, errlen)) != 0)
+    membudget_init(&s->mem, cfg->max_memory);
+    s->env.mem = &s->mem;
+    struct guard_opts go = {.header_timeout_ms = cfg->header_timeout_ms,
+                            .body_timeout_ms = cfg->body_timeout_ms,
+                            .linger_ms = cfg->linger_ms,
+                            .linger_bytes = cfg->linger_bytes,
+                            .max_lingering = LINGER_MAX,
+                            .on_timeout = on_guard_timeout,
+                            .new_id = guard_new_id,
+                            .arg = s};
+    if ((rc = guard_new(&go, &s->guard)) != 0) {
+        snprintf(err, errlen, "cannot start the connection guard: %s", strerror(-rc));
         goto fail;
+    }
+    struct sockaddr_storage ss;
+    if ((rc = config_resolve_listen(cfg, &ss, err, errlen)) != 0)
+        goto fail;
+    int lfd = bind_listen(cfg, &ss, err, errlen);
+    if (lfd < 0) {
+        rc = lfd == -EINVAL ? -EADDRNOTAVAIL : lfd; /* exit 1: the system refused, not the config */
+        goto fail;
+    }
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
                      MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_logger, s}, /* first, to catch all */
-        {MHD_OPTION_SOCK_ADDR, 0, &ss},
+        {MHD_OPTION_LISTEN_SOCKET, lfd, NULL},
+        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, s},
+        {MHD_OPTION_PER_IP_CONNECTION_LIMIT, s->cfg.max_clients_per_ip, NULL},
+#if MHD_VERSION >= 0x00097701
+        /* libmicrohttpd 1.0: refuse what RFC 9112 lets a server refuse (obs-fold, bare CR or
+         * LF, whitespace before a colon, malformed chunk sizes) at its strictest level. */
+        {MHD_OPTION_CLIENT_DISCIPLINE_LVL, 3, NULL},
+#endif
         {MHD_OPTION_CONNECTION_LIMIT, s->cfg.max_clients, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->idle_timeout_s, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
@@ -1087,13 +1345,18 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     s->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_ARRAY, opts,
                               MHD_OPTION_END);
     if (!s->mhd) {
-        rc = -EADDRINUSE;
-        snprintf(err, errlen, "cannot listen on %s:%u (address in use, or not allowed)",
-                 cfg->listen_host, cfg->listen_port);
+        close(lfd);
+        rc = -EIO;
+        snprintf(err, errlen, "cannot start the HTTP front end on %s:%u (libmicrohttpd's reason "
+                 "is in the log above)", cfg->listen_host, cfg->listen_port);
         goto fail;
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
-    s->port = di ? di->port : cfg->listen_port;
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof(bound);
+    s->port = cfg->listen_port;
+    if (getsockname(lfd, (struct sockaddr *)&bound, &blen) == 0)
+        s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                    : ((struct sockaddr_in *)&bound)->sin_port);
     log_startup(s);
     *out = s;
     return 0;
@@ -1223,6 +1486,7 @@ int srv_free(struct srv *s)
     }
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
+    guard_free(s->guard); /* after the daemon: no connection is registered any more */
     fetch_free(s->fetch);
     flights_free(s->flights); /* every flight ended with the engine's last callback */
     watch_free(s->watch);
