@@ -117,9 +117,6 @@ struct fetch_loop {
     pthread_mutex_t mu;      /* guards inbox, cancel_pending, stopping */
     struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
     bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
-    bool self_cancel;        /* the same, noticed on the loop's own thread (loop thread only):
-                                no wakeup needed, only another turn before sleeping */
-    bool self_inbox;         /* the loop's own callbacks queued work (loop thread only) */
     bool stopping;           /* fetch_free() began; guarded by mu */
     bool dns_ready;          /* the resolver answered some lookup; guarded by mu */
     /* Loop thread only: */
@@ -130,6 +127,10 @@ struct fetch_loop {
     char origin_host[256];      /* that URL's host, as curl looks it up */
     long origin_port;           /* and port */
     bool origin_literal;        /* the host needs no lookup (fetch__host_is_literal) */
+    /* Set by the loop's own callbacks instead of a wakeup (kept away from the fields under mu:
+     * a combined load of neighbouring bytes would race with their writers): */
+    bool self_cancel;           /* a transfer's ctx is done: another pass before sleeping */
+    bool self_inbox;            /* work was queued: another pass before sleeping */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
