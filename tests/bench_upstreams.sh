@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks of fanout's upstream resilience, on loopback:
 #   s4    the bench harness's S4 (one upstream, 99% 5 ms / 1% 100 ms, random per request; its Go
-#         item upstream) with --hedge-after-ms 0, 15 and auto (or $HEDGES): batches of 100, limit 100,
-#         4 connections in a closed loop;
+#         item upstream) with --hedge-after-ms 0, 15 and auto (or $HEDGES): batches of 100,
+#         limit 100, 4 connections in a closed loop as the harness runs it (S4_LOOP=open: an
+#         open loop at -r RATE over 16 connections instead);
 #   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging
 #         (hedge budget $HEDGE_BUDGET percent, default 30);
 #   kill  three replicas, one killed with SIGKILL a third of the way in, --retries 0 and 1, and
@@ -146,7 +147,7 @@ for s in "${scen[@]}"; do
 			start_goup -delay 5ms -tail-frac 0.01 -tail-delay 100ms
 			FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
 			start_fanout "127.0.0.1:$gport/items/{id}"
-			LOADARGS="-b 100 --ids seq" LOOP="closed 4" row "S4, --hedge-after-ms $h" "one upstream, 1% at 100 ms" 100
+			LOADARGS="-b 100 --ids seq" LOOP=${S4_LOOP:-closed 4} row "S4, --hedge-after-ms $h" "one upstream, 1% at 100 ms${S4_LOOP:+, $S4_LOOP loop}" 100
 			stop_all
 		done
 		;;
