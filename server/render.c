@@ -78,15 +78,32 @@ void render_error_doc(struct json_buf *o, const char *code, const char *message,
 
 /* ---------------------------------------------------------------- the buffer writer */
 
-/* The upstream body as a JSON value: spliced when it is JSON, else a JSON string. */
-static void append_data(struct json_buf *o, struct call_result *r)
+/* The upstream body as a JSON value: spliced when it is JSON, else a JSON string. With
+ * 'one_line' (NDJSON) a spliced value's line breaks become spaces: in valid JSON a raw CR or LF
+ * can only be whitespace between tokens (inside strings they are escaped), so the value is the
+ * same and the line stays one line. */
+static void append_data(struct json_buf *o, struct call_result *r, bool one_line)
 {
     if (r->valid < 0)
         r->valid = r->body && json_valid(r->body, r->len, &r->vstart, &r->vend);
-    if (r->valid)
-        json_buf_append(o, r->body + r->vstart, r->vend - r->vstart);
-    else
+    if (!r->valid) {
         json_append_string(o, r->body ? r->body : "", r->len);
+        return;
+    }
+    const char *p = r->body + r->vstart, *end = r->body + r->vend;
+    if (!one_line) {
+        json_buf_append(o, p, (size_t)(end - p));
+        return;
+    }
+    while (p < end) {
+        const char *q = p;
+        while (q < end && *q != '\n' && *q != '\r')
+            q++;
+        json_buf_append(o, p, (size_t)(q - p));
+        if (q < end)
+            json_buf_append_char(o, ' ');
+        p = q < end ? q + 1 : q;
+    }
 }
 
 /* The members of an error object after "code" and "message": ,"upstream_status":N. */
@@ -99,12 +116,12 @@ static void error_members(struct json_buf *o, const struct render_error *e,
 
 /* A position's members after "id": ,"status":N,"data":.. or ,"error":{..}. */
 static void append_result(struct json_buf *o, const struct render_limits *lim, const char *echo,
-                          const struct call_result *cr)
+                          const struct call_result *cr, bool one_line)
 {
     struct call_result *r = (struct call_result *)(uintptr_t)cr; /* caches body validity */
     if (r->err == 0) {
         json_buf_printf(o, ",\"status\":%ld,\"data\":", r->status);
-        append_data(o, r);
+        append_data(o, r, one_line);
         return;
     }
     struct render_error e;
@@ -130,7 +147,7 @@ static void bw_item(struct writer *w, size_t pos, const char *echo, const struct
     struct json_buf *o = &bw->out;
     json_buf_append_str(o, pos ? ",{\"id\":" : "{\"id\":");
     json_buf_append_str(o, echo);
-    append_result(o, &w->lim, echo, cr);
+    append_result(o, &w->lim, echo, cr, false);
     json_buf_append_char(o, '}');
     if (o->len > w->lim.max_response_bytes)
         bw->too_large = true;
@@ -222,14 +239,14 @@ static void lw_item(struct writer *w, size_t pos, const char *echo, const struct
     json_buf_printf(&lw->line, "{\"index\":%zu,\"id\":", pos);
     size_t head = lw->line.len;
     json_buf_append_str(&lw->line, echo);
-    append_result(&lw->line, &w->lim, echo, r);
+    append_result(&lw->line, &w->lim, echo, r, true);
     json_buf_append_str(&lw->line, "}\n");
     if (r->err == 0 && lw->sent + lw->line.len > w->lim.max_response_bytes) {
         /* Past the cap (escaping grew a body): this position gets the cap's error instead. */
         static const struct call_result capped = {.err = CALL_ERESPONSE};
         lw->line.len = head;
         json_buf_append_str(&lw->line, echo);
-        append_result(&lw->line, &w->lim, echo, &capped);
+        append_result(&lw->line, &w->lim, echo, &capped, true);
         json_buf_append_str(&lw->line, "}\n");
         r = &capped;
     }
@@ -253,7 +270,7 @@ static void lw_fail(struct writer *w, const char *echo, const struct call_result
     if (echo && w->fail_pos != SIZE_MAX) {
         json_buf_printf(o, "{\"index\":%zu,\"id\":", w->fail_pos);
         json_buf_append_str(o, echo);
-        append_result(o, &w->lim, echo, r);
+        append_result(o, &w->lim, echo, r, true);
         json_buf_append_str(o, "}\n");
         lw_emit(lw);
         free(lw->fail_id);
