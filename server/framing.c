@@ -113,7 +113,7 @@ static int parse_codings(const char *v, size_t n)
         if (chunked && (k != el || chunked_seen))
             return TE_MALFORMED; /* parameters on chunked, or chunked twice */
         if (!chunked)
-            verdict = TE_UNKNOWN; /* gzip, identity, xchunked, ...: not implemented here */
+            verdict = TE_UNKNOWN; /* gzip, identity, xchunked, ...: codings fanout refuses, 501 */
         else if (j < n)
             verdict = verdict == TE_UNKNOWN ? TE_UNKNOWN : TE_MALFORMED; /* not the last */
         chunked_seen |= chunked;
