@@ -85,7 +85,9 @@ struct xfer {
     size_t max_body;              /* body cap in bytes */
     int64_t t0_us;                /* monotonic microseconds at fetch_get() */
     CURL *easy;                   /* the easy handle while started, else NULL */
-    struct curl_slist *hdrs;      /* extra request headers while started */
+    struct curl_slist *hdrs;      /* extra request headers while started: 'hdr' nodes */
+    struct curl_slist hdr[2];     /* their nodes (curl only reads the list; no allocation) */
+    char timeout_line[48];        /* "X-Request-Timeout-Ms: N" */
     struct curl_slist *pin;       /* CURLOPT_RESOLVE entry for a host name while started */
     struct fetch__dns *dns;       /* the resolver entry held while on 'resolving' */
     int64_t resolve_t0_us;        /* when it first waited for the resolver, or 0 */
@@ -96,7 +98,7 @@ struct xfer {
     bool bad_status;              /* the header callback refused a malformed status line */
     bool in_headers;              /* the next header line starts a response (status line) */
     const char *url;              /* points into 'strings' */
-    const char *request_id;       /* points into 'strings', or NULL */
+    char *request_id;             /* "X-Request-Id: <id>" in 'strings', or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
     bool timer;                   /* a fetch_after() timer, not a transfer */
     int64_t due_us;               /* timers: when it fires (monotonic microseconds) */
@@ -147,6 +149,7 @@ struct fetch {
     struct fetch_loop *loops; /* the loops */
     atomic_uint next_loop;    /* round-robin for fetch_pick_loop() */
     atomic_bool stopping;     /* fetch_free() began (fast path; the loop's flag decides) */
+    bool proxy_env;           /* a proxy variable is set: curl reads them for each transfer */
     struct fetch_resolver *resolver; /* host name lookups for all loops */
     atomic_uint_fast64_t ok, status, unreachable, deadline, canceled, too_large, in_flight,
         conns_opened, bytes; /* see struct fetch_stats */
@@ -382,6 +385,10 @@ static CURL *easy_get(struct fetch_loop *l)
      * dot-segments, so it would turn the encoded ids "." and ".." (url.h) back into path
      * navigation. The URL builder already leaves no dot-segment in an id. */
     curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
+    if (!l->f->proxy_env) { /* none is set: spare curl its five getenv() calls per transfer */
+        curl_easy_setopt(e, CURLOPT_PROXY, "");
+        curl_easy_setopt(e, CURLOPT_NOPROXY, "");
+    }
     if (o->h2c) {
         curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
         curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
@@ -445,8 +452,7 @@ static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const cha
         x->easy = NULL;
     }
     ctx_hook_remove(x->ctx, &x->hook); /* waits if the hook is running; never fires after */
-    curl_slist_free_all(x->hdrs);
-    x->hdrs = NULL;
+    x->hdrs = NULL; /* its nodes are the transfer's own */
     curl_slist_free_all(x->pin);
     x->pin = NULL;
     if (x->dns) {
@@ -725,27 +731,17 @@ static void start(struct fetch_loop *l, struct xfer *x)
     if (!resolve_host(l, x))
         return;
     const struct fetch_opts *o = &l->f->opts;
-    char line[64];
-    if (x->request_id) {
-        size_t n = strlen(x->request_id) + sizeof("X-Request-Id: ");
-        char *h = malloc(n);
-        struct curl_slist *s = NULL;
-        if (h) {
-            snprintf(h, n, "X-Request-Id: %s", x->request_id);
-            s = curl_slist_append(x->hdrs, h);
-            free(h);
-        }
-        if (!s)
-            goto nomem;
-        x->hdrs = s;
-    }
+    unsigned nh = 0;
+    if (x->request_id)
+        x->hdr[nh++].data = x->request_id;
     if (left != CTX_FOREVER) {
-        snprintf(line, sizeof(line), "X-Request-Timeout-Ms: %lld", (long long)left);
-        struct curl_slist *s = curl_slist_append(x->hdrs, line);
-        if (!s)
-            goto nomem;
-        x->hdrs = s;
+        snprintf(x->timeout_line, sizeof(x->timeout_line), "X-Request-Timeout-Ms: %lld",
+                 (long long)left);
+        x->hdr[nh++].data = x->timeout_line;
     }
+    for (unsigned i = 0; i < nh; i++)
+        x->hdr[i].next = i + 1 < nh ? &x->hdr[i + 1] : NULL;
+    x->hdrs = nh ? &x->hdr[0] : NULL;
     x->easy = easy_get(l);
     if (!x->easy)
         goto nomem;
@@ -995,7 +991,9 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
         return -EINVAL; /* no header injection through CR/LF */
     if (atomic_load_explicit(&f->stopping, memory_order_acquire))
         return FETCH_ESHUTDOWN;
-    size_t ulen = strlen(r->url) + 1, rlen = r->request_id ? strlen(r->request_id) + 1 : 0;
+    static const char rid_name[] = "X-Request-Id: ";
+    size_t ulen = strlen(r->url) + 1;
+    size_t rlen = r->request_id ? sizeof(rid_name) - 1 + strlen(r->request_id) + 1 : 0;
     struct xfer *x = calloc(1, sizeof(*x) + ulen + rlen);
     if (!x)
         return -ENOMEM;
@@ -1003,7 +1001,9 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     memcpy(x->strings, r->url, ulen);
     x->url = x->strings;
     if (r->request_id) {
-        memcpy(x->strings + ulen, r->request_id, rlen);
+        memcpy(x->strings + ulen, rid_name, sizeof(rid_name) - 1);
+        memcpy(x->strings + ulen + sizeof(rid_name) - 1, r->request_id,
+               rlen - (sizeof(rid_name) - 1));
         x->request_id = x->strings + ulen;
     }
     x->loop = l;
@@ -1169,6 +1169,12 @@ int fetch_new(const struct fetch_opts *o, struct fetch **out)
     if (!f)
         return -ENOMEM;
     f->opts = *o;
+    static const char *const proxy_vars[] = {"http_proxy", "HTTP_PROXY", "https_proxy",
+                                             "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                                             "no_proxy", "NO_PROXY"};
+    for (size_t i = 0; i < sizeof(proxy_vars) / sizeof(proxy_vars[0]); i++)
+        if (getenv(proxy_vars[i]))
+            f->proxy_env = true;
     f->loops = calloc(o->loops, sizeof(*f->loops));
     if (!f->loops) {
         free(f);
