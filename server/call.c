@@ -84,7 +84,8 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
                               .hedge = b->hedge,
                               .coalesce = b->coalesce,
                               .rid = b->rid,
-                              .loop = b->loop};
+                              .loop = b->loop,
+                              .run_loop = b->loop};
     int rc = flight_wait(env, gctx, &p, &c->w, flight_done, c);
     if (rc == 0)
         return 0;
