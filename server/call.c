@@ -2,9 +2,11 @@
  *
  * Life of a call, all on its batch's loop thread: call_start() (the errgroup starts it when a
  * slot is free) waits on the key's flight (flight.h), bound to the group's ctx, joining a
- * running one when coalescing allows. flight_done() takes the outcome, or the cause that made
- * the call leave first, and tells the errgroup; after the group ends, call_destroy() drops the
- * call's reference to the flight, whose body the answer was rendered from. */
+ * running one when coalescing allows, or starting one on the loop the batch names for the call
+ * (its own, or a stripe's in a large batch: batch_run_loop()). flight_done() takes the outcome,
+ * or the cause that made the call leave first, and tells the errgroup, on the batch's loop
+ * whatever loop the flight runs on; after the group ends, call_destroy() drops the call's
+ * reference to the flight, whose body the answer was rendered from. */
 #include "server/call.h"
 
 #include <errno.h>
@@ -85,7 +87,7 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
                               .coalesce = b->coalesce,
                               .rid = b->rid,
                               .loop = b->loop,
-                              .run_loop = b->loop};
+                              .run_loop = batch_run_loop(b, c->idx)};
     int rc = flight_wait(env, gctx, &p, &c->w, flight_done, c);
     if (rc == 0)
         return 0;

@@ -7,7 +7,8 @@
  * failed or was canceled, the client went away, the deadline) leaves the flight, which goes on
  * for its other waiters, and reports that cause.
  *
- * Threads: a call lives on its batch's fetch loop thread; every function here runs there. */
+ * Threads: a call lives on its batch's fetch loop thread; every function here runs there, its
+ * flight's callback included, also when the flight itself runs on another loop. */
 #ifndef FANOUT_CALL_H
 #define FANOUT_CALL_H
 
