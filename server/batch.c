@@ -214,7 +214,7 @@ int batch_err(const struct batch *b)
 
 void batch_render(struct batch *b, struct writer *w)
 {
-    static const struct call_result oom = {.err = -ENOMEM, .detail = (char *)"out of memory"};
+    static const struct call_result oom = {.err = -ENOMEM, .detail = "out of memory"};
     static const struct call_result shut = {.err = -ESHUTDOWN};
     int cause = ctx_err(b->ctx);
     if (b->start_err) {

@@ -19,12 +19,6 @@
 #include "server/batch_impl.h"
 #include "server/membudget.h"
 
-static void set_detail(struct call_result *res, const char *detail)
-{
-    free(res->detail);
-    res->detail = detail ? strdup(detail) : NULL;
-}
-
 /* The outcome is decided: record a failure for the batch and tell the errgroup. */
 static void complete(struct call *c)
 {
@@ -47,7 +41,7 @@ static void flight_done(void *arg, int cause)
     if (cause != 0 || gone != 0) { /* left, or delivered after the group was done */
         int e = cause ? cause : gone;
         c->res.err = e ? e : cause;
-        set_detail(&c->res, c->res.err == -ETIMEDOUT ? "deadline exceeded" : "canceled");
+        c->res.detail = c->res.err == -ETIMEDOUT ? "deadline exceeded" : "canceled";
         complete(c);
         return;
     }
@@ -56,7 +50,7 @@ static void flight_done(void *arg, int cause)
     c->res.status = o->status;
     c->res.body = o->body;
     c->res.len = o->len;
-    set_detail(&c->res, o->detail);
+    c->res.detail = o->detail; /* the flight's: valid as long as the call holds it */
     if (o->err == 0) {
         const struct plan_call *pc = &b->plan.calls[c->idx];
         size_t add = (o->len + b->rq.items[pc->first_pos].echo_len + RESULT_OVERHEAD) * pc->mult;
@@ -66,7 +60,7 @@ static void flight_done(void *arg, int cause)
             c->res.body = NULL;
             c->res.len = 0;
             c->res.err = CALL_ERESPONSE;
-            set_detail(&c->res, "response too large");
+            c->res.detail = "response too large";
         } else {
             b->resp_bytes += add;
         }
@@ -92,7 +86,7 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
     if (rc == 0)
         return 0;
     c->res.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
-    set_detail(&c->res, "could not start the fetch");
+    c->res.detail = "could not start the fetch";
     c->res.decided = c->completed = true;
     if (b->rq.mode == MODE_SETTLED && rc != -ENOMEM) {
         eg_complete(b->g, 0); /* reported at its position; the batch goes on */
@@ -105,7 +99,6 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
 
 void call_destroy(struct call *c)
 {
-    flight_release(&c->w);
-    free(c->res.detail);
+    flight_release(&c->w); /* last use of the outcome's body and detail */
     memset(c, 0, sizeof(*c));
 }

@@ -55,6 +55,22 @@ struct flights {
     size_t count;           /* flights in the chains */
 };
 
+/* One attempt: a fetch of the key from one upstream. */
+struct attempt {
+    struct flight *f; /* owner */
+    struct ctx *ctx;  /* child of the flight's ctx, with the deadline of its start */
+    unsigned up;      /* upstream index */
+    bool hedge;       /* started by the hedge timer */
+};
+
+enum timer_kind { TIMER_HEDGE, TIMER_BACKOFF };
+
+struct flight_timer {
+    struct flight *f;     /* owner */
+    enum timer_kind kind; /* what it is for */
+    unsigned gen;         /* the flight's timer_gen when armed */
+};
+
 struct flight {
     /* Set when made, then read-only (any thread): */
     const struct batch_env *env;
@@ -83,27 +99,17 @@ struct flight {
     unsigned hedges;           /* hedges sent (at most FLIGHT_MAX_HEDGES) */
     int64_t hedge_ms;          /* the hedge delay in use, or -1 */
     unsigned timer_gen;        /* timers armed before the latest one are stale */
-    struct flight_outcome out; /* body and detail malloc'd */
-    char *body, *detail;       /* the same, writable */
+    /* One attempt and one timer live here, so that a flight with no more out at once (most)
+     * allocates none; further ones at the same time (a hedge, a stale hedge timer beside a
+     * backoff) are malloc'd. */
+    bool attempt_busy, timer_busy;
+    struct attempt attempt;
+    struct flight_timer timer;
+    struct flight_outcome out; /* body malloc'd; detail a static text, or 'detail' */
+    char *body, *detail;       /* what of them is malloc'd, writable */
     char rid[129];             /* request id sent upstream */
     size_t key_len;
     char key[];                /* the key's bytes */
-};
-
-/* One attempt: a fetch of the key from one upstream. */
-struct attempt {
-    struct flight *f; /* owner */
-    struct ctx *ctx;  /* child of the flight's ctx, with the deadline of its start */
-    unsigned up;      /* upstream index */
-    bool hedge;       /* started by the hedge timer */
-};
-
-enum timer_kind { TIMER_HEDGE, TIMER_BACKOFF };
-
-struct flight_timer {
-    struct flight *f;     /* owner */
-    enum timer_kind kind; /* what it is for */
-    unsigned gen;         /* the flight's timer_gen when armed */
 };
 
 static void attempt_done(void *arg, struct fetch_result *r);
@@ -228,14 +234,24 @@ static uint64_t jitter(uint64_t n)
     return n ? (s * 0x2545F4914F6CDD1DULL) % (n + 1) : 0;
 }
 
-static void set_detail(struct flight *f, const char *detail)
+/* The outcome's error text: a static one (never copied), or NULL. */
+static void set_detail(struct flight *f, const char *text)
 {
     free(f->detail);
-    f->detail = detail ? strdup(detail) : NULL;
+    f->detail = NULL;
+    f->out.detail = text;
+}
+
+/* The same from a text valid only for now (an attempt's, from fetch): a copy. */
+static void copy_detail(struct flight *f, const char *text)
+{
+    free(f->detail);
+    f->detail = text ? strdup(text) : NULL;
     f->out.detail = f->detail;
 }
 
-/* Keeps an attempt's result as the flight's (latest) outcome, not yet decided. */
+/* Keeps an attempt's result as the flight's (latest) outcome, not yet decided. A success has
+ * no error text. */
 static void keep_result(struct flight *f, struct fetch_result *r)
 {
     free(f->body);
@@ -244,7 +260,10 @@ static void keep_result(struct flight *f, struct fetch_result *r)
     f->out.body = f->body = r->body;
     f->out.len = r->len;
     r->body = NULL;
-    set_detail(f, r->detail);
+    if (r->err == 0)
+        set_detail(f, NULL);
+    else
+        copy_detail(f, r->detail);
 }
 
 /* The run is over once decided and nothing is out any more: the outcome goes to every waiter
@@ -315,7 +334,7 @@ static int start_attempt(struct flight *f, bool hedge)
             return -ENOMEM;
         upstream_url(env->ups, up, f->key, f->key_len, url, n + 1);
     }
-    struct attempt *a = malloc(sizeof(*a));
+    struct attempt *a = f->attempt_busy ? malloc(sizeof(*a)) : &f->attempt;
     int64_t deadline = atomic_load_explicit(&f->deadline, memory_order_relaxed);
     struct ctx *actx = a ? ctx_new(f->ctx, deadline) : NULL;
     int rc = -ENOMEM;
@@ -328,9 +347,12 @@ static int start_attempt(struct flight *f, bool hedge)
         free(url);
     if (rc != 0) {
         ctx_free(actx);
-        free(a);
+        if (a != &f->attempt)
+            free(a);
         return rc;
     }
+    if (a == &f->attempt)
+        f->attempt_busy = true;
     f->started++;
     f->pending++;
     f->in_flight++;
@@ -339,15 +361,18 @@ static int start_attempt(struct flight *f, bool hedge)
 
 static int arm_timer(struct flight *f, enum timer_kind kind, int64_t ms)
 {
-    struct flight_timer *t = malloc(sizeof(*t));
+    struct flight_timer *t = f->timer_busy ? malloc(sizeof(*t)) : &f->timer;
     if (!t)
         return -ENOMEM;
     *t = (struct flight_timer){.f = f, .kind = kind, .gen = ++f->timer_gen};
     int rc = fetch_after(f->env->fetch, f->loop, f->ctx, ms, timer_done, t);
     if (rc != 0) {
-        free(t);
+        if (t != &f->timer)
+            free(t);
         return rc;
     }
+    if (t == &f->timer)
+        f->timer_busy = true;
     f->pending++;
     return 0;
 }
@@ -411,7 +436,10 @@ static void attempt_done(void *arg, struct fetch_result *r)
     }
     bool own_deadline = r->err == -ETIMEDOUT && ctx_err(a->ctx) != 0 && ctx_err(f->ctx) == 0;
     ctx_free(a->ctx);
-    free(a);
+    if (a == &f->attempt)
+        f->attempt_busy = false;
+    else
+        free(a);
     if (f->done) { /* a loser, aborted or late: its body is not wanted */
         free(r->body);
         r->body = NULL;
@@ -446,7 +474,10 @@ static void timer_done(void *arg, struct fetch_result *r)
     struct flight *f = t->f;
     bool stale = t->gen != f->timer_gen;
     enum timer_kind kind = t->kind;
-    free(t);
+    if (t == &f->timer)
+        f->timer_busy = false;
+    else
+        free(t);
     f->pending--;
     if (f->done) {
         maybe_finish(f);
