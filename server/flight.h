@@ -64,7 +64,7 @@ struct flight_outcome {
     long status;        /* upstream status of the deciding attempt (0 if none answered) */
     const char *body;   /* its body (success and FETCH_ESTATUS), or NULL */
     size_t len;         /* body length */
-    const char *detail; /* error text, or NULL (always on success) */
+    const char *detail; /* error text, or NULL (a success has none) */
 };
 
 /* What a call asks for. */
