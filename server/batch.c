@@ -1,13 +1,25 @@
 /* batch: a parsed request run as calls under an errgroup, on one fetch loop (see batch.h).
  *
  * FLOW: batch_new() (the caller's thread) plans the request, makes the batch's ctx (a child of
- * the server root with the request's deadline) and the errgroup (--limit); batch_run() hands the
- * batch to its fetch loop with a zero-delay fetch_after(). On the loop thread, run() adds one async task
- * per call (call.c waits on the key's flight) and waits for the group by callback. A call
- * completes its task from its waiter's callback, so when the group ends nothing of the batch
- * is left in the fetch engine (a flight the batch left goes on, or winds down, on its own: it
- * holds copies, never the batch); group_done() then calls the caller's done, and the batch
- * belongs to the caller again for rendering and freeing.
+ * the server root with the request's deadline) and the errgroup (--limit), picks the batch's
+ * loop and whether its flights are spread; batch_run() hands the batch to its fetch loop with a
+ * zero-delay fetch_after(). On the loop thread, run() adds one async task per call (call.c waits
+ * on the key's flight) and waits for the group by callback. A call completes its task from its
+ * waiter's callback, on the batch's loop whatever loop its flight runs on, so when the group
+ * ends nothing of the batch is left in the fetch engine (a flight the batch left goes on, or
+ * winds down, on its own: it holds copies, never the batch); group_done() then calls the
+ * caller's done, and the batch belongs to the caller again for rendering and freeing.
+ *
+ * SPREADING: a batch with at least env->spread_min calls in flight at once (its calls, or the
+ * errgroup limit when that is lower) starts its new flights on every loop: call i's on loop
+ * (loop + (i mod S) * nloops / S) mod nloops, S being that number of calls at once, so each run
+ * of S consecutive calls is cut into nloops contiguous stripes, the first on the batch's own
+ * loop. With the limit at or above the calls, S is the number of calls and the stripes are
+ * those of the whole batch; under a lower limit (the calls start in order as slots free), any S
+ * consecutive calls hold each stripe's share once, so the calls in flight at once are spread
+ * too, not all in the first stripe. Only the flights move: the calls, their waiters and callbacks stay on the batch's
+ * loop, and a flight's outcome reaches them through the waiter's ctx (flight.h). A smaller
+ * batch keeps everything on its one loop, with no cross-thread handoff at all.
  *
  * The first failing call (mode all) is remembered in fail_call; calls aborted afterwards by the
  * group's cancel report the same cause and do not overwrite it. */
@@ -110,8 +122,29 @@ int batch_new(const struct batch_env *env, struct request *rq, const char *rid,
     }
     eg_set_limit(b->g, env->limit);
     b->loop = fetch_pick_loop(env->fetch);
+    /* Calls in flight at once: all of them, or as many as the limit lets run (eg_set_limit():
+     * 0 is 1, a negative limit none). */
+    size_t at_once = b->plan.ncalls;
+    if (env->limit >= 0) {
+        size_t lim = env->limit > 0 ? (size_t)env->limit : 1;
+        if (lim < at_once)
+            at_once = lim;
+    }
+    unsigned nloops = fetch_loops(env->fetch);
+    if (nloops > 1 && env->spread_min > 0 && at_once >= env->spread_min) {
+        b->nloops = nloops;
+        b->stripe = at_once;
+    }
     *out = b;
     return 0;
+}
+
+unsigned batch_run_loop(const struct batch *b, uint32_t idx)
+{
+    if (b->stripe == 0)
+        return b->loop;
+    uint64_t k = (uint64_t)(idx % b->stripe) * b->nloops / b->stripe; /* its stripe, < nloops */
+    return (unsigned)((b->loop + k) % b->nloops);
 }
 
 int batch_run(struct batch *b)
@@ -181,7 +214,7 @@ int batch_err(const struct batch *b)
 
 void batch_render(struct batch *b, struct writer *w)
 {
-    static const struct call_result oom = {.err = -ENOMEM, .detail = (char *)"out of memory"};
+    static const struct call_result oom = {.err = -ENOMEM, .detail = "out of memory"};
     static const struct call_result shut = {.err = -ESHUTDOWN};
     int cause = ctx_err(b->ctx);
     if (b->start_err) {

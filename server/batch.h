@@ -1,13 +1,19 @@
 /* batch: running one parsed request: its plan's calls under an errgroup, on one fetch loop.
  *
  * batch_new() takes a parsed request and plans it (plan.h); batch_run() hands it to a fetch loop;
- * from then on everything about it (the errgroup's tasks, each call's attempts, timers and
- * callbacks) happens on that loop's thread, so no lock guards a batch. What crosses threads is
- * cancellation: the batch's ctx (a child of env->root with the request's deadline) may be
+ * from then on everything about the batch itself (the errgroup's tasks, each call's wait and
+ * callback, the streamed lines) happens on that loop's thread, so no lock guards a batch. The
+ * flights its calls start (flight.h: the attempts and timers of each key) run on the same loop,
+ * except in a large batch: when at least env->spread_min of its calls can be in flight at once
+ * (the errgroup limit allowing), the new flights are spread over every loop in contiguous
+ * stripes (batch_run_loop() in batch.c), so that one loop thread does not start and complete
+ * them all; their outcomes come back to the batch's loop. What crosses threads is cancellation
+ * and delivery: the batch's ctx (a child of env->root with the request's deadline) may be
  * canceled from anywhere (a client gone, shutdown), and the fetch engine turns that into aborted
- * transfers on the loop. When the group has ended and every attempt and timer has called back,
- * done(arg) runs once, on the loop thread; after it the batch is the caller's again, to render
- * (batch_render()) and free on any one thread.
+ * transfers on each flight's loop; a flight delivers by waking its waiters on their loops. When
+ * the group has ended and every attempt and timer its calls alone caused has called back,
+ * done(arg) runs once, on the batch's loop thread; after it the batch is the caller's again, to
+ * render (batch_render()) and free on any one thread.
  *
  * There is no HTTP here: the caller (srv.c) owns connections, admission and gauges. */
 #ifndef FANOUT_BATCH_H
@@ -28,6 +34,12 @@ struct writer;
 struct batch;
 struct membudget;
 
+/* The default batch_env.spread_min: a batch with at least this many calls in flight at once
+ * spreads its new flights over the fetch loops. Below it one loop costs less than the
+ * cross-thread handoffs; above it the loop's own per-fetch work (tens of microseconds each)
+ * would start the last fetch of the batch milliseconds after the first. */
+#define BATCH_SPREAD_MIN 32
+
 /* Everything a batch needs from the server. Read-only, shared by all batches. */
 struct batch_env {
     struct fetch *fetch;          /* the engine */
@@ -45,6 +57,9 @@ struct batch_env {
     bool hedge_auto;              /* hedge after the first upstream's recent p95 */
     unsigned retries;             /* extra attempts after a retryable failure */
     struct membudget *mem;        /* the server's memory budget, or NULL for none */
+    unsigned spread_min;          /* spread a batch's new flights over the loops when at least
+                                     this many of its calls can be in flight at once
+                                     (BATCH_SPREAD_MIN); 0: never */
 };
 
 typedef void (*batch_done_fn)(void *arg);

@@ -23,7 +23,11 @@ struct batch {
     struct call *calls;          /* plan.ncalls of them */
     struct ctx *ctx;             /* the request's ctx: deadline, client gone, shutdown */
     struct eg *g;                /* the errgroup over the calls */
-    unsigned loop;               /* the fetch loop everything runs on */
+    unsigned loop;               /* the fetch loop the batch, its calls and their callbacks
+                                    run on */
+    unsigned nloops;             /* the engine's loops, when spreading */
+    size_t stripe;               /* spreading: calls per round of stripes over the loops (the
+                                    calls in flight at once); 0: every new flight on 'loop' */
     bool hedge;                  /* hedging on for this batch */
     bool coalesce;               /* its calls may share flights with other batches */
     batch_done_fn done;          /* the caller's callback and its argument */
@@ -40,5 +44,8 @@ struct batch {
 
 /* A call's outcome is in (loop thread, before the errgroup is told): streams its lines. */
 void batch_call_done(struct batch *b, struct call *c);
+
+/* The loop a new flight for call 'idx' runs on: the batch's, or its stripe's when spreading. */
+unsigned batch_run_loop(const struct batch *b, uint32_t idx);
 
 #endif

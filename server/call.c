@@ -2,9 +2,11 @@
  *
  * Life of a call, all on its batch's loop thread: call_start() (the errgroup starts it when a
  * slot is free) waits on the key's flight (flight.h), bound to the group's ctx, joining a
- * running one when coalescing allows. flight_done() takes the outcome, or the cause that made
- * the call leave first, and tells the errgroup; after the group ends, call_destroy() drops the
- * call's reference to the flight, whose body the answer was rendered from. */
+ * running one when coalescing allows, or starting one on the loop the batch names for the call
+ * (its own, or a stripe's in a large batch: batch_run_loop()). flight_done() takes the outcome,
+ * or the cause that made the call leave first, and tells the errgroup, on the batch's loop
+ * whatever loop the flight runs on; after the group ends, call_destroy() drops the call's
+ * reference to the flight, whose body the answer was rendered from. */
 #include "server/call.h"
 
 #include <errno.h>
@@ -16,12 +18,6 @@
 #include "pool/errgroup.h"
 #include "server/batch_impl.h"
 #include "server/membudget.h"
-
-static void set_detail(struct call_result *res, const char *detail)
-{
-    free(res->detail);
-    res->detail = detail ? strdup(detail) : NULL;
-}
 
 /* The outcome is decided: record a failure for the batch and tell the errgroup. */
 static void complete(struct call *c)
@@ -45,7 +41,7 @@ static void flight_done(void *arg, int cause)
     if (cause != 0 || gone != 0) { /* left, or delivered after the group was done */
         int e = cause ? cause : gone;
         c->res.err = e ? e : cause;
-        set_detail(&c->res, c->res.err == -ETIMEDOUT ? "deadline exceeded" : "canceled");
+        c->res.detail = c->res.err == -ETIMEDOUT ? "deadline exceeded" : "canceled";
         complete(c);
         return;
     }
@@ -54,7 +50,7 @@ static void flight_done(void *arg, int cause)
     c->res.status = o->status;
     c->res.body = o->body;
     c->res.len = o->len;
-    set_detail(&c->res, o->detail);
+    c->res.detail = o->detail; /* the flight's: valid as long as the call holds it */
     if (o->err == 0) {
         const struct plan_call *pc = &b->plan.calls[c->idx];
         size_t add = (o->len + b->rq.items[pc->first_pos].echo_len + RESULT_OVERHEAD) * pc->mult;
@@ -64,7 +60,7 @@ static void flight_done(void *arg, int cause)
             c->res.body = NULL;
             c->res.len = 0;
             c->res.err = CALL_ERESPONSE;
-            set_detail(&c->res, "response too large");
+            c->res.detail = "response too large";
         } else {
             b->resp_bytes += add;
         }
@@ -84,12 +80,13 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
                               .hedge = b->hedge,
                               .coalesce = b->coalesce,
                               .rid = b->rid,
-                              .loop = b->loop};
+                              .loop = b->loop,
+                              .run_loop = batch_run_loop(b, c->idx)};
     int rc = flight_wait(env, gctx, &p, &c->w, flight_done, c);
     if (rc == 0)
         return 0;
     c->res.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
-    set_detail(&c->res, "could not start the fetch");
+    c->res.detail = "could not start the fetch";
     c->res.decided = c->completed = true;
     if (b->rq.mode == MODE_SETTLED && rc != -ENOMEM) {
         eg_complete(b->g, 0); /* reported at its position; the batch goes on */
@@ -102,7 +99,6 @@ int call_start(struct eg *g, struct ctx *gctx, void *arg)
 
 void call_destroy(struct call *c)
 {
-    flight_release(&c->w);
-    free(c->res.detail);
+    flight_release(&c->w); /* last use of the outcome's body and detail */
     memset(c, 0, sizeof(*c));
 }

@@ -7,7 +7,8 @@
  * failed or was canceled, the client went away, the deadline) leaves the flight, which goes on
  * for its other waiters, and reports that cause.
  *
- * Threads: a call lives on its batch's fetch loop thread; every function here runs there. */
+ * Threads: a call lives on its batch's fetch loop thread; every function here runs there, its
+ * flight's callback included, also when the flight itself runs on another loop. */
 #ifndef FANOUT_CALL_H
 #define FANOUT_CALL_H
 
@@ -32,7 +33,8 @@ struct call_result {
     long status;    /* upstream status of the deciding attempt (0 if none answered) */
     const char *body; /* its body (the flight's; success and FETCH_ESTATUS), or NULL */
     size_t len;     /* body length */
-    char *detail;   /* error text (malloc'd) or NULL */
+    const char *detail; /* error text (static, or the flight's outcome's, valid until
+                           call_destroy()) or NULL */
     bool decided;   /* the call has an outcome (false: it never started or was cut short) */
     int8_t valid;   /* for rendering: body is JSON -1 unknown, 0 no, 1 yes */
     size_t vstart, vend; /* the JSON value's span in body when valid */

@@ -1,19 +1,31 @@
 /* flight: a key's attempts, hedges and retries, shared by its waiters (policy in flight.h).
  *
  * Life of a flight: flight_wait() finds no open flight for the key (or coalescing is off), makes
- * one with two references (its run's and its first waiter's), puts it in the registry and, on
- * the caller's loop, ranks the upstreams, starts the first attempt and, when hedging is on, arms
- * the hedge timer. Attempts and timers report through fetch callbacks on that loop. When the
- * outcome is decided, the flight leaves the registry, marks every waiter delivered and cancels
- * each waiter's ctx with FLIGHT_DELIVERED (which wakes the waiter's timer on the waiter's loop),
- * then cancels its own ctx, which aborts every attempt and timer still out; when the last of
- * them has called back ('pending' reaches 0) the run drops its reference.
+ * one with two references (its run's and its first waiter's) and puts it in the registry. Its
+ * run then starts on the flight's loop: at once, from inside flight_wait(), when that is the
+ * caller's loop; otherwise through a zero-delay fetch_after() on the flight's loop bound to the
+ * flight's ctx (counted in 'pending' until it runs), so that it starts on that loop's thread,
+ * or, when every waiter has left by then, decides the flight canceled without an attempt. The run
+ * ranks the upstreams, starts the first attempt and, when hedging is on, arms the hedge timer.
+ * Attempts and timers report through fetch callbacks on the flight's loop. When the outcome is
+ * decided, the flight leaves the registry and cancels its own ctx, which aborts every attempt and
+ * timer still out; when the last of them has called back ('pending' reaches 0) it marks every
+ * waiter delivered, cancels each waiter's ctx with FLIGHT_DELIVERED (which wakes the waiter's
+ * timer on the waiter's loop), and the run drops its reference.
  *
  * A waiter is a fetch_after() timer that never expires, bound to the waiter's ctx: it fires
  * when the flight delivers or when the caller's ctx ends first. In the second case the waiter
  * unlinks itself; the last one to leave an undecided flight takes it out of the registry and
- * cancels its ctx. A flight's memory (its outcome included) is freed when the last reference
- * is dropped: the run's, or the last waiter's flight_release(). */
+ * cancels its ctx, and its callback waits for the run to wind down (flight.h): on the flight's
+ * loop maybe_finish() calls it; on another loop the waiter arms a second timer on its own loop,
+ * bound to a ctx of its own ('defer') that maybe_finish() cancels, and the callback runs from
+ * that timer. A flight's memory (its outcome included) is freed when the last reference is
+ * dropped: the run's, or the last waiter's flight_release().
+ *
+ * A new flight that cannot be started (its first waiter's timer, or the post to its loop, fails)
+ * is decided on the caller's thread, before anything of its run exists, and while the caller's
+ * waiter is still linked: so no other waiter can have become its last to leave, and no deferred
+ * callback is called from the wrong thread. */
 #include "server/flight.h"
 
 #include <errno.h>
@@ -43,40 +55,6 @@ struct flights {
     size_t count;           /* flights in the chains */
 };
 
-struct flight {
-    const struct batch_env *env;
-    struct flights *table;
-    atomic_uint refs;          /* the run's (until it winds down) + one per waiter */
-    uint64_t hash;             /* of key and hedge */
-    /* Under table->mu: */
-    struct flight *tnext;      /* chain, while in the registry */
-    bool in_table;
-    bool closed;               /* decided or abandoned: never joined again */
-    unsigned nwaiters;
-    struct flight_waiter *waiters;
-    struct flight_waiter *abandoner; /* the last waiter to leave, when on the flight's loop: its
-                                        callback waits until the run has wound down */
-    atomic_int_fast64_t deadline; /* the latest waiter's deadline (written under the mutex) */
-    /* The flight's loop thread only: */
-    struct ctx *ctx;           /* child of env->root; canceled when decided or abandoned */
-    unsigned loop;
-    bool hedge;
-    bool done;                 /* the outcome is decided (the rest only winds down) */
-    uint8_t rank[UPSTREAMS_MAX]; /* the key's ranking of the upstreams */
-    unsigned started;          /* attempts started (the next one's number) */
-    unsigned retries;          /* retries started */
-    unsigned pending;          /* attempts and timers not yet called back */
-    unsigned in_flight;        /* attempts not yet called back */
-    unsigned hedges;           /* hedges sent (at most FLIGHT_MAX_HEDGES) */
-    int64_t hedge_ms;          /* the hedge delay in use, or -1 */
-    unsigned timer_gen;        /* timers armed before the latest one are stale */
-    struct flight_outcome out; /* body and detail malloc'd */
-    char *body, *detail;       /* the same, writable */
-    char rid[129];             /* request id sent upstream */
-    size_t key_len;
-    char key[];                /* the key's bytes */
-};
-
 /* One attempt: a fetch of the key from one upstream. */
 struct attempt {
     struct flight *f; /* owner */
@@ -93,8 +71,50 @@ struct flight_timer {
     unsigned gen;         /* the flight's timer_gen when armed */
 };
 
+struct flight {
+    /* Set when made, then read-only (any thread): */
+    const struct batch_env *env;
+    struct flights *table;
+    struct ctx *ctx;           /* child of env->root; canceled when decided or abandoned */
+    unsigned loop;             /* the loop the run is on */
+    bool hedge;
+    uint64_t hash;             /* of key and hedge */
+    atomic_uint refs;          /* the run's (until it winds down) + one per waiter */
+    /* Under table->mu: */
+    struct flight *tnext;      /* chain, while in the registry */
+    bool in_table;
+    bool closed;               /* decided or abandoned: never joined again */
+    unsigned nwaiters;
+    struct flight_waiter *waiters;
+    struct flight_waiter *abandoner; /* the last waiter to leave: its callback waits until the
+                                        run has wound down (waiter_fired()) */
+    atomic_int_fast64_t deadline; /* the latest waiter's deadline (written under the mutex) */
+    /* The flight's loop thread only (before its run is posted there, the starter's): */
+    bool done;                 /* the outcome is decided (the rest only winds down) */
+    uint8_t rank[UPSTREAMS_MAX]; /* the key's ranking of the upstreams */
+    unsigned started;          /* attempts started (the next one's number) */
+    unsigned retries;          /* retries started */
+    unsigned pending;          /* attempts and timers (and a posted run) not yet called back */
+    unsigned in_flight;        /* attempts not yet called back */
+    unsigned hedges;           /* hedges sent (at most FLIGHT_MAX_HEDGES) */
+    int64_t hedge_ms;          /* the hedge delay in use, or -1 */
+    unsigned timer_gen;        /* timers armed before the latest one are stale */
+    /* One attempt and one timer live here, so that a flight with no more out at once (most)
+     * allocates none; further ones at the same time (a hedge, a stale hedge timer beside a
+     * backoff) are malloc'd. */
+    bool attempt_busy, timer_busy;
+    struct attempt attempt;
+    struct flight_timer timer;
+    struct flight_outcome out; /* body malloc'd; detail a static text, or 'detail' */
+    char *body, *detail;       /* what of them is malloc'd, writable */
+    char rid[129];             /* request id sent upstream */
+    size_t key_len;
+    char key[];                /* the key's bytes */
+};
+
 static void attempt_done(void *arg, struct fetch_result *r);
 static void timer_done(void *arg, struct fetch_result *r);
+static void abandoner_fired(void *arg, struct fetch_result *r);
 
 /* ---------------------------------------------------------------- registry */
 
@@ -214,14 +234,24 @@ static uint64_t jitter(uint64_t n)
     return n ? (s * 0x2545F4914F6CDD1DULL) % (n + 1) : 0;
 }
 
-static void set_detail(struct flight *f, const char *detail)
+/* The outcome's error text: a static one (never copied), or NULL. */
+static void set_detail(struct flight *f, const char *text)
 {
     free(f->detail);
-    f->detail = detail ? strdup(detail) : NULL;
+    f->detail = NULL;
+    f->out.detail = text;
+}
+
+/* The same from a text valid only for now (an attempt's, from fetch): a copy. */
+static void copy_detail(struct flight *f, const char *text)
+{
+    free(f->detail);
+    f->detail = text ? strdup(text) : NULL;
     f->out.detail = f->detail;
 }
 
-/* Keeps an attempt's result as the flight's (latest) outcome, not yet decided. */
+/* Keeps an attempt's result as the flight's (latest) outcome, not yet decided. A success has
+ * no error text. */
 static void keep_result(struct flight *f, struct fetch_result *r)
 {
     free(f->body);
@@ -230,12 +260,16 @@ static void keep_result(struct flight *f, struct fetch_result *r)
     f->out.body = f->body = r->body;
     f->out.len = r->len;
     r->body = NULL;
-    set_detail(f, r->detail);
+    if (r->err == 0)
+        set_detail(f, NULL);
+    else
+        copy_detail(f, r->detail);
 }
 
 /* The run is over once decided and nothing is out any more: the outcome goes to every waiter
  * (so a batch is answered only after the attempts it alone caused have ended and been counted:
- * aborted losers call back within the loop's next turn), and the run drops its reference. */
+ * aborted losers call back within the loop's next turn), the deferred callback of the last
+ * waiter to leave is let go (see waiter_fired()), and the run drops its reference. */
 static void maybe_finish(struct flight *f)
 {
     if (!f->done || f->pending > 0)
@@ -250,9 +284,13 @@ static void maybe_finish(struct flight *f)
     f->nwaiters = 0;
     struct flight_waiter *ab = f->abandoner;
     f->abandoner = NULL;
+    if (ab && ab->loop != f->loop) { /* its timer on its own loop calls it there */
+        ctx_cancel(ab->defer, FLIGHT_DELIVERED); /* under the mutex, as above */
+        ab = NULL;
+    }
     pthread_mutex_unlock(&t->mu);
     if (ab)
-        ab->cb(ab->arg, ab->cause); /* see waiter_fired() */
+        ab->cb(ab->arg, ab->cause); /* on the flight's loop, which is the waiter's */
     flight_unref(f); /* last: may free the flight */
 }
 
@@ -296,7 +334,7 @@ static int start_attempt(struct flight *f, bool hedge)
             return -ENOMEM;
         upstream_url(env->ups, up, f->key, f->key_len, url, n + 1);
     }
-    struct attempt *a = malloc(sizeof(*a));
+    struct attempt *a = f->attempt_busy ? malloc(sizeof(*a)) : &f->attempt;
     int64_t deadline = atomic_load_explicit(&f->deadline, memory_order_relaxed);
     struct ctx *actx = a ? ctx_new(f->ctx, deadline) : NULL;
     int rc = -ENOMEM;
@@ -309,9 +347,12 @@ static int start_attempt(struct flight *f, bool hedge)
         free(url);
     if (rc != 0) {
         ctx_free(actx);
-        free(a);
+        if (a != &f->attempt)
+            free(a);
         return rc;
     }
+    if (a == &f->attempt)
+        f->attempt_busy = true;
     f->started++;
     f->pending++;
     f->in_flight++;
@@ -320,15 +361,18 @@ static int start_attempt(struct flight *f, bool hedge)
 
 static int arm_timer(struct flight *f, enum timer_kind kind, int64_t ms)
 {
-    struct flight_timer *t = malloc(sizeof(*t));
+    struct flight_timer *t = f->timer_busy ? malloc(sizeof(*t)) : &f->timer;
     if (!t)
         return -ENOMEM;
     *t = (struct flight_timer){.f = f, .kind = kind, .gen = ++f->timer_gen};
     int rc = fetch_after(f->env->fetch, f->loop, f->ctx, ms, timer_done, t);
     if (rc != 0) {
-        free(t);
+        if (t != &f->timer)
+            free(t);
         return rc;
     }
+    if (t == &f->timer)
+        f->timer_busy = true;
     f->pending++;
     return 0;
 }
@@ -392,7 +436,10 @@ static void attempt_done(void *arg, struct fetch_result *r)
     }
     bool own_deadline = r->err == -ETIMEDOUT && ctx_err(a->ctx) != 0 && ctx_err(f->ctx) == 0;
     ctx_free(a->ctx);
-    free(a);
+    if (a == &f->attempt)
+        f->attempt_busy = false;
+    else
+        free(a);
     if (f->done) { /* a loser, aborted or late: its body is not wanted */
         free(r->body);
         r->body = NULL;
@@ -427,7 +474,10 @@ static void timer_done(void *arg, struct fetch_result *r)
     struct flight *f = t->f;
     bool stale = t->gen != f->timer_gen;
     enum timer_kind kind = t->kind;
-    free(t);
+    if (t == &f->timer)
+        f->timer_busy = false;
+    else
+        free(t);
     f->pending--;
     if (f->done) {
         maybe_finish(f);
@@ -474,6 +524,15 @@ static int64_t hedge_delay(const struct flight *f, unsigned up)
     return us < 0 ? -1 : (us + 999) / 1000;
 }
 
+/* A new flight that could not be started: the outcome is that error, decided (and so delivered
+ * to the waiters linked). */
+static void fail_start(struct flight *f, int rc)
+{
+    f->out.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
+    set_detail(f, "could not start the fetch");
+    decide(f);
+}
+
 /* Starts a new flight's run on its loop. On failure the outcome is that error, decided (and so
  * delivered to the waiter already linked). */
 static void run(struct flight *f)
@@ -484,14 +543,26 @@ static void run(struct flight *f)
     budget_deposit(env->retry_budget, ctx_now());
     int rc = start_attempt(f, false);
     if (rc != 0) {
-        f->out.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
-        set_detail(f, "could not start the fetch");
-        decide(f);
+        fail_start(f, rc);
         return;
     }
     f->hedge_ms = hedge_delay(f, upstreams_pick(env->ups, f->rank, 0, ctx_now()));
     if (f->hedge_ms >= 0)
         arm_timer(f, TIMER_HEDGE, f->hedge_ms); /* without it, simply no hedge */
+}
+
+/* A run posted to the flight's loop by a starter on another one, now on the flight's loop. When
+ * every waiter has left meanwhile (the flight's ctx is done), or the engine is stopping, the
+ * flight is decided canceled without an attempt. */
+static void run_posted(void *arg, struct fetch_result *r)
+{
+    struct flight *f = arg;
+    f->pending--;
+    if (r->err != 0 || ctx_err(f->ctx) != 0) {
+        decide_canceled(f, r->err == FETCH_ESHUTDOWN ? -ESHUTDOWN : r->err);
+        return;
+    }
+    run(f);
 }
 
 /* ---------------------------------------------------------------- waiters */
@@ -529,11 +600,45 @@ static bool unlink_waiter(struct flight *f, struct flight_waiter *w)
     return true;
 }
 
+/* Mutex held. For the last waiter of an undecided flight on another loop: a timer on the
+ * waiter's loop, bound to a ctx of the waiter's that maybe_finish() cancels once the run has
+ * wound down. Returns 0, or an error (nothing armed: the engine is stopping, or no memory). */
+static int defer_arm(struct flight *f, struct flight_waiter *w)
+{
+    if (!(w->defer = ctx_new(ctx_background(), CTX_FOREVER)))
+        return -ENOMEM;
+    int rc = fetch_after(f->env->fetch, w->loop, w->defer, INT64_MAX, abandoner_fired, w);
+    if (rc != 0) {
+        ctx_free(w->defer);
+        w->defer = NULL;
+    }
+    return rc;
+}
+
+/* The deferral timer of a last waiter on another loop than its flight's, on the waiter's loop:
+ * the run has wound down (maybe_finish() canceled 'defer'), or the engine is stopping (every
+ * timer completes then) and the callback no longer waits for the run. */
+static void abandoner_fired(void *arg, struct fetch_result *r)
+{
+    struct flight_waiter *w = arg;
+    struct flights *t = w->f->table;
+    (void)r;
+    pthread_mutex_lock(&t->mu);
+    if (w->f->abandoner == w) /* not let go by maybe_finish(): it must not touch w any more */
+        w->f->abandoner = NULL;
+    pthread_mutex_unlock(&t->mu);
+    ctx_free(w->defer);
+    w->defer = NULL;
+    w->cb(w->arg, w->cause);
+}
+
 /* The waiter's timer: the outcome was delivered, or the caller's ctx ended first. The last
  * waiter to leave an undecided flight cancels it with its own cause (so an attempt cut by the
- * deadline counts as a deadline, one cut by a failed sibling as canceled); when it is on the
- * flight's loop its callback waits for the run to wind down (maybe_finish()), so a lone batch is
- * answered after its attempts have ended and been counted, as when the flight delivers. */
+ * deadline counts as a deadline, one cut by a failed sibling as canceled), and its callback waits
+ * for the run to wind down, so a lone batch is answered after its attempts have ended and been
+ * counted, as when the flight delivers: on the flight's loop, maybe_finish() calls it; on another
+ * loop, maybe_finish() ends a timer armed here on the waiter's loop (defer_arm()), which calls it
+ * there. When that timer cannot be armed, the callback runs now. */
 static void waiter_fired(void *arg, struct fetch_result *r)
 {
     struct flight_waiter *w = arg;
@@ -545,10 +650,12 @@ static void waiter_fired(void *arg, struct fetch_result *r)
     bool abandon = false, wait = false;
     pthread_mutex_lock(&t->mu);
     bool delivered = w->delivered;
-    if (!delivered && (abandon = unlink_waiter(f, w)) && w->loop == f->loop) {
+    if (!delivered && (abandon = unlink_waiter(f, w))) {
         w->cause = cause;
-        f->abandoner = w;
-        wait = true;
+        if (w->loop == f->loop || defer_arm(f, w) == 0) {
+            f->abandoner = w;
+            wait = true;
+        }
     }
     pthread_mutex_unlock(&t->mu);
     if (abandon) {
@@ -574,7 +681,7 @@ static struct flight *flight_alloc(const struct batch_env *env, const struct fli
     f->env = env;
     f->table = env->flights;
     f->hash = hash;
-    f->loop = p->loop;
+    f->loop = p->run_loop;
     f->hedge = p->hedge;
     f->hedge_ms = -1;
     f->key_len = p->key_len;
@@ -610,28 +717,40 @@ int flight_wait(const struct batch_env *env, struct ctx *parent, const struct fl
     pthread_mutex_unlock(&t->mu);
     int rc = f ? fetch_after(env->fetch, p->loop, w->ctx, INT64_MAX, waiter_fired, w) : -ENOMEM;
     if (rc != 0) { /* undo: leave; a new flight fails at once, for any call that joined it */
-        if (f) {
+        if (f && !w->joined) {
+            /* Decided with ours still linked (no one else can have been the last to leave):
+             * nothing is out, so it is delivered now (ours unlinked with the rest), and the
+             * run's reference dropped. */
+            fail_start(f, rc);
+        } else if (f) {
             pthread_mutex_lock(&t->mu);
             bool abandon = unlink_waiter(f, w);
             pthread_mutex_unlock(&t->mu);
-            if (!w->joined) {
-                f->out.err = rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc;
-                set_detail(f, "could not start the fetch");
-                decide(f); /* nothing is out: delivered now, and the run's reference dropped */
-            } else if (abandon) {
+            if (abandon)
                 ctx_cancel(f->ctx, -ECANCELED); /* its run winds down on its own loop */
-            }
-            flight_unref(f);
         }
+        if (f)
+            flight_unref(f);
         ctx_free(w->ctx);
         *w = (struct flight_waiter){0};
         return rc;
     }
     if (w->joined) {
         atomic_fetch_add_explicit(&env->metrics->flights_joined, 1, memory_order_relaxed);
-    } else {
-        atomic_fetch_add_explicit(&env->metrics->flights_started, 1, memory_order_relaxed);
+        return 0;
+    }
+    atomic_fetch_add_explicit(&env->metrics->flights_started, 1, memory_order_relaxed);
+    if (f->loop == p->loop) {
         run(f);
+        return 0;
+    }
+    /* Another loop's: its run starts there. Until the post is out, this thread is the only one
+     * touching the run's fields; once it is, only that loop's. */
+    f->pending = 1;
+    rc = fetch_after(env->fetch, f->loop, f->ctx, 0, run_posted, f);
+    if (rc != 0) {
+        f->pending = 0;
+        fail_start(f, rc); /* ours still linked: delivered to it (and any joiner) */
     }
     return 0;
 }

@@ -2,15 +2,16 @@
  * that asks for the same key while it runs (coalescing across requests).
  *
  * A call waits on a flight: it joins the flight running for its key (same key encoding, same
- * hedging), or starts a new one on its own loop. The flight has its own ctx (a child of the
- * server's root, no deadline of its own), so no waiter's cancel or deadline reaches it: a waiter
- * that leaves (its batch failed or was canceled, its client went away, its deadline passed) only
- * drops its reference, and the flight is canceled when its last waiter has left. Each attempt's
- * deadline is the latest of the waiters' deadlines when it starts (sent upstream as
- * X-Request-Timeout-Ms); an attempt that reaches it while a later waiter still waits is followed
- * by a fresh attempt with the rest of that waiter's time. A flight that has its outcome, or that
- * every waiter left, is out of the registry at once: it is never joined, a later call starts a
- * new flight, and no result outlives its flight (this is coalescing, not a cache).
+ * hedging), or starts a new one on the loop its batch names for it. The flight has its own ctx
+ * (a child of the server's root, no deadline of its own), so no waiter's cancel or deadline
+ * reaches it: a waiter that leaves (its batch failed or was canceled, its client went away, its
+ * deadline passed) only drops its reference, and the flight is canceled when its last waiter has
+ * left. Each attempt's deadline is the latest of the waiters' deadlines when it starts (sent
+ * upstream as X-Request-Timeout-Ms); an attempt that reaches it while a later waiter still waits
+ * is followed by a fresh attempt with the rest of that waiter's time. A flight that has its
+ * outcome, or that every waiter left, is out of the registry at once: it is never joined, a
+ * later call starts a new flight, and no result outlives its flight (this is coalescing, not a
+ * cache).
  *
  * The policy of a flight's attempts, in one place:
  *   - the first attempt goes to the key's first upstream (upstream.h);
@@ -26,10 +27,21 @@
  * Every outcome of an attempt that reached the upstream is reported to upstream.h (ejection,
  * latency) and counted in the metrics, by upstream.
  *
- * Threads: a flight runs on the loop of the call that started it; its waiters may be on any
- * loop, and each waiter's callback runs on the waiter's own loop. The registry and each flight's
- * list of waiters are guarded by the registry's mutex; everything else of a flight belongs to
- * its loop thread. */
+ * Threads: a flight runs on the loop its starter names (flight_params.run_loop: the starter's
+ * own, or another one when a large batch spreads its flights over the loops); its waiters may be
+ * on any loop, and each waiter's callback runs on the waiter's own loop, never on the flight's
+ * when they differ. A flight whose loop is the starter's runs from inside flight_wait(); one on
+ * another loop is posted there and starts on that loop's thread. The registry and each flight's
+ * list of waiters are guarded by the registry's mutex; its key, loop and ctx are set when it is
+ * made; everything else of a flight belongs to its loop thread.
+ *
+ * The last waiter to leave an undecided flight gets its callback only once the run has wound
+ * down (every attempt and timer called back and counted), so a batch that alone caused a
+ * flight is answered after that flight's attempts have ended, whatever loop each is on: on the
+ * flight's loop the callback is called there when the run ends; on another loop, a timer armed
+ * on the waiter's loop when it left is ended by the run's end, and its callback runs there. Only
+ * when that timer cannot be armed (out of memory, the engine stopping), or when the engine stops
+ * first, does the callback come before the run has wound down. */
 #ifndef FANOUT_FLIGHT_H
 #define FANOUT_FLIGHT_H
 
@@ -52,7 +64,7 @@ struct flight_outcome {
     long status;        /* upstream status of the deciding attempt (0 if none answered) */
     const char *body;   /* its body (success and FETCH_ESTATUS), or NULL */
     size_t len;         /* body length */
-    const char *detail; /* error text, or NULL */
+    const char *detail; /* error text, or NULL (a success has none) */
 };
 
 /* What a call asks for. */
@@ -62,7 +74,8 @@ struct flight_params {
     bool hedge;         /* hedging on for this call's batch */
     bool coalesce;      /* may join a running flight, and be joined */
     const char *rid;    /* request id sent upstream (a new flight keeps the starter's) */
-    unsigned loop;      /* the caller's fetch loop: its callback runs there, a new flight too */
+    unsigned loop;      /* the caller's fetch loop: its callback runs there */
+    unsigned run_loop;  /* the loop a new flight runs on: 'loop', or another one (spreading) */
 };
 
 /* A waiter's callback: 'cause' is 0 when the outcome is there (flight_outcome()), or the
@@ -79,6 +92,8 @@ struct flight_waiter {
     bool joined;                       /* joined a flight another call started */
     unsigned loop;                     /* the caller's loop */
     int cause;                         /* why it left, for a callback deferred to the run's end */
+    struct ctx *defer;                 /* that deferral's timer ctx, when the flight is on
+                                          another loop (ended by the run's end) */
     flight_wait_fn cb;
     void *arg;
 };
@@ -87,10 +102,11 @@ struct flight_waiter {
 struct flights *flights_new(void);
 void flights_free(struct flights *t); /* every flight must have ended */
 
-/* Waits for the key's flight, joining the running one or starting one, bound to 'parent' (the
- * caller's ctx; its deadline is the waiter's). Must be called on p->loop's thread. Returns 0,
- * and cb(arg, cause) runs exactly once on that thread, never from inside flight_wait(); or
- * -ENOMEM / FETCH_ESHUTDOWN, and nothing was started or joined. */
+/* Waits for the key's flight, joining the running one or starting one on p->run_loop, bound to
+ * 'parent' (the caller's ctx; its deadline is the waiter's). Must be called on p->loop's thread.
+ * Returns 0, and cb(arg, cause) runs exactly once on that thread, never from inside
+ * flight_wait(); or -ENOMEM / FETCH_ESHUTDOWN, and nothing was started or joined. A new flight
+ * that cannot be posted to its loop is decided at once with that error (its waiters get it). */
 int flight_wait(const struct batch_env *env, struct ctx *parent, const struct flight_params *p,
                 struct flight_waiter *w, flight_wait_fn cb, void *arg);
 

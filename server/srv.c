@@ -1296,7 +1296,8 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
                                 .hedge_after_ms = cfg->hedge_after_ms,
                                 .hedge_auto = cfg->hedge_auto,
                                 .retries = cfg->retries,
-                                .coalesce = cfg->coalesce};
+                                .coalesce = cfg->coalesce,
+                                .spread_min = BATCH_SPREAD_MIN};
     membudget_init(&s->mem, cfg->max_memory);
     s->env.mem = &s->mem;
     struct guard_opts go = {.header_timeout_ms = cfg->header_timeout_ms,

@@ -49,6 +49,7 @@ struct rig {
     struct batch_env env;
     struct upstreams_opts uo;
     unsigned loops;             /* fetch loops (set before rig_init; 0: one) */
+    unsigned max_conns;         /* fetch connections, all loops (set before rig_init; 0: 64) */
 };
 
 /* Starts 'n' stubs with templates "<stub i>/items/<prefix[i]>{id}" and the rest; the upstream
@@ -57,10 +58,11 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
                      unsigned retry_pct)
 {
     struct upstreams_opts uo = g->uo;
-    unsigned loops = g->loops;
+    unsigned loops = g->loops, max_conns = g->max_conns;
     memset(g, 0, sizeof(*g));
     g->uo = uo;
     g->loops = loops;
+    g->max_conns = max_conns;
     g->nstub = n;
     const char *t[3];
     for (unsigned i = 0; i < n; i++) {
@@ -74,7 +76,7 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     struct fetch_opts fo;
     fetch_opts_default(&fo);
     fo.loops = g->loops ? g->loops : 1;
-    fo.max_conns = 64;
+    fo.max_conns = g->max_conns ? g->max_conns : 64;
     fo.idle_poll_ms = 600000; /* a missed wakeup would stall for minutes, not hide */
     if (fetch_new(&fo, &g->fetch) != 0)
         return false;
@@ -112,7 +114,8 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
                                 .limit = 8,
                                 .max_response_bytes = 1 << 20,
                                 .max_body = 1 << 20,
-                                .retries = 0};
+                                .retries = 0,
+                                .spread_min = BATCH_SPREAD_MIN};
     return g->root != NULL && g->flights != NULL;
 }
 
@@ -159,6 +162,7 @@ static bool wait_stub(struct upstub *s, size_t off, uint64_t n)
 /* A running batch and its answer. */
 struct run {
     struct batch *b;
+    bool streamed;          /* through a writer of the test's (run_start_stream()) */
     struct latch done;
     unsigned status;
     const char *code;
@@ -172,8 +176,9 @@ static void on_done(void *arg)
     latch_add(&((struct run *)arg)->done, 1);
 }
 
-/* Parses 'body' and starts it; false (after a message) if it cannot. */
-static bool run_start(struct rig *g, struct run *r, const char *body)
+/* Parses 'body' and starts it, streaming its answer through 'stream' when not NULL; false (after
+ * a message) if it cannot. */
+static bool run_start_stream(struct rig *g, struct run *r, const char *body, struct writer *stream)
 {
     memset(r, 0, sizeof(*r));
     latch_init(&r->done);
@@ -190,7 +195,8 @@ static bool run_start(struct rig *g, struct run *r, const char *body)
     r->t0 = ctx_now();
     if (batch_new(&g->env, &rq, "rid-1", on_done, r, &r->b) != 0)
         return false;
-    if (batch_run(r->b) != 0) {
+    r->streamed = stream != NULL;
+    if ((stream && batch_stream(r->b, stream) != 0) || batch_run(r->b) != 0) {
         batch_free(r->b);
         r->b = NULL;
         return false;
@@ -198,7 +204,12 @@ static bool run_start(struct rig *g, struct run *r, const char *body)
     return true;
 }
 
-/* Waits for the batch, renders it, frees it. */
+static bool run_start(struct rig *g, struct run *r, const char *body)
+{
+    return run_start_stream(g, r, body, NULL);
+}
+
+/* Waits for the batch, renders it (unless it streamed), frees it. */
 static bool run_finish(struct run *r)
 {
     bool ok = latch_wait(&r->done, 1, WAIT_MS);
@@ -206,6 +217,12 @@ static bool run_finish(struct run *r)
     if (!ok) {
         fprintf(stderr, "\n  batch not done in time\n");
         return false; /* the batch is left to the engine's shutdown */
+    }
+    if (r->streamed) {
+        batch_free(r->b);
+        r->b = NULL;
+        latch_destroy(&r->done);
+        return true;
     }
     struct render_limits lim = {batch_timeout_ms(r->b), 1 << 20, 1 << 20};
     struct buf_writer bw;
@@ -916,6 +933,505 @@ static void test_coalesce_hot_keys_many_batches(void)
               test_settles_to(threads0, fds0, test_ms(5000)));
 }
 
+/* ---------------------------------------------------------------- spreading over the loops */
+
+/* What the tests below see of the loops: which thread a loop is, a loop's thread held inside a
+ * timer callback, and a batch's streamed items with the thread each came on. The loop a batch
+ * runs on is known in advance: batch_new() takes the next loop round-robin, and nothing else
+ * takes one here, so a test that takes a turn itself (fetch_pick_loop()) knows that the next
+ * batch runs on the other of the two loops. */
+
+struct probe {
+    struct latch ran;
+    pthread_t tid;
+};
+
+static void probe_fired(void *arg, struct fetch_result *r)
+{
+    struct probe *p = arg;
+    (void)r;
+    p->tid = pthread_self();
+    latch_add(&p->ran, 1);
+}
+
+/* The thread of fetch loop 'loop'. */
+static bool loop_thread(struct rig *g, unsigned loop, pthread_t *out)
+{
+    struct probe p;
+    latch_init(&p.ran);
+    bool ok = fetch_after(g->fetch, loop, ctx_background(), 0, probe_fired, &p) == 0 &&
+              latch_wait(&p.ran, 1, WAIT_MS);
+    if (ok)
+        *out = p.tid;
+    latch_destroy(&p.ran);
+    return ok;
+}
+
+/* Holds a loop's thread inside a timer callback until released (bounded, so that a failed test
+ * cannot hang the engine's shutdown). Destroyed after the engine is freed. */
+struct blocker {
+    struct latch in, go;
+};
+
+static void blocker_fired(void *arg, struct fetch_result *r)
+{
+    struct blocker *k = arg;
+    (void)r;
+    latch_add(&k->in, 1);
+    latch_wait(&k->go, 1, 3 * WAIT_MS);
+}
+
+static bool block_loop(struct rig *g, unsigned loop, struct blocker *k)
+{
+    latch_init(&k->in);
+    latch_init(&k->go);
+    return fetch_after(g->fetch, loop, ctx_background(), 0, blocker_fired, k) == 0 &&
+           latch_wait(&k->in, 1, WAIT_MS);
+}
+
+static void unblock_loop(struct blocker *k)
+{
+    latch_add(&k->go, 1);
+}
+
+static void blocker_destroy(struct blocker *k)
+{
+    latch_destroy(&k->in);
+    latch_destroy(&k->go);
+}
+
+/* A writer that records the positions streamed to it, in the order they came, and whether each
+ * came on the batch's loop thread. Written on that thread only; read after items reached a count
+ * (the latch orders them). */
+enum { REC_MAX = 128 };
+
+struct rec_writer {
+    struct writer w;      /* first */
+    pthread_t loop;       /* the batch's loop thread */
+    struct latch items;   /* item() calls so far */
+    size_t pos[REC_MAX];  /* their positions */
+    int err[REC_MAX];     /* their errors */
+    bool wrong_thread;    /* an item came on another thread */
+    bool failed;          /* fail() came */
+    bool ended;
+};
+
+static void rec_begin(struct writer *w)
+{
+    (void)w;
+}
+
+static void rec_item(struct writer *w, size_t pos, const char *echo, const struct call_result *r)
+{
+    struct rec_writer *rw = (struct rec_writer *)w;
+    (void)echo;
+    long n = latch_get(&rw->items);
+    if (n < REC_MAX) {
+        rw->pos[n] = pos;
+        rw->err[n] = r->err;
+    }
+    if (!pthread_equal(pthread_self(), rw->loop))
+        rw->wrong_thread = true;
+    latch_add(&rw->items, 1);
+}
+
+static void rec_fail(struct writer *w, const char *echo, const struct call_result *r)
+{
+    (void)echo;
+    (void)r;
+    ((struct rec_writer *)w)->failed = true;
+}
+
+static void rec_end(struct writer *w)
+{
+    ((struct rec_writer *)w)->ended = true;
+}
+
+static const struct writer_ops rec_ops = {rec_begin, rec_item, rec_fail, rec_end};
+
+static void rec_init(struct rec_writer *rw, pthread_t loop)
+{
+    memset(rw, 0, sizeof(*rw));
+    rw->w.ops = &rec_ops;
+    rw->w.lim = (struct render_limits){60000, 1 << 20, 1 << 20};
+    rw->w.fail_pos = SIZE_MAX;
+    rw->loop = loop;
+    latch_init(&rw->items);
+}
+
+/* Whether the first n recorded items are exactly positions [0, n), each once, each with 'err'. */
+static bool rec_first_are_own_stripe(const struct rec_writer *rw, size_t n, int err)
+{
+    bool seen[REC_MAX] = {false};
+    for (size_t i = 0; i < n; i++) {
+        if (rw->pos[i] >= n || seen[rw->pos[i]] || rw->err[i] != err)
+            return false;
+        seen[rw->pos[i]] = true;
+    }
+    return true;
+}
+
+/* {"ids":["<prefix>0",...,"<prefix><n-1>"],<extra>} (malloc'd). */
+static char *ids_body(const char *prefix, int n, const char *extra)
+{
+    size_t cap = (size_t)n * (strlen(prefix) + 16) + strlen(extra) + 32;
+    char *b = malloc(cap);
+    if (!b)
+        return NULL;
+    size_t k = (size_t)snprintf(b, cap, "{\"ids\":[");
+    for (int i = 0; i < n; i++)
+        k += (size_t)snprintf(b + k, cap - k, "%s\"%s%d\"", i ? "," : "", prefix, i);
+    snprintf(b + k, cap - k, "]%s%s}", *extra ? "," : "", extra);
+    return b;
+}
+
+/* Cancels the batch ctx 'arg' (-EPIPE) from a loop's thread: with the batch's own loop, every
+ * waiter of the batch is then done before that loop's next pass. */
+static void cancel_fired(void *arg, struct fetch_result *r)
+{
+    (void)r;
+    ctx_cancel(arg, -EPIPE);
+}
+
+static bool fetches_in_flight(void *arg)
+{
+    struct fetch_stats st;
+    fetch_stats(((struct rig *)arg)->fetch, &st);
+    return st.in_flight >= 64;
+}
+
+static uint64_t up_fetches(const struct rig *g)
+{
+    uint64_t n = 0;
+    for (int k = 0; k < RES_COUNT; k++)
+        n += M(&g->m->up[0].fetches[k]);
+    return n;
+}
+
+/* 64 calls on two loops with one connection each, every id held at the stub: each loop can
+ * have one request out and no more, so two at the stub at once means that both loops fetch for
+ * the batch: call 0 (the first of the batch's own stripe) and one of calls 32-63 (the other
+ * loop's stripe). Canceled once all 64 attempts have started, the batch is answered once every
+ * one of them has been counted, the 62 still queued in their loops too. */
+static void test_spread_runs_on_every_loop(void)
+{
+    struct rig g = {.loops = 2, .max_conns = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    char *body = ids_body("sleep60000-s", 64, "\"timeout_ms\":60000");
+    CU_ASSERT_FATAL(body != NULL);
+    struct run r;
+    CU_ASSERT_FATAL(run_start(&g, &r, body));
+    CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 2)); /* one loop alone could never have two */
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 2); /* each loop's connection stays taken */
+    struct upstub_req log[4];
+    size_t n = upstub_log(g.stub[0], log, 4);
+    int own = 0, other = 0;
+    for (size_t i = 0; i < n; i++) {
+        int k = atoi(log[i].target + strlen("/items/sleep60000-s"));
+        own += k == 0;
+        other += k >= 32 && k < 64;
+    }
+    CU_ASSERT(n == 2 && own == 1 && other == 1);
+    CU_ASSERT(test_wait_until(fetches_in_flight, &g, WAIT_MS)); /* every run has started */
+    ctx_cancel(batch_ctx(r.b), -EPIPE);
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 64); /* before the answer */
+    struct fetch_stats st;
+    fetch_stats(g.fetch, &st);
+    CU_ASSERT_EQUAL(st.in_flight, 0);
+    CU_ASSERT_EQUAL(M(&g.m->flights_started), 64);
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 64);
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
+    run_free(&r);
+    free(body);
+    rig_free(&g);
+}
+
+/* A large batch spread over two loops answers every position with its own id's result, in
+ * request order, duplicates and errors (settled) included: with the errgroup limit above its
+ * calls (one stripe per loop over the whole batch) and below them (stripes over each round of
+ * calls in flight at once). */
+static void test_spread_results_in_order(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    enum { N = 100, DISTINCT = 90 };
+    char body[4096];
+    size_t k = (size_t)snprintf(body, sizeof(body), "{\"mode\":\"settled\",\"ids\":[");
+    for (int i = 0; i < N; i++) { /* every 10th id a 404; the last 10 repeat the first 10 */
+        int id = i % DISTINCT;
+        k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"%sv%d\"", i ? "," : "",
+                              id % 10 == 3 ? "status404-" : "", id);
+    }
+    snprintf(body + k, sizeof(body) - k, "]}");
+    for (int round = 0; round < 2; round++) {
+        g.env.limit = round == 0 ? 1000 : BATCH_SPREAD_MIN;
+        uint64_t req0 = STUB(g.stub[0], requests), started0 = M(&g.m->flights_started);
+        struct run r;
+        CU_ASSERT_FATAL(run_body(&g, &r, body));
+        CU_ASSERT_EQUAL(r.status, 200);
+        CU_ASSERT_EQUAL(cJSON_GetArraySize(cJSON_GetObjectItem(r.json, "results")), N);
+        int wrong = 0;
+        for (int i = 0; i < N; i++) {
+            int id = i % DISTINCT;
+            char want[32];
+            snprintf(want, sizeof(want), "v%d", id);
+            if (id % 10 == 3)
+                wrong += strcmp(item_code(&r, i), "upstream_status") != 0;
+            else
+                wrong += strcmp(data_id(&r, i), want) != 0;
+        }
+        CU_ASSERT_EQUAL(wrong, 0);
+        CU_ASSERT_EQUAL(STUB(g.stub[0], requests) - req0, DISTINCT);
+        CU_ASSERT_EQUAL(M(&g.m->flights_started) - started0, DISTINCT);
+        run_free(&r);
+    }
+    rig_free(&g);
+}
+
+/* A batch below BATCH_SPREAD_MIN calls, or one with fewer calls in flight at once (its limit),
+ * keeps every flight on its own loop: it completes while the other loop is held. */
+static void test_spread_small_batch_keeps_to_its_loop(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    unsigned other = fetch_pick_loop(g.fetch); /* the next batch runs on the other loop */
+    struct blocker k;
+    CU_ASSERT_FATAL(block_loop(&g, other, &k));
+    char *small = ids_body("w", BATCH_SPREAD_MIN - 1, "");
+    char *big = ids_body("x", 100, "");
+    CU_ASSERT_FATAL(small && big);
+    struct run r;
+    CU_ASSERT(run_body(&g, &r, small));
+    CU_ASSERT_EQUAL(r.status, 200);
+    run_free(&r);
+    g.env.limit = 8;
+    CU_ASSERT_EQUAL(fetch_pick_loop(g.fetch), other); /* again the other loop for the batch */
+    CU_ASSERT(run_body(&g, &r, big));
+    CU_ASSERT_EQUAL(r.status, 200);
+    run_free(&r);
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), BATCH_SPREAD_MIN - 1 + 100);
+    unblock_loop(&k);
+    free(small);
+    free(big);
+    rig_free(&g);
+    blocker_destroy(&k);
+}
+
+/* A large batch canceled while the other loop's thread is held: the calls of its own stripe
+ * are answered (their attempts ended and counted on the batch's loop), those of the other
+ * stripe are not, until that loop has ended and counted their attempts too; only then is the
+ * batch done. Every item comes on the batch's loop thread. With the cancel made on the batch's
+ * loop, every waiter is done before that loop's next pass, so a callback that did not wait for
+ * its flight on the other loop would come first. */
+static void test_spread_cancel_waits_for_every_attempt(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    unsigned other = fetch_pick_loop(g.fetch), mine = (other + 1) % 2;
+    pthread_t tid;
+    CU_ASSERT_FATAL(loop_thread(&g, mine, &tid));
+    struct rec_writer rw;
+    rec_init(&rw, tid);
+    char *body = ids_body("sleep60000-c", 64, "\"mode\":\"settled\",\"timeout_ms\":60000");
+    CU_ASSERT_FATAL(body != NULL);
+    struct run r;
+    CU_ASSERT_FATAL(run_start_stream(&g, &r, body, &rw.w));
+    CU_ASSERT_FATAL(WAIT_STUB(g.stub[0], in_flight, 64));
+    struct blocker k;
+    CU_ASSERT_FATAL(block_loop(&g, other, &k));
+    CU_ASSERT_FATAL(fetch_after(g.fetch, mine, ctx_background(), 0, cancel_fired,
+                                batch_ctx(r.b)) == 0);
+    CU_ASSERT(latch_wait(&rw.items, 32, WAIT_MS));
+    CU_ASSERT(rec_first_are_own_stripe(&rw, 32, -EPIPE));
+    CU_ASSERT_EQUAL(latch_get(&rw.items), 32); /* the other stripe waits for its loop */
+    CU_ASSERT_FALSE(batch_is_done(&r));
+    unblock_loop(&k);
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 64); /* before the answer */
+    CU_ASSERT_EQUAL(up_fetches(&g), 64);
+    CU_ASSERT_FALSE(rw.wrong_thread);
+    CU_ASSERT(rw.ended);
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 64)); /* every attempt closed at the upstream */
+    free(body);
+    latch_destroy(&rw.items);
+    rig_free(&g);
+    blocker_destroy(&k);
+}
+
+/* The same with the deadline: a large batch whose upstream is too slow is answered at its
+ * deadline, but only once every attempt, on either loop, has ended and been counted. The other
+ * loop is held from before the deadline (far after every attempt has gone out) until the
+ * batch's own stripe has its deadline errors. */
+static void test_spread_deadline_waits_for_every_attempt(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    unsigned other = fetch_pick_loop(g.fetch), mine = (other + 1) % 2;
+    pthread_t tid;
+    CU_ASSERT_FATAL(loop_thread(&g, mine, &tid));
+    struct rec_writer rw;
+    rec_init(&rw, tid);
+    int64_t tmo = test_ms(1000);
+    char extra[64];
+    snprintf(extra, sizeof(extra), "\"mode\":\"settled\",\"timeout_ms\":%lld", (long long)tmo);
+    char *body = ids_body("sleep60000-d", 64, extra);
+    CU_ASSERT_FATAL(body != NULL);
+    struct run r;
+    CU_ASSERT_FATAL(run_start_stream(&g, &r, body, &rw.w));
+    CU_ASSERT_FATAL(WAIT_STUB(g.stub[0], in_flight, 64));
+    struct blocker k;
+    CU_ASSERT_FATAL(block_loop(&g, other, &k));
+    CU_ASSERT(ctx_now() < r.t0 + tmo); /* held before the deadline (the test's premise) */
+    CU_ASSERT(latch_wait(&rw.items, 32, WAIT_MS));
+    CU_ASSERT(rec_first_are_own_stripe(&rw, 32, -ETIMEDOUT));
+    CU_ASSERT_EQUAL(latch_get(&rw.items), 32);
+    CU_ASSERT_FALSE(batch_is_done(&r));
+    unblock_loop(&k);
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
+    CU_ASSERT_EQUAL(up_fetches(&g), 64); /* every attempt counted before the answer */
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_DEADLINE]) + M(&g.m->up[0].fetches[RES_CANCELED]),
+                    64);
+    struct fetch_stats st;
+    fetch_stats(g.fetch, &st);
+    CU_ASSERT_EQUAL(st.in_flight, 0);
+    CU_ASSERT_FALSE(rw.wrong_thread);
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 64));
+    free(body);
+    latch_destroy(&rw.items);
+    rig_free(&g);
+    blocker_destroy(&k);
+}
+
+/* Every waiter gone before a flight's run could start on its loop (held meanwhile): the flight
+ * is decided canceled without an attempt, and its batch is answered after that. */
+static void test_spread_left_before_the_run_started(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    unsigned other = fetch_pick_loop(g.fetch), mine = (other + 1) % 2;
+    pthread_t tid;
+    CU_ASSERT_FATAL(loop_thread(&g, mine, &tid));
+    struct blocker k;
+    CU_ASSERT_FATAL(block_loop(&g, other, &k));
+    struct rec_writer rw;
+    rec_init(&rw, tid);
+    char *body = ids_body("sleep60000-e", 64, "\"mode\":\"settled\",\"timeout_ms\":60000");
+    CU_ASSERT_FATAL(body != NULL);
+    struct run r;
+    CU_ASSERT_FATAL(run_start_stream(&g, &r, body, &rw.w));
+    CU_ASSERT_FATAL(WAIT_STUB(g.stub[0], in_flight, 32)); /* the batch's own stripe */
+    CU_ASSERT_FATAL(fetch_after(g.fetch, mine, ctx_background(), 0, cancel_fired,
+                                batch_ctx(r.b)) == 0);
+    CU_ASSERT(latch_wait(&rw.items, 32, WAIT_MS));
+    CU_ASSERT(rec_first_are_own_stripe(&rw, 32, -EPIPE));
+    CU_ASSERT_FALSE(batch_is_done(&r));
+    unblock_loop(&k);
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
+    CU_ASSERT_EQUAL(up_fetches(&g), 32); /* the other stripe never made an attempt */
+    CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 32);
+    CU_ASSERT_EQUAL(M(&g.m->flights_started), 64);
+    CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 64);
+    CU_ASSERT_FALSE(rw.wrong_thread);
+    free(body);
+    latch_destroy(&rw.items);
+    rig_free(&g);
+    blocker_destroy(&k);
+}
+
+static void *free_engine(void *arg)
+{
+    fetch_free(arg);
+    return NULL;
+}
+
+/* A new engine in place of the one freed. */
+static bool rig_new_fetch(struct rig *g)
+{
+    struct fetch_opts fo;
+    fetch_opts_default(&fo);
+    fo.loops = g->loops;
+    fo.max_conns = 64;
+    fo.idle_poll_ms = 600000;
+    if (fetch_new(&fo, &g->fetch) != 0)
+        return false;
+    g->env.fetch = g->fetch;
+    return true;
+}
+
+/* The engine stops with a large batch spread over both loops: at once after the start (runs
+ * still queued on the other loop), once every flight has started, with every attempt out; and
+ * twice while the other loop is held, the batch being freed before that loop winds its flights
+ * down: canceled first, so that the other stripe's callbacks wait for that loop and then come
+ * with the stop; or not, so that the other stripe's waiters leave with the stop, when no
+ * deferral can be armed any more. Each time the batch is done exactly once by the time the
+ * engine is freed, with an error at every position; ASan and TSan watch the rest. */
+static void test_spread_shutdown_mid_batch(void)
+{
+    struct rig g = {.loops = 2};
+    CU_ASSERT_FATAL(rig_init(&g, 1, NULL, 0, 0));
+    g.env.limit = 1000;
+    char *body = ids_body("sleep60000-z", 64, "\"mode\":\"settled\",\"timeout_ms\":60000");
+    CU_ASSERT_FATAL(body != NULL);
+    for (int round = 0; round < 5; round++) {
+        uint64_t started0 = M(&g.m->flights_started), req0 = STUB(g.stub[0], requests);
+        unsigned other = fetch_pick_loop(g.fetch), mine = (other + 1) % 2;
+        pthread_t tid;
+        CU_ASSERT_FATAL(loop_thread(&g, mine, &tid));
+        struct rec_writer rw;
+        rec_init(&rw, tid);
+        struct run r;
+        CU_ASSERT_FATAL(run_start_stream(&g, &r, body, &rw.w));
+        if (round == 1) /* every flight started: the other stripe's runs posted, maybe queued */
+            CU_ASSERT(test_wait_until(counter_reached,
+                                      &(struct counter_want){&g.m->flights_started, started0 + 64},
+                                      WAIT_MS));
+        if (round >= 2)
+            CU_ASSERT(WAIT_STUB(g.stub[0], requests, req0 + 64));
+        if (round < 3) {
+            fetch_free(g.fetch);
+            CU_ASSERT_EQUAL(latch_get(&r.done), 1);
+        } else {
+            struct blocker k;
+            CU_ASSERT_FATAL(block_loop(&g, other, &k));
+            if (round == 3) {
+                CU_ASSERT_FATAL(fetch_after(g.fetch, mine, ctx_background(), 0, cancel_fired,
+                                            batch_ctx(r.b)) == 0);
+                CU_ASSERT(latch_wait(&rw.items, 32, WAIT_MS)); /* the others wait */
+            }
+            pthread_t t;
+            CU_ASSERT_FATAL(pthread_create(&t, NULL, free_engine, g.fetch) == 0);
+            CU_ASSERT_FATAL(run_finish(&r)); /* freed while the held loop still has its flights */
+            unblock_loop(&k);
+            pthread_join(t, NULL);
+            blocker_destroy(&k);
+        }
+        if (round < 3)
+            CU_ASSERT_FATAL(run_finish(&r));
+        /* Stopped before its calls could wait, a batch fails whole (fail(), no items). */
+        long items = latch_get(&rw.items);
+        CU_ASSERT(items == 64 || (round == 0 && rw.failed));
+        int ok = 0;
+        for (long i = 0; i < items && i < REC_MAX; i++)
+            ok += rw.err[i] == 0;
+        CU_ASSERT_EQUAL(ok, 0);
+        CU_ASSERT_FALSE(rw.wrong_thread);
+        CU_ASSERT(rw.ended);
+        latch_destroy(&rw.items);
+        CU_ASSERT_FATAL(rig_new_fetch(&g));
+    }
+    free(body);
+    rig_free(&g);
+}
+
 static CU_TestInfo batch_tests[] = {
     {"hedge: sent after the delay, wins, the loser is closed", test_batch_hedge_wins_and_loser_is_closed},
     {"hedge: refused when the budget is spent", test_batch_hedge_refused_by_budget},
@@ -936,6 +1452,18 @@ static CU_TestInfo batch_tests[] = {
     {"coalesce: a deadline or a failure ends that waiter alone", test_coalesce_deadline_is_per_waiter},
     {"coalesce: a finished flight is never joined; opting out", test_coalesce_never_joins_a_finished_flight_and_opt_out},
     {"coalesce: 1000 batches on 10 hot ids, two loops", test_coalesce_hot_keys_many_batches},
+    {"spread: a large batch's flights run on both loops", test_spread_runs_on_every_loop},
+    {"spread: every result in its place, limit above and below the calls",
+     test_spread_results_in_order},
+    {"spread: a small batch, or few calls at once, keeps to its loop",
+     test_spread_small_batch_keeps_to_its_loop},
+    {"spread: canceled, answered after every attempt on either loop",
+     test_spread_cancel_waits_for_every_attempt},
+    {"spread: past the deadline, answered after every attempt on either loop",
+     test_spread_deadline_waits_for_every_attempt},
+    {"spread: every waiter gone before the run started on its loop",
+     test_spread_left_before_the_run_started},
+    {"spread: the engine stops mid-batch", test_spread_shutdown_mid_batch},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(batch, batch_tests)

@@ -22,7 +22,7 @@ static const char *const ndjson[] = {"Accept: application/x-ndjson", NULL};
 
 /* The lines of a stream body, parsed. */
 struct lines {
-    cJSON *line[64];
+    cJSON *line[128];
     int n;
     bool bad; /* a line that is not a JSON object, or too many */
 };
@@ -38,7 +38,7 @@ static void lines_parse(const char *body, size_t len, struct lines *l)
             return;
         }
         cJSON *j = cJSON_ParseWithLength(p, (size_t)(nl - p));
-        if (!cJSON_IsObject(j) || l->n == 64) {
+        if (!cJSON_IsObject(j) || l->n == 128) {
             cJSON_Delete(j);
             l->bad = true;
             return;
@@ -292,6 +292,91 @@ static void test_stream_slow_reader_bounded_by_cap(void)
     srvtest_env_free(&e);
 }
 
+/* A batch large enough to spread its fetches over both fetch loops (the limit above its 100
+ * ids, BATCH_SPREAD_MIN and more at once): every position's line exactly once with its own id's
+ * answer, the done line last with the counts, one upstream fetch per distinct id. */
+static void test_stream_large_batch_spread(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    struct srv_config cfg;
+    srvtest_config(&e, &cfg);
+    cfg.fetch_threads = 2;
+    cfg.limit = 200;
+    CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
+    enum { N = 100 };
+    char body[4096];
+    size_t k = (size_t)snprintf(body, sizeof(body), "{\"mode\":\"settled\",\"ids\":[");
+    for (int i = 0; i < N; i++) /* every 7th a 404 */
+        k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"%sq%d\"", i ? "," : "",
+                              i % 7 == 3 ? "status404-" : "", i);
+    snprintf(body + k, sizeof(body) - k, "]}");
+    struct srvtest_resp r;
+    srvtest_post(e.port, body, ndjson, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    struct lines l;
+    lines_parse(r.body ? r.body : "", r.len, &l);
+    CU_ASSERT_FALSE(l.bad);
+    CU_ASSERT_EQUAL_FATAL(l.n, N + 1);
+    int wrong = 0, errors = 0;
+    for (int pos = 0; pos < N; pos++) {
+        int at = place_of(&l, pos);
+        if (at < 0 || at >= N) {
+            wrong++;
+            continue;
+        }
+        for (int j = at + 1; j < N; j++) /* exactly once */
+            wrong += index_of(l.line[j]) == pos;
+        if (pos % 7 == 3) {
+            errors++;
+            wrong += strcmp(err_code(l.line[at]), "upstream_status") != 0;
+            continue;
+        }
+        char want[32];
+        snprintf(want, sizeof(want), "q%d", pos);
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(l.line[at], "data"), "id");
+        wrong += !cJSON_IsString(id) || strcmp(id->valuestring, want) != 0;
+    }
+    CU_ASSERT_EQUAL(wrong, 0);
+    const cJSON *done = l.line[N];
+    CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(done, "done")));
+    CU_ASSERT_EQUAL(num(done, "results"), N - errors);
+    CU_ASSERT_EQUAL(num(done, "errors"), errors);
+    CU_ASSERT_EQUAL(srvtest_metric(e.port, "fanout_flights_started_total"), N);
+    lines_free(&l);
+    srvtest_resp_free(&r);
+    srvtest_env_free(&e);
+}
+
+/* The server's own default spreads a large batch: with two fetch loops of one upstream
+ * connection each and every id held at the stub, two requests out at once can only be one from
+ * each loop. The client then goes away, and every fetch is closed at the upstream. */
+static void test_stream_server_spreads_large_batch(void)
+{
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    struct srv_config cfg;
+    srvtest_config(&e, &cfg);
+    cfg.fetch_threads = 2;
+    cfg.max_conns = 2;
+    cfg.limit = 64;
+    CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
+    char body[2048];
+    size_t k = (size_t)snprintf(body, sizeof(body), "{\"ids\":[");
+    for (int i = 0; i < 64; i++)
+        k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"sleep60000-%d\"", i ? "," : "", i);
+    snprintf(body + k, sizeof(body) - k, "],\"timeout_ms\":60000}");
+    int fd = send_stream_request(e.port, body);
+    CU_ASSERT_FATAL(fd >= 0);
+    CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 2, SRVTEST_WAIT_MS));
+    close(fd);
+    CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
+    CU_ASSERT(srvtest_wait_stub_canceled(e.up, 2, SRVTEST_WAIT_MS));
+    CU_ASSERT_EQUAL(srvtest_metric(e.port, "fanout_flights_abandoned_total"), 64);
+    srvtest_env_free(&e);
+}
+
 /* The line writer alone: an upstream body that is JSON with line breaks between its tokens
  * (pretty-printed) is still one line, and the same value (found by fuzz_render). */
 static void collect(void *arg, const char *data, size_t len)
@@ -333,6 +418,8 @@ static CU_TestInfo stream_tests[] = {
     {"mode all: the first error's line, then done with the error", test_stream_first_error_ends_it},
     {"a client gone mid-stream cancels the rest", test_stream_client_gone_cancels},
     {"the slowest reader: memory within --max-response-bytes", test_stream_slow_reader_bounded_by_cap},
+    {"a large batch spread over both loops: each line once, done last", test_stream_large_batch_spread},
+    {"the server spreads a large batch over its loops", test_stream_server_spreads_large_batch},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(stream, stream_tests)

@@ -80,7 +80,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (mask & (1u << k)) {
                 r->err = errs[(r->len + k) % (sizeof(errs) / sizeof(errs[0]))];
                 r->status = r->err == FETCH_ESTATUS ? 404 : 0;
-                r->detail = strdup("detail \"quoted\"");
+                r->detail = "detail \"quoted\"";
             }
             snprintf(echo[k], sizeof(echo[k]), "\"id%zu\"", k);
             k++;
@@ -175,7 +175,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     line_writer_destroy(&lw);
     for (size_t i = 0; i < k; i++) {
         free((void *)(uintptr_t)res[i].body);
-        free(res[i].detail);
     }
     return 0;
 }
