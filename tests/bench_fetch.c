@@ -11,6 +11,7 @@
  *                            stdin closes (to drive another client against the same upstream)
  *   BENCH_MS=<ms>            measuring window per cell run (default 1000)
  *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port>
+ *   BENCH_PATH=<path>        the path fetched there (default /items/42)
  *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling) */
 #include <curl/curl.h>
 #include <signal.h>
@@ -99,7 +100,8 @@ static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, 
     fetch_opts_default(&o);
     o.loops = loops;
     struct bench b = {0};
-    snprintf(b.url, sizeof(b.url), "http://127.0.0.1:%d/items/42", port);
+    const char *path = getenv("BENCH_PATH"); /* e.g. /slow/42?ms=20 on the harness upstream */
+    snprintf(b.url, sizeof(b.url), "http://127.0.0.1:%d%s", port, path ? path : "/items/42");
     int rc = fetch_new(&o, &b.f);
     if (rc != 0)
         return rc;
