@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "fetch/fetch.h"
+#include "server/batch.h"
 #include "server/json.h"
 #include "fetch/upstream.h"
 #include "fetch/url.h"
@@ -73,6 +74,9 @@ static const struct opt opts[] = {
     {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
      "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
     {"limit", K_INT, F(limit), 1, 100000, "in-flight fetches per request (errgroup limit) [32]"},
+    {"spread-min", K_UINT, F(spread_min), 0, 1000000,
+     "spread a batch's fetches over the fetch loops when at least N of its calls can be in "
+     "flight at once; 0 never spreads [32]"},
     {"max-conns", K_UINT, F(max_conns), 1, 1000000,
      "connections to the upstream, all fetch loops together [512]"},
     {"max-batch", K_UINT, F(max_batch), 1, 1000000, "ids per request [1000]"},
@@ -166,6 +170,7 @@ void config_defaults(struct srv_config *c)
     c->connect_timeout_ms = 2000;
     c->upstream_policy = UPSTREAM_REPLICAS;
     c->coalesce = true;
+    c->spread_min = BATCH_SPREAD_MIN;
     c->eject_after = 5;
     c->eject_ms = 30000;
     c->eject_max_ms = 300000;
@@ -658,7 +663,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
                     c->coalesce ? "true" : "false");
     json_buf_printf(
         &b,
-        ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"max_conns\":%u,\"max_batch\":%u,"
+        ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"spread_min\":%u,\"max_conns\":%u,"
+        "\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"max_response_bytes\":%zu,\"http_threads\":%u,"
         "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
@@ -666,7 +672,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
         "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
         ",\"max_clients_per_ip\":%u,\"max_memory\":%zu,\"linger_ms\":%" PRId64
         ",\"linger_bytes\":%zu}",
-        c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit, c->max_conns, c->max_batch, c->max_requests,
+        c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit,
+        c->spread_min, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false", c->header_timeout_ms,

@@ -34,6 +34,8 @@ struct srv_config {
     bool demo;                  /* --demo: serve the built-in demo upstream and use it */
     bool demo_upstream_only;    /* --demo-upstream-only: serve only the demo upstream on --listen */
     int limit;                  /* --limit: in-flight fetches per request */
+    unsigned spread_min;        /* --spread-min: calls in flight at once that spread a batch
+                                   over the loops (0: never) */
     unsigned max_conns;         /* --max-conns: upstream connections, all loops together */
     unsigned max_batch;         /* --max-batch: ids per request */
     unsigned max_requests;      /* --max-requests: batches in flight before 503 */

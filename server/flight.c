@@ -507,8 +507,11 @@ static void timer_done(void *arg, struct fetch_result *r)
             return;
         f->hedges++;
         atomic_fetch_add_explicit(&env->metrics->hedges_sent, 1, memory_order_relaxed);
+        /* The next one after half the delay: the attempts out have been pending for the whole
+         * delay and more, so the id is already in its tail (with one hedge, an attempt and its
+         * hedge that both land in the tail would hold the batch for two delays). */
         if (f->hedges < FLIGHT_MAX_HEDGES)
-            arm_timer(f, TIMER_HEDGE, f->hedge_ms);
+            arm_timer(f, TIMER_HEDGE, f->hedge_ms > 1 ? f->hedge_ms / 2 : 1);
     }
 }
 

@@ -17,8 +17,10 @@
  *   - the first attempt goes to the key's first upstream (upstream.h);
  *   - a hedge: when no answer has come within the hedge delay (fixed, or the first upstream's
  *     recent p95), and the hedge budget has a token, one more attempt goes to the next upstream
- *     (replicas) or the same one (shards), and again after each further delay, up to
- *     FLIGHT_MAX_HEDGES; the first good answer wins and every other attempt is aborted at once;
+ *     (replicas) or the same one (shards), and again after half the delay more, up to
+ *     FLIGHT_MAX_HEDGES (an attempt and its hedge both in the tail would otherwise hold the
+ *     batch for two whole delays); the first good answer wins and every other attempt is
+ *     aborted at once;
  *   - a retry: an attempt that failed with a transport error or 502/503/504, when no other
  *     attempt is pending, retries left, the retry budget has a token and the deadline allows,
  *     is followed after a jittered exponential backoff (uniform in [0, (2^k - 1) * 25 ms],

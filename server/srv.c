@@ -1297,7 +1297,7 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
                                 .hedge_auto = cfg->hedge_auto,
                                 .retries = cfg->retries,
                                 .coalesce = cfg->coalesce,
-                                .spread_min = BATCH_SPREAD_MIN};
+                                .spread_min = cfg->spread_min};
     membudget_init(&s->mem, cfg->max_memory);
     s->env.mem = &s->mem;
     struct guard_opts go = {.header_timeout_ms = cfg->header_timeout_ms,

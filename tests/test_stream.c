@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "server/batch.h"
 #include "server/call.h"
 #include "server/json.h"
 #include "server/render.h"
@@ -303,6 +304,7 @@ static void test_stream_large_batch_spread(void)
     srvtest_config(&e, &cfg);
     cfg.fetch_threads = 2;
     cfg.limit = 200;
+    cfg.spread_min = BATCH_SPREAD_MIN;
     CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
     enum { N = 100 };
     char body[4096];
@@ -349,7 +351,7 @@ static void test_stream_large_batch_spread(void)
     srvtest_env_free(&e);
 }
 
-/* The server's own default spreads a large batch: with two fetch loops of one upstream
+/* --spread-min spreads a large batch in the server: with two fetch loops of one upstream
  * connection each and every id held at the stub, two requests out at once can only be one from
  * each loop. The client then goes away, and every fetch is closed at the upstream. */
 static void test_stream_server_spreads_large_batch(void)
@@ -361,6 +363,7 @@ static void test_stream_server_spreads_large_batch(void)
     cfg.fetch_threads = 2;
     cfg.max_conns = 2;
     cfg.limit = 64;
+    cfg.spread_min = BATCH_SPREAD_MIN;
     CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
     char body[2048];
     size_t k = (size_t)snprintf(body, sizeof(body), "{\"ids\":[");
@@ -419,7 +422,8 @@ static CU_TestInfo stream_tests[] = {
     {"a client gone mid-stream cancels the rest", test_stream_client_gone_cancels},
     {"the slowest reader: memory within --max-response-bytes", test_stream_slow_reader_bounded_by_cap},
     {"a large batch spread over both loops: each line once, done last", test_stream_large_batch_spread},
-    {"the server spreads a large batch over its loops", test_stream_server_spreads_large_batch},
+    {"--spread-min: the server spreads a large batch over its loops",
+     test_stream_server_spreads_large_batch},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(stream, stream_tests)
