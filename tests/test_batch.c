@@ -338,6 +338,37 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     rig_free(&g);
 }
 
+/* The second hedge goes out half a delay after the first, not a whole one: with both replicas
+ * holding every request, the first attempt goes to A, the first hedge to B after the delay, the
+ * second back to A. The gap between the two hedges is timed from the test's side (so a late
+ * look only shortens it), against a bound well under one delay; the whole-delay spacing this
+ * replaced fails it. */
+static void test_batch_second_hedge_after_half_the_delay(void)
+{
+    struct rig g = {0};
+    const char *pre[] = {"sleep60000-", "sleep60000-"};
+    CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
+    int64_t delay = test_ms(1000);
+    g.env.hedge_after_ms = delay;
+    char id[32], body[128];
+    id_ranked(&g, 0, 1, id, sizeof(id));
+    snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":60000}", id);
+    struct run r;
+    CU_ASSERT_FATAL(run_start(&g, &r, body));
+    CU_ASSERT_FATAL(WAIT_STUB(g.stub[1], requests, 1)); /* the first hedge, at B */
+    int64_t first = ctx_now();
+    CU_ASSERT_FATAL(WAIT_STUB(g.stub[0], requests, 2)); /* the second, back at A */
+    int64_t gap = ctx_now() - first;
+    CU_ASSERT(gap < delay * 85 / 100);
+    CU_ASSERT_EQUAL(M(&g.m->hedges_sent), 2);
+    ctx_cancel(batch_ctx(r.b), -EPIPE);
+    CU_ASSERT_FATAL(run_finish(&r));
+    CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
+    CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 1));
+    run_free(&r);
+    rig_free(&g);
+}
+
 /* An empty hedge budget refuses the hedge: counted, and the first attempt's answer is used. */
 static void test_batch_hedge_refused_by_budget(void)
 {
@@ -1434,6 +1465,7 @@ static void test_spread_shutdown_mid_batch(void)
 
 static CU_TestInfo batch_tests[] = {
     {"hedge: sent after the delay, wins, the loser is closed", test_batch_hedge_wins_and_loser_is_closed},
+    {"hedge: the second after half the delay more", test_batch_second_hedge_after_half_the_delay},
     {"hedge: refused when the budget is spent", test_batch_hedge_refused_by_budget},
     {"shards: hedge to the same upstream; a cancel closes every attempt",
      test_batch_shards_hedge_same_upstream_and_cancel_closes_all},
