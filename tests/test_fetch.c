@@ -216,6 +216,30 @@ static bool stub_idle(void *arg)
 
 /* ---------------------------------------------------------------- tests */
 
+/* A proxy variable in the environment is still honoured (the engine spares curl its per-transfer
+ * lookups only when none is set): with http_proxy naming the stub, a fetch of a port nothing
+ * listens on reaches the stub as an absolute-form request. */
+static void test_fetch_proxy_variable_honoured(void)
+{
+    struct upstub *s;
+    CU_ASSERT_FATAL(upstub_new(1, &s) == 0);
+    char proxy[128];
+    url_of(s, proxy, sizeof(proxy), "");
+    CU_ASSERT_FATAL(setenv("http_proxy", proxy, 1) == 0);
+    struct fetch *f = engine(1, 4, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    const char *url = "http://127.0.0.1:9/items/via-proxy";
+    struct res r;
+    res_init(&r);
+    CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 0, &r), 0);
+    CU_ASSERT(upstub_find(s, url, NULL)); /* the request line carried the whole URL */
+    CU_ASSERT_EQUAL(r.calls, 1);
+    res_destroy(&r);
+    fetch_free(f);
+    unsetenv("http_proxy");
+    upstub_free(s);
+}
+
 static void test_fetch_success_body_intact(void)
 {
     struct upstub *s;
@@ -1140,6 +1164,7 @@ static void test_fetch_aborted_counted_as_canceled(void)
 
 static CU_TestInfo fetch_tests[] = {
     {"success: status, body intact, one connection", test_fetch_success_body_intact},
+    {"a proxy variable in the environment is honoured", test_fetch_proxy_variable_honoured},
     {"non-2xx keeps status and body", test_fetch_non_2xx_keeps_status_and_body},
     {"connection refused is unreachable", test_fetch_connection_refused},
     {"reset mid-body and empty reply are unreachable", test_fetch_reset_and_empty_reply},
