@@ -138,42 +138,6 @@ static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, 
     return 0;
 }
 
-/* Runs the stub in a child; returns its pid and port through *port, or -1. */
-static pid_t spawn_stub(unsigned threads, int *port, int *ctl)
-{
-    int up[2], down[2];
-    if (pipe(up) != 0 || pipe(down) != 0)
-        return -1;
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid == 0) {
-        close(up[0]);
-        close(down[1]);
-        struct upstub *s;
-        int p = upstub_new(threads, &s) == 0 ? upstub_port(s) : -1;
-        if (write(up[1], &p, sizeof(p)) != sizeof(p))
-            _exit(1);
-        char c;
-        while (read(down[0], &c, 1) > 0) /* until the parent closes its end */
-            ;
-        if (p > 0)
-            upstub_free(s);
-        _exit(0);
-    }
-    close(up[1]);
-    close(down[0]);
-    if (read(up[0], port, sizeof(*port)) != sizeof(*port) || *port <= 0) {
-        close(up[0]);
-        close(down[1]);
-        waitpid(pid, NULL, 0);
-        return -1;
-    }
-    close(up[0]);
-    *ctl = down[1];
-    return pid;
-}
-
 static int serve_only(unsigned threads)
 {
     struct upstub *s;
@@ -210,7 +174,7 @@ int main(int argc, char **argv)
     if (given) {
         port = atoi(given);
     } else {
-        stub = spawn_stub(stub_threads, &port, &ctl); /* before any thread in this process */
+        stub = upstub_spawn(stub_threads, &port, &ctl); /* before any thread in this process */
         if (stub < 0) {
             fprintf(stderr, "bench_fetch: cannot start the stub\n");
             return 1;

@@ -27,6 +27,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1069,4 +1070,39 @@ size_t upstub_count(struct upstub *s, const char *target)
             n++;
     pthread_mutex_unlock(&s->log_mu);
     return n;
+}
+
+pid_t upstub_spawn(unsigned threads, int *port, int *ctl)
+{
+    int up[2], down[2];
+    if (pipe(up) != 0 || pipe(down) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);
+        struct upstub *s;
+        int p = upstub_new(threads, &s) == 0 ? upstub_port(s) : -1;
+        if (write(up[1], &p, sizeof(p)) != sizeof(p))
+            _exit(1);
+        char c;
+        while (read(down[0], &c, 1) > 0) /* until the parent closes its end */
+            ;
+        if (p > 0)
+            upstub_free(s);
+        _exit(0);
+    }
+    close(up[1]);
+    close(down[0]);
+    if (read(up[0], port, sizeof(*port)) != sizeof(*port) || *port <= 0) {
+        close(up[0]);
+        close(down[1]);
+        waitpid(pid, NULL, 0);
+        return -1;
+    }
+    close(up[0]);
+    *ctl = down[1];
+    return pid;
 }

@@ -51,6 +51,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct upstub;
 
@@ -82,6 +83,11 @@ struct upstub_req {
 /* Starts a stub with 'threads' event loops (0 means 1) listening on 127.0.0.1 at a free port.
  * Returns 0 and the stub in *out, or a negative errno (nothing left running). */
 int upstub_new(unsigned threads, struct upstub **out);
+
+/* Runs a stub with 'threads' loops in a forked child, so that the parent's CPU counters measure
+ * a client alone. Call it before the parent starts any thread. Returns the child's pid, its port
+ * in *port and in *ctl the pipe end whose close() stops the child (then waitpid() it), or -1. */
+pid_t upstub_spawn(unsigned threads, int *port, int *ctl);
 
 /* Stops the loops, closes every connection and the listener, joins the threads and frees. */
 void upstub_free(struct upstub *s);
