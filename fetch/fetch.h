@@ -52,6 +52,11 @@ struct fetch_opts {
     unsigned max_conns;        /* connections to upstreams, all loops together (>= loops);
                                   each loop may open max_conns / loops */
     size_t max_body;           /* default body cap per transfer, bytes (> 0) */
+    size_t recv_buffer;        /* libcurl's receive buffer per transfer in flight
+                                  (CURLOPT_BUFFERSIZE), bytes; 0: FETCH_RECV_BUFFER. Held by
+                                  each transfer while it runs: smaller holds less memory with
+                                  many in flight, larger reads big bodies in fewer calls.
+                                  Clamped to FETCH_RECV_BUFFER_MIN..FETCH_RECV_BUFFER_MAX */
     int64_t connect_timeout_ms; /* connect phase cap, the name lookup included (still bounded
                                    by the ctx deadline); <= 0: only the deadline */
     bool h2c;                  /* HTTP/2 with prior knowledge over cleartext */
@@ -113,6 +118,10 @@ struct fetch_stats {
 /* Fills 'o' with the defaults: loops = CPUs, max_conns 512, max_body 1 MiB, connect 5000 ms,
  * 2 resolver threads, DNS answers kept 60 s, the getaddrinfo() lookup. */
 void fetch_opts_default(struct fetch_opts *o);
+
+#define FETCH_RECV_BUFFER (4 * 1024)       /* default fetch_opts.recv_buffer */
+#define FETCH_RECV_BUFFER_MIN 1024         /* libcurl's smallest CURLOPT_BUFFERSIZE */
+#define FETCH_RECV_BUFFER_MAX (512 * 1024) /* ours: larger only holds more memory per fetch */
 
 /* Whether this libcurl can run --h2c transfers (HTTP/2 with nghttp2, and 8.0.0 or later:
  * earlier versions break every transfer after the first on a reused h2c connection). */

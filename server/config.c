@@ -86,6 +86,9 @@ static const struct opt opts[] = {
     {"max-timeout-ms", K_MS, F(max_timeout_ms), 1, 86400000,
      "largest request deadline a client may ask for, ms [30000]"},
     {"max-body", K_SIZE, F(max_body), 1, (int64_t)1 << 32, "upstream body per id, bytes [1MiB]"},
+    {"upstream-buffer", K_SIZE, F(upstream_buffer), FETCH_RECV_BUFFER_MIN, FETCH_RECV_BUFFER_MAX,
+     "libcurl's receive buffer per upstream fetch in flight, 1KiB to 512KiB: smaller holds less "
+     "memory, larger reads big bodies in fewer calls, bytes [4KiB]"},
     {"max-response-bytes", K_SIZE, F(max_response_bytes), 1024, (int64_t)1 << 40,
      "one batch response, bytes (duplicates count at each position) [64MiB]"},
     {"max-request-bytes", K_SIZE, F(max_request_bytes), 2, (int64_t)1 << 30,
@@ -159,6 +162,7 @@ void config_defaults(struct srv_config *c)
     c->timeout_ms = 5000;
     c->max_timeout_ms = 30000;
     c->max_body = 1 << 20;
+    c->upstream_buffer = FETCH_RECV_BUFFER;
     c->max_request_bytes = 1 << 20;
     c->max_response_bytes = (size_t)64 << 20;
     c->http_threads = cpu_count();
@@ -666,7 +670,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
         ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"spread_min\":%u,\"max_conns\":%u,"
         "\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
-        ",\"max_body\":%zu,\"max_request_bytes\":%zu,\"max_response_bytes\":%zu,\"http_threads\":%u,"
+        ",\"max_body\":%zu,\"upstream_buffer\":%zu,\"max_request_bytes\":%zu,"
+        "\"max_response_bytes\":%zu,\"http_threads\":%u,"
         "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
         "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s,"
         "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
@@ -674,7 +679,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
         ",\"linger_bytes\":%zu}",
         c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit,
         c->spread_min, c->max_conns, c->max_batch, c->max_requests,
-        c->timeout_ms, c->max_timeout_ms, c->max_body, c->max_request_bytes, c->max_response_bytes, c->http_threads,
+        c->timeout_ms, c->max_timeout_ms, c->max_body, c->upstream_buffer, c->max_request_bytes,
+        c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false", c->header_timeout_ms,
         c->body_timeout_ms, c->max_clients_per_ip, c->max_memory, c->linger_ms, c->linger_bytes);

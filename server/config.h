@@ -42,6 +42,7 @@ struct srv_config {
     int64_t timeout_ms;         /* --timeout-ms: default request deadline */
     int64_t max_timeout_ms;     /* --max-timeout-ms: largest request deadline */
     size_t max_body;            /* --max-body: upstream body per id, bytes */
+    size_t upstream_buffer;     /* --upstream-buffer: libcurl's receive buffer per fetch, bytes */
     size_t max_request_bytes;   /* --max-request-bytes: request body, bytes */
     size_t max_response_bytes;  /* --max-response-bytes: one batch response, bytes */
     unsigned http_threads;      /* --http-threads: libmicrohttpd worker threads */

@@ -1269,6 +1269,7 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
     fo.loops = cfg->fetch_threads;
     fo.max_conns = cfg->max_conns;
     fo.max_body = cfg->max_body;
+    fo.recv_buffer = cfg->upstream_buffer;
     fo.connect_timeout_ms = cfg->connect_timeout_ms;
     fo.h2c = cfg->h2c;
     if ((rc = fetch_new(&fo, &s->fetch)) != 0) {

@@ -431,6 +431,50 @@ static void test_fetch_reset_and_empty_reply(void)
     upstub_free(s);
 }
 
+/* The receive buffer at both ends of its range (and past them, clamped): a body many buffers
+ * long arrives byte for byte, and the body cap still cuts exactly at its byte. */
+static void test_fetch_recv_buffer_sizes(void)
+{
+    struct upstub *s;
+    CU_ASSERT_FATAL(upstub_new(1, &s) == 0);
+    char url[256];
+    const size_t sizes[] = {1, FETCH_RECV_BUFFER_MIN, FETCH_RECV_BUFFER_MAX,
+                            4 * FETCH_RECV_BUFFER_MAX};
+    for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+        struct fetch_opts o;
+        fetch_opts_default(&o);
+        o.loops = 1;
+        o.max_conns = 2;
+        o.recv_buffer = sizes[k];
+        struct fetch *f = NULL;
+        CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);
+        struct res r;
+        res_init(&r);
+        url_of(s, url, sizeof(url), "/items/stream1000000");
+        CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 0, &r), 0);
+        CU_ASSERT_EQUAL(r.err, 0);
+        CU_ASSERT_EQUAL(r.len, 1000000);
+        bool all_x = r.body != NULL && r.body[r.len] == 0;
+        for (size_t i = 0; all_x && i < r.len; i++)
+            all_x = r.body[i] == 'x';
+        CU_ASSERT(all_x);
+        res_destroy(&r);
+        res_init(&r);
+        url_of(s, url, sizeof(url), "/items/stream5001");
+        CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 5000, &r), 0);
+        CU_ASSERT_EQUAL(r.err, FETCH_ETOOBIG);
+        res_destroy(&r);
+        res_init(&r);
+        url_of(s, url, sizeof(url), "/items/big5000");
+        CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 5000, &r), 0);
+        CU_ASSERT_EQUAL(r.err, 0);
+        CU_ASSERT_EQUAL(r.len, 5000);
+        res_destroy(&r);
+        fetch_free(f);
+    }
+    upstub_free(s);
+}
+
 static void test_fetch_body_cap(void)
 {
     struct upstub *s;
@@ -1169,6 +1213,7 @@ static CU_TestInfo fetch_tests[] = {
     {"connection refused is unreachable", test_fetch_connection_refused},
     {"reset mid-body and empty reply are unreachable", test_fetch_reset_and_empty_reply},
     {"body over the cap is cut off early", test_fetch_body_cap},
+    {"any receive buffer size: bodies whole, the cap exact", test_fetch_recv_buffer_sizes},
     {"deadline: slow upstream, queued, already past", test_fetch_deadline},
     {"cancel mid-flight from another thread", test_fetch_cancel_mid_flight},
     {"a canceled ctx never reaches the upstream", test_fetch_canceled_ctx_never_starts},

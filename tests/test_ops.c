@@ -402,6 +402,8 @@ static void test_ops_invalid_config_exits_2(void)
          "--max-timeout-ms"},
         {{"--demo", "--log-level", "loud", NULL}, NULL, "--log-level"},
         {{"--demo", "--max-body", "12XB", NULL}, NULL, "--max-body"},
+        {{"--demo", "--upstream-buffer", "1000", NULL}, NULL, "--upstream-buffer"},
+        {{"--demo", "--upstream-buffer", "1MiB", NULL}, NULL, "--upstream-buffer"},
         {{"--demo", "positional", NULL}, NULL, "positional"},
         {{"--demo", NULL}, "FANOUT_DEMO=maybe", "FANOUT_DEMO"},
         /* An all-digit host that is no IPv4 address: refused before any bind or lookup. */
@@ -474,14 +476,16 @@ static void test_ops_check_config_effective_values(void)
                     "--limit",         "7",
                     "--max-body=2MiB", "--log-level",
                     "debug",           NULL};
-    char *env[] = {"FANOUT_LIMIT=5",         "FANOUT_MAX_BATCH=12",       "FANOUT_DEMO=1",
-                   "FANOUT_LOG_LEVEL=error", "FANOUT_LISTEN=127.0.0.1:0", NULL};
+    char *env[] = {"FANOUT_LIMIT=5",         "FANOUT_MAX_BATCH=12",
+                   "FANOUT_DEMO=1",          "FANOUT_LOG_LEVEL=error",
+                   "FANOUT_LISTEN=127.0.0.1:0", "FANOUT_UPSTREAM_BUFFER=8KiB", NULL};
     cJSON *c = check_config(args, env, &r);
     CU_ASSERT_FATAL(c != NULL);
     CU_ASSERT(cJSON_IsObject(c));
     CU_ASSERT_EQUAL(num(c, "limit"), 7);
     CU_ASSERT_EQUAL(num(c, "max_batch"), 12);
     CU_ASSERT_EQUAL(num(c, "max_body"), 2 * 1048576);
+    CU_ASSERT_EQUAL(num(c, "upstream_buffer"), 8192);
     CU_ASSERT_EQUAL(num(c, "timeout_ms"), 5000);
     CU_ASSERT_EQUAL(num(c, "max_timeout_ms"), 30000);
     CU_ASSERT_EQUAL(num(c, "drain_ms"), 10000);
@@ -499,6 +503,7 @@ static void test_ops_check_config_effective_values(void)
     CU_ASSERT_FATAL(c != NULL);
     CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "demo")));
     CU_ASSERT_STRING_EQUAL(str(c, "upstream"), "");
+    CU_ASSERT_EQUAL(num(c, "upstream_buffer"), 4096); /* the default */
     cJSON_Delete(c);
     run_free(&r);
 }
