@@ -240,6 +240,23 @@ static void test_fetch_proxy_variable_honoured(void)
     upstub_free(s);
 }
 
+/* Fetches 'path' from the stub: it must succeed with a body of exactly 'len' bytes of 'x'. */
+static void expect_x_body(struct fetch *f, struct upstub *s, const char *path, size_t len)
+{
+    char url[256];
+    url_of(s, url, sizeof(url), path);
+    struct res r;
+    res_init(&r);
+    CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 0, &r), 0);
+    CU_ASSERT_EQUAL(r.err, 0);
+    CU_ASSERT_EQUAL(r.len, len);
+    bool all_x = r.body != NULL && r.body[r.len] == 0;
+    for (size_t i = 0; all_x && i < r.len; i++)
+        all_x = r.body[i] == 'x';
+    CU_ASSERT(all_x);
+    res_destroy(&r);
+}
+
 static void test_fetch_success_body_intact(void)
 {
     struct upstub *s;
@@ -266,16 +283,7 @@ static void test_fetch_success_body_intact(void)
     res_destroy(&r);
 
     /* A larger body, delivered in many writes, arrives byte for byte. */
-    res_init(&r);
-    url_of(s, url, sizeof(url), "/items/big300000");
-    CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 0, &r), 0);
-    CU_ASSERT_EQUAL(r.err, 0);
-    CU_ASSERT_EQUAL(r.len, 300000);
-    bool all_x = r.body != NULL && r.body[r.len] == 0;
-    for (size_t i = 0; all_x && i < r.len; i++)
-        all_x = r.body[i] == 'x';
-    CU_ASSERT(all_x);
-    res_destroy(&r);
+    expect_x_body(f, s, "/items/big300000", 300000);
 
     /* Empty 2xx body: no body. Text body as is. */
     res_init(&r);
@@ -448,17 +456,8 @@ static void test_fetch_recv_buffer_sizes(void)
         o.recv_buffer = sizes[k];
         struct fetch *f = NULL;
         CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);
+        expect_x_body(f, s, "/items/stream1000000", 1000000);
         struct res r;
-        res_init(&r);
-        url_of(s, url, sizeof(url), "/items/stream1000000");
-        CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 0, &r), 0);
-        CU_ASSERT_EQUAL(r.err, 0);
-        CU_ASSERT_EQUAL(r.len, 1000000);
-        bool all_x = r.body != NULL && r.body[r.len] == 0;
-        for (size_t i = 0; all_x && i < r.len; i++)
-            all_x = r.body[i] == 'x';
-        CU_ASSERT(all_x);
-        res_destroy(&r);
         res_init(&r);
         url_of(s, url, sizeof(url), "/items/stream5001");
         CU_ASSERT_EQUAL(fetch_one(f, ctx_background(), url, NULL, 5000, &r), 0);
