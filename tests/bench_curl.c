@@ -12,8 +12,9 @@
  *   bench_curl [-t THREADS] [-c BATCHES] [-b BATCH] [-l LIMIT] [-d SECONDS] [-w SECONDS] [URL]
  *
  * Defaults: one thread per CPU, 32 batches of 10, limit 100, 5 s measured after 1 s of warm-up.
- * URL: where to fetch; "{id}" in it becomes a distinct id per transfer. Without a URL it runs
- * tests/upstub.c in a forked child and fetches /items/{id} there. Prints transfers/s,
+ * URL: where to fetch; "{id}" in it becomes a distinct id per transfer (without one, every
+ * transfer fetches the URL as given). Without a URL it fetches /items/{id} from the test
+ * upstream (tests/upstub.c) run in a forked child process. Prints transfers/s,
  * batches/s, batch latency p50/p99/max and this process's CPU time (user + system) per transfer.
  * Exit status: 0, 1 if a transfer failed (curl error or a status other than 200) or none
  * completed, 2 for bad arguments. */
@@ -61,7 +62,8 @@ struct worker {
 
 static struct {
     unsigned threads, batches, batch, limit;
-    char prefix[1100], suffix[1100]; /* the URL around "{id}" */
+    char prefix[1100], suffix[1100]; /* the URL around "{id}", or the whole URL */
+    bool has_id;                     /* whether the URL holds "{id}" */
     uint64_t t_measure, t_end;     /* the window, ns (CLOCK_MONOTONIC) */
     atomic_bool stop;
 } g;
@@ -119,10 +121,14 @@ static int start_one(struct batch *b)
     CURL *e = easy_get(w);
     if (!e)
         return -ENOMEM;
-    char url[2300];
-    snprintf(url, sizeof(url), "%s%u-%llu%s", g.prefix, w->id, (unsigned long long)w->seq++,
-             g.suffix);
-    curl_easy_setopt(e, CURLOPT_URL, url);
+    if (g.has_id) {
+        char url[2300];
+        snprintf(url, sizeof(url), "%s%u-%llu%s", g.prefix, w->id, (unsigned long long)w->seq++,
+                 g.suffix);
+        curl_easy_setopt(e, CURLOPT_URL, url);
+    } else {
+        curl_easy_setopt(e, CURLOPT_URL, g.prefix);
+    }
     curl_easy_setopt(e, CURLOPT_PRIVATE, b);
     if (curl_multi_add_handle(w->m, e) != CURLM_OK) {
         easy_put(w, e);
@@ -238,8 +244,8 @@ static int usage(FILE *to, int rc)
     fprintf(to, "usage: bench_curl [-t THREADS] [-c BATCHES] [-b BATCH] [-l LIMIT] [-d SECONDS] "
                 "[-w SECONDS] [URL]\n"
                 "  libcurl alone: closed loops of batches of GETs, one multi handle per thread\n"
-                "  URL: \"{id}\" becomes a distinct id per transfer (default: a forked "
-                "tests/upstub.c, /items/{id})\n");
+                "  URL: \"{id}\" becomes a distinct id per transfer (default: /items/{id} on "
+                "the test upstream, tests/upstub.c, in a child process)\n");
     return rc;
 }
 
@@ -254,74 +260,10 @@ static int num(const char *s, unsigned lo, unsigned hi, unsigned *out)
     return 0;
 }
 
-int main(int argc, char **argv)
+/* Starts the workers, measures the window, joins them, prints the figures and frees what the
+ * workers made. Returns the exit status. */
+static int run_all(struct worker *ws, struct batch *bs, unsigned dur, unsigned warm)
 {
-    signal(SIGPIPE, SIG_IGN);
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    unsigned dur = 5, warm = 1;
-    g.threads = ncpu > 0 ? (unsigned)ncpu : 1;
-    g.batches = 32;
-    g.batch = 10;
-    g.limit = 100;
-    int o;
-    while ((o = getopt(argc, argv, "t:c:b:l:d:w:h")) != -1) {
-        int bad = 0;
-        switch (o) {
-        case 't': bad = num(optarg, 1, 64, &g.threads); break;
-        case 'c': bad = num(optarg, 1, 100000, &g.batches); break;
-        case 'b': bad = num(optarg, 1, 100000, &g.batch); break;
-        case 'l': bad = num(optarg, 1, 100000, &g.limit); break;
-        case 'd': bad = num(optarg, 1, 3600, &dur); break;
-        case 'w': bad = num(optarg, 0, 3600, &warm); break;
-        case 'h': return usage(stdout, 0);
-        default: return usage(stderr, 2);
-        }
-        if (bad) {
-            fprintf(stderr, "bench_curl: -%c %s: not a number in range\n", o, optarg);
-            return 2;
-        }
-    }
-    if (argc - optind > 1)
-        return usage(stderr, 2);
-    if (g.batches < g.threads)
-        g.threads = g.batches;
-
-    pid_t stub = 0;
-    int ctl = -1;
-    char url[1100];
-    if (optind < argc) {
-        if (strlen(argv[optind]) >= sizeof(url)) {
-            fprintf(stderr, "bench_curl: URL too long\n");
-            return 2;
-        }
-        snprintf(url, sizeof(url), "%s", argv[optind]);
-    } else {
-        int port = 0;
-        stub = upstub_spawn(g.threads, &port, &ctl); /* before any thread in this process */
-        if (stub < 0) {
-            fprintf(stderr, "bench_curl: cannot start the stub\n");
-            return 1;
-        }
-        snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/{id}", port);
-    }
-    char *id = strstr(url, "{id}");
-    if (id) {
-        snprintf(g.prefix, sizeof(g.prefix), "%.*s", (int)(id - url), url);
-        snprintf(g.suffix, sizeof(g.suffix), "%s", id + 4);
-    } else {
-        snprintf(g.prefix, sizeof(g.prefix), "%s", url);
-    }
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
-        fprintf(stderr, "bench_curl: curl_global_init failed\n");
-        return 1;
-    }
-
-    struct worker *ws = calloc(g.threads, sizeof(*ws));
-    struct batch *bs = calloc(g.batches, sizeof(*bs));
-    if (!ws || !bs) {
-        fprintf(stderr, "bench_curl: out of memory\n");
-        return 1;
-    }
     uint64_t t0 = now_ns();
     g.t_measure = t0 + (uint64_t)warm * 1000000000u;
     g.t_end = g.t_measure + (uint64_t)dur * 1000000000u;
@@ -393,14 +335,87 @@ int main(int argc, char **argv)
         free(w->lat);
     }
     free(lat);
-    free(ws);
-    free(bs);
-    curl_global_cleanup();
-    if (stub > 0) {
-        close(ctl);
-        waitpid(stub, NULL, 0);
-    }
     if (rc == 0 && (failed > 0 || xfers == 0))
         rc = 1;
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned dur = 5, warm = 1;
+    g.threads = ncpu > 0 ? (unsigned)ncpu : 1;
+    g.batches = 32;
+    g.batch = 10;
+    g.limit = 100;
+    int o;
+    while ((o = getopt(argc, argv, "t:c:b:l:d:w:h")) != -1) {
+        int bad = 0;
+        switch (o) {
+        case 't': bad = num(optarg, 1, 64, &g.threads); break;
+        case 'c': bad = num(optarg, 1, 100000, &g.batches); break;
+        case 'b': bad = num(optarg, 1, 100000, &g.batch); break;
+        case 'l': bad = num(optarg, 1, 100000, &g.limit); break;
+        case 'd': bad = num(optarg, 1, 3600, &dur); break;
+        case 'w': bad = num(optarg, 0, 3600, &warm); break;
+        case 'h': return usage(stdout, 0);
+        default: return usage(stderr, 2);
+        }
+        if (bad) {
+            fprintf(stderr, "bench_curl: -%c %s: not a number in range\n", o, optarg);
+            return 2;
+        }
+    }
+    if (argc - optind > 1)
+        return usage(stderr, 2);
+    if (g.batches < g.threads)
+        g.threads = g.batches;
+
+    pid_t child = 0; /* the test upstream's process, when no URL is given */
+    int ctl = -1;
+    char url[1100];
+    if (optind < argc) {
+        if (strlen(argv[optind]) >= sizeof(url)) {
+            fprintf(stderr, "bench_curl: URL too long\n");
+            return 2;
+        }
+        snprintf(url, sizeof(url), "%s", argv[optind]);
+    } else {
+        int port = 0;
+        child = upstub_spawn(g.threads, &port, &ctl); /* before any thread in this process */
+        if (child < 0) {
+            fprintf(stderr, "bench_curl: cannot start the test upstream\n");
+            return 1;
+        }
+        snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/{id}", port);
+    }
+    char *id = strstr(url, "{id}");
+    g.has_id = id != NULL;
+    if (id) {
+        snprintf(g.prefix, sizeof(g.prefix), "%.*s", (int)(id - url), url);
+        snprintf(g.suffix, sizeof(g.suffix), "%s", id + 4);
+    } else {
+        snprintf(g.prefix, sizeof(g.prefix), "%s", url);
+    }
+    struct worker *ws = calloc(g.threads, sizeof(*ws));
+    struct batch *bs = calloc(g.batches, sizeof(*bs));
+    int rc = 0;
+    if (!ws || !bs) {
+        fprintf(stderr, "bench_curl: out of memory\n");
+        rc = 1;
+    } else if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
+        fprintf(stderr, "bench_curl: curl_global_init failed\n");
+        rc = 1;
+    } else {
+        rc = run_all(ws, bs, dur, warm);
+        curl_global_cleanup();
+    }
+    free(ws);
+    free(bs);
+    if (child > 0) {
+        close(ctl);
+        waitpid(child, NULL, 0);
+    }
     return rc;
 }

@@ -1075,11 +1075,21 @@ size_t upstub_count(struct upstub *s, const char *target)
 pid_t upstub_spawn(unsigned threads, int *port, int *ctl)
 {
     int up[2], down[2];
-    if (pipe(up) != 0 || pipe(down) != 0)
+    if (pipe(up) != 0)
         return -1;
+    if (pipe(down) != 0) {
+        close(up[0]);
+        close(up[1]);
+        return -1;
+    }
     pid_t pid = fork();
-    if (pid < 0)
+    if (pid < 0) {
+        close(up[0]);
+        close(up[1]);
+        close(down[0]);
+        close(down[1]);
         return -1;
+    }
     if (pid == 0) {
         close(up[0]);
         close(down[1]);
