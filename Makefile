@@ -1,5 +1,6 @@
 # fanout: one plain Makefile. Objects go under $(BUILD), one tree per sanitizer.
 #   make            library, binary and test programs      make test   every suite
+#   make layers     every #include points down (tests/layers.sh; part of make test)
 #   make asan/tsan  the same suites under sanitizers       make run    fanout --demo
 #   make stress     every suite 20 times beside a CPU hog
 #   make fuzz       each libFuzzer target for FUZZ_SECONDS (clang)
@@ -29,7 +30,7 @@ PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs libcurl libmicrohttpd libcjson 2>/dev/null)
 CUNIT_LIBS = $(shell pkg-config --libs cunit 2>/dev/null)
 
-LIB_SRCS  = $(wildcard ctx/*.c pool/*.c fetch/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
+LIB_SRCS  = $(wildcard ctx/*.c pool/*.c fetch/*.c server/*/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
 LIB_OBJS  = $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 TEST_SRCS = $(wildcard tests/test_*.c)
 TEST_BINS = $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
@@ -47,7 +48,7 @@ LOAD_BIN  = $(BUILD)/bin/fanout-load
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test slowhttp
+.PHONY: all build deps test-deps layers test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test slowhttp
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -124,7 +125,11 @@ test-deps: deps
 	  fi; \
 	fi
 
-test: all test-deps
+# Every #include points down the layers (tests/layers.sh); part of make test.
+layers:
+	@tests/layers.sh
+
+test: all test-deps layers
 	FANOUT_BIN=$(BIN) FANOUT_LOAD_BIN=$(LOAD_BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.

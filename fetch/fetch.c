@@ -639,7 +639,7 @@ static bool resolve_host(struct fetch_loop *l, struct xfer *x)
         queue_push(&l->resolving, x);
         return false;
     }
-    if (rc == FETCH_ESHUTDOWN) { /* fetch_free() began: as if this loop had seen it */
+    if (rc == -ESHUTDOWN) { /* fetch_free() began: as if this loop had seen it */
         complete_ctx(l, x, FETCH_ESHUTDOWN);
         return false;
     }

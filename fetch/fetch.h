@@ -24,6 +24,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fetch/lookup.h"
+
 struct ctx;
 struct fetch;
 
@@ -35,17 +37,6 @@ struct fetch;
 #define FETCH_EUNREACH (-2002) /* DNS, connect, reset, empty reply or another transport error */
 #define FETCH_ETOOBIG (-2003)  /* the body passed the cap (aborted as soon as it did) */
 #define FETCH_ESHUTDOWN (-2004) /* the engine is stopping */
-
-/* A name lookup, as fetch's resolver threads run it: writes the addresses of 'host' into 'addrs'
- * ('size' bytes) as a NUL-terminated, comma-separated list of numeric addresses, IPv6 ones in
- * brackets ("192.0.2.1,[2001:db8::1]"), and returns 0; or returns an EAI_* code (<netdb.h>) when
- * the name does not resolve. Called on a resolver thread, never on a loop thread; it may block
- * (a transfer waiting on it ends at its deadline or cancel regardless). */
-typedef int (*fetch_lookup_fn)(void *arg, const char *host, char *addrs, size_t size);
-
-/* The default lookup: getaddrinfo() (so /etc/hosts and the system resolver), up to 16
- * addresses; a name under "invalid." (RFC 6761) fails at once with EAI_NONAME. 'arg' is unused. */
-int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size);
 
 struct fetch_opts {
     unsigned loops;            /* loop threads (>= 1) */

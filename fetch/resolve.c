@@ -84,66 +84,6 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* ---------------------------------------------------------------- the default lookup */
-
-/* RFC 6761 6.4: names under "invalid." never resolve, and resolvers should say so at once
- * rather than ask a name server. */
-static bool is_invalid_name(const char *host)
-{
-    size_t n = strlen(host);
-    if (n > 0 && host[n - 1] == '.')
-        n--;
-    if (n == 7 && strncasecmp(host, "invalid", 7) == 0)
-        return true;
-    return n > 8 && strncasecmp(host + n - 8, ".invalid", 8) == 0;
-}
-
-int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size)
-{
-    (void)arg;
-    if (is_invalid_name(host))
-        return EAI_NONAME;
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-    struct addrinfo *res = NULL;
-    int rc = getaddrinfo(host, NULL, &hints, &res);
-    if (rc != 0)
-        return rc;
-    size_t len = 0;
-    unsigned count = 0;
-    addrs[0] = 0;
-    for (struct addrinfo *ai = res; ai && count < FETCH__DNS_MAX_ADDRS; ai = ai->ai_next) {
-        char text[INET6_ADDRSTRLEN + 2];
-        if (ai->ai_family == AF_INET) {
-            const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ai->ai_addr;
-            inet_ntop(AF_INET, &a->sin_addr, text, sizeof(text));
-        } else if (ai->ai_family == AF_INET6) {
-            const struct sockaddr_in6 *a =
-                (const struct sockaddr_in6 *)(const void *)ai->ai_addr;
-            text[0] = '[';
-            inet_ntop(AF_INET6, &a->sin6_addr, text + 1, sizeof(text) - 2);
-            strcat(text, "]");
-        } else {
-            continue;
-        }
-        size_t tl = strlen(text);
-        /* getaddrinfo() repeats an address once per socket type it could serve; keep one. */
-        bool dup = false;
-        for (const char *p = addrs; *p && !dup; p = strchr(p, ',') ? strchr(p, ',') + 1 : "")
-            dup = strncmp(p, text, tl) == 0 && (p[tl] == ',' || p[tl] == 0);
-        if (dup)
-            continue;
-        if (len + tl + 2 > size)
-            break;
-        if (len > 0)
-            addrs[len++] = ',';
-        memcpy(addrs + len, text, tl + 1);
-        len += tl;
-        count++;
-    }
-    freeaddrinfo(res);
-    return len > 0 ? 0 : EAI_NODATA;
-}
-
 bool fetch__host_is_literal(const char *host)
 {
     if (host[0] == '[')
@@ -219,7 +159,7 @@ static void enqueue_locked(struct fetch_resolver *r, struct fetch__dns *d)
     pthread_cond_signal(&r->cv);
 }
 
-/* The answer 'd' gives now: 1 (addresses copied), 0 (none yet) or FETCH_EUNREACH. */
+/* The answer 'd' gives now: 1 (addresses copied), 0 (none yet) or -EHOSTUNREACH. */
 static int answer_locked(const struct fetch__dns *d, char *addrs)
 {
     switch (d->state) {
@@ -229,7 +169,7 @@ static int answer_locked(const struct fetch__dns *d, char *addrs)
     case DNS_FAIL:
         snprintf(addrs, FETCH__DNS_ADDRS_SIZE, "could not resolve host %s: %s", d->host,
                  gai_strerror(d->gai_err));
-        return FETCH_EUNREACH;
+        return -EHOSTUNREACH;
     default:
         return 0;
     }
@@ -244,7 +184,7 @@ int fetch__resolve(struct fetch_resolver *r, const char *host, char *addrs,
     if (r->stopping) {
         pthread_mutex_unlock(&r->mu);
         snprintf(addrs, FETCH__DNS_ADDRS_SIZE, "fetch engine shutting down");
-        return FETCH_ESHUTDOWN;
+        return -ESHUTDOWN;
     }
     struct fetch__dns *d = r->table;
     while (d && strcmp(d->host, host) != 0)
@@ -273,7 +213,7 @@ int fetch__resolve(struct fetch_resolver *r, const char *host, char *addrs,
             pthread_mutex_unlock(&r->mu);
             snprintf(addrs, FETCH__DNS_ADDRS_SIZE, "cannot start the resolver: %s",
                      strerror(-err));
-            return FETCH_EUNREACH;
+            return -EHOSTUNREACH;
         }
         enqueue_locked(r, d);
     }
@@ -294,7 +234,7 @@ int fetch__resolve_poll(struct fetch_resolver *r, struct fetch__dns *d, char *ad
     if (rc == 0 && !d->looking && d->state == DNS_NONE) {
         /* The lookup was dropped (stopping): report it rather than wait for nothing. */
         snprintf(addrs, FETCH__DNS_ADDRS_SIZE, "fetch engine shutting down");
-        rc = FETCH_ESHUTDOWN;
+        rc = -ESHUTDOWN;
     }
     pthread_mutex_unlock(&r->mu);
     return rc;

@@ -16,14 +16,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "fetch/fetch.h"
+#include <stdbool.h>
+
+#include "fetch/lookup.h"
 
 struct fetch_resolver;
 struct fetch__dns; /* one cache entry, held by a waiting transfer */
 
 /* Room for an answer: up to FETCH__DNS_MAX_ADDRS numeric addresses, comma-separated. */
 #define FETCH__DNS_ADDRS_SIZE 1024
-#define FETCH__DNS_MAX_ADDRS 16
+#define FETCH__DNS_MAX_ADDRS FETCH_LOOKUP_MAX_ADDRS
 
 /* Creates a resolver with 'threads' lookup threads (started by the first lookup), answers
  * kept 'ttl_ms', failures 'neg_ttl_ms'. 'lookup' (NULL: fetch_lookup_default) runs on the
@@ -51,7 +53,8 @@ bool fetch__host_is_literal(const char *host);
 /* Looks 'host' up. Returns 1 with the addresses copied into 'addrs' (FETCH__DNS_ADDRS_SIZE
  * bytes) when an answer is usable now; 0 when a lookup is under way, with *wait holding an entry
  * to poll with fetch__resolve_poll() after a notify (and to release); or a negative code
- * (FETCH_EUNREACH, -ENOMEM) with a reason in 'addrs'. Thread-safe. */
+ * (-EHOSTUNREACH: it does not resolve; -ESHUTDOWN: the resolver is
+ * stopping; -ENOMEM) with a reason in 'addrs'. Thread-safe. */
 int fetch__resolve(struct fetch_resolver *r, const char *host, char *addrs,
                    struct fetch__dns **wait);
 

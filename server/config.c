@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 #include "fetch/fetch.h"
-#include "server/batch.h"
+#include "server/batch/batch.h"
 #include "server/json.h"
 #include "fetch/upstream.h"
 #include "fetch/url.h"
@@ -343,7 +343,7 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
     }
     case K_LEVEL:
         for (int l = LOG_ERROR; l <= LOG_DEBUG; l++)
-            if (!strcmp(v, config_level_name((enum log_level)l))) {
+            if (!strcmp(v, log_level_name((enum log_level)l))) {
                 *(enum log_level *)(base + o->off) = (enum log_level)l;
                 return 0;
             }
@@ -591,12 +591,6 @@ int config_parse(struct srv_config *c, int argc, char **argv, enum config_action
     return check(c, err, errlen);
 }
 
-const char *config_level_name(enum log_level l)
-{
-    static const char *const names[] = {"error", "warn", "info", "debug"};
-    return (unsigned)l < 4 ? names[l] : "info";
-}
-
 void config_usage(FILE *out)
 {
     fprintf(out,
@@ -681,7 +675,7 @@ void config_print_json(const struct srv_config *c, FILE *out)
         c->spread_min, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->upstream_buffer, c->max_request_bytes,
         c->max_response_bytes, c->http_threads,
-        c->fetch_threads, c->drain_ms, config_level_name(c->log_level), c->max_clients,
+        c->fetch_threads, c->drain_ms, log_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false", c->header_timeout_ms,
         c->body_timeout_ms, c->max_clients_per_ip, c->max_memory, c->linger_ms, c->linger_bytes);
     if (!json_buf_failed(&b))

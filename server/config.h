@@ -12,8 +12,7 @@
 #include <stdio.h>
 
 #include "fetch/upstream.h"
-
-enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+#include "server/obs/log.h"
 
 struct srv_config {
     char listen_host[256];      /* --listen host part (IPv4/IPv6 literal or name) */
@@ -101,7 +100,5 @@ void config_usage(FILE *out);
 /* Writes the effective configuration as one JSON object (no newline). */
 void config_print_json(const struct srv_config *c, FILE *out);
 
-/* "error", "warn", "info", "debug". */
-const char *config_level_name(enum log_level l);
 
 #endif

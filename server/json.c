@@ -629,3 +629,15 @@ done:;
         *end = (size_t)(vend - (const unsigned char *)s);
     return true;
 }
+
+void json_error_doc(struct json_buf *o, const char *code, const char *message,
+                    const char *extra)
+{
+    json_buf_append_str(o, "{\"error\":{\"code\":\"");
+    json_buf_append_str(o, code);
+    json_buf_append_str(o, "\",\"message\":");
+    json_append_string(o, message, strlen(message));
+    if (extra)
+        json_buf_append_str(o, extra);
+    json_buf_append_str(o, "}}\n");
+}

@@ -123,4 +123,11 @@ bool json_valid(const char *s, size_t len, size_t *start, size_t *end);
  * (2^53+1 reads as 2^53). *out is left untouched on error. */
 int json_id_from_number(double v, int64_t *out);
 
+/* The error document every error answer of fanout's has:
+ * {"error":{"code":"<code>","message":"<message>"<extra>}} and a newline. 'code' is a plain
+ * token (not escaped); 'message' is escaped; 'extra' is raw JSON members starting with a comma,
+ * or NULL. */
+void json_error_doc(struct json_buf *out, const char *code, const char *message,
+                    const char *extra);
+
 #endif

@@ -34,8 +34,8 @@
 
 #include "ctx/ctx.h"
 #include "server/config.h"
-#include "server/demo.h"
-#include "server/srv.h"
+#include "server/demo/demo.h"
+#include "server/http/srv.h"
 #include "server/version.h"
 
 /* Lifts the open-file limit to the hard limit: every client and upstream connection is an fd. */

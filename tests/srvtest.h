@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #include "server/config.h"
-#include "server/srv.h"
+#include "server/http/srv.h"
 #include "tests/support.h"
 #include "tests/upstub.h"
 

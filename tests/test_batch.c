@@ -22,12 +22,12 @@
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
 #include "fetch/url.h"
-#include "server/batch.h"
-#include "server/budget.h"
-#include "server/call.h"
-#include "server/metrics.h"
-#include "server/render.h"
-#include "server/request.h"
+#include "server/batch/batch.h"
+#include "server/batch/budget.h"
+#include "server/batch/result.h"
+#include "server/obs/metrics.h"
+#include "server/batch/render.h"
+#include "server/batch/request.h"
 #include "tests/core_util.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
@@ -103,18 +103,18 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     metrics_init(g->m);
     g->root = ctx_new(ctx_background(), CTX_FOREVER);
     g->flights = flights_new();
-    g->env = (struct batch_env){.fetch = g->fetch,
-                                .ups = g->ups,
-                                .root = g->root,
-                                .hedge_budget = &g->hedge,
-                                .retry_budget = &g->retry,
-                                .metrics = g->m,
-                                .flights = g->flights,
+    g->env = (struct batch_env){.flight = {.fetch = g->fetch,
+                                           .ups = g->ups,
+                                           .root = g->root,
+                                           .hedge_budget = &g->hedge,
+                                           .retry_budget = &g->retry,
+                                           .metrics = g->m,
+                                           .flights = g->flights,
+                                           .retries = 0},
                                 .coalesce = true,
                                 .limit = 8,
                                 .max_response_bytes = 1 << 20,
                                 .max_body = 1 << 20,
-                                .retries = 0,
                                 .spread_min = BATCH_SPREAD_MIN};
     return g->root != NULL && g->flights != NULL;
 }
@@ -308,7 +308,7 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     struct rig g = {0};
     const char *pre[] = {"sleep60000-", ""};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
-    g.env.hedge_after_ms = 20;
+    g.env.flight.hedge_after_ms = 20;
     char id[32], body[128];
     id_ranked(&g, 0, 1, id, sizeof(id));
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":30000}", id);
@@ -320,7 +320,7 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1)); /* the loser, closed at the upstream */
     /* One hedge to B, or (if B was slow to answer) a second one, back to A. */
     uint64_t sent = M(&g.m->hedges_sent);
-    CU_ASSERT(sent >= 1 && sent <= CALL_MAX_HEDGES);
+    CU_ASSERT(sent >= 1 && sent <= FLIGHT_MAX_HEDGES);
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 1 + sent);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), sent); /* every A attempt lost */
@@ -349,7 +349,7 @@ static void test_batch_second_hedge_after_half_the_delay(void)
     const char *pre[] = {"sleep60000-", "sleep60000-"};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
     int64_t delay = test_ms(1000);
-    g.env.hedge_after_ms = delay;
+    g.env.flight.hedge_after_ms = delay;
     char id[32], body[128];
     id_ranked(&g, 0, 1, id, sizeof(id));
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":60000}", id);
@@ -375,7 +375,7 @@ static void test_batch_hedge_refused_by_budget(void)
     struct rig g = {0};
     const char *pre[] = {"sleep300-", ""};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 0));
-    g.env.hedge_after_ms = 20;
+    g.env.flight.hedge_after_ms = 20;
     while (budget_withdraw(&g.hedge, ctx_now())) /* spend the starting credit */
         ;
     char id[32], body[128];
@@ -407,7 +407,7 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
                                    .eject_max_ms = 1000,
                                    .max_ejected_pct = 50};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 100, 0));
-    g.env.hedge_after_ms = 10;
+    g.env.flight.hedge_after_ms = 10;
     char a[32], b[32], body[160];
     id_ranked(&g, 0, -1, a, sizeof(a));
     id_ranked(&g, 1, -1, b, sizeof(b));
@@ -422,7 +422,7 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
     CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
     uint64_t sent = M(&g.m->hedges_sent); /* each id hedged once or twice */
-    CU_ASSERT(sent >= 2 && sent <= 2 * CALL_MAX_HEDGES);
+    CU_ASSERT(sent >= 2 && sent <= 2 * FLIGHT_MAX_HEDGES);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]) + M(&g.m->up[1].fetches[RES_CANCELED]),
                     2 + sent);
     run_free(&r);
@@ -438,7 +438,7 @@ static void test_batch_retry_goes_to_the_next_upstream(void)
     struct rig g = {0};
     const char *pre[] = {"status503-", ""};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 100));
-    g.env.retries = 1;
+    g.env.flight.retries = 1;
     char id[32], body[128];
     id_ranked(&g, 0, 1, id, sizeof(id));
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"]}", id);
@@ -449,7 +449,7 @@ static void test_batch_retry_goes_to_the_next_upstream(void)
     CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_STATUS]), 1);
     run_free(&r);
-    g.env.retries = 0;
+    g.env.flight.retries = 0;
     CU_ASSERT_FATAL(run_body(&g, &r, body));
     CU_ASSERT_EQUAL(r.status, 502);
     CU_ASSERT_STRING_EQUAL(r.code, "upstream_status");
@@ -459,7 +459,7 @@ static void test_batch_retry_goes_to_the_next_upstream(void)
 
     const char *pre500[] = {"status500-", "status404-"};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre500, 0, 100));
-    g.env.retries = 3;
+    g.env.flight.retries = 3;
     char a[32], b2[32];
     id_ranked(&g, 0, 1, a, sizeof(a));
     id_ranked(&g, 1, 0, b2, sizeof(b2));
@@ -481,7 +481,7 @@ static void test_batch_retry_budget_and_deadline(void)
     struct rig g = {0};
     const char *pre[] = {"status503-", "status503-"};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 0));
-    g.env.retries = 1;
+    g.env.flight.retries = 1;
     while (budget_withdraw(&g.retry, ctx_now()))
         ;
     char id[32], body[160];
@@ -497,7 +497,7 @@ static void test_batch_retry_budget_and_deadline(void)
     /* Plenty of budget and retries, a short deadline: the chain stops at the deadline. */
     for (int i = 0; i < 2000; i++)
         budget_deposit(&g.retry, ctx_now());
-    g.env.retries = 10;
+    g.env.flight.retries = 10;
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":60}", id);
     CU_ASSERT_FATAL(run_body(&g, &r, body));
     CU_ASSERT(r.status == 502 || r.status == 504);
@@ -525,7 +525,7 @@ static void test_batch_no_retry_after_cancel(void)
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 0, 1000));
     for (int i = 0; i < 2000; i++)
         budget_deposit(&g.retry, ctx_now());
-    g.env.retries = 10;
+    g.env.flight.retries = 10;
     char id[32], body[128];
     id_ranked(&g, 0, 1, id, sizeof(id));
     snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":30000}", id);
@@ -558,7 +558,7 @@ static void test_batch_failover_and_ejection(void)
     CU_ASSERT_FATAL(rig_init(&g, 2, NULL, 0, 1000));
     for (int i = 0; i < 2000; i++)
         budget_deposit(&g.retry, ctx_now());
-    g.env.retries = 1;
+    g.env.flight.retries = 1;
     /* A third upstream whose port refuses: rebuild the set with it first in the list. */
     uint16_t port = 0;
     int refusing = srvtest_refusing_port(&port);
@@ -569,7 +569,7 @@ static void test_batch_failover_and_ejection(void)
     upstreams_free(g.ups);
     char err[256];
     CU_ASSERT_FATAL(upstreams_new(t, 3, &g.uo, &g.ups, err, sizeof(err)) == 0);
-    g.env.ups = g.ups;
+    g.env.flight.ups = g.ups;
     int failed = 0;
     for (int i = 0; i < 20; i++) {
         char id[32], body[128];
@@ -613,7 +613,7 @@ static void test_batch_settled_every_error_kind(void)
     fo.max_body = 1000;
     fo.idle_poll_ms = 600000;
     CU_ASSERT_FATAL(fetch_new(&fo, &g.fetch) == 0);
-    g.env.fetch = g.fetch;
+    g.env.flight.fetch = g.fetch;
     /* The deadline is far longer than the fast fetches take, scaled like every bound. */
     int64_t tmo = test_ms(1000);
     char body[512];
@@ -745,8 +745,8 @@ static void test_batch_storm(void)
     struct rig g = {0};
     const char *pre[] = {"", "status503-"};
     CU_ASSERT_FATAL(rig_init(&g, 2, pre, 50, 1000));
-    g.env.hedge_after_ms = 3;
-    g.env.retries = 2;
+    g.env.flight.hedge_after_ms = 3;
+    g.env.flight.retries = 2;
     enum { T = 4 };
     pthread_t t[T];
     struct storm s[T];
@@ -1394,7 +1394,7 @@ static bool rig_new_fetch(struct rig *g)
     fo.idle_poll_ms = 600000;
     if (fetch_new(&fo, &g->fetch) != 0)
         return false;
-    g->env.fetch = g->fetch;
+    g->env.flight.fetch = g->fetch;
     return true;
 }
 

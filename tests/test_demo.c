@@ -1,7 +1,7 @@
 /* Tests for server/demo: routes, magic ids, id escaping, keep-alive, delays that hold no thread,
  * clients that hang up mid-delay, and demo_stop() with requests suspended. Clients are libcurl
  * easy handles (one at a time) or a multi handle driven from the test's own thread. */
-#include "server/demo.h"
+#include "server/demo/demo.h"
 
 #include <CUnit/CUnit.h>
 #include <cjson/cJSON.h>

@@ -4,7 +4,7 @@
 #include <pthread.h>
 #include <string.h>
 
-#include "server/framing.h"
+#include "server/http/framing.h"
 #include "server/membudget.h"
 #include "tests/support.h"
 

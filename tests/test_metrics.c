@@ -14,7 +14,7 @@
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
 #include "server/json.h"
-#include "server/metrics.h"
+#include "server/obs/metrics.h"
 #include "server/version.h"
 #include "tests/prom.h"
 #include "tests/support.h"

@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
-#include "server/watch.h"
+#include "server/http/watch.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 

@@ -12,10 +12,10 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
-#include "server/batch.h"
-#include "server/call.h"
+#include "server/batch/batch.h"
+#include "server/batch/result.h"
 #include "server/json.h"
-#include "server/render.h"
+#include "server/batch/render.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 

@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "fetch/upstream.h"
-#include "server/budget.h"
+#include "server/batch/budget.h"
 #include "tests/support.h"
 
 static struct upstreams *make(unsigned n, enum upstream_policy p, unsigned eject_after,

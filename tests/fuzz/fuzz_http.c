@@ -20,7 +20,7 @@
 
 #include "ctx/ctx.h"
 #include "server/config.h"
-#include "server/srv.h"
+#include "server/http/srv.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

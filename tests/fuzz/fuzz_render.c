@@ -14,9 +14,9 @@
 #include <string.h>
 
 #include "fetch/fetch.h"
-#include "server/call.h"
+#include "server/batch/result.h"
 #include "server/json.h"
-#include "server/render.h"
+#include "server/batch/render.h"
 
 /* What the line writer wrote. */
 struct lines_seen {

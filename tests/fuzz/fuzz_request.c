@@ -12,8 +12,8 @@
 
 #include "fetch/url.h"
 #include "server/json.h"
-#include "server/plan.h"
-#include "server/request.h"
+#include "server/batch/plan.h"
+#include "server/batch/request.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,6 +1,6 @@
 /* budget: the windowed token bucket of budget.h. The window is BUDGET_WINDOW_S one-second
  * slots of deposits; the cap is their sum (at least the base), so it follows the recent rate. */
-#include "server/budget.h"
+#include "server/batch/budget.h"
 
 void budget_init(struct budget *b, unsigned pct, unsigned floor_per_s, int64_t now_ms)
 {

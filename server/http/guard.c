@@ -8,7 +8,7 @@
  * guard_conn_close(), in the thread's epoll set (EPOLLIN); it is read and dropped until the
  * client's end, an error, its byte allowance, or its deadline, then closed. Lock order: only
  * 'mu'; the callbacks run with it released. */
-#include "server/guard.h"
+#include "server/http/guard.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -28,7 +28,6 @@
 
 #include "ctx/ctx.h"
 #include "server/json.h"
-#include "server/render.h"
 
 enum phase {
     PH_WAITING, /* between requests, or before the first: header deadline once bytes come */
@@ -107,7 +106,7 @@ bool guard_answer(int fd, unsigned status, const char *code, const char *message
 {
     struct json_buf b;
     json_buf_init(&b);
-    render_error_doc(&b, code, message, NULL);
+    json_error_doc(&b, code, message, NULL);
     char head[512];
     int hn = snprintf(head, sizeof(head),
                       "HTTP/1.1 %u %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"

@@ -12,10 +12,13 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "server/config.h"
+enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
 
 struct json_buf;
 struct log;
+
+/* "error", "warn", "info", "debug" (the --log-level words and the lines' "level"). */
+const char *log_level_name(enum log_level l);
 
 /* Starts the writer thread for 'fd' with a 'ring_bytes' queue; lines above 'level' are skipped.
  * '*dropped' (may be NULL) counts dropped lines. Returns 0 or a negative errno. */

@@ -93,9 +93,4 @@ void line_writer_init(struct line_writer *lw, const struct render_limits *lim,
                       void (*emit)(void *arg, const char *data, size_t len), void *arg);
 void line_writer_destroy(struct line_writer *lw);
 
-/* {"error":{"code":..,"message":..<extra>}} for an error of the server's own (no batch):
- * 'extra' is raw JSON members starting with a comma, or NULL. */
-void render_error_doc(struct json_buf *out, const char *code, const char *message,
-                      const char *extra);
-
 #endif

@@ -51,10 +51,27 @@
 #include <stddef.h>
 #include <stdint.h>
 
-struct batch_env;
+struct budget;
 struct ctx;
+struct fetch;
 struct flight;
 struct flights;
+struct metrics;
+struct upstreams;
+
+/* What every flight runs with: the server's, read-only, shared by all flights. */
+struct flight_env {
+    struct fetch *fetch;          /* the engine */
+    struct upstreams *ups;        /* where keys are fetched from */
+    struct ctx *root;             /* parent of every flight's ctx (canceled at shutdown) */
+    struct budget *hedge_budget;  /* shared by all flights */
+    struct budget *retry_budget;  /* shared by all flights */
+    struct metrics *metrics;      /* fetch, hedge, retry, flight and per-upstream counters */
+    struct flights *flights;      /* the registry of running flights, for coalescing */
+    int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
+    bool hedge_auto;              /* hedge after the first upstream's recent p95 */
+    unsigned retries;             /* extra attempts after a retryable failure */
+};
 
 /* Hedges per flight: each time the delay passes with no answer, one more attempt, this many at
  * most (so an attempt and its hedge both landing in the tail cannot hold a batch back). */
@@ -109,7 +126,7 @@ void flights_free(struct flights *t); /* every flight must have ended */
  * Returns 0, and cb(arg, cause) runs exactly once on that thread, never from inside
  * flight_wait(); or -ENOMEM / FETCH_ESHUTDOWN, and nothing was started or joined. A new flight
  * that cannot be posted to its loop is decided at once with that error (its waiters get it). */
-int flight_wait(const struct batch_env *env, struct ctx *parent, const struct flight_params *p,
+int flight_wait(const struct flight_env *env, struct ctx *parent, const struct flight_params *p,
                 struct flight_waiter *w, flight_wait_fn cb, void *arg);
 
 /* The outcome, once cb was called with 0: valid until flight_release(). */

@@ -11,7 +11,7 @@
  * cannot deadlock.
  * EPOLLONESHOT: a hung-up socket reports once instead of on every wait. An eventfd stops the
  * thread. */
-#include "server/watch.h"
+#include "server/http/watch.h"
 
 #include <errno.h>
 #include <pthread.h>

@@ -6,7 +6,7 @@
  * request path needs. A histogram's buckets are stored per bucket and summed while rendering, so
  * the rendered buckets are cumulative and _count equals the +Inf bucket in every scrape even while
  * observations land. Threads: any. */
-#include "server/metrics.h"
+#include "server/obs/metrics.h"
 
 #include <curl/curl.h>
 #include <errno.h>

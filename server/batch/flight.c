@@ -26,7 +26,7 @@
  * is decided on the caller's thread, before anything of its run exists, and while the caller's
  * waiter is still linked: so no other waiter can have become its last to leave, and no deferred
  * callback is called from the wrong thread. */
-#include "server/flight.h"
+#include "server/batch/flight.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -38,9 +38,8 @@
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
-#include "server/batch.h"
-#include "server/budget.h"
-#include "server/metrics.h"
+#include "server/batch/budget.h"
+#include "server/obs/metrics.h"
 
 #define BACKOFF_BASE_MS 25
 #define BACKOFF_MAX_MS 250
@@ -73,7 +72,7 @@ struct flight_timer {
 
 struct flight {
     /* Set when made, then read-only (any thread): */
-    const struct batch_env *env;
+    const struct flight_env *env;
     struct flights *table;
     struct ctx *ctx;           /* child of env->root; canceled when decided or abandoned */
     unsigned loop;             /* the loop the run is on */
@@ -325,7 +324,7 @@ static void decide_canceled(struct flight *f, int cause)
  * (nothing started). */
 static int start_attempt(struct flight *f, bool hedge)
 {
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     unsigned up = upstreams_pick(env->ups, f->rank, f->started, ctx_now());
     char stack[URL_STACK], *url = stack;
     size_t n = upstream_url(env->ups, up, f->key, f->key_len, stack, sizeof(stack));
@@ -388,7 +387,7 @@ static bool retryable(const struct fetch_result *r)
 /* After a retryable failure with nothing else out: arms the backoff, if allowed. */
 static bool try_retry(struct flight *f)
 {
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     if (f->retries >= env->retries || ctx_err(f->ctx) != 0)
         return false;
     uint64_t cap = ((uint64_t)1 << (f->retries + 1 < 20 ? f->retries + 1 : 20)) - 1;
@@ -422,7 +421,7 @@ static void attempt_done(void *arg, struct fetch_result *r)
 {
     struct attempt *a = arg;
     struct flight *f = a->f;
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     bool hedge = a->hedge;
     f->pending--;
     f->in_flight--;
@@ -488,7 +487,7 @@ static void timer_done(void *arg, struct fetch_result *r)
             decide_canceled(f, r->err);
         return; /* a hedge timer stopped early: the attempt in flight reports the cause */
     }
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     if (kind == TIMER_BACKOFF && !stale) {
         int rc = start_attempt(f, false);
         if (rc != 0) {
@@ -518,7 +517,7 @@ static void timer_done(void *arg, struct fetch_result *r)
 /* The hedge delay for a flight whose first attempt went to 'up', or -1 for no hedge. */
 static int64_t hedge_delay(const struct flight *f, unsigned up)
 {
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     if (!f->hedge)
         return -1;
     if (!env->hedge_auto)
@@ -540,7 +539,7 @@ static void fail_start(struct flight *f, int rc)
  * delivered to the waiter already linked). */
 static void run(struct flight *f)
 {
-    const struct batch_env *env = f->env;
+    const struct flight_env *env = f->env;
     upstreams_rank(env->ups, f->key, f->key_len, f->rank);
     budget_deposit(env->hedge_budget, ctx_now());
     budget_deposit(env->retry_budget, ctx_now());
@@ -670,7 +669,7 @@ static void waiter_fired(void *arg, struct fetch_result *r)
 }
 
 /* A new flight with two references (its run's and its first waiter's). */
-static struct flight *flight_alloc(const struct batch_env *env, const struct flight_params *p,
+static struct flight *flight_alloc(const struct flight_env *env, const struct flight_params *p,
                                    uint64_t hash, int64_t deadline)
 {
     struct flight *f = calloc(1, sizeof(*f) + p->key_len);
@@ -698,7 +697,7 @@ static struct flight *flight_alloc(const struct batch_env *env, const struct fli
     return f;
 }
 
-int flight_wait(const struct batch_env *env, struct ctx *parent, const struct flight_params *p,
+int flight_wait(const struct flight_env *env, struct ctx *parent, const struct flight_params *p,
                 struct flight_waiter *w, flight_wait_fn cb, void *arg)
 {
     *w = (struct flight_waiter){.cb = cb, .arg = arg, .loop = p->loop};

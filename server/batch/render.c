@@ -1,5 +1,5 @@
 /* render: error mapping and the buffer writer (see render.h). */
-#include "server/render.h"
+#include "server/batch/render.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "fetch/fetch.h"
-#include "server/call.h"
+#include "server/batch/result.h"
 
 void render_error(const struct render_limits *lim, const char *echo, const struct call_result *r,
                   struct render_error *e)
@@ -62,18 +62,6 @@ void render_error(const struct render_limits *lim, const char *echo, const struc
                  *detail ? ": " : "", detail);
         return;
     }
-}
-
-void render_error_doc(struct json_buf *o, const char *code, const char *message,
-                      const char *extra)
-{
-    json_buf_append_str(o, "{\"error\":{\"code\":\"");
-    json_buf_append_str(o, code);
-    json_buf_append_str(o, "\",\"message\":");
-    json_append_string(o, message, strlen(message));
-    if (extra)
-        json_buf_append_str(o, extra);
-    json_buf_append_str(o, "}}\n");
 }
 
 /* ---------------------------------------------------------------- the buffer writer */
@@ -168,7 +156,7 @@ static void bw_fail(struct writer *w, const char *echo, const struct call_result
         bw->fail_id = strdup(echo);
     }
     error_members(&extra, &e, r);
-    render_error_doc(&bw->out, e.code, e.message, extra.data);
+    json_error_doc(&bw->out, e.code, e.message, extra.data);
     if (json_buf_failed(&extra))
         bw->out.oom = true;
     json_buf_destroy(&extra);
@@ -187,7 +175,7 @@ static void bw_end(struct writer *w)
         snprintf(msg, sizeof(msg), "the response would exceed %zu bytes (--max-response-bytes)",
                  w->lim.max_response_bytes);
         json_buf_clear(&bw->out);
-        render_error_doc(&bw->out, "upstream_too_large", msg, NULL);
+        json_error_doc(&bw->out, "upstream_too_large", msg, NULL);
         bw->status = 502;
         bw->code = "upstream_too_large";
     }

@@ -1,5 +1,5 @@
 /* request: parsing and checking a batch body (see request.h). */
-#include "server/request.h"
+#include "server/batch/request.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -36,7 +36,7 @@
  * whoever calls demo_stop() (the last two run hooks). Locks: 'mu' guards the wake list, the count
  * of suspended connections and the stop flags; nothing else is called while it is held except
  * the eventfd write. Counters are atomics. */
-#include "server/demo.h"
+#include "server/demo/demo.h"
 
 #include <arpa/inet.h>
 #include <assert.h>

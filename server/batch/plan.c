@@ -1,13 +1,13 @@
 /* plan: keys and deduplication (see plan.h). An open-addressing table of call indices, sized to
  * twice the positions, finds a key's call in one probe on average. */
-#include "server/plan.h"
+#include "server/batch/plan.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fetch/url.h"
-#include "server/request.h"
+#include "server/batch/request.h"
 
 static uint64_t hash_bytes(const char *s, size_t n)
 {

@@ -21,7 +21,7 @@
  * - CR, LF or NUL inside a value is 400 (RFC 9110 5.5 allows reject or replace; rejecting keeps
  *   a truncated value from reaching a log or an upstream). So are other control bytes but HTAB.
  * - Host: exactly one on HTTP/1.1 (RFC 9112 3.2 MUST 400), at most one otherwise. */
-#include "server/framing.h"
+#include "server/http/framing.h"
 
 #include <stdio.h>
 #include <string.h>

@@ -23,13 +23,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "server/request.h"
+#include "server/batch/flight.h"
+#include "server/batch/request.h"
 
 struct ctx;
-struct fetch;
-struct upstreams;
-struct budget;
-struct metrics;
 struct writer;
 struct batch;
 struct membudget;
@@ -42,20 +39,11 @@ struct membudget;
 
 /* Everything a batch needs from the server. Read-only, shared by all batches. */
 struct batch_env {
-    struct fetch *fetch;          /* the engine */
-    struct upstreams *ups;        /* where ids are fetched from */
-    struct ctx *root;             /* parent of every batch ctx (canceled at shutdown) */
-    struct budget *hedge_budget;  /* shared by all batches */
-    struct budget *retry_budget;  /* shared by all batches */
-    struct metrics *metrics;      /* fetch, hedge, retry, flight and per-upstream counters */
-    struct flights *flights;      /* running flights, for coalescing (flight.h) */
+    struct flight_env flight;     /* what its calls' flights run with (flight.h) */
     bool coalesce;                /* --coalesce on */
     int limit;                    /* calls in flight per batch (the errgroup limit) */
     size_t max_response_bytes;    /* one answer's size */
     size_t max_body;              /* upstream body per id (for messages) */
-    int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
-    bool hedge_auto;              /* hedge after the first upstream's recent p95 */
-    unsigned retries;             /* extra attempts after a retryable failure */
     struct membudget *mem;        /* the server's memory budget, or NULL for none */
     unsigned spread_min;          /* spread a batch's new flights over the loops when at least
                                      this many of its calls can be in flight at once

@@ -9,7 +9,7 @@
  * most PIPE_BUF bytes at a time, after poll() says the fd takes bytes, so log_free() is never
  * stuck behind a reader that stopped reading: once stopping, the writer gives the fd
  * LOG_FLUSH_MS to make progress, then drops what is left. */
-#include "server/log.h"
+#include "server/obs/log.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -155,6 +155,12 @@ fail_free:
     return rc;
 }
 
+const char *log_level_name(enum log_level l)
+{
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    return (unsigned)l < 4 ? names[l] : "info";
+}
+
 bool log_enabled(const struct log *l, enum log_level level)
 {
     return l && level <= l->level;
@@ -170,7 +176,7 @@ void log_begin(struct json_buf *b, enum log_level level, const char *msg)
     json_buf_printf(b,
                     "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\",\"msg\":",
                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                    ts.tv_nsec / 1000000, config_level_name(level));
+                    ts.tv_nsec / 1000000, log_level_name(level));
     json_append_string(b, msg, strlen(msg));
 }
 

@@ -28,7 +28,7 @@
  * waits for their answers, logging each step. srv_free() stops the daemon (no connection is
  * suspended any more) and then every other thread, in reverse order of creation; the ctx timer
  * is process-wide and stopped by ctx_shutdown() in main. */
-#include "server/srv.h"
+#include "server/http/srv.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
@@ -53,20 +53,20 @@
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
-#include "server/batch.h"
-#include "server/budget.h"
-#include "server/demo.h"
-#include "server/flight.h"
-#include "server/framing.h"
-#include "server/guard.h"
+#include "server/batch/batch.h"
+#include "server/batch/budget.h"
+#include "server/demo/demo.h"
+#include "server/batch/flight.h"
+#include "server/http/framing.h"
+#include "server/http/guard.h"
 #include "server/json.h"
-#include "server/log.h"
+#include "server/obs/log.h"
 #include "server/membudget.h"
-#include "server/metrics.h"
-#include "server/render.h"
-#include "server/request.h"
+#include "server/obs/metrics.h"
+#include "server/batch/render.h"
+#include "server/batch/request.h"
 #include "server/version.h"
-#include "server/watch.h"
+#include "server/http/watch.h"
 
 enum route { R_BATCH, R_HEALTHZ, R_READYZ, R_METRICS, R_NOT_FOUND, R_BAD_METHOD };
 
@@ -264,7 +264,7 @@ static enum MHD_Result error_resp(struct req *r, unsigned status, const char *co
 {
     struct json_buf b;
     json_buf_init(&b);
-    render_error_doc(&b, code, message, NULL);
+    json_error_doc(&b, code, message, NULL);
     r->err_code = code;
     if (json_buf_failed(&b)) {
         json_buf_destroy(&b);
@@ -1284,19 +1284,19 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
         goto fail;
     }
     fit_fd_budget(s);
-    s->env = (struct batch_env){.fetch = s->fetch,
-                                .ups = s->ups,
-                                .root = s->root,
-                                .hedge_budget = &s->hedge_budget,
-                                .retry_budget = &s->retry_budget,
-                                .metrics = &s->metrics,
-                                .flights = s->flights,
+    s->env = (struct batch_env){.flight = {.fetch = s->fetch,
+                                           .ups = s->ups,
+                                           .root = s->root,
+                                           .hedge_budget = &s->hedge_budget,
+                                           .retry_budget = &s->retry_budget,
+                                           .metrics = &s->metrics,
+                                           .flights = s->flights,
+                                           .hedge_after_ms = cfg->hedge_after_ms,
+                                           .hedge_auto = cfg->hedge_auto,
+                                           .retries = cfg->retries},
                                 .limit = cfg->limit,
                                 .max_response_bytes = cfg->max_response_bytes,
                                 .max_body = cfg->max_body,
-                                .hedge_after_ms = cfg->hedge_after_ms,
-                                .hedge_auto = cfg->hedge_auto,
-                                .retries = cfg->retries,
                                 .coalesce = cfg->coalesce,
                                 .spread_min = cfg->spread_min};
     membudget_init(&s->mem, cfg->max_memory);
