@@ -151,8 +151,8 @@ struct fetch {
     atomic_bool stopping;     /* fetch_free() began (fast path; the loop's flag decides) */
     bool proxy_env;           /* a proxy variable is set: curl reads them for each transfer */
     struct fetch_resolver *resolver; /* host name lookups for all loops */
-    atomic_uint_fast64_t ok, status, unreachable, deadline, canceled, too_large, in_flight,
-        conns_opened, bytes; /* see struct fetch_stats */
+    atomic_uint_fast64_t outcomes[OUTCOME_KINDS]; /* transfers ended, by kind (outcome.h) */
+    atomic_uint_fast64_t in_flight, conns_opened, bytes; /* see struct fetch_stats */
 };
 
 /* ---------------------------------------------------------------- small helpers */
@@ -278,24 +278,6 @@ void fetch_opts_default(struct fetch_opts *o)
     o->dns_ttl_ms = DNS_TTL_MS;
     o->lookup = NULL;
     o->lookup_arg = NULL;
-}
-
-const char *fetch_result_name(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case FETCH_ESTATUS:
-        return "upstream_status";
-    case FETCH_EUNREACH:
-        return "unreachable";
-    case FETCH_ETOOBIG:
-        return "too_large";
-    case -ETIMEDOUT:
-        return "deadline";
-    default:
-        return "canceled";
-    }
 }
 
 /* ---------------------------------------------------------------- easy handles */
@@ -466,31 +448,15 @@ static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const cha
         x->dns = NULL;
     }
 
-    atomic_uint_fast64_t *counter;
-    switch (from_ctx && err != -ETIMEDOUT ? -ECANCELED : err) {
-    case 0:
-        counter = &f->ok;
-        detail = "ok";
-        break;
-    case FETCH_ESTATUS:
-        counter = &f->status;
+    struct outcome o = outcome_of(err, r.status, from_ctx);
+    if (err == FETCH_ESTATUS) {
         snprintf(buf, sizeof(buf), "upstream answered with status %ld", r.status);
         detail = buf;
-        break;
-    case FETCH_EUNREACH:
-        counter = &f->unreachable;
-        break;
-    case FETCH_ETOOBIG:
-        counter = &f->too_large;
+    } else if (err == FETCH_ETOOBIG) {
         snprintf(buf, sizeof(buf), "upstream body larger than %zu bytes", x->max_body);
         detail = buf;
-        break;
-    case -ETIMEDOUT:
-        counter = &f->deadline;
-        break;
-    default:
-        counter = &f->canceled;
-        break;
+    } else if (err == 0) {
+        detail = "ok";
     }
     if (!detail) {
         if (err == -ETIMEDOUT)
@@ -516,7 +482,7 @@ static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const cha
     x->body = NULL;
     r.elapsed_us = now_us() - x->t0_us;
     r.elapsed_ms = r.elapsed_us / 1000;
-    atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&f->outcomes[o.kind], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&f->bytes, x->received, memory_order_relaxed);
     atomic_fetch_sub_explicit(&f->in_flight, 1, memory_order_relaxed);
 
@@ -1089,12 +1055,12 @@ unsigned fetch_pick_loop(struct fetch *f)
 
 void fetch_stats(struct fetch *f, struct fetch_stats *s)
 {
-    s->ok = atomic_load_explicit(&f->ok, memory_order_relaxed);
-    s->status = atomic_load_explicit(&f->status, memory_order_relaxed);
-    s->unreachable = atomic_load_explicit(&f->unreachable, memory_order_relaxed);
-    s->deadline = atomic_load_explicit(&f->deadline, memory_order_relaxed);
-    s->canceled = atomic_load_explicit(&f->canceled, memory_order_relaxed);
-    s->too_large = atomic_load_explicit(&f->too_large, memory_order_relaxed);
+    s->ok = atomic_load_explicit(&f->outcomes[OUTCOME_OK], memory_order_relaxed);
+    s->status = atomic_load_explicit(&f->outcomes[OUTCOME_STATUS], memory_order_relaxed);
+    s->unreachable = atomic_load_explicit(&f->outcomes[OUTCOME_UNREACHABLE], memory_order_relaxed);
+    s->deadline = atomic_load_explicit(&f->outcomes[OUTCOME_DEADLINE], memory_order_relaxed);
+    s->canceled = atomic_load_explicit(&f->outcomes[OUTCOME_CANCELED], memory_order_relaxed);
+    s->too_large = atomic_load_explicit(&f->outcomes[OUTCOME_TOO_LARGE], memory_order_relaxed);
     s->in_flight = atomic_load_explicit(&f->in_flight, memory_order_relaxed);
     s->conns_opened = atomic_load_explicit(&f->conns_opened, memory_order_relaxed);
     s->bytes = atomic_load_explicit(&f->bytes, memory_order_relaxed);

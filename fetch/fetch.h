@@ -25,18 +25,10 @@
 #include <stdint.h>
 
 #include "fetch/lookup.h"
+#include "fetch/outcome.h"
 
 struct ctx;
 struct fetch;
-
-/* Error codes in fetch's reserved range; ctx causes (-ETIMEDOUT, -ECANCELED, ...) pass through.
- * -ETIMEDOUT means the ctx's deadline: the ctx expired, or curl's CURLOPT_TIMEOUT_MS (set to the
- * ctx's remaining time) ran out. A connect phase that hits connect_timeout_ms while the deadline
- * is still ahead is FETCH_EUNREACH. */
-#define FETCH_ESTATUS (-2001)  /* the upstream answered with a non-2xx status */
-#define FETCH_EUNREACH (-2002) /* DNS, connect, reset, empty reply or another transport error */
-#define FETCH_ETOOBIG (-2003)  /* the body passed the cap (aborted as soon as it did) */
-#define FETCH_ESHUTDOWN (-2004) /* the engine is stopping */
 
 struct fetch_opts {
     unsigned loops;            /* loop threads (>= 1) */
@@ -148,10 +140,6 @@ int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms,
 
 /* Reads the counters. Thread-safe and lock-free. */
 void fetch_stats(struct fetch *f, struct fetch_stats *s);
-
-/* A short name for an error code: "ok", "upstream_status", "unreachable", "deadline", "canceled",
- * "too_large" (the metrics label). */
-const char *fetch_result_name(int err);
 
 /* Aborts all transfers (callbacks get FETCH_ESHUTDOWN unless their ctx was already done), joins
  * the loops and the resolver threads and frees the engine. Every callback has run before it

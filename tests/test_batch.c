@@ -323,8 +323,8 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT(sent >= 1 && sent <= FLIGHT_MAX_HEDGES);
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 1 + sent);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), sent); /* every A attempt lost */
-    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[RES_OK]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent); /* every A attempt lost */
+    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[OUTCOME_OK]), 1);
     run_free(&r);
 
     /* "hedge": false in the body: no hedge, the deadline ends it. */
@@ -423,7 +423,7 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
     CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
     uint64_t sent = M(&g.m->hedges_sent); /* each id hedged once or twice */
     CU_ASSERT(sent >= 2 && sent <= 2 * FLIGHT_MAX_HEDGES);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]) + M(&g.m->up[1].fetches[RES_CANCELED]),
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]) + M(&g.m->up[1].fetches[OUTCOME_CANCELED]),
                     2 + sent);
     run_free(&r);
     rig_free(&g);
@@ -447,7 +447,7 @@ static void test_batch_retry_goes_to_the_next_upstream(void)
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id);
     CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_STATUS]), 1);
     run_free(&r);
     g.env.flight.retries = 0;
     CU_ASSERT_FATAL(run_body(&g, &r, body));
@@ -585,7 +585,7 @@ static void test_batch_failover_and_ejection(void)
     CU_ASSERT_EQUAL(failed, 0);
     CU_ASSERT_TRUE(upstream_ejected(g.ups, 0, ctx_now()));
     CU_ASSERT_EQUAL(upstream_ejections(g.ups, 0), 1);
-    uint64_t tried = M(&g.m->up[0].fetches[RES_UNREACHABLE]);
+    uint64_t tried = M(&g.m->up[0].fetches[OUTCOME_UNREACHABLE]);
     /* eject_after attempts, plus at most the batch's other id already on its way to it at the
      * moment of the ejection; then never again. Each was retried elsewhere. */
     CU_ASSERT(tried >= 3 && tried <= 4);
@@ -679,8 +679,8 @@ static void test_batch_first_error_cancels_siblings_counted_canceled(void)
                     upstub_count(g.stub[0], "/items/sleep60000-b") +
                     upstub_count(g.stub[0], "/items/sleep60000-c");
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, sent));
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_STATUS]), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), sent);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent);
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);
     CU_ASSERT_EQUAL(st.status, 1);
@@ -801,7 +801,7 @@ static void test_coalesce_last_waiter_cancels_flight(void)
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_started), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 1);
     run_free(&a);
     run_free(&b);
     rig_free(&g);
@@ -1134,7 +1134,7 @@ static bool fetches_in_flight(void *arg)
 static uint64_t up_fetches(const struct rig *g)
 {
     uint64_t n = 0;
-    for (int k = 0; k < RES_COUNT; k++)
+    for (int k = 0; k < OUTCOME_KINDS; k++)
         n += M(&g->m->up[0].fetches[k]);
     return n;
 }
@@ -1167,7 +1167,7 @@ static void test_spread_runs_on_every_loop(void)
     CU_ASSERT(test_wait_until(fetches_in_flight, &g, WAIT_MS)); /* every run has started */
     ctx_cancel(batch_ctx(r.b), -EPIPE);
     CU_ASSERT_FATAL(run_finish(&r));
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 64); /* before the answer */
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 64); /* before the answer */
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);
     CU_ASSERT_EQUAL(st.in_flight, 0);
@@ -1283,7 +1283,7 @@ static void test_spread_cancel_waits_for_every_attempt(void)
     unblock_loop(&k);
     CU_ASSERT_FATAL(run_finish(&r));
     CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_CANCELED]), 64); /* before the answer */
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 64); /* before the answer */
     CU_ASSERT_EQUAL(up_fetches(&g), 64);
     CU_ASSERT_FALSE(rw.wrong_thread);
     CU_ASSERT(rw.ended);
@@ -1327,7 +1327,7 @@ static void test_spread_deadline_waits_for_every_attempt(void)
     CU_ASSERT_FATAL(run_finish(&r));
     CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
     CU_ASSERT_EQUAL(up_fetches(&g), 64); /* every attempt counted before the answer */
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[RES_DEADLINE]) + M(&g.m->up[0].fetches[RES_CANCELED]),
+    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_DEADLINE]) + M(&g.m->up[0].fetches[OUTCOME_CANCELED]),
                     64);
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);

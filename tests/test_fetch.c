@@ -345,7 +345,7 @@ static void test_fetch_non_2xx_keeps_status_and_body(void)
     fetch_stats(f, &st);
     CU_ASSERT_EQUAL(st.status, 2);
     CU_ASSERT_EQUAL(st.ok, 1);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(FETCH_ESTATUS), "upstream_status");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(FETCH_ESTATUS, 0, false).kind), "upstream_status");
     fetch_free(f);
     upstub_free(s);
 }
@@ -384,7 +384,7 @@ static void test_fetch_connection_refused(void)
     struct fetch_stats st;
     fetch_stats(f, &st);
     CU_ASSERT_EQUAL(st.unreachable, 1);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(FETCH_EUNREACH), "unreachable");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(FETCH_EUNREACH, 0, false).kind), "unreachable");
 
     /* A URL that is not http(s) is refused by curl, never fetched. */
     res_init(&r);
@@ -524,7 +524,7 @@ static void test_fetch_body_cap(void)
     struct fetch_stats st;
     fetch_stats(f, &st);
     CU_ASSERT_EQUAL(st.too_large, 4);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(FETCH_ETOOBIG), "too_large");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(FETCH_ETOOBIG, 0, false).kind), "too_large");
     fetch_free(f);
     upstub_free(s);
 }
@@ -597,7 +597,7 @@ static void test_fetch_deadline(void)
     fetch_stats(f, &st);
     CU_ASSERT_EQUAL(st.deadline, 3);
     CU_ASSERT_EQUAL(st.canceled, 1);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(-ETIMEDOUT), "deadline");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(-ETIMEDOUT, 0, false).kind), "deadline");
     fetch_free(f);
     upstub_free(s);
 }
@@ -660,7 +660,7 @@ static void test_fetch_cancel_mid_flight(void)
     CU_ASSERT_EQUAL(st.canceled, 1);
     CU_ASSERT_EQUAL(st.ok, 1);
     CU_ASSERT_EQUAL(st.in_flight, 0);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(-ECANCELED), "canceled");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(-ECANCELED, 0, false).kind), "canceled");
     fetch_free(f);
     upstub_free(s);
 }
@@ -861,7 +861,7 @@ static void test_fetch_free_completes_in_flight(void)
     CU_ASSERT_EQUAL(shut, N + 1 - N / 3);
     CU_ASSERT_EQUAL(atomic_load(&l.resubmit_rc), FETCH_ESHUTDOWN);
     CU_ASSERT_EQUAL(atomic_load(&l.never_called), 0);
-    CU_ASSERT_STRING_EQUAL(fetch_result_name(FETCH_ESHUTDOWN), "canceled");
+    CU_ASSERT_STRING_EQUAL(outcome_name(outcome_of(FETCH_ESHUTDOWN, 0, false).kind), "canceled");
     ctx_free(live);
     ctx_free(dead);
     struct stub_cond idle = {.s = s};

@@ -175,11 +175,12 @@ static void test_metrics_routes_and_upstreams(void)
     struct upstreams *ups;
     char err[256];
     CU_ASSERT_FATAL(upstreams_new(t, 2, &uo, &ups, err, sizeof(err)) == 0);
-    metrics_count_fetch(&m, 0, 0, false, 1500);
-    metrics_count_fetch(&m, 0, FETCH_ESTATUS, false, 100);
-    metrics_count_fetch(&m, 0, FETCH_ESTATUS, true, 100); /* aborted by a sibling's 502 */
-    metrics_count_fetch(&m, 1, -ETIMEDOUT, true, 100);
-    metrics_count_fetch(&m, 1, FETCH_EUNREACH, false, 100);
+    metrics_count_fetch(&m, 0, outcome_of(0, 200, false).kind, 1500);
+    metrics_count_fetch(&m, 0, outcome_of(FETCH_ESTATUS, 502, false).kind, 100);
+    metrics_count_fetch(&m, 0, outcome_of(FETCH_ESTATUS, 502, true).kind, 100); /* aborted by a
+                                                                             sibling's 502 */
+    metrics_count_fetch(&m, 1, outcome_of(-ETIMEDOUT, 0, true).kind, 100);
+    metrics_count_fetch(&m, 1, outcome_of(FETCH_EUNREACH, 0, false).kind, 100);
     struct fetch_stats fs = {0};
     struct prom_scrape sc;
     CU_ASSERT_FATAL(render_parse_ups(&m, &fs, ups, &sc) == 0);

@@ -376,14 +376,6 @@ static int arm_timer(struct flight *f, enum timer_kind kind, int64_t ms)
     return 0;
 }
 
-/* Whether a failed attempt may be retried: a transport error, or 502/503/504. */
-static bool retryable(const struct fetch_result *r)
-{
-    if (r->err == FETCH_EUNREACH)
-        return true;
-    return r->err == FETCH_ESTATUS && (r->status == 502 || r->status == 503 || r->status == 504);
-}
-
 /* After a retryable failure with nothing else out: arms the backoff, if allowed. */
 static bool try_retry(struct flight *f)
 {
@@ -425,14 +417,11 @@ static void attempt_done(void *arg, struct fetch_result *r)
     bool hedge = a->hedge;
     f->pending--;
     f->in_flight--;
-    metrics_count_fetch(env->metrics, a->up, r->err, r->aborted, r->elapsed_us);
-    if (!r->aborted) {
-        bool failed = r->err == FETCH_EUNREACH || (r->err == FETCH_ESTATUS && r->status >= 500);
-        bool alive = r->err == 0 || r->err == FETCH_ESTATUS || r->err == FETCH_ETOOBIG;
-        if (failed || alive)
-            upstream_report(env->ups, a->up, failed ? UPSTREAM_FAILED : UPSTREAM_OK,
-                            r->err == 0 ? r->elapsed_us : -1, ctx_now());
-    }
+    struct outcome o = outcome_of(r->err, r->status, r->aborted);
+    metrics_count_fetch(env->metrics, a->up, o.kind, r->elapsed_us);
+    if (o.health != OUTCOME_NO_VERDICT)
+        upstream_report(env->ups, a->up, o.health == OUTCOME_FAILED ? UPSTREAM_FAILED : UPSTREAM_OK,
+                        r->err == 0 ? r->elapsed_us : -1, ctx_now());
     bool own_deadline = r->err == -ETIMEDOUT && ctx_err(a->ctx) != 0 && ctx_err(f->ctx) == 0;
     ctx_free(a->ctx);
     if (a == &f->attempt)
@@ -462,7 +451,7 @@ static void attempt_done(void *arg, struct fetch_result *r)
     }
     if (f->in_flight > 0)
         return; /* a hedge is still out and may answer */
-    if (retryable(r) && try_retry(f))
+    if (o.retryable && try_retry(f))
         return;
     decide(f);
 }

@@ -17,50 +17,53 @@ void render_error(const struct render_limits *lim, const char *echo, const struc
     const char *detail = r->detail ? r->detail : "";
     e->upstream_status = false;
     e->status = 502;
-    switch (r->err) {
-    case FETCH_ESTATUS:
-        e->code = "upstream_status";
-        e->upstream_status = true;
-        snprintf(e->message, sizeof(e->message), "upstream answered %ld for id %s", r->status, id);
-        return;
-    case FETCH_EUNREACH:
-        e->code = "upstream_unreachable";
-        snprintf(e->message, sizeof(e->message), "upstream unreachable for id %s: %s", id, detail);
-        return;
-    case FETCH_ETOOBIG:
-        e->code = "upstream_too_large";
-        snprintf(e->message, sizeof(e->message), "upstream body for id %s exceeds %zu bytes "
-                 "(--max-body)", id, lim->max_body);
-        return;
-    case CALL_ERESPONSE:
+    if (r->err == CALL_ERESPONSE) { /* the answer's own cap, not an attempt's ending */
         e->code = "upstream_too_large";
         snprintf(e->message, sizeof(e->message), "the response would exceed %zu bytes "
                  "(--max-response-bytes); it failed at id %s", lim->max_response_bytes, id);
         return;
-    case -ETIMEDOUT:
+    }
+    switch (outcome_of(r->err, r->status, false).kind) {
+    case OUTCOME_STATUS:
+        e->code = "upstream_status";
+        e->upstream_status = true;
+        snprintf(e->message, sizeof(e->message), "upstream answered %ld for id %s", r->status, id);
+        return;
+    case OUTCOME_UNREACHABLE:
+        e->code = "upstream_unreachable";
+        snprintf(e->message, sizeof(e->message), "upstream unreachable for id %s: %s", id, detail);
+        return;
+    case OUTCOME_TOO_LARGE:
+        e->code = "upstream_too_large";
+        snprintf(e->message, sizeof(e->message), "upstream body for id %s exceeds %zu bytes "
+                 "(--max-body)", id, lim->max_body);
+        return;
+    case OUTCOME_DEADLINE:
         e->status = 504;
         e->code = "deadline_exceeded";
         snprintf(e->message, sizeof(e->message), "deadline of %" PRId64 " ms exceeded%s%s",
                  lim->timeout_ms, echo ? " while fetching id " : "", echo ? echo : "");
         return;
-    case -ESHUTDOWN:
-    case FETCH_ESHUTDOWN:
+    case OUTCOME_OK:
+    case OUTCOME_CANCELED:
+    case OUTCOME_KINDS:
+        break;
+    }
+    /* Canceled: by shutdown (the client should go elsewhere), by a cancel, or for a cause of
+     * the server's own. */
+    e->status = 500;
+    if (r->err == -ESHUTDOWN || r->err == FETCH_ESHUTDOWN) {
         e->status = 503;
         e->code = "overloaded";
         snprintf(e->message, sizeof(e->message),
                  "the server is shutting down; retry on another instance");
-        return;
-    case -ECANCELED:
-        e->status = 500;
+    } else if (r->err == -ECANCELED) {
         e->code = "canceled";
         snprintf(e->message, sizeof(e->message), "the fetch of id %s was canceled", id);
-        return;
-    default:
-        e->status = 500;
+    } else {
         e->code = "internal";
         snprintf(e->message, sizeof(e->message), "internal error (%d)%s%s", r->err,
                  *detail ? ": " : "", detail);
-        return;
     }
 }
 

@@ -58,30 +58,12 @@ void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned 
     atomic_fetch_add_explicit(&m->by_status[route][status], 1, memory_order_relaxed);
 }
 
-static const char *const result_txt[RES_COUNT] = {"ok",       "upstream_status", "unreachable",
-                                                  "deadline", "canceled",        "too_large"};
-
-void metrics_count_fetch(struct metrics *m, unsigned up, int err, bool aborted, int64_t us)
+void metrics_count_fetch(struct metrics *m, unsigned up, enum outcome_kind kind, int64_t us)
 {
-    enum metrics_result r;
-    if (aborted)
-        r = err == -ETIMEDOUT ? RES_DEADLINE : RES_CANCELED;
-    else if (err == 0)
-        r = RES_OK;
-    else if (err == FETCH_ESTATUS)
-        r = RES_STATUS;
-    else if (err == FETCH_EUNREACH)
-        r = RES_UNREACHABLE;
-    else if (err == FETCH_ETOOBIG)
-        r = RES_TOO_LARGE;
-    else if (err == -ETIMEDOUT)
-        r = RES_DEADLINE;
-    else
-        r = RES_CANCELED;
     metrics_observe(&m->fetch_seconds, us);
     if (up >= METRICS_UPSTREAMS)
         return;
-    atomic_fetch_add_explicit(&m->up[up].fetches[r], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&m->up[up].fetches[kind], 1, memory_order_relaxed);
     metrics_observe(&m->up[up].seconds, us);
 }
 
@@ -135,9 +117,9 @@ static void render_upstreams(const struct metrics *m, struct upstreams *ups, str
     family(o, "fanout_upstream_fetches_total", "counter",
            "Upstream attempts completed, by upstream and result (hedges and retries included).");
     for (unsigned i = 0; i < n; i++)
-        for (unsigned r = 0; r < RES_COUNT; r++)
+        for (unsigned r = 0; r < OUTCOME_KINDS; r++)
             json_buf_printf(o, "fanout_upstream_fetches_total{upstream=\"%s\",result=\"%s\"} %" PRIu64
-                            "\n", upstream_label(ups, i), result_txt[r],
+                            "\n", upstream_label(ups, i), outcome_name((enum outcome_kind)r),
                             ld(&m->up[i].fetches[r]));
     family(o, "fanout_upstream_fetch_duration_seconds", "histogram",
            "Upstream attempt duration in seconds, by upstream.");

@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "fetch/outcome.h"
+
 struct json_buf;
 struct fetch_stats;
 struct upstreams;
@@ -25,14 +27,11 @@ struct metrics_hist {
 enum metrics_route { ROUTE_BATCH, ROUTE_HEALTHZ, ROUTE_READYZ, ROUTE_METRICS, ROUTE_OTHER,
                      ROUTE_COUNT };
 
-/* The result label of an attempt, by upstream (the same names as fetch_result_name()). */
-enum metrics_result { RES_OK, RES_STATUS, RES_UNREACHABLE, RES_DEADLINE, RES_CANCELED,
-                      RES_TOO_LARGE, RES_COUNT };
 
 #define METRICS_UPSTREAMS 64 /* UPSTREAMS_MAX */
 
 struct metrics_upstream {
-    atomic_uint_fast64_t fetches[RES_COUNT]; /* attempts on this upstream, by result */
+    atomic_uint_fast64_t fetches[OUTCOME_KINDS]; /* attempts on this upstream, by result */
     struct metrics_hist seconds;             /* their duration */
 };
 
@@ -64,9 +63,8 @@ void metrics_observe(struct metrics_hist *h, int64_t us);
 /* Counts one answered request. */
 void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned status);
 
-/* Counts one attempt on upstream 'up' with fetch result 'err' (aborted: ended by its ctx) and
- * its duration. */
-void metrics_count_fetch(struct metrics *m, unsigned up, int err, bool aborted, int64_t us);
+/* Counts one attempt on upstream 'up' that ended as 'kind' (outcome.h), and its duration. */
+void metrics_count_fetch(struct metrics *m, unsigned up, enum outcome_kind kind, int64_t us);
 
 /* Appends the exposition text: our series, the fetch engine's counters in 'fs' and, when 'ups'
  * is not NULL, the per-upstream series. */
