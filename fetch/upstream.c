@@ -157,11 +157,6 @@ unsigned upstreams_count(const struct upstreams *u)
     return u->n;
 }
 
-enum upstream_policy upstreams_policy(const struct upstreams *u)
-{
-    return u->opts.policy;
-}
-
 const char *upstream_template(const struct upstreams *u, unsigned i)
 {
     return u->u[i].tmpl.text;

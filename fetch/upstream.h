@@ -63,8 +63,6 @@ void upstreams_free(struct upstreams *u);
 
 unsigned upstreams_count(const struct upstreams *u);
 
-enum upstream_policy upstreams_policy(const struct upstreams *u);
-
 /* The template text of upstream i, and its "host:port" (for metrics and logs). */
 const char *upstream_template(const struct upstreams *u, unsigned i);
 const char *upstream_label(const struct upstreams *u, unsigned i);

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs each test program given on the command line (under timeout), then prints one closing line
 # "tests: N passed, M failed" summed over all of them. Exit status 1 if any program failed,
-# crashed, hung or reported a failed test.
+# crashed, hung or reported a failed test. The whole output of each program that failed is kept
+# in $TEST_LOG_DIR (default build/test-logs), named after the program and the time, so that a
+# failure seen once can be read after the run.
 set -u
+log_dir=${TEST_LOG_DIR:-build/test-logs}
 timeout_s=${TEST_TIMEOUT:-300}
 wrap=(${TEST_WRAP:-}) # e.g. "setarch x86_64 -R" for ThreadSanitizer
 passed=0 failed=0 bad=()
@@ -13,6 +16,12 @@ for bin in "$@"; do
 	timeout -k 10 "$timeout_s" "${wrap[@]}" "$bin" 2>&1 | tee "$out"
 	rc=${PIPESTATUS[0]}
 	line=$(grep '^RESULT ' "$out" | tail -n 1)
+	nf=$(sed -n 's/.*tests_failed=\([0-9]*\).*/\1/p' <<<"$line")
+	if [[ -z $line || $rc -ne 0 || ${nf:-1} -ne 0 ]]; then
+		mkdir -p "$log_dir"
+		kept="$log_dir/$name.$(date +%Y%m%dT%H%M%S).$$.log"
+		cp "$out" "$kept" && echo "*** $name: output kept in $kept"
+	fi
 	rm -f "$out"
 	if [[ -z $line ]]; then
 		echo "*** $name: no result line (exit $rc: crashed or timed out)"
@@ -20,7 +29,6 @@ for bin in "$@"; do
 		continue
 	fi
 	run=$(sed -n 's/.*tests_run=\([0-9]*\).*/\1/p' <<<"$line")
-	nf=$(sed -n 's/.*tests_failed=\([0-9]*\).*/\1/p' <<<"$line")
 	passed=$((passed + run - nf)) failed=$((failed + nf))
 	if [[ $rc -ne 0 ]]; then
 		echo "*** $name: exit status $rc"
