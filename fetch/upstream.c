@@ -9,6 +9,7 @@
 #include "fetch/upstream.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -22,8 +23,12 @@
 #define LAT_DECAY_AT 2048   /* halve every count once the histogram holds this many */
 #define LAT_RECOMPUTE 32    /* recompute the p95 every this many observations */
 
+/* One upstream: its identity (the template text), and the state that follows it from one
+ * snapshot to the next for as long as it stays in the set. Reference counted: every snapshot
+ * holding it has one reference. */
 struct upstream {
-    struct url_template tmpl;          /* parsed template */
+    atomic_uint refs;                  /* snapshots holding it */
+    struct url_template tmpl;          /* parsed template; tmpl.text is its identity */
     char label[280];                   /* host:port */
     uint64_t hash;                     /* rendezvous seed: hash of the template */
     atomic_uint consecutive;           /* failures in a row */
@@ -37,12 +42,29 @@ struct upstream {
     atomic_int_fast64_t p95_us;        /* cached estimate, -1 until enough samples */
 };
 
-struct upstreams {
+/* What every snapshot derived from one upstreams_new() shares: the settings and the count of
+ * upstreams ejected right now (the cap applies to the set as it is, whichever snapshot a
+ * thread reads). */
+struct upstream_group {
+    atomic_uint refs;           /* snapshots of the group */
     struct upstreams_opts opts; /* as given */
+    atomic_uint nejected;       /* ejected now */
+};
+
+/* A snapshot: an immutable list of upstreams, reference counted. */
+struct upstreams {
+    atomic_uint refs;           /* holders of this snapshot */
+    struct upstream_group *g;   /* shared with every snapshot derived from it */
+    struct upstreams_opts opts; /* g's, copied for the hot path */
     unsigned n;                 /* upstreams */
     unsigned max_ejected;       /* most ejected at once */
-    atomic_uint nejected;       /* ejected now */
-    struct upstream *u;         /* n of them */
+    atomic_uint *nejected;      /* &g->nejected */
+    struct upstream *u[];       /* n of them (references) */
+};
+
+struct upstream_live {
+    pthread_mutex_t mu;         /* guards cur */
+    struct upstreams *cur;      /* the current snapshot (a reference) */
 };
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -95,60 +117,127 @@ static void make_label(const char *text, char *out, size_t cap)
         snprintf(out, cap, "%.*s:%s", (int)n, a, https ? "443" : "80");
 }
 
-int upstreams_new(const char *const *templates, unsigned n, const struct upstreams_opts *o,
-                  struct upstreams **out, char *err, size_t errlen)
+static void group_unref(struct upstream_group *g)
+{
+    if (atomic_fetch_sub_explicit(&g->refs, 1, memory_order_acq_rel) == 1)
+        free(g);
+}
+
+static void upstream_unref(struct upstream *up)
+{
+    if (up && atomic_fetch_sub_explicit(&up->refs, 1, memory_order_acq_rel) == 1) {
+        url_template_destroy(&up->tmpl);
+        free(up);
+    }
+}
+
+/* A fresh upstream for 'text': 0, -ENOMEM, or -EINVAL with the reason in 'why'. */
+static int upstream_make(const char *text, struct upstream **out, char *why, size_t whylen)
+{
+    struct upstream *up = calloc(1, sizeof(*up));
+    if (!up)
+        return -ENOMEM;
+    int rc = url_template_parse(text, &up->tmpl, why, whylen);
+    if (rc != 0) {
+        free(up);
+        return rc;
+    }
+    atomic_init(&up->refs, 1);
+    make_label(up->tmpl.text, up->label, sizeof(up->label));
+    up->hash = mix(hash_bytes(up->tmpl.text, strlen(up->tmpl.text)));
+    atomic_init(&up->p95_us, -1);
+    *out = up;
+    return 0;
+}
+
+static bool opts_ok(const struct upstreams_opts *o)
+{
+    return o->max_ejected_pct <= 100 &&
+           (!o->eject_after || (o->eject_ms > 0 && o->eject_max_ms >= o->eject_ms));
+}
+
+/* A snapshot of the group 'g' (a reference is taken) for 'templates': each one found in 'old'
+ * (by its text) is that upstream, the others are new. */
+static int snapshot_make(struct upstream_group *g, const struct upstreams *old,
+                         const char *const *templates, unsigned n, struct upstreams **out,
+                         char *err, size_t errlen)
 {
     *out = NULL;
     if (n == 0)
         return fail(err, errlen, "no upstream given");
     if (n > UPSTREAMS_MAX)
         return fail(err, errlen, "%u upstreams given; at most %d", n, UPSTREAMS_MAX);
-    if (o->max_ejected_pct > 100 || (o->eject_after && (o->eject_ms <= 0 ||
-                                                         o->eject_max_ms < o->eject_ms)))
-        return fail(err, errlen, "bad ejection settings");
-    struct upstreams *s = calloc(1, sizeof(*s));
-    if (!s || !(s->u = calloc(n, sizeof(*s->u)))) {
-        free(s);
+    struct upstreams *s = calloc(1, sizeof(*s) + n * sizeof(s->u[0]));
+    if (!s)
         return -ENOMEM;
-    }
-    s->opts = *o;
-    s->max_ejected = o->policy == UPSTREAM_SHARDS || !o->eject_after
+    atomic_init(&s->refs, 1);
+    atomic_fetch_add_explicit(&g->refs, 1, memory_order_relaxed);
+    s->g = g;
+    s->opts = g->opts;
+    s->nejected = &g->nejected;
+    s->max_ejected = s->opts.policy == UPSTREAM_SHARDS || !s->opts.eject_after
                          ? 0
-                         : (unsigned)((uint64_t)n * o->max_ejected_pct / 100);
+                         : (unsigned)((uint64_t)n * s->opts.max_ejected_pct / 100);
     for (unsigned i = 0; i < n; i++) {
-        struct upstream *up = &s->u[i];
         char why[256];
-        int rc = url_template_parse(templates[i], &up->tmpl, why, sizeof(why));
-        if (rc == 0) {
-            for (unsigned j = 0; j < i; j++)
-                if (!strcmp(s->u[j].tmpl.text, templates[i])) {
-                    snprintf(why, sizeof(why), "given twice");
-                    rc = -EINVAL;
-                }
-        }
+        int rc = 0;
+        for (unsigned j = 0; j < i && rc == 0; j++)
+            if (!strcmp(s->u[j]->tmpl.text, templates[i]))
+                rc = fail(why, sizeof(why), "given twice");
+        struct upstream *up = NULL;
+        for (unsigned j = 0; old && rc == 0 && j < old->n && !up; j++)
+            if (!strcmp(old->u[j]->tmpl.text, templates[i]))
+                up = old->u[j];
+        if (up)
+            atomic_fetch_add_explicit(&up->refs, 1, memory_order_relaxed);
+        else if (rc == 0)
+            rc = upstream_make(templates[i], &up, why, sizeof(why));
         if (rc != 0) {
-            s->n = i + 1; /* a zeroed or parsed template: both destroy cleanly */
             upstreams_free(s);
-            if (rc == -ENOMEM)
-                return rc;
-            return fail(err, errlen, "upstream %s: %s", templates[i], why);
+            return rc == -ENOMEM ? rc : fail(err, errlen, "upstream %s: %s", templates[i], why);
         }
+        s->u[i] = up;
         s->n = i + 1;
-        make_label(up->tmpl.text, up->label, sizeof(up->label));
-        up->hash = mix(hash_bytes(up->tmpl.text, strlen(up->tmpl.text)));
-        atomic_init(&up->p95_us, -1);
     }
     *out = s;
     return 0;
 }
 
+int upstreams_new(const char *const *templates, unsigned n, const struct upstreams_opts *o,
+                  struct upstreams **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!opts_ok(o))
+        return fail(err, errlen, "bad ejection settings");
+    struct upstream_group *g = calloc(1, sizeof(*g));
+    if (!g)
+        return -ENOMEM;
+    g->opts = *o;
+    atomic_init(&g->refs, 1); /* ours, until the snapshot holds its own */
+    int rc = snapshot_make(g, NULL, templates, n, out, err, errlen);
+    group_unref(g);
+    return rc;
+}
+
+int upstreams_with(const struct upstreams *old, const char *const *templates, unsigned n,
+                   struct upstreams **out, char *err, size_t errlen)
+{
+    return snapshot_make(old->g, old, templates, n, out, err, errlen);
+}
+
+struct upstreams *upstreams_ref(struct upstreams *u)
+{
+    atomic_fetch_add_explicit(&u->refs, 1, memory_order_relaxed);
+    return u;
+}
+
 void upstreams_free(struct upstreams *u)
 {
-    if (!u)
+    if (!u || atomic_fetch_sub_explicit(&u->refs, 1, memory_order_acq_rel) != 1)
         return;
     for (unsigned i = 0; i < u->n; i++)
-        url_template_destroy(&u->u[i].tmpl);
-    free(u->u);
+        upstream_unref(u->u[i]);
+    group_unref(u->g);
     free(u);
 }
 
@@ -159,12 +248,12 @@ unsigned upstreams_count(const struct upstreams *u)
 
 const char *upstream_template(const struct upstreams *u, unsigned i)
 {
-    return u->u[i].tmpl.text;
+    return u->u[i]->tmpl.text;
 }
 
 const char *upstream_label(const struct upstreams *u, unsigned i)
 {
-    return u->u[i].label;
+    return u->u[i]->label;
 }
 
 void upstreams_rank(const struct upstreams *u, const char *key, size_t keylen, uint8_t *rank)
@@ -176,7 +265,7 @@ void upstreams_rank(const struct upstreams *u, const char *key, size_t keylen, u
     uint64_t kh = hash_bytes(key, keylen);
     uint64_t w[UPSTREAMS_MAX];
     for (unsigned i = 0; i < u->n; i++) { /* insertion sort, highest weight first */
-        uint64_t wi = mix(kh ^ u->u[i].hash);
+        uint64_t wi = mix(kh ^ u->u[i]->hash);
         unsigned j = i;
         while (j > 0 && w[j - 1] < wi) {
             w[j] = w[j - 1];
@@ -190,7 +279,7 @@ void upstreams_rank(const struct upstreams *u, const char *key, size_t keylen, u
 
 bool upstream_ejected(struct upstreams *s, unsigned i, int64_t now_ms)
 {
-    struct upstream *up = &s->u[i];
+    struct upstream *up = s->u[i];
     int64_t until = atomic_load_explicit(&up->ejected_until, memory_order_acquire);
     if (until == 0)
         return false;
@@ -198,7 +287,7 @@ bool upstream_ejected(struct upstreams *s, unsigned i, int64_t now_ms)
         return true;
     if (atomic_compare_exchange_strong(&up->ejected_until, &until, 0)) {
         atomic_store(&up->in_since, now_ms);
-        atomic_fetch_sub(&s->nejected, 1);
+        atomic_fetch_sub(s->nejected, 1);
         if (s->opts.on_event)
             s->opts.on_event(s->opts.event_arg, i, false, 0);
     }
@@ -220,22 +309,22 @@ unsigned upstreams_pick(struct upstreams *s, const uint8_t *rank, unsigned k, in
 size_t upstream_url(const struct upstreams *u, unsigned i, const char *key, size_t keylen,
                     char *dst, size_t cap)
 {
-    return url_build_key_into(&u->u[i].tmpl, key, keylen, dst, cap);
+    return url_build_key_into(&u->u[i]->tmpl, key, keylen, dst, cap);
 }
 
 static void eject(struct upstreams *s, unsigned i, int64_t now_ms)
 {
-    struct upstream *up = &s->u[i];
+    struct upstream *up = s->u[i];
     int_fast64_t in = 0; /* claim it: another thread may be ejecting it right now */
     if (!atomic_compare_exchange_strong(&up->ejected_until, &in, INT64_MAX))
         return;
-    unsigned have = atomic_load(&s->nejected);
+    unsigned have = atomic_load(s->nejected);
     do {
         if (have >= s->max_ejected) {
             atomic_store(&up->ejected_until, 0); /* at the cap: it stays in */
             return;
         }
-    } while (!atomic_compare_exchange_weak(&s->nejected, &have, have + 1));
+    } while (!atomic_compare_exchange_weak(s->nejected, &have, have + 1));
     if (now_ms - atomic_load(&up->in_since) >= s->opts.eject_max_ms)
         atomic_store(&up->repeats, 0); /* it had been fine for long: start over */
     unsigned rep = atomic_fetch_add(&up->repeats, 1);
@@ -311,7 +400,7 @@ static void observe(struct upstream *up, int64_t us)
 void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, int64_t latency_us,
                      int64_t now_ms)
 {
-    struct upstream *up = &s->u[i];
+    struct upstream *up = s->u[i];
     if (o == UPSTREAM_OK) {
         if (atomic_load_explicit(&up->consecutive, memory_order_relaxed))
             atomic_store_explicit(&up->consecutive, 0, memory_order_relaxed);
@@ -327,10 +416,68 @@ void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, i
 
 uint64_t upstream_ejections(const struct upstreams *u, unsigned i)
 {
-    return atomic_load_explicit(&u->u[i].ejections, memory_order_relaxed);
+    return atomic_load_explicit(&u->u[i]->ejections, memory_order_relaxed);
 }
 
 int64_t upstream_p95_us(const struct upstreams *u, unsigned i)
 {
-    return atomic_load_explicit(&u->u[i].p95_us, memory_order_relaxed);
+    return atomic_load_explicit(&u->u[i]->p95_us, memory_order_relaxed);
+}
+
+int upstream_live_new(struct upstreams *first, struct upstream_live **out)
+{
+    struct upstream_live *l = calloc(1, sizeof(*l));
+    if (!l)
+        return -ENOMEM;
+    int rc = pthread_mutex_init(&l->mu, NULL);
+    if (rc != 0) {
+        free(l);
+        return -rc;
+    }
+    l->cur = first;
+    *out = l;
+    return 0;
+}
+
+struct upstreams *upstream_live_get(struct upstream_live *l)
+{
+    pthread_mutex_lock(&l->mu);
+    struct upstreams *u = upstreams_ref(l->cur);
+    pthread_mutex_unlock(&l->mu);
+    return u;
+}
+
+/* The upstreams of 'old' that 'next' no longer has: an ejection of theirs ends now, so that
+ * the group's count of ejected upstreams counts only members of the set. */
+static void release_dropped(const struct upstreams *old, const struct upstreams *next)
+{
+    for (unsigned i = 0; i < old->n; i++) {
+        bool kept = false;
+        for (unsigned j = 0; j < next->n && !kept; j++)
+            kept = old->u[i] == next->u[j];
+        int_fast64_t until = atomic_load(&old->u[i]->ejected_until);
+        if (!kept && until != 0 &&
+            atomic_compare_exchange_strong(&old->u[i]->ejected_until, &until, 0))
+            atomic_fetch_sub(old->nejected, 1);
+    }
+}
+
+void upstream_live_swap(struct upstream_live *l, struct upstreams *next)
+{
+    pthread_mutex_lock(&l->mu);
+    struct upstreams *old = l->cur;
+    l->cur = next;
+    pthread_mutex_unlock(&l->mu);
+    if (old->g == next->g)
+        release_dropped(old, next);
+    upstreams_free(old);
+}
+
+void upstream_live_free(struct upstream_live *l)
+{
+    if (!l)
+        return;
+    upstreams_free(l->cur);
+    pthread_mutex_destroy(&l->mu);
+    free(l);
 }

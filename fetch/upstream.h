@@ -18,8 +18,20 @@
  * Latency: successful attempts feed a decaying log-scale histogram per upstream, from which a
  * p95 estimate is kept (for hedging after the recent p95).
  *
- * Threads: the set is immutable after upstreams_new() except for the health and latency state,
- * which is atomics only; every function is thread-safe and lock-free. */
+ * Identity and snapshots: each upstream is an object whose identity is its template text; a
+ * set (struct upstreams) is an immutable, reference-counted snapshot of them, and an index i is
+ * the upstream's place in that snapshot only. upstreams_with() makes the next snapshot from a
+ * list of templates: an upstream already in the old one is the same object, with its health,
+ * ejection and latency state, and a new one starts fresh; an upstream dropped from the set
+ * lives on until the last snapshot holding it is freed. A reader (a flight, a scrape) takes a
+ * snapshot with upstream_live_get() and reads it as long as it holds it, so a swap while
+ * requests run changes nothing under them; upstream_live_swap() publishes the next one.
+ * Snapshots derived from one upstreams_new() share its settings and the count of ejected
+ * upstreams, so the max_ejected_pct cap holds over the set as it is.
+ *
+ * Threads: a snapshot is immutable except for each upstream's health and latency state, which
+ * is atomics only; every function is thread-safe, and all but upstream_live_get() and
+ * upstream_live_swap() (one short mutex) are lock-free. */
 #ifndef FANOUT_UPSTREAM_H
 #define FANOUT_UPSTREAM_H
 
@@ -38,6 +50,7 @@ enum upstream_outcome {
 };
 
 struct upstreams;
+struct upstream_live;
 
 /* Called on ejection (ejected true, 'ms' its length) and on return (false, 0); from whichever
  * thread noticed. */
@@ -59,7 +72,32 @@ struct upstreams_opts {
 int upstreams_new(const char *const *templates, unsigned n, const struct upstreams_opts *o,
                   struct upstreams **out, char *err, size_t errlen);
 
+/* The next snapshot of the same group as 'old' for 'templates' (same rules as upstreams_new()):
+ * upstreams whose template is in 'old' are carried over with their state. 'old' is unchanged.
+ * Returns 0 and the snapshot, -EINVAL with a reason in err, or -ENOMEM. */
+int upstreams_with(const struct upstreams *old, const char *const *templates, unsigned n,
+                   struct upstreams **out, char *err, size_t errlen);
+
+/* Another reference to a snapshot. */
+struct upstreams *upstreams_ref(struct upstreams *u);
+
+/* Drops one reference to a snapshot; the last frees it (and each upstream no other snapshot
+ * holds). NULL is a no-op. */
 void upstreams_free(struct upstreams *u);
+
+/* The live set: the current snapshot, replaced while readers hold older ones. Takes 'first'
+ * (its reference). Returns 0 or -ENOMEM / a negative errno. */
+int upstream_live_new(struct upstreams *first, struct upstream_live **out);
+
+/* A reference to the current snapshot (upstreams_free() it when done). */
+struct upstreams *upstream_live_get(struct upstream_live *l);
+
+/* Makes 'next' (its reference taken) the current snapshot; the old one is freed once its last
+ * reader lets go. An upstream the new set no longer has stops counting as ejected. */
+void upstream_live_swap(struct upstream_live *l, struct upstreams *next);
+
+/* Frees the live set and its reference to the current snapshot. */
+void upstream_live_free(struct upstream_live *l);
 
 unsigned upstreams_count(const struct upstreams *u);
 
