@@ -768,6 +768,8 @@ static enum MHD_Result answer_on_socket(struct req *r)
                  "bytes); retry later", r->s->cfg.max_memory);
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!r->too_large)
+        atomic_fetch_add(&r->s->metrics.rejected, 1);
     if (ci && guard_body_done(r->gc) &&
         guard_answer(ci->connect_fd, status, r->err_code, msg, r->request_id)) {
         r->answered = true;
@@ -980,6 +982,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
         if (r->stream->done) /* the line writer is finished with: its error code, for the log */
             r->err_code = r->stream->lw.code;
         pthread_mutex_unlock(&r->stream->mu);
+        if (r->err_code && !strcmp(r->err_code, "overloaded")) /* ended by shutdown */
+            atomic_fetch_add(&s->metrics.rejected, 1);
     }
     if (!r->answered && guard_timed_out(r->gc)) { /* its body missed --body-timeout-ms */
         r->answered = true;
