@@ -2,9 +2,19 @@
  *
  * srv_new() starts every thread the server will ever have: the libmicrohttpd workers
  * (--http-threads), the fetch loops (--fetch-threads) and their two resolver threads, the
- * disconnect watch, the log writer, the
- * ctx timer and, with --demo, the demo upstream. srv_drain() and srv_free() stop them; nothing
- * is started per request or per fetch. */
+ * disconnect watch, the connection guard, the log writer, the ctx timer and, with --demo, the
+ * demo upstream. srv_drain() and srv_free() stop them; nothing
+ * is started per request or per fetch.
+ *
+ * The HTTP wing (server/http/) is this server's front end:
+ *   srv.c       lifecycle: srv_new()'s steps, the listener and daemon, the drain, srv_free()
+ *   conn.c      the request machine: headers, body, routes, answers, completion, access log
+ *   admit.c/h   admission, the in-flight counts, every refusal "overloaded" (counted once)
+ *   stream.c/h  NDJSON answers (Accept: application/x-ndjson) and their lock order
+ *   srv_impl.h  what those four share: struct srv, struct req, conn.c's functions
+ *   guard.c/h   header and body deadlines, lingering closes
+ *   framing.c/h the verdict on a request's framing (RFC 9112)
+ *   watch.c/h   notices clients that leave while their connection is suspended */
 #ifndef FANOUT_SRV_H
 #define FANOUT_SRV_H
 
