@@ -211,7 +211,8 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
     if (ups)
         render_upstreams(m, ups, o);
     family(o, "fanout_admission_rejections_total", "counter",
-           "Batch requests answered 503 overloaded (admission cap or draining).");
+           "Batch requests refused as overloaded: the in-flight cap, --max-memory, draining or "
+           "shutdown (a stream that shutdown ended included).");
     json_buf_printf(o, "fanout_admission_rejections_total %" PRIu64 "\n", ld(&m->rejected));
     family(o, "fanout_log_lines_dropped_total", "counter",
            "Log lines dropped because stderr could not keep up.");

@@ -39,7 +39,8 @@ struct metrics {
     atomic_uint_fast64_t by_status[ROUTE_COUNT][600]; /* requests answered, by route and status */
     struct metrics_hist request_seconds; /* request duration */
     struct metrics_hist fetch_seconds;   /* upstream fetch duration */
-    atomic_uint_fast64_t rejected;       /* 503 overloaded answers (admission or draining) */
+    atomic_uint_fast64_t rejected;       /* requests refused as overloaded (admit.h): each
+                                            once, streamed ones ended by shutdown included */
     atomic_int_fast64_t in_flight;       /* batch requests admitted and not yet answered */
     atomic_uint_fast64_t log_dropped;    /* log lines dropped because stderr was slow */
     atomic_uint_fast64_t hedges_sent;    /* hedged attempts started */
