@@ -632,79 +632,92 @@ static void close_if_ours(int fd, const struct sockaddr_storage *addr, socklen_t
         close(fd);
 }
 
-int demo_start(const char *host, uint16_t port, struct demo **out)
+/* The mutex and the condition variable (on the monotonic clock). Returns 0 or -ENOMEM. */
+static int init_sync(struct demo *d)
 {
-    if (!host)
-        host = "127.0.0.1";
-    struct sockaddr_storage sa;
-    socklen_t salen = parse_host(host, port, &sa);
-    if (salen == 0)
-        return -EINVAL;
-
-    int err = -ENOMEM;
-    struct demo *d = calloc(1, sizeof(*d));
-    if (!d)
-        return -ENOMEM;
-    char text[INET6_ADDRSTRLEN];
-    const void *addr = sa.ss_family == AF_INET6
-                           ? (const void *)&((const struct sockaddr_in6 *)&sa)->sin6_addr
-                           : (const void *)&((const struct sockaddr_in *)&sa)->sin_addr;
-    if (!inet_ntop(sa.ss_family, addr, text, sizeof(text))) /* the canonical spelling */
-        snprintf(text, sizeof(text), "%s", host);
-    snprintf(d->host, sizeof(d->host), sa.ss_family == AF_INET6 ? "[%s]" : "%s", text);
-    d->epfd = d->evfd = -1;
     if (pthread_mutex_init(&d->mu, NULL) != 0)
-        goto fail_free;
+        return -ENOMEM;
     pthread_condattr_t ca;
-    if (pthread_condattr_init(&ca) != 0)
-        goto fail_mutex;
-    int rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    if (rc == 0)
-        rc = pthread_cond_init(&d->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    if (rc != 0)
-        goto fail_mutex;
-    d->root = ctx_new(ctx_background(), CTX_FOREVER);
-    if (!d->root)
-        goto fail_cond;
-    if ((err = make_responses(d)) != 0)
-        goto fail_root;
-    d->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (d->epfd < 0) {
-        err = -errno;
-        goto fail_responses;
+    int rc = pthread_condattr_init(&ca);
+    if (rc == 0) {
+        rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        if (rc == 0)
+            rc = pthread_cond_init(&d->cv, &ca);
+        pthread_condattr_destroy(&ca);
     }
+    if (rc != 0) {
+        pthread_mutex_destroy(&d->mu);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* The watcher's epoll set and its wake-up eventfd. Returns 0 or a negative errno (both fds
+ * closed). */
+static int init_events(struct demo *d)
+{
+    d->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (d->epfd < 0)
+        return -errno;
     d->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
     if (d->evfd < 0 || epoll_ctl(d->epfd, EPOLL_CTL_ADD, d->evfd, &ev) != 0) {
-        err = -errno;
-        goto fail_fds;
+        int err = -errno;
+        if (d->evfd >= 0)
+            close(d->evfd);
+        close(d->epfd);
+        d->epfd = d->evfd = -1;
+        return err;
     }
-    int lfd = open_listener(&sa, salen);
-    if (lfd < 0) {
-        err = lfd;
-        goto fail_fds;
-    }
+    return 0;
+}
+
+static void stop_watcher(struct demo *d)
+{
+    pthread_mutex_lock(&d->mu);
+    d->quit = true;
+    pthread_mutex_unlock(&d->mu);
+    uint64_t one = 1;
+    ssize_t w = write(d->evfd, &one, sizeof(one));
+    (void)w;
+    pthread_join(d->watcher, NULL);
+}
+
+/* "host" as the demo's URLs spell it: the canonical address, IPv6 in brackets. */
+static void canonical_host(const struct sockaddr_storage *sa, const char *host, char *out,
+                           size_t cap)
+{
+    char text[INET6_ADDRSTRLEN];
+    const void *addr = sa->ss_family == AF_INET6
+                           ? (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr
+                           : (const void *)&((const struct sockaddr_in *)sa)->sin_addr;
+    if (!inet_ntop(sa->ss_family, addr, text, sizeof(text)))
+        snprintf(text, sizeof(text), "%s", host);
+    snprintf(out, cap, sa->ss_family == AF_INET6 ? "[%s]" : "%s", text);
+}
+
+/* Listens on 'sa' and hands the socket to libmicrohttpd, which owns it from then on and
+ * closes it in MHD_stop_daemon(). Sets d->port. Returns 0 or a negative errno (nothing left
+ * open). */
+static int start_daemon(struct demo *d, const struct sockaddr_storage *sa, socklen_t salen)
+{
+    int lfd = open_listener(sa, salen);
+    if (lfd < 0)
+        return lfd;
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     if (getsockname(lfd, (struct sockaddr *)&bound, &blen) != 0) {
-        err = -errno;
+        int err = -errno;
         close(lfd);
-        goto fail_fds;
+        return err;
     }
     d->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
-    if ((err = -pthread_create(&d->watcher, NULL, watch_main, d)) != 0) {
-        close(lfd);
-        goto fail_fds;
-    }
-
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
                      MHD_USE_ERROR_LOG;
     MHD_LogCallback logger = mhd_log;
-    if (sa.ss_family == AF_INET6)
+    if (sa->ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    /* MHD owns the listening socket from here on and closes it in MHD_stop_daemon(). */
     d->mhd =
         MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_EXTERNAL_LOGGER,
                          logger, NULL, MHD_OPTION_LISTEN_SOCKET,
@@ -714,33 +727,52 @@ int demo_start(const char *host, uint16_t port, struct demo **out)
                          MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_END);
     if (!d->mhd) {
         close_if_ours(lfd, &bound, blen);
-        err = -EIO;
-        goto fail_watcher;
+        return -EIO;
     }
+    return 0;
+}
+
+int demo_start(const char *host, uint16_t port, struct demo **out)
+{
+    if (!host)
+        host = "127.0.0.1";
+    struct sockaddr_storage sa;
+    socklen_t salen = parse_host(host, port, &sa);
+    if (salen == 0)
+        return -EINVAL;
+    struct demo *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -ENOMEM;
+    canonical_host(&sa, host, d->host, sizeof(d->host));
+    d->epfd = d->evfd = -1;
+    int err = init_sync(d);
+    if (err != 0)
+        goto fail_free;
+    err = -ENOMEM;
+    if (!(d->root = ctx_new(ctx_background(), CTX_FOREVER)))
+        goto fail_sync;
+    if ((err = make_responses(d)) != 0)
+        goto fail_root;
+    if ((err = init_events(d)) != 0)
+        goto fail_responses;
+    if ((err = -pthread_create(&d->watcher, NULL, watch_main, d)) != 0)
+        goto fail_events;
+    if ((err = start_daemon(d, &sa, salen)) != 0)
+        goto fail_watcher;
     *out = d;
     return 0;
 
 fail_watcher:
-    pthread_mutex_lock(&d->mu);
-    d->quit = true;
-    pthread_mutex_unlock(&d->mu);
-    {
-        uint64_t one = 1;
-        ssize_t w = write(d->evfd, &one, sizeof(one));
-        (void)w;
-    }
-    pthread_join(d->watcher, NULL);
-fail_fds:
-    if (d->evfd >= 0)
-        close(d->evfd);
+    stop_watcher(d);
+fail_events:
+    close(d->evfd);
     close(d->epfd);
 fail_responses:
     destroy_responses(d);
 fail_root:
     ctx_free(d->root);
-fail_cond:
+fail_sync:
     pthread_cond_destroy(&d->cv);
-fail_mutex:
     pthread_mutex_destroy(&d->mu);
 fail_free:
     free(d);

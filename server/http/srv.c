@@ -564,11 +564,6 @@ uint16_t srv_port(const struct srv *s)
     return s->port;
 }
 
-const char *srv_upstream(const struct srv *s)
-{
-    return s->upstream;
-}
-
 /* ---------------------------------------------------------------- drain and stop */
 
 /* Stops accepting: new connections are refused and those waiting in the backlog are reset.

@@ -32,9 +32,6 @@ int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *er
 /* The bound port (useful with --listen HOST:0). */
 uint16_t srv_port(const struct srv *s);
 
-/* The upstream URL template in use (the demo's when --demo). */
-const char *srv_upstream(const struct srv *s);
-
 /* Graceful drain: /readyz turns 503, the listener closes, batches in flight get until
  * 'drain_ms' to finish; those still running are then canceled and answered 503. Returns when
  * every admitted request has been answered (or a short grace after that has passed). */

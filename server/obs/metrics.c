@@ -140,8 +140,9 @@ static void render_upstreams(const struct metrics *m, struct upstreams *ups, str
                         upstream_label(ups, i), upstream_ejections(ups, i));
 }
 
-void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
-                    struct upstreams *ups, struct json_buf *o)
+/* Requests by route and status, and fetches by result, with their durations. */
+static void render_traffic(const struct metrics *m, const struct fetch_stats *fs,
+                           struct json_buf *o)
 {
     static const char *const route_txt[ROUTE_COUNT] = {"batch", "healthz", "readyz", "metrics",
                                                        "other"};
@@ -158,21 +159,24 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
     hist(o, "fanout_request_duration_seconds",
          "Time from a request's first byte to its completion, in seconds.", &m->request_seconds);
     family(o, "fanout_fetches_total", "counter", "Upstream fetches completed, by result.");
-    const struct {
-        const char *label;
-        uint64_t v;
-    } res[] = {{"ok", fs->ok},
-               {"upstream_status", fs->status},
-               {"unreachable", fs->unreachable},
-               {"deadline", fs->deadline},
-               {"canceled", fs->canceled},
-               {"too_large", fs->too_large}};
-    for (size_t i = 0; i < sizeof(res) / sizeof(res[0]); i++)
-        json_buf_printf(o, "fanout_fetches_total{result=\"%s\"} %" PRIu64 "\n", res[i].label,
-                        res[i].v);
+    const uint64_t by_kind[OUTCOME_KINDS] = {[OUTCOME_OK] = fs->ok,
+                                             [OUTCOME_STATUS] = fs->status,
+                                             [OUTCOME_UNREACHABLE] = fs->unreachable,
+                                             [OUTCOME_DEADLINE] = fs->deadline,
+                                             [OUTCOME_CANCELED] = fs->canceled,
+                                             [OUTCOME_TOO_LARGE] = fs->too_large};
+    for (int k = 0; k < OUTCOME_KINDS; k++)
+        json_buf_printf(o, "fanout_fetches_total{result=\"%s\"} %" PRIu64 "\n",
+                        outcome_name((enum outcome_kind)k), by_kind[k]);
     hist(o, "fanout_fetch_duration_seconds",
          "Upstream fetch duration in seconds, from its start (after the --limit queue) to its end.",
          &m->fetch_seconds);
+}
+
+/* Gauges of what is in flight, and the engine's connection and byte counters. */
+static void render_engine(const struct metrics *m, const struct fetch_stats *fs,
+                          struct json_buf *o)
+{
     family(o, "fanout_requests_in_flight", "gauge",
            "Batch requests admitted and not yet answered.");
     json_buf_printf(o, "fanout_requests_in_flight %" PRIdFAST64 "\n",
@@ -184,6 +188,11 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
     json_buf_printf(o, "fanout_upstream_connections_opened_total %" PRIu64 "\n", fs->conns_opened);
     family(o, "fanout_upstream_bytes_total", "counter", "Upstream body bytes received.");
     json_buf_printf(o, "fanout_upstream_bytes_total %" PRIu64 "\n", fs->bytes);
+}
+
+/* Hedges, retries and flights. */
+static void render_attempts(const struct metrics *m, struct json_buf *o)
+{
     const struct {
         const char *name, *help;
         const atomic_uint_fast64_t *v;
@@ -208,8 +217,11 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
         family(o, extra[i].name, "counter", extra[i].help);
         json_buf_printf(o, "%s %" PRIu64 "\n", extra[i].name, ld(extra[i].v));
     }
-    if (ups)
-        render_upstreams(m, ups, o);
+}
+
+/* Refusals, dropped log lines, the process and the build. */
+static void render_process(const struct metrics *m, struct json_buf *o)
+{
     family(o, "fanout_admission_rejections_total", "counter",
            "Batch requests refused as overloaded: the in-flight cap, --max-memory, draining or "
            "shutdown (a stream that shutdown ended included).");
@@ -222,4 +234,15 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
     family(o, "fanout_build_info", "gauge", "Build information; the value is always 1.");
     json_buf_printf(o, "fanout_build_info{version=\"%s\",libcurl=\"%s\",libmicrohttpd=\"%s\"} 1\n",
                     FANOUT_VERSION, curl_version_info(CURLVERSION_NOW)->version, MHD_get_version());
+}
+
+void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
+                    struct upstreams *ups, struct json_buf *o)
+{
+    render_traffic(m, fs, o);
+    render_engine(m, fs, o);
+    render_attempts(m, o);
+    if (ups)
+        render_upstreams(m, ups, o);
+    render_process(m, o);
 }
