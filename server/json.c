@@ -521,6 +521,8 @@ static inline bool top_is_obj(const unsigned char *is_obj, unsigned depth)
     return (is_obj[d / 8] >> (d % 8)) & 1;
 }
 
+/* One function on purpose: a three-state machine over the bytes, read top to bottom; split
+ * into helpers, its states would have to travel between them. */
 bool json_valid(const char *s, size_t len, size_t *start, size_t *end)
 {
     if (len == 0)
