@@ -170,7 +170,6 @@ static void table_remove(struct flights *t, struct flight *f)
     t->count--;
 }
 
-
 /* ---------------------------------------------------------------- references */
 
 static void flight_unref(struct flight *f)
