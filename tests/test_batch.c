@@ -22,6 +22,7 @@
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
 #include "fetch/url.h"
+#include "server/batch/attempt.h"
 #include "server/batch/batch.h"
 #include "server/batch/budget.h"
 #include "server/batch/result.h"
@@ -320,7 +321,7 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1)); /* the loser, closed at the upstream */
     /* One hedge to B, or (if B was slow to answer) a second one, back to A. */
     uint64_t sent = M(&g.m->hedges_sent);
-    CU_ASSERT(sent >= 1 && sent <= FLIGHT_MAX_HEDGES);
+    CU_ASSERT(sent >= 1 && sent <= ATTEMPT_MAX_HEDGES);
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 1 + sent);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent); /* every A attempt lost */
@@ -422,7 +423,7 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
     CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
     uint64_t sent = M(&g.m->hedges_sent); /* each id hedged once or twice */
-    CU_ASSERT(sent >= 2 && sent <= 2 * FLIGHT_MAX_HEDGES);
+    CU_ASSERT(sent >= 2 && sent <= 2 * ATTEMPT_MAX_HEDGES);
     CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]) + M(&g.m->up[1].fetches[OUTCOME_CANCELED]),
                     2 + sent);
     run_free(&r);

@@ -1,41 +1,29 @@
-/* flight: the fetch of one key, made by attempts, hedges and retries, and shared by every call
- * that asks for the same key while it runs (coalescing across requests).
+/* flight: the fetch of one key, shared by every call that asks for the same key while it runs
+ * (coalescing across requests). The fetch itself is the key's attempts, hedges and retries
+ * (attempt.h: their policy); a flight keeps the registry of running flights, its waiters, their
+ * deadlines, and delivers the outcome.
  *
  * A call waits on a flight: it joins the flight running for its key (same key encoding, same
  * hedging), or starts a new one on the loop its batch names for it. The flight has its own ctx
  * (a child of the server's root, no deadline of its own), so no waiter's cancel or deadline
  * reaches it: a waiter that leaves (its batch failed or was canceled, its client went away, its
  * deadline passed) only drops its reference, and the flight is canceled when its last waiter has
- * left. Each attempt's deadline is the latest of the waiters' deadlines when it starts (sent
- * upstream as X-Request-Timeout-Ms); an attempt that reaches it while a later waiter still waits
- * is followed by a fresh attempt with the rest of that waiter's time. A flight that has its
- * outcome, or that every waiter left, is out of the registry at once: it is never joined, a
- * later call starts a new flight, and no result outlives its flight (this is coalescing, not a
- * cache).
- *
- * The policy of a flight's attempts, in one place:
- *   - the first attempt goes to the key's first upstream (upstream.h);
- *   - a hedge: when no answer has come within the hedge delay (fixed, or the first upstream's
- *     recent p95), and the hedge budget has a token, one more attempt goes to the next upstream
- *     (replicas) or the same one (shards), and again after half the delay more, up to
- *     FLIGHT_MAX_HEDGES (an attempt and its hedge both in the tail would otherwise hold the
- *     batch for two whole delays); the first good answer wins and every other attempt is
- *     aborted at once;
- *   - a retry: an attempt that failed with a transport error or 502/503/504, when no other
- *     attempt is pending, retries left, the retry budget has a token and the deadline allows,
- *     is followed after a jittered exponential backoff (uniform in [0, (2^k - 1) * 25 ms],
- *     capped at 250 ms) by an attempt to the next upstream;
- *   - anything else (a 4xx, a 500, a body too large) is final.
- * Every outcome of an attempt that reached the upstream is reported to upstream.h (ejection,
- * latency) and counted in the metrics, by upstream.
+ * left. The flight's deadline is the latest of its waiters' deadlines: each attempt starts with
+ * it (attempt.h), so an attempt that reaches its own while a later waiter still waits is
+ * followed by one with the rest of that waiter's time. A flight that has its outcome, or that
+ * every waiter left, is out of the registry at once: it is never joined, a later call starts a
+ * new flight, and no result outlives its flight (this is coalescing, not a cache).
  *
  * Threads: a flight runs on the loop its starter names (flight_params.run_loop: the starter's
- * own, or another one when a large batch spreads its flights over the loops); its waiters may be
- * on any loop, and each waiter's callback runs on the waiter's own loop, never on the flight's
- * when they differ. A flight whose loop is the starter's runs from inside flight_wait(); one on
- * another loop is posted there and starts on that loop's thread. The registry and each flight's
- * list of waiters are guarded by the registry's mutex; its key, loop and ctx are set when it is
- * made; everything else of a flight belongs to its loop thread.
+ * own, or another one when a large batch spreads its flights over the loops); its attempts run
+ * on that loop's thread. Its waiters may be on any loop, and each waiter's callback runs on the
+ * waiter's own loop, never on the flight's when they differ. A flight whose loop is the
+ * starter's runs from inside flight_wait(); one on another loop is posted there and starts on
+ * that loop's thread. The registry, each flight's list of waiters and its deadline are guarded
+ * by the registry's mutex (the deadline is also read, without it, as each attempt starts); its
+ * key, loop and ctx are set when it is made; everything else of a flight belongs to its loop
+ * thread. A flight is freed by whoever drops its last reference: its run once wound down, or
+ * the last waiter's flight_release(), on that one's thread.
  *
  * The last waiter to leave an undecided flight gets its callback only once the run has wound
  * down (every attempt and timer called back and counted), so a batch that alone caused a
@@ -51,6 +39,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "server/batch/result.h"
+
 struct budget;
 struct ctx;
 struct fetch;
@@ -59,7 +49,8 @@ struct flights;
 struct metrics;
 struct upstreams;
 
-/* What every flight runs with: the server's, read-only, shared by all flights. */
+/* What every flight runs with: the server's, read-only, shared by all flights. Each flight
+ * hands its attempts their part (attempt.h: struct attempt_env). */
 struct flight_env {
     struct fetch *fetch;          /* the engine */
     struct upstreams *ups;        /* where keys are fetched from */
@@ -71,19 +62,6 @@ struct flight_env {
     int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
     bool hedge_auto;              /* hedge after the first upstream's recent p95 */
     unsigned retries;             /* extra attempts after a retryable failure */
-};
-
-/* Hedges per flight: each time the delay passes with no answer, one more attempt, this many at
- * most (so an attempt and its hedge both landing in the tail cannot hold a batch back). */
-#define FLIGHT_MAX_HEDGES 2
-
-/* The outcome of a flight, read-only for its waiters. */
-struct flight_outcome {
-    int err;            /* 0, FETCH_E*, or a cause (-ETIMEDOUT, -ECANCELED, -ESHUTDOWN, -ENOMEM) */
-    long status;        /* upstream status of the deciding attempt (0 if none answered) */
-    const char *body;   /* its body (success and FETCH_ESTATUS), or NULL */
-    size_t len;         /* body length */
-    const char *detail; /* error text, or NULL (a success has none) */
 };
 
 /* What a call asks for. */
@@ -129,7 +107,7 @@ void flights_free(struct flights *t); /* every flight must have ended */
 int flight_wait(const struct flight_env *env, struct ctx *parent, const struct flight_params *p,
                 struct flight_waiter *w, flight_wait_fn cb, void *arg);
 
-/* The outcome, once cb was called with 0: valid until flight_release(). */
+/* The outcome (result.h), once cb was called with 0: valid until flight_release(). */
 const struct flight_outcome *flight_outcome(const struct flight_waiter *w);
 
 /* Drops the waiter's reference (after its callback; also with no flight, a no-op). */

@@ -1,7 +1,9 @@
-/* result: how one key of a batch ended, as the batch reports it at each of its positions.
+/* result: how one key ended: its fetch's outcome, and the batch's report of it at each of its
+ * positions.
  *
- * A plain value shared by the batch (which fills it from its key's flight) and render (which
- * writes it); no functions, no threads. */
+ * Plain values: the outcome is made by the key's attempts (attempt.h) or its flight, and read
+ * by the flight's waiters (flight.h); the batch fills a call_result from it and render writes
+ * that. No functions, no threads. */
 #ifndef FANOUT_RESULT_H
 #define FANOUT_RESULT_H
 
@@ -11,6 +13,15 @@
 
 /* The response would pass --max-response-bytes. */
 #define CALL_ERESPONSE (-3001)
+
+/* The outcome of a key's fetch (its flight's), read-only for whoever reads it. */
+struct flight_outcome {
+    int err;            /* 0, FETCH_E*, or a cause (-ETIMEDOUT, -ECANCELED, -ESHUTDOWN, -ENOMEM) */
+    long status;        /* upstream status of the deciding attempt (0 if none answered) */
+    const char *body;   /* its body (success and FETCH_ESTATUS), or NULL */
+    size_t len;         /* body length */
+    const char *detail; /* error text, or NULL (a success has none) */
+};
 
 /* How a call ended. */
 struct call_result {
