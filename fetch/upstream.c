@@ -40,6 +40,8 @@ struct upstream {
     atomic_uint_fast32_t lat_total;    /* its count (approximately the sum of lat[]) */
     atomic_uint_fast64_t lat_seen;     /* successful attempts ever observed */
     atomic_int_fast64_t p95_us;        /* cached estimate, -1 until enough samples */
+    struct upstream_stats stats;       /* attempts by kind and their duration */
+    atomic_bool gone;                  /* dropped from the live set: it may not stay ejected */
 };
 
 /* What every snapshot derived from one upstreams_new() shares: the settings and the count of
@@ -289,7 +291,8 @@ bool upstream_ejected(struct upstreams *s, unsigned i, int64_t now_ms)
         atomic_store(&up->in_since, now_ms);
         atomic_fetch_sub(s->nejected, 1);
         if (s->opts.on_event)
-            s->opts.on_event(s->opts.event_arg, i, false, 0);
+            s->opts.on_event(s->opts.event_arg, up->label, false, 0,
+                             atomic_load(&up->ejections));
     }
     return false;
 }
@@ -335,9 +338,15 @@ static void eject(struct upstreams *s, unsigned i, int64_t now_ms)
         ms = s->opts.eject_max_ms;
     atomic_store(&up->consecutive, 0);
     atomic_fetch_add(&up->ejections, 1);
-    atomic_store_explicit(&up->ejected_until, now_ms + ms, memory_order_release);
+    atomic_store(&up->ejected_until, now_ms + ms);
+    if (atomic_load(&up->gone)) { /* it left the set meanwhile: undo (release_dropped()) */
+        int_fast64_t until = now_ms + ms;
+        if (atomic_compare_exchange_strong(&up->ejected_until, &until, 0))
+            atomic_fetch_sub(s->nejected, 1);
+        return;
+    }
     if (s->opts.on_event)
-        s->opts.on_event(s->opts.event_arg, i, true, ms);
+        s->opts.on_event(s->opts.event_arg, up->label, true, ms, atomic_load(&up->ejections));
 }
 
 /* Bucket of a latency: 4 per power of two (about 19% wide), exact below 4 us. */
@@ -414,6 +423,18 @@ void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, i
         eject(s, i, now_ms);
 }
 
+void upstream_count(struct upstreams *u, unsigned i, enum outcome_kind kind, int64_t us)
+{
+    struct upstream_stats *st = &u->u[i]->stats;
+    atomic_fetch_add_explicit(&st->fetches[kind], 1, memory_order_relaxed);
+    hist_observe(&st->seconds, us);
+}
+
+const struct upstream_stats *upstream_stats(const struct upstreams *u, unsigned i)
+{
+    return &u->u[i]->stats;
+}
+
 uint64_t upstream_ejections(const struct upstreams *u, unsigned i)
 {
     return atomic_load_explicit(&u->u[i]->ejections, memory_order_relaxed);
@@ -448,16 +469,22 @@ struct upstreams *upstream_live_get(struct upstream_live *l)
 }
 
 /* The upstreams of 'old' that 'next' no longer has: an ejection of theirs ends now, so that
- * the group's count of ejected upstreams counts only members of the set. */
+ * the group's count of ejected upstreams counts only members of the set. One being ejected
+ * right now (claimed, INT64_MAX) is left to eject(), which sees 'gone' after it publishes the
+ * ejection and undoes it (both sides are sequentially consistent, so one of them clears it). */
 static void release_dropped(const struct upstreams *old, const struct upstreams *next)
 {
     for (unsigned i = 0; i < old->n; i++) {
+        struct upstream *up = old->u[i];
         bool kept = false;
         for (unsigned j = 0; j < next->n && !kept; j++)
-            kept = old->u[i] == next->u[j];
-        int_fast64_t until = atomic_load(&old->u[i]->ejected_until);
-        if (!kept && until != 0 &&
-            atomic_compare_exchange_strong(&old->u[i]->ejected_until, &until, 0))
+            kept = up == next->u[j];
+        if (kept)
+            continue;
+        atomic_store(&up->gone, true);
+        int_fast64_t until = atomic_load(&up->ejected_until);
+        if (until != 0 && until != INT64_MAX &&
+            atomic_compare_exchange_strong(&up->ejected_until, &until, 0))
             atomic_fetch_sub(old->nejected, 1);
     }
 }
@@ -468,6 +495,8 @@ void upstream_live_swap(struct upstream_live *l, struct upstreams *next)
     struct upstreams *old = l->cur;
     l->cur = next;
     pthread_mutex_unlock(&l->mu);
+    for (unsigned j = 0; j < next->n; j++) /* derived from an older snapshot: back in the set */
+        atomic_store(&next->u[j]->gone, false);
     if (old->g == next->g)
         release_dropped(old, next);
     upstreams_free(old);

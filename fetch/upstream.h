@@ -39,6 +39,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fetch/hist.h"
+#include "fetch/outcome.h"
+
 #define UPSTREAMS_MAX 64
 
 enum upstream_policy { UPSTREAM_REPLICAS, UPSTREAM_SHARDS };
@@ -52,9 +55,18 @@ enum upstream_outcome {
 struct upstreams;
 struct upstream_live;
 
-/* Called on ejection (ejected true, 'ms' its length) and on return (false, 0); from whichever
- * thread noticed. */
-typedef void (*upstream_event_fn)(void *arg, unsigned idx, bool ejected, int64_t ms);
+/* Called on ejection (ejected true, 'ms' its length) and on return (false, 0) of the upstream
+ * labelled 'label' ("host:port"; its ejections so far in 'ejections'); from whichever thread
+ * noticed. */
+typedef void (*upstream_event_fn)(void *arg, const char *label, bool ejected, int64_t ms,
+                                  uint64_t ejections);
+
+/* What an upstream counts of its attempts, for the metrics: it lives with the upstream, from
+ * snapshot to snapshot. Atomics; read with relaxed loads. */
+struct upstream_stats {
+    atomic_uint_fast64_t fetches[OUTCOME_KINDS]; /* attempts, by how they ended */
+    struct hist seconds;                         /* their duration */
+};
 
 struct upstreams_opts {
     enum upstream_policy policy;
@@ -123,6 +135,12 @@ void upstream_report(struct upstreams *u, unsigned i, enum upstream_outcome o, i
 
 /* Whether upstream i is ejected at 'now_ms' (an expired ejection ends here). */
 bool upstream_ejected(struct upstreams *u, unsigned i, int64_t now_ms);
+
+/* Counts an attempt on upstream i that ended as 'kind', and its duration. */
+void upstream_count(struct upstreams *u, unsigned i, enum outcome_kind kind, int64_t us);
+
+/* Upstream i's counters. */
+const struct upstream_stats *upstream_stats(const struct upstreams *u, unsigned i);
 
 /* Ejections of upstream i so far. */
 uint64_t upstream_ejections(const struct upstreams *u, unsigned i);

@@ -157,7 +157,7 @@ static uint64_t counted(const struct rig *g)
     uint64_t n = 0;
     for (unsigned i = 0; i < g->nstub; i++)
         for (int k = 0; k < OUTCOME_KINDS; k++)
-            n += M(&g->m->up[i].fetches[k]);
+            n += M(&upstream_stats(g->ups, i)->fetches[k]);
     return n;
 }
 
@@ -361,7 +361,7 @@ static void test_attempt_first_goes_to_the_first_upstream(void)
         CU_ASSERT_EQUAL(STUB(g.stub[first], requests), 1);
         CU_ASSERT_EQUAL(STUB(g.stub[1 - first], requests), 0);
         CU_ASSERT_EQUAL(o.started_at_wound, 1);
-        CU_ASSERT_EQUAL(M(&g.m->up[first].fetches[OUTCOME_OK]), 1);
+        CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, first)->fetches[OUTCOME_OK]), 1);
         CU_ASSERT_EQUAL(o.counted_at_wound, 1);
         struct upstub_req req;
         CU_ASSERT(upstub_log(g.stub[first], &req, 1) == 1 && strcmp(req.request_id, "rid-a") == 0);
@@ -408,8 +408,8 @@ static void test_attempt_hedge_wins_and_the_loser_is_aborted(void)
     CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 1);
     CU_ASSERT_EQUAL(o.started_at_wound, 1 + sent);
     CU_ASSERT_EQUAL(o.counted_at_wound, 1 + sent); /* every loser counted before */
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent);
-    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[OUTCOME_OK]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), sent);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]), 1);
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, sent)); /* closed at the upstream */
     rig_free(&g);
     owner_free(&o);
@@ -442,8 +442,8 @@ static void test_attempt_second_hedge_then_no_more(void)
     CU_ASSERT_PTR_NULL(o.body);
     CU_ASSERT_EQUAL(o.started_at_wound, 3);
     CU_ASSERT_EQUAL(o.counted_at_wound, 3);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 2);
-    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[OUTCOME_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), 2);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_CANCELED]), 1);
     CU_ASSERT_EQUAL(M(&g.m->hedges_sent), ATTEMPT_MAX_HEDGES);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 0);
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 2));
@@ -503,8 +503,8 @@ static void test_attempt_retry_503_on_the_next_upstream(void)
     CU_ASSERT_EQUAL(o.err, 0);
     CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
     CU_ASSERT_EQUAL(o.started_at_wound, 2);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_STATUS]), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[OUTCOME_OK]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]), 1);
     owner_free(&o);
 
     g.env.retries = 0;
@@ -632,7 +632,7 @@ static void test_attempt_outlived_deadline_attempts_again(void)
     CU_ASSERT_FATAL(owner_wait(&o));
     CU_ASSERT_EQUAL(o.err, -ETIMEDOUT);
     CU_ASSERT_EQUAL(o.started_at_wound, 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_DEADLINE]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_DEADLINE]), 1);
     CU_ASSERT_EQUAL(STUB(g.stub[1], requests), 0);
     owner_free(&o);
 
@@ -644,7 +644,7 @@ static void test_attempt_outlived_deadline_attempts_again(void)
     snprintf(want, sizeof(want), "{\"id\":\"%s\"}", key); /* B's answer */
     CU_ASSERT(o2.body && strstr(o2.body, want));
     CU_ASSERT_EQUAL(o2.started_at_wound, 2);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_DEADLINE]), 2);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_DEADLINE]), 2);
     CU_ASSERT_EQUAL(M(&g.m->retries_sent), 0);
     struct upstub_req req;
     CU_ASSERT_FATAL(upstub_log(g.stub[1], &req, 1) == 1);

@@ -12,6 +12,7 @@
 #include <CUnit/CUnit.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,7 +43,8 @@ struct rig {
     unsigned nstub;
     char tmpl[3][256];          /* their templates */
     struct fetch *fetch;
-    struct upstreams *ups;
+    struct upstreams *ups;      /* the set the upstreams were made as (a reference) */
+    struct upstream_live *live; /* what the flights read it from */
     struct budget hedge, retry;
     struct metrics *m;
     struct ctx *root;
@@ -92,6 +94,8 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
         fprintf(stderr, "\n  %s\n", err);
         return false;
     }
+    if (upstream_live_new(upstreams_ref(g->ups), &g->live) != 0)
+        return false;
     budget_init(&g->hedge, hedge_pct, 0, ctx_now());
     budget_init(&g->retry, retry_pct, 0, ctx_now());
     for (int i = 0; i < 10; i++) { /* some credit to start with */
@@ -105,7 +109,7 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     g->root = ctx_new(ctx_background(), CTX_FOREVER);
     g->flights = flights_new();
     g->env = (struct batch_env){.flight = {.fetch = g->fetch,
-                                           .ups = g->ups,
+                                           .ups = g->live,
                                            .root = g->root,
                                            .hedge_budget = &g->hedge,
                                            .retry_budget = &g->retry,
@@ -124,6 +128,7 @@ static void rig_free(struct rig *g)
 {
     fetch_free(g->fetch);
     flights_free(g->flights);
+    upstream_live_free(g->live);
     upstreams_free(g->ups);
     budget_destroy(&g->hedge);
     budget_destroy(&g->retry);
@@ -324,8 +329,8 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
     CU_ASSERT(sent >= 1 && sent <= ATTEMPT_MAX_HEDGES);
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests) + STUB(g.stub[1], requests), 1 + sent);
     CU_ASSERT_EQUAL(M(&g.m->hedges_won), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent); /* every A attempt lost */
-    CU_ASSERT_EQUAL(M(&g.m->up[1].fetches[OUTCOME_OK]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), sent); /* every A attempt lost */
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]), 1);
     run_free(&r);
 
     /* "hedge": false in the body: no hedge, the deadline ends it. */
@@ -424,7 +429,7 @@ static void test_batch_shards_hedge_same_upstream_and_cancel_closes_all(void)
     CU_ASSERT(WAIT_STUB(g.stub[1], canceled, 2));
     uint64_t sent = M(&g.m->hedges_sent); /* each id hedged once or twice */
     CU_ASSERT(sent >= 2 && sent <= 2 * ATTEMPT_MAX_HEDGES);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]) + M(&g.m->up[1].fetches[OUTCOME_CANCELED]),
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]) + M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_CANCELED]),
                     2 + sent);
     run_free(&r);
     rig_free(&g);
@@ -448,7 +453,7 @@ static void test_batch_retry_goes_to_the_next_upstream(void)
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id);
     CU_ASSERT_EQUAL(M(&g.m->retries_sent), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_STATUS]), 1);
     run_free(&r);
     g.env.flight.retries = 0;
     CU_ASSERT_FATAL(run_body(&g, &r, body));
@@ -560,17 +565,19 @@ static void test_batch_failover_and_ejection(void)
     for (int i = 0; i < 2000; i++)
         budget_deposit(&g.retry, ctx_now());
     g.env.flight.retries = 1;
-    /* A third upstream whose port refuses: rebuild the set with it first in the list. */
+    /* A third upstream whose port refuses: the next set has it first in the list. */
     uint16_t port = 0;
     int refusing = srvtest_refusing_port(&port);
     CU_ASSERT_FATAL(refusing >= 0);
     char dead[128];
     snprintf(dead, sizeof(dead), "http://127.0.0.1:%u/items/{id}", port);
     const char *t[] = {dead, g.tmpl[0], g.tmpl[1]};
-    upstreams_free(g.ups);
     char err[256];
-    CU_ASSERT_FATAL(upstreams_new(t, 3, &g.uo, &g.ups, err, sizeof(err)) == 0);
-    g.env.flight.ups = g.ups;
+    struct upstreams *next = NULL;
+    CU_ASSERT_FATAL(upstreams_with(g.ups, t, 3, &next, err, sizeof(err)) == 0);
+    upstream_live_swap(g.live, upstreams_ref(next));
+    upstreams_free(g.ups);
+    g.ups = next;
     int failed = 0;
     for (int i = 0; i < 20; i++) {
         char id[32], body[128];
@@ -586,7 +593,7 @@ static void test_batch_failover_and_ejection(void)
     CU_ASSERT_EQUAL(failed, 0);
     CU_ASSERT_TRUE(upstream_ejected(g.ups, 0, ctx_now()));
     CU_ASSERT_EQUAL(upstream_ejections(g.ups, 0), 1);
-    uint64_t tried = M(&g.m->up[0].fetches[OUTCOME_UNREACHABLE]);
+    uint64_t tried = M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_UNREACHABLE]);
     /* eject_after attempts, plus at most the batch's other id already on its way to it at the
      * moment of the ejection; then never again. Each was retried elsewhere. */
     CU_ASSERT(tried >= 3 && tried <= 4);
@@ -680,8 +687,8 @@ static void test_batch_first_error_cancels_siblings_counted_canceled(void)
                     upstub_count(g.stub[0], "/items/sleep60000-b") +
                     upstub_count(g.stub[0], "/items/sleep60000-c");
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, sent));
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_STATUS]), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_STATUS]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), sent);
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);
     CU_ASSERT_EQUAL(st.status, 1);
@@ -802,7 +809,7 @@ static void test_coalesce_last_waiter_cancels_flight(void)
     CU_ASSERT_EQUAL(STUB(g.stub[0], requests), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_started), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 1);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), 1);
     run_free(&a);
     run_free(&b);
     rig_free(&g);
@@ -1136,7 +1143,7 @@ static uint64_t up_fetches(const struct rig *g)
 {
     uint64_t n = 0;
     for (int k = 0; k < OUTCOME_KINDS; k++)
-        n += M(&g->m->up[0].fetches[k]);
+        n += M(&upstream_stats(g->ups, 0)->fetches[k]);
     return n;
 }
 
@@ -1168,7 +1175,7 @@ static void test_spread_runs_on_every_loop(void)
     CU_ASSERT(test_wait_until(fetches_in_flight, &g, WAIT_MS)); /* every run has started */
     ctx_cancel(batch_ctx(r.b), -EPIPE);
     CU_ASSERT_FATAL(run_finish(&r));
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 64); /* before the answer */
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), 64); /* before the answer */
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);
     CU_ASSERT_EQUAL(st.in_flight, 0);
@@ -1284,7 +1291,7 @@ static void test_spread_cancel_waits_for_every_attempt(void)
     unblock_loop(&k);
     CU_ASSERT_FATAL(run_finish(&r));
     CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 64); /* before the answer */
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), 64); /* before the answer */
     CU_ASSERT_EQUAL(up_fetches(&g), 64);
     CU_ASSERT_FALSE(rw.wrong_thread);
     CU_ASSERT(rw.ended);
@@ -1328,7 +1335,7 @@ static void test_spread_deadline_waits_for_every_attempt(void)
     CU_ASSERT_FATAL(run_finish(&r));
     CU_ASSERT_EQUAL(latch_get(&rw.items), 64);
     CU_ASSERT_EQUAL(up_fetches(&g), 64); /* every attempt counted before the answer */
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_DEADLINE]) + M(&g.m->up[0].fetches[OUTCOME_CANCELED]),
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_DEADLINE]) + M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]),
                     64);
     struct fetch_stats st;
     fetch_stats(g.fetch, &st);
@@ -1464,7 +1471,82 @@ static void test_spread_shutdown_mid_batch(void)
     rig_free(&g);
 }
 
+/* The set is swapped while batches run: a writer keeps publishing the two upstreams in one
+ * order, then the other, so every index changes meaning at each swap. Every id is still fetched
+ * whole from an upstream of the set, and the attempts counted on each upstream (which lives on
+ * from snapshot to snapshot) add up to the ids fetched. */
+struct swapper {
+    struct rig *g;
+    atomic_bool stop;
+    atomic_uint swaps;
+    atomic_uint failed;
+};
+
+static void *swap_main(void *arg)
+{
+    struct swapper *w = arg;
+    const char *order[2][2] = {{w->g->tmpl[1], w->g->tmpl[0]}, {w->g->tmpl[0], w->g->tmpl[1]}};
+    for (unsigned k = 0; !atomic_load(&w->stop); k++) {
+        struct upstreams *cur = upstream_live_get(w->g->live), *next = NULL;
+        char err[256];
+        int rc = upstreams_with(cur, order[k % 2], 2, &next, err, sizeof(err));
+        upstreams_free(cur);
+        if (rc != 0) {
+            atomic_fetch_add(&w->failed, 1);
+            break;
+        }
+        upstream_live_swap(w->g->live, next);
+        atomic_fetch_add(&w->swaps, 1);
+    }
+    return NULL;
+}
+
+static bool swapping(void *arg)
+{
+    struct swapper *w = arg;
+    return atomic_load(&w->swaps) >= 10;
+}
+
+static void test_batch_set_swapped_while_batches_run(void)
+{
+    struct rig g = {0};
+    CU_ASSERT_FATAL(rig_init(&g, 2, NULL, 0, 0));
+    struct swapper w = {.g = &g};
+    pthread_t th;
+    CU_ASSERT_FATAL(pthread_create(&th, NULL, swap_main, &w) == 0);
+    CU_ASSERT(test_wait_until(swapping, &w, test_ms(10000)));
+    int bad = 0;
+    for (int b = 0; b < 30; b++) {
+        char body[512];
+        int n = snprintf(body, sizeof(body), "{\"ids\":[");
+        for (int i = 0; i < 20; i++)
+            n += snprintf(body + n, sizeof(body) - (size_t)n, "%s\"s%d-%d\"", i ? "," : "", b, i);
+        snprintf(body + n, sizeof(body) - (size_t)n, "]}");
+        struct run r;
+        CU_ASSERT_FATAL(run_body(&g, &r, body));
+        bad += r.status != 200;
+        for (int i = 0; r.status == 200 && i < 20; i++) {
+            char id[32];
+            snprintf(id, sizeof(id), "s%d-%d", b, i);
+            bad += strcmp(data_id(&r, i), id) != 0;
+        }
+        run_free(&r);
+    }
+    unsigned swaps_during = atomic_load(&w.swaps);
+    atomic_store(&w.stop, true);
+    pthread_join(th, NULL);
+    CU_ASSERT_EQUAL(bad, 0);
+    CU_ASSERT_EQUAL(atomic_load(&w.failed), 0);
+    CU_ASSERT(swaps_during > 10);
+    /* g.ups is the first snapshot: the same two upstreams, whatever order came after. */
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_OK]) +
+                        M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]),
+                    600);
+    rig_free(&g);
+}
+
 static CU_TestInfo batch_tests[] = {
+    {"the upstream set swapped while batches run", test_batch_set_swapped_while_batches_run},
     {"hedge: sent after the delay, wins, the loser is closed", test_batch_hedge_wins_and_loser_is_closed},
     {"hedge: the second after half the delay more", test_batch_second_hedge_after_half_the_delay},
     {"hedge: refused when the budget is spent", test_batch_hedge_refused_by_budget},

@@ -34,7 +34,8 @@ struct rig {
     struct upstub *stub[2];
     unsigned nstub;
     struct fetch *fetch;
-    struct upstreams *ups;
+    struct upstreams *ups;      /* the set the upstreams were made as (a reference) */
+    struct upstream_live *live; /* what the flights read it from */
     struct budget hedge, retry;
     struct metrics *m;
     struct ctx *root;
@@ -73,6 +74,8 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix)
         fprintf(stderr, "\n  %s\n", err);
         return false;
     }
+    if (upstream_live_new(upstreams_ref(g->ups), &g->live) != 0)
+        return false;
     budget_init(&g->hedge, 0, 0, ctx_now());
     budget_init(&g->retry, 0, 0, ctx_now());
     if (!(g->m = calloc(1, sizeof(*g->m))))
@@ -80,7 +83,7 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix)
     metrics_init(g->m);
     g->root = ctx_new(ctx_background(), CTX_FOREVER);
     g->env = (struct flight_env){.fetch = g->fetch,
-                                 .ups = g->ups,
+                                 .ups = g->live,
                                  .root = g->root,
                                  .hedge_budget = &g->hedge,
                                  .retry_budget = &g->retry,
@@ -93,6 +96,7 @@ static void rig_free(struct rig *g)
 {
     fetch_free(g->fetch);
     flights_free(g->env.flights);
+    upstream_live_free(g->live);
     upstreams_free(g->ups);
     budget_destroy(&g->hedge);
     budget_destroy(&g->retry);
@@ -168,7 +172,7 @@ static uint64_t counted(const struct rig *g)
     uint64_t n = 0;
     for (unsigned i = 0; i < g->nstub; i++)
         for (int k = 0; k < OUTCOME_KINDS; k++)
-            n += M(&g->m->up[i].fetches[k]);
+            n += M(&upstream_stats(g->ups, i)->fetches[k]);
     return n;
 }
 
@@ -322,7 +326,7 @@ static void test_flight_deadline_is_the_latest_waiters(void)
     CU_ASSERT_EQUAL(b.err, 0);
     snprintf(want, sizeof(want), "{\"id\":\"%s\"}", key); /* B's answer */
     CU_ASSERT_STRING_EQUAL(b.body, want);
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_DEADLINE]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_DEADLINE]), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 0);
     struct upstub_req ra, rb;
     CU_ASSERT_FATAL(upstub_log(g.stub[0], &ra, 1) == 1 && upstub_log(g.stub[1], &rb, 1) == 1);
@@ -379,7 +383,7 @@ static void test_flight_last_waiter_cancels_after_the_wind_down(void)
     CU_ASSERT_FATAL(call_wait(&b));
     CU_ASSERT_EQUAL(b.cause, -EPIPE);
     CU_ASSERT_EQUAL(b.counted, 1); /* the attempt ended and was counted first */
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), 1);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), 1);
     CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 1);
     CU_ASSERT(WAIT_STUB(g.stub[0], canceled, 1));
     rig_free(&g);
@@ -414,7 +418,7 @@ static void test_flight_delivers_after_the_losers_are_counted(void)
     uint64_t sent = M(&g.m->hedges_sent);
     CU_ASSERT(sent >= 1);
     CU_ASSERT_EQUAL(a.counted, 1 + sent); /* the losers too */
-    CU_ASSERT_EQUAL(M(&g.m->up[0].fetches[OUTCOME_CANCELED]), sent);
+    CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]), sent);
     rig_free(&g);
     call_free(&a);
 }

@@ -116,7 +116,7 @@ static void test_metrics_histogram_counts_exact(void)
     const int64_t obs[] = {0, 999, 1000, 1001, 2500, 7000, 250000, 10000000, 10000001, -5};
     uint64_t sum = 0;
     for (size_t i = 0; i < sizeof(obs) / sizeof(obs[0]); i++) {
-        metrics_observe(&m.request_seconds, obs[i]);
+        hist_observe(&m.request_seconds, obs[i]);
         sum += obs[i] > 0 ? (uint64_t)obs[i] : 0;
     }
     struct fetch_stats fs = {0};
@@ -175,12 +175,15 @@ static void test_metrics_routes_and_upstreams(void)
     struct upstreams *ups;
     char err[256];
     CU_ASSERT_FATAL(upstreams_new(t, 2, &uo, &ups, err, sizeof(err)) == 0);
-    metrics_count_fetch(&m, 0, outcome_of(0, 200, false).kind, 1500);
-    metrics_count_fetch(&m, 0, outcome_of(FETCH_ESTATUS, 502, false).kind, 100);
-    metrics_count_fetch(&m, 0, outcome_of(FETCH_ESTATUS, 502, true).kind, 100); /* aborted by a
+    upstream_count(ups, 0, outcome_of(0, 200, false).kind, 1500);
+    upstream_count(ups, 0, outcome_of(FETCH_ESTATUS, 502, false).kind, 100);
+    upstream_count(ups, 0, outcome_of(FETCH_ESTATUS, 502, true).kind, 100); /* aborted by a
                                                                              sibling's 502 */
-    metrics_count_fetch(&m, 1, outcome_of(-ETIMEDOUT, 0, true).kind, 100);
-    metrics_count_fetch(&m, 1, outcome_of(FETCH_EUNREACH, 0, false).kind, 100);
+    upstream_count(ups, 1, outcome_of(-ETIMEDOUT, 0, true).kind, 100);
+    upstream_count(ups, 1, outcome_of(FETCH_EUNREACH, 0, false).kind, 100);
+    static const int64_t all_us[] = {1500, 100, 100, 100, 100}; /* every attempt, any upstream */
+    for (int i = 0; i < 5; i++)
+        hist_observe(&m.fetch_seconds, all_us[i]);
     struct fetch_stats fs = {0};
     struct prom_scrape sc;
     CU_ASSERT_FATAL(render_parse_ups(&m, &fs, ups, &sc) == 0);
@@ -370,8 +373,8 @@ static void *hammer_main(void *arg)
     struct hammer *h = arg;
     for (int i = 0; i < HAMMER_ROUNDS; i++) {
         metrics_count_status(h->m, ROUTE_BATCH, i % 3 ? 200 : 503);
-        metrics_observe(&h->m->request_seconds, (int64_t)((h->seed + (unsigned)i) % 3000000));
-        metrics_observe(&h->m->fetch_seconds, 10);
+        hist_observe(&h->m->request_seconds, (int64_t)((h->seed + (unsigned)i) % 3000000));
+        hist_observe(&h->m->fetch_seconds, 10);
         atomic_fetch_add_explicit(&h->m->in_flight, 1, memory_order_relaxed);
         atomic_fetch_sub_explicit(&h->m->in_flight, 1, memory_order_relaxed);
     }

@@ -135,12 +135,15 @@ static void test_upstream_pick_follows_the_ranking(void)
 struct events {
     int ejected, returned;
     int64_t last_ms;
+    char label[64];      /* the last event's upstream */
+    uint64_t ejections;  /* and its ejections so far */
 };
 
-static void on_event(void *arg, unsigned idx, bool ejected, int64_t ms)
+static void on_event(void *arg, const char *label, bool ejected, int64_t ms, uint64_t ejections)
 {
     struct events *e = arg;
-    (void)idx;
+    snprintf(e->label, sizeof(e->label), "%s", label);
+    e->ejections = ejections;
     if (ejected) {
         e->ejected++;
         e->last_ms = ms;
@@ -175,6 +178,8 @@ static void test_upstream_ejection_and_return(void)
     CU_ASSERT_EQUAL(ev.ejected, 1);
     CU_ASSERT_EQUAL(ev.last_ms, 1000);
     CU_ASSERT_EQUAL(upstream_ejections(u, 0), 1);
+    CU_ASSERT_STRING_EQUAL(ev.label, upstream_label(u, 0));
+    CU_ASSERT_EQUAL(ev.ejections, 1);
     /* A key ranking upstream 0 first skips it: attempt 0 goes to its second choice. */
     uint8_t rank[UPSTREAMS_MAX];
     char k[32];

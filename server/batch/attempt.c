@@ -225,7 +225,8 @@ static struct outcome count_attempt(struct attempts *a, unsigned up, const struc
 {
     const struct attempt_env *env = &a->env;
     struct outcome o = outcome_of(r->err, r->status, r->aborted);
-    metrics_count_fetch(env->metrics, up, o.kind, r->elapsed_us);
+    hist_observe(&env->metrics->fetch_seconds, r->elapsed_us);
+    upstream_count(env->ups, up, o.kind, r->elapsed_us);
     if (o.health != OUTCOME_NO_VERDICT)
         upstream_report(env->ups, up, o.health == OUTCOME_FAILED ? UPSTREAM_FAILED : UPSTREAM_OK,
                         r->err == 0 ? r->elapsed_us : -1, ctx_now());

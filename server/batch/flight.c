@@ -37,6 +37,7 @@
 
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
+#include "fetch/upstream.h"
 #include "server/batch/attempt.h"
 #include "server/obs/metrics.h"
 
@@ -55,6 +56,8 @@ struct flight {
     const struct flight_env *env;
     struct flights *table;
     struct ctx *ctx;           /* child of env->root; canceled when decided or abandoned */
+    struct upstreams *ups;     /* the upstream set's snapshot when it was made (a reference):
+                                  its attempts rank and pick from it to the end */
     unsigned loop;             /* the loop the run is on */
     bool hedge;
     uint64_t hash;             /* of key and hedge */
@@ -177,6 +180,7 @@ static void flight_unref(struct flight *f)
     if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
         return;
     attempts_destroy(&f->att);
+    upstreams_free(f->ups);
     ctx_free(f->ctx);
     free(f);
 }
@@ -400,7 +404,7 @@ static void init_attempts(struct flight *f)
 {
     const struct flight_env *env = f->env;
     struct attempt_env ae = {.fetch = env->fetch,
-                             .ups = env->ups,
+                             .ups = f->ups,
                              .hedge_budget = env->hedge_budget,
                              .retry_budget = env->retry_budget,
                              .metrics = env->metrics,
@@ -430,6 +434,7 @@ static struct flight *flight_alloc(const struct flight_env *env, const struct fl
         free(f);
         return NULL;
     }
+    f->ups = upstream_live_get(env->ups);
     f->env = env;
     f->table = env->flights;
     f->hash = hash;

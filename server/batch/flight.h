@@ -47,13 +47,14 @@ struct fetch;
 struct flight;
 struct flights;
 struct metrics;
-struct upstreams;
+struct upstream_live;
 
 /* What every flight runs with: the server's, read-only, shared by all flights. Each flight
  * hands its attempts their part (attempt.h: struct attempt_env). */
 struct flight_env {
     struct fetch *fetch;          /* the engine */
-    struct upstreams *ups;        /* where keys are fetched from */
+    struct upstream_live *ups;    /* where keys are fetched from: each flight reads the
+                                     snapshot current when it starts, to its end */
     struct ctx *root;             /* parent of every flight's ctx (canceled at shutdown) */
     struct budget *hedge_budget;  /* shared by all flights */
     struct budget *retry_budget;  /* shared by all flights */

@@ -34,6 +34,7 @@
 #include <time.h>
 
 #include "fetch/fetch.h"
+#include "fetch/upstream.h"
 #include "server/batch/batch.h"
 #include "server/batch/render.h"
 #include "server/batch/request.h"
@@ -244,7 +245,9 @@ static enum MHD_Result serve_metrics(struct req *r)
     fetch_stats(r->s->fetch, &fs);
     struct json_buf b;
     json_buf_init(&b);
-    metrics_render(&r->s->metrics, &fs, r->s->ups, &b);
+    struct upstreams *ups = upstream_live_get(r->s->ups);
+    metrics_render(&r->s->metrics, &fs, ups, &b);
+    upstreams_free(ups);
     if (json_buf_failed(&b)) {
         json_buf_destroy(&b);
         return MHD_NO;
@@ -685,7 +688,7 @@ void conn_on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     }
     guard_request_done(r->gc);
     metrics_count_status(&s->metrics, metrics_route_of(r->route), r->answered ? r->status : 0);
-    metrics_observe(&s->metrics.request_seconds, dur);
+    hist_observe(&s->metrics.request_seconds, dur);
     log_request(s, r, dur, toe);
     if (r->batch)
         batch_free(r->batch);

@@ -141,11 +141,13 @@ static void log_startup(struct srv *s)
     json_buf_append_str(&b, ",\"upstream\":");
     json_append_string(&b, s->upstream, strlen(s->upstream));
     json_buf_append_str(&b, ",\"upstreams\":[");
-    for (unsigned i = 0; i < upstreams_count(s->ups); i++) {
-        const char *t = upstream_template(s->ups, i);
+    struct upstreams *ups = upstream_live_get(s->ups);
+    for (unsigned i = 0; i < upstreams_count(ups); i++) {
+        const char *t = upstream_template(ups, i);
         json_buf_append_str(&b, i ? "," : "");
         json_append_string(&b, t, strlen(t));
     }
+    upstreams_free(ups);
     json_buf_append_str(&b, "],\"config\":");
     char *cfg = NULL;
     size_t cfglen = 0;
@@ -163,14 +165,14 @@ static void log_startup(struct srv *s)
 }
 
 /* Outlier ejection's events, from whichever thread noticed them. */
-static void on_upstream_event(void *arg, unsigned idx, bool ejected, int64_t ms)
+static void on_upstream_event(void *arg, const char *label, bool ejected, int64_t ms,
+                              uint64_t ejections)
 {
     struct srv *s = arg;
-    const char *label = upstream_label(s->ups, idx);
     if (ejected)
         log_fields(s, LOG_WARN, "upstream ejected",
                    ",\"upstream\":\"%s\",\"eject_ms\":%" PRId64 ",\"ejections\":%" PRIu64, label, ms,
-                   upstream_ejections(s->ups, idx));
+                   ejections);
     else
         log_fields(s, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\"", label);
 }
@@ -267,10 +269,13 @@ static int start_upstreams(struct srv *s, char *err, size_t errlen)
                                 .on_event = on_upstream_event,
                                 .event_arg = s};
     char terr[512];
-    rc = upstreams_new(tmpls, ntmpl, &uo, &s->ups, terr, sizeof(terr));
+    struct upstreams *first = NULL;
+    rc = upstreams_new(tmpls, ntmpl, &uo, &first, terr, sizeof(terr));
     free(list);
+    if (rc == 0 && (rc = upstream_live_new(first, &s->ups)) != 0)
+        upstreams_free(first);
     if (rc != 0)
-        snprintf(err, errlen, "--upstream: %s", rc == -ENOMEM ? "out of memory" : terr);
+        snprintf(err, errlen, "--upstream: %s", rc == -EINVAL ? terr : strerror(-rc));
     return rc;
 }
 
@@ -278,7 +283,7 @@ static void stop_upstreams(struct srv *s)
 {
     demo_stop(s->demo);
     s->demo = NULL;
-    upstreams_free(s->ups);
+    upstream_live_free(s->ups);
     s->ups = NULL;
 }
 

@@ -31,7 +31,7 @@ struct guard;
 struct guard_conn;
 struct log;
 struct stream;
-struct upstreams;
+struct upstream_live;
 struct watch;
 
 enum route { R_BATCH, R_HEALTHZ, R_READYZ, R_METRICS, R_NOT_FOUND, R_BAD_METHOD };
@@ -45,7 +45,7 @@ struct srv {
     struct srv_config cfg;         /* effective configuration */
     struct MHD_Daemon *mhd;        /* the front end */
     struct fetch *fetch;           /* the upstream engine */
-    struct upstreams *ups;         /* the upstream set */
+    struct upstream_live *ups;     /* the upstream set: its current snapshot */
     struct watch *watch;           /* disconnect watch for suspended connections */
     struct guard *guard;           /* header and body deadlines, lingering closes */
     struct membudget mem;          /* --max-memory: bodies and answers held, all requests */

@@ -22,31 +22,12 @@
 #include "server/json.h"
 #include "server/version.h"
 
-/* Upper bounds in microseconds and their rendering; the last bucket is +Inf. */
-static const int64_t bound_us[METRICS_BUCKETS - 1] = {1000,    2500,    5000,    10000,  25000,
-                                                      50000,   100000,  250000,  500000, 1000000,
-                                                      2500000, 5000000, 10000000};
-static const char *const bound_txt[METRICS_BUCKETS] = {"0.001", "0.0025", "0.005", "0.01", "0.025",
-                                                       "0.05",  "0.1",    "0.25",  "0.5",  "1",
-                                                       "2.5",   "5",      "10",    "+Inf"};
-
 void metrics_init(struct metrics *m)
 {
     memset(m, 0, sizeof(*m));
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     m->start_time = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-void metrics_observe(struct metrics_hist *h, int64_t us)
-{
-    if (us < 0)
-        us = 0;
-    int i = 0;
-    while (i < METRICS_BUCKETS - 1 && us > bound_us[i])
-        i++;
-    atomic_fetch_add_explicit(&h->bucket[i], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&h->sum_us, (uint_fast64_t)us, memory_order_relaxed);
 }
 
 void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned status)
@@ -56,15 +37,6 @@ void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned 
     if ((unsigned)route >= ROUTE_COUNT)
         route = ROUTE_OTHER;
     atomic_fetch_add_explicit(&m->by_status[route][status], 1, memory_order_relaxed);
-}
-
-void metrics_count_fetch(struct metrics *m, unsigned up, enum outcome_kind kind, int64_t us)
-{
-    metrics_observe(&m->fetch_seconds, us);
-    if (up >= METRICS_UPSTREAMS)
-        return;
-    atomic_fetch_add_explicit(&m->up[up].fetches[kind], 1, memory_order_relaxed);
-    metrics_observe(&m->up[up].seconds, us);
 }
 
 static uint64_t ld(const atomic_uint_fast64_t *a)
@@ -80,12 +52,12 @@ static void family(struct json_buf *o, const char *name, const char *type, const
 /* The series of one histogram; 'labels' is "" or label pairs ending in a comma
  * ("upstream=\"h:1\","), put before le and alone (without the comma) on _sum and _count. */
 static void hist_series(struct json_buf *o, const char *name, const char *labels,
-                        const struct metrics_hist *h)
+                        const struct hist *h)
 {
     uint64_t cum = 0;
-    for (int i = 0; i < METRICS_BUCKETS; i++) {
+    for (int i = 0; i < HIST_BUCKETS; i++) {
         cum += ld(&h->bucket[i]);
-        json_buf_printf(o, "%s_bucket{%sle=\"%s\"} %" PRIu64 "\n", name, labels, bound_txt[i],
+        json_buf_printf(o, "%s_bucket{%sle=\"%s\"} %" PRIu64 "\n", name, labels, hist_bound_text((unsigned)i),
                         cum);
     }
     uint64_t sum = ld(&h->sum_us);
@@ -101,18 +73,16 @@ static void hist_series(struct json_buf *o, const char *name, const char *labels
 }
 
 static void hist(struct json_buf *o, const char *name, const char *help,
-                 const struct metrics_hist *h)
+                 const struct hist *h)
 {
     family(o, name, "histogram", help);
     hist_series(o, name, "", h);
 }
 
 /* The per-upstream families. */
-static void render_upstreams(const struct metrics *m, struct upstreams *ups, struct json_buf *o)
+static void render_upstreams(struct upstreams *ups, struct json_buf *o)
 {
     unsigned n = upstreams_count(ups);
-    if (n > METRICS_UPSTREAMS)
-        n = METRICS_UPSTREAMS;
     char lab[400];
     family(o, "fanout_upstream_fetches_total", "counter",
            "Upstream attempts completed, by upstream and result (hedges and retries included).");
@@ -120,12 +90,12 @@ static void render_upstreams(const struct metrics *m, struct upstreams *ups, str
         for (unsigned r = 0; r < OUTCOME_KINDS; r++)
             json_buf_printf(o, "fanout_upstream_fetches_total{upstream=\"%s\",result=\"%s\"} %" PRIu64
                             "\n", upstream_label(ups, i), outcome_name((enum outcome_kind)r),
-                            ld(&m->up[i].fetches[r]));
+                            ld(&upstream_stats(ups, i)->fetches[r]));
     family(o, "fanout_upstream_fetch_duration_seconds", "histogram",
            "Upstream attempt duration in seconds, by upstream.");
     for (unsigned i = 0; i < n; i++) {
         snprintf(lab, sizeof(lab), "upstream=\"%s\",", upstream_label(ups, i));
-        hist_series(o, "fanout_upstream_fetch_duration_seconds", lab, &m->up[i].seconds);
+        hist_series(o, "fanout_upstream_fetch_duration_seconds", lab, &upstream_stats(ups, i)->seconds);
     }
     family(o, "fanout_upstream_ejected", "gauge",
            "1 while the upstream is ejected by outlier detection, else 0.");
@@ -243,6 +213,6 @@ void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
     render_engine(m, fs, o);
     render_attempts(m, o);
     if (ups)
-        render_upstreams(m, ups, o);
+        render_upstreams(ups, o);
     render_process(m, o);
 }

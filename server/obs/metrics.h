@@ -10,35 +10,20 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "fetch/outcome.h"
+#include "fetch/hist.h"
 
 struct json_buf;
 struct fetch_stats;
 struct upstreams;
 
-#define METRICS_BUCKETS 14 /* upper bounds in seconds, +Inf last */
-
-struct metrics_hist {
-    atomic_uint_fast64_t bucket[METRICS_BUCKETS]; /* per-bucket (not cumulative) counts */
-    atomic_uint_fast64_t sum_us;                  /* sum of observations, microseconds */
-};
-
 /* The route label of fanout_requests_total. */
 enum metrics_route { ROUTE_BATCH, ROUTE_HEALTHZ, ROUTE_READYZ, ROUTE_METRICS, ROUTE_OTHER,
                      ROUTE_COUNT };
 
-
-#define METRICS_UPSTREAMS 64 /* UPSTREAMS_MAX */
-
-struct metrics_upstream {
-    atomic_uint_fast64_t fetches[OUTCOME_KINDS]; /* attempts on this upstream, by result */
-    struct metrics_hist seconds;             /* their duration */
-};
-
 struct metrics {
     atomic_uint_fast64_t by_status[ROUTE_COUNT][600]; /* requests answered, by route and status */
-    struct metrics_hist request_seconds; /* request duration */
-    struct metrics_hist fetch_seconds;   /* upstream fetch duration */
+    struct hist request_seconds; /* request duration */
+    struct hist fetch_seconds;   /* upstream fetch duration */
     atomic_uint_fast64_t rejected;       /* requests refused as overloaded (admit.h): each
                                             once, streamed ones ended by shutdown included */
     atomic_int_fast64_t in_flight;       /* batch requests admitted and not yet answered */
@@ -51,24 +36,17 @@ struct metrics {
     atomic_uint_fast64_t flights_started; /* flights started (one per key fetched) */
     atomic_uint_fast64_t flights_joined;  /* calls that joined a running flight */
     atomic_uint_fast64_t flights_abandoned; /* flights canceled because every waiter left */
-    struct metrics_upstream up[METRICS_UPSTREAMS]; /* by upstream index */
     double start_time;                   /* process start, seconds since the epoch */
 };
 
 /* Zeroes 'm' and records the start time. */
 void metrics_init(struct metrics *m);
 
-/* Adds one observation of 'us' microseconds. */
-void metrics_observe(struct metrics_hist *h, int64_t us);
-
 /* Counts one answered request. */
 void metrics_count_status(struct metrics *m, enum metrics_route route, unsigned status);
 
-/* Counts one attempt on upstream 'up' that ended as 'kind' (outcome.h), and its duration. */
-void metrics_count_fetch(struct metrics *m, unsigned up, enum outcome_kind kind, int64_t us);
-
 /* Appends the exposition text: our series, the fetch engine's counters in 'fs' and, when 'ups'
- * is not NULL, the per-upstream series. */
+ * is not NULL, the per-upstream series (each upstream keeps its own counters: upstream.h). */
 void metrics_render(const struct metrics *m, const struct fetch_stats *fs,
                     struct upstreams *ups, struct json_buf *out);
 
