@@ -13,9 +13,6 @@
 
 #include "ctx/ctx.h"
 #include "server/batch/batch.h"
-#include "server/batch/result.h"
-#include "server/json.h"
-#include "server/batch/render.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 
@@ -380,43 +377,7 @@ static void test_stream_server_spreads_large_batch(void)
     srvtest_env_free(&e);
 }
 
-/* The line writer alone: an upstream body that is JSON with line breaks between its tokens
- * (pretty-printed) is still one line, and the same value (found by fuzz_render). */
-static void collect(void *arg, const char *data, size_t len)
-{
-    struct json_buf *b = arg;
-    if (data)
-        json_buf_append(b, data, len);
-}
-
-static void test_stream_pretty_body_is_one_line(void)
-{
-    struct json_buf out;
-    json_buf_init(&out);
-    struct render_limits lim = {1000, 1 << 20, 1 << 20};
-    struct line_writer lw;
-    line_writer_init(&lw, &lim, collect, &out);
-    static const char body[] = "{\n  \"a\": [1,\r\n 2],\n  \"s\": \"x\\ny\"\n}\n";
-    struct call_result r = {.status = 200, .body = body, .len = sizeof(body) - 1, .valid = -1,
-                            .decided = true};
-    lw.w.ops->begin(&lw.w);
-    lw.w.ops->item(&lw.w, 0, "\"k\"", &r);
-    lw.w.ops->end(&lw.w);
-    struct lines l;
-    lines_parse(out.data ? out.data : "", out.len, &l);
-    CU_ASSERT_FALSE(l.bad);
-    CU_ASSERT_EQUAL_FATAL(l.n, 2);
-    const cJSON *d = cJSON_GetObjectItemCaseSensitive(l.line[0], "data");
-    cJSON *want = cJSON_Parse(body);
-    CU_ASSERT(cJSON_Compare(d, want, true));
-    cJSON_Delete(want);
-    lines_free(&l);
-    line_writer_destroy(&lw);
-    json_buf_destroy(&out);
-}
-
 static CU_TestInfo stream_tests[] = {
-    {"the line writer: a pretty-printed body stays one line", test_stream_pretty_body_is_one_line},
     {"settled: completion order, each position once, done last", test_stream_settled_completion_order},
     {"mode all: the first error's line, then done with the error", test_stream_first_error_ends_it},
     {"a client gone mid-stream cancels the rest", test_stream_client_gone_cancels},
