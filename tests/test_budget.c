@@ -186,7 +186,8 @@ static void test_budget_threads_conserve_tokens(void)
 static CU_TestInfo budget_tests[] = {
     {"refuses when spent, window cap, floor per second", test_budget_refuses_when_spent},
     {"pct: 0 deposits nothing, 1 a hundredth, 1000 ten tokens", test_budget_pct_range},
-    {"deposits leave the window one second at a time", test_budget_deposits_expire_with_their_second},
+    {"deposits leave the window one second at a time",
+     test_budget_deposits_expire_with_their_second},
     {"floor: capped at the base plus its window; time going back adds nothing",
      test_budget_floor_cap_and_time},
     {"threads: grants plus what is left equal the deposits", test_budget_threads_conserve_tokens},

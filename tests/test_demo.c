@@ -335,7 +335,8 @@ static void test_demo_keep_alive(void)
     }
     /* A POST with a body (dropped by the demo) keeps the connection too. */
     struct srvtest_resp r;
-    struct srvtest_call post = {.path = "/items/posted", .body = "{\"x\":1}", .timeout_ms = SLOW_MS};
+    struct srvtest_call post = {
+        .path = "/items/posted", .body = "{\"x\":1}", .timeout_ms = SLOW_MS};
     srvtest_call(h, demo_port(d), &post, &r);
     CU_ASSERT_EQUAL(r.status, 405);
     connects += r.connects;
@@ -514,9 +515,11 @@ static void test_demo_stop_with_requests_mid_sleep(void)
 
     CU_ASSERT(srvtest_multi_wait(&g, NULL, NULL, SLOW_MS));
     int got503 = 0;
-    for (int i = 0; i < N; i++)
-        got503 += g.resp[i].status == 503 && g.resp[i].rc == CURLE_OK &&
-                  strcmp(g.resp[i].body ? g.resp[i].body : "", "{\"error\":\"shutting down\"}") == 0;
+    for (int i = 0; i < N; i++) {
+        const struct srvtest_resp *r = &g.resp[i];
+        got503 += r->status == 503 && r->rc == CURLE_OK && r->body &&
+                  strcmp(r->body, "{\"error\":\"shutting down\"}") == 0;
+    }
     srvtest_multi_free(&g);
     CU_ASSERT_EQUAL(got503, N);
     CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));

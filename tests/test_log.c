@@ -261,7 +261,7 @@ static void test_log_full_ring_drops_and_counts(void)
     struct log *l = NULL;
     CU_ASSERT_FATAL(log_new(p[1], LOG_INFO, FIT * L + L / 2, &dropped, &l) == 0);
     for (int i = 0; i < TRIES; i++) {
-        char msg[16];
+        char msg[24];
         snprintf(msg, sizeof(msg), "line %02d", i);
         log_msg(l, LOG_INFO, msg);
     }
@@ -279,7 +279,7 @@ static void test_log_full_ring_drops_and_counts(void)
     CU_ASSERT_EQUAL(ls.bad, 0);
     CU_ASSERT_EQUAL_FATAL(ls.n, FIT);
     for (int i = 0; i < FIT; i++) { /* the first ten, in order */
-        char want[16];
+        char want[24];
         snprintf(want, sizeof(want), "line %02d", i);
         CU_ASSERT_STRING_EQUAL(sget(ls.line[i], "msg"), want);
     }

@@ -205,7 +205,8 @@ static void test_render_buf_results_in_order(void)
     CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 1), "data"), "padded");
     CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 2), "id"), "c\"q");
     CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 2), "data"), "plain \"text\"\n");
-    CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 3), "data"), "\xef\xbf\xbd\xef\xbf\xbd bytes");
+    CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 3), "data"),
+                           "\xef\xbf\xbd\xef\xbf\xbd bytes");
     CU_ASSERT_EQUAL(nget(cJSON_GetArrayItem(res, 4), "status"), 204);
     CU_ASSERT_STRING_EQUAL(sget(cJSON_GetArrayItem(res, 4), "data"), "");
     /* The results remember what their bodies are. */
@@ -283,8 +284,8 @@ static void test_render_buf_fail(void)
     CU_ASSERT_STRING_EQUAL(bw.code, "overloaded");
     CU_ASSERT_PTR_NULL(bw.fail_id);
     j = answer_of(&bw);
-    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "error"),
-                                                        "id"));
+    const cJSON *down_err = cJSON_GetObjectItemCaseSensitive(j, "error");
+    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(down_err, "id"));
     cJSON_Delete(j);
     buf_writer_destroy(&bw);
 
@@ -510,8 +511,8 @@ static void test_render_lines_fail_ends_the_stream(void)
     CU_ASSERT_PTR_NULL(lw.fail_id);
     cJSON *l0 = line_json(&em, 0);
     CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(l0, "done")));
-    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(l0, "error"),
-                                                        "id"));
+    const cJSON *e0 = cJSON_GetObjectItemCaseSensitive(l0, "error");
+    CU_ASSERT_PTR_NULL(cJSON_GetObjectItemCaseSensitive(e0, "id"));
     cJSON_Delete(l0);
     line_writer_destroy(&lw);
     emitted_free(&em);
@@ -600,7 +601,8 @@ static CU_TestInfo render_tests[] = {
     {"line writer: a whole line per position, then done", test_render_lines_items_and_done},
     {"line writer: the first error ends the stream", test_render_lines_fail_ends_the_stream},
     {"line writer: a line past the cap is an error line", test_render_lines_response_cap},
-    {"line writer: a pretty-printed body stays one line", test_render_lines_pretty_body_is_one_line},
+    {"line writer: a pretty-printed body stays one line",
+     test_render_lines_pretty_body_is_one_line},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(render, render_tests)
