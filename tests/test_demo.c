@@ -1,17 +1,21 @@
 /* Tests for server/demo: routes, magic ids, id escaping, keep-alive, delays that hold no thread,
- * clients that hang up mid-delay, and demo_stop() with requests suspended. Clients are libcurl
- * easy handles (one at a time) or a multi handle driven from the test's own thread. */
+ * clients that hang up mid-delay, and demo_stop() with requests suspended. Clients are the
+ * tests' HTTP client (tests/srvtest.h): one exchange at a time, or many at once driven from the
+ * test's own thread. */
 #include "server/demo/demo.h"
 
 #include <CUnit/CUnit.h>
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "ctx/ctx.h"
+#include "tests/srvtest.h"
 #include "tests/support.h"
 
 /* Generous bound for anything that should take milliseconds. */
@@ -19,93 +23,35 @@
 
 /* ---------------------------------------------------------------- client helpers */
 
-struct resp {
-    long status;     /* HTTP status, 0 if none */
-    CURLcode code;   /* transfer result */
-    char *body;      /* NUL-terminated, malloc'd */
-    size_t len;      /* body bytes */
-    char ctype[128]; /* Content-Type or "" */
-    bool allow_get;  /* an "Allow: GET" header came */
-    bool conn_close; /* a "Connection: close" header came */
-    long connects;   /* new connections this transfer made */
-};
-
-static size_t on_body(char *p, size_t size, size_t n, void *arg)
+/* One GET of 'path' on handle 'h' (its connection kept for the next), or on a fresh connection
+ * when h is NULL. */
+static void get_on(CURL *h, struct demo *d, const char *path, struct srvtest_resp *r)
 {
-    struct resp *r = arg;
-    size_t add = size * n;
-    char *nb = realloc(r->body, r->len + add + 1);
-    if (!nb)
-        return 0;
-    memcpy(nb + r->len, p, add);
-    r->len += add;
-    nb[r->len] = '\0';
-    r->body = nb;
-    return add;
+    struct srvtest_call c = {.path = path, .timeout_ms = SLOW_MS};
+    srvtest_call(h, demo_port(d), &c, r);
 }
 
-static size_t on_header(char *p, size_t size, size_t n, void *arg)
+static void get(struct demo *d, const char *path, struct srvtest_resp *r)
 {
-    struct resp *r = arg;
-    size_t len = size * n;
-    if (len >= 10 && strncasecmp(p, "Allow: GET", 10) == 0)
-        r->allow_get = true;
-    if (len >= 17 && strncasecmp(p, "Connection: close", 17) == 0)
-        r->conn_close = true;
-    return len;
+    get_on(NULL, d, path, r);
 }
 
-static void resp_free(struct resp *r)
+/* 's' percent-encoded: every byte but A-Z a-z 0-9 - . _ ~ as %XX ('/' included). */
+static void escape(const char *s, char *out, size_t cap)
 {
-    free(r->body);
-    memset(r, 0, sizeof(*r));
-}
-
-/* Prepares 'h' for one transfer of http://127.0.0.1:<port><path> into 'r'. */
-static void setup(CURL *h, struct demo *d, const char *path, struct resp *r)
-{
-    char url[1024];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%u%s", (unsigned)demo_port(d), path);
-    memset(r, 0, sizeof(*r));
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)SLOW_MS);
-    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
-}
-
-/* Records the outcome of a finished transfer on 'h' into 'r'. */
-static void finish(CURL *h, CURLcode code, struct resp *r)
-{
-    r->code = code;
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
-    curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &r->connects);
-    char *ct = NULL;
-    if (curl_easy_getinfo(h, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
-        snprintf(r->ctype, sizeof(r->ctype), "%s", ct);
-    if (!r->body) {
-        r->body = calloc(1, 1);
-        r->len = 0;
+    static const char hex[] = "0123456789ABCDEF";
+    size_t k = 0;
+    for (; *s && k + 4 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (isalnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~') {
+            out[k++] = (char)ch;
+        } else {
+            out[k++] = '%';
+            out[k++] = hex[ch >> 4];
+            out[k++] = hex[ch & 15];
+        }
     }
-}
-
-/* One GET on handle 'h' (reused connections stay with it). */
-static void get_on(CURL *h, struct demo *d, const char *path, struct resp *r)
-{
-    setup(h, d, path, r);
-    curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
-    finish(h, curl_easy_perform(h), r);
-}
-
-/* One GET on a fresh handle. */
-static void get(struct demo *d, const char *path, struct resp *r)
-{
-    CURL *h = curl_easy_init();
-    get_on(h, d, path, r);
-    curl_easy_cleanup(h);
+    out[k] = '\0';
 }
 
 static struct demo *start(void)
@@ -166,18 +112,18 @@ static void warm_ctx_timer(void)
 static void test_demo_item_json(void)
 {
     struct demo *d = start();
-    struct resp r, r2;
+    struct srvtest_resp r, r2;
     get(d, "/items/abc-42", &r);
-    CU_ASSERT_EQUAL(r.code, CURLE_OK);
+    CU_ASSERT_EQUAL(r.rc, CURLE_OK);
     CU_ASSERT_EQUAL(r.status, 200);
-    CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+    CU_ASSERT_STRING_EQUAL(r.content_type, "application/json");
     double p1 = check_item(r.body, "abc-42", 6);
     get(d, "/items/abc-42", &r2);
     double p2 = check_item(r2.body, "abc-42", 6);
     CU_ASSERT_EQUAL(p1, p2); /* deterministic */
     CU_ASSERT_STRING_EQUAL(r.body, r2.body);
-    resp_free(&r);
-    resp_free(&r2);
+    srvtest_resp_free(&r);
+    srvtest_resp_free(&r2);
     /* Different ids mostly get different prices. */
     int distinct = 0;
     double first = -1;
@@ -192,7 +138,7 @@ static void test_demo_item_json(void)
             first = p;
         else if (p != first)
             distinct++;
-        resp_free(&r);
+        srvtest_resp_free(&r);
     }
     CU_ASSERT(distinct >= 5);
     demo_stop(d);
@@ -207,22 +153,22 @@ static void test_demo_id_escaping_round_trip(void)
     struct demo *d = start();
     CURL *h = curl_easy_init();
     for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++) {
-        char *enc = curl_easy_escape(h, ids[i], (int)strlen(ids[i])); /* '/' becomes %2F */
+        char enc[256];
+        escape(ids[i], enc, sizeof(enc)); /* '/' becomes %2F */
         char path[512];
         snprintf(path, sizeof(path), "/items/%s", enc);
-        curl_free(enc);
-        struct resp r;
+        struct srvtest_resp r;
         get_on(h, d, path, &r);
         CU_ASSERT_EQUAL(r.status, 200);
         check_item(r.body, ids[i], strlen(ids[i]));
-        resp_free(&r);
+        srvtest_resp_free(&r);
     }
     /* Invalid UTF-8 is replaced, so the body is still valid JSON. */
-    struct resp r;
+    struct srvtest_resp r;
     get_on(h, d, "/items/x%FFy", &r);
     CU_ASSERT_EQUAL(r.status, 200);
     check_item(r.body, "x\xef\xbf\xbdy", 5);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     curl_easy_cleanup(h);
     demo_stop(d);
 }
@@ -230,28 +176,28 @@ static void test_demo_id_escaping_round_trip(void)
 static void test_demo_fail_is_500(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     get(d, "/items/fail-7", &r);
     CU_ASSERT_EQUAL(r.status, 500);
-    CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+    CU_ASSERT_STRING_EQUAL(r.content_type, "application/json");
     CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"injected failure\",\"id\":\"fail-7\"}");
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/fail%22q", &r); /* the id is escaped here too */
     CU_ASSERT_EQUAL(r.status, 500);
     CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"injected failure\",\"id\":\"fail\\\"q\"}");
-    resp_free(&r);
+    srvtest_resp_free(&r);
     demo_stop(d);
 }
 
 static void test_demo_text_is_plain(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     get(d, "/items/text-1", &r);
     CU_ASSERT_EQUAL(r.status, 200);
-    CU_ASSERT_STRING_EQUAL(r.ctype, "text/plain");
+    CU_ASSERT_STRING_EQUAL(r.content_type, "text/plain");
     CU_ASSERT_STRING_EQUAL(r.body, "plain text for text-1");
-    resp_free(&r);
+    srvtest_resp_free(&r);
     demo_stop(d);
 }
 
@@ -259,66 +205,66 @@ static void test_demo_text_is_plain(void)
 static void test_demo_drop_ids(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     get(d, "/items/drop100-a", &r);
-    CU_ASSERT_EQUAL(r.code, CURLE_GOT_NOTHING);
+    CU_ASSERT_EQUAL(r.rc, CURLE_GOT_NOTHING);
     CU_ASSERT_EQUAL(r.status, 0);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/drop0-a", &r);
     CU_ASSERT_EQUAL(r.status, 200);
     check_item(r.body, "drop0-a", 7);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     int dropped = 0;
     for (int i = 0; i < 200; i++) {
         get(d, "/items/drop30-b", &r);
-        dropped += r.code == CURLE_GOT_NOTHING;
-        CU_ASSERT(r.code == CURLE_GOT_NOTHING || r.status == 200);
-        resp_free(&r);
+        dropped += r.rc == CURLE_GOT_NOTHING;
+        CU_ASSERT(r.rc == CURLE_GOT_NOTHING || r.status == 200);
+        srvtest_resp_free(&r);
     }
     CU_ASSERT(dropped > 20 && dropped < 110); /* 60 expected; any sane generator is in here */
     get(d, "/items/dropx", &r); /* no number: an ordinary id */
     CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     demo_stop(d);
 }
 
 static void test_demo_status_ids(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     get(d, "/items/status418", &r);
     CU_ASSERT_EQUAL(r.status, 418);
     CU_ASSERT_STRING_EQUAL(r.body,
                            "{\"error\":\"injected status\",\"status\":418,\"id\":\"status418\"}");
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/status503-x", &r);
     CU_ASSERT_EQUAL(r.status, 503);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/status201", &r);
     CU_ASSERT_EQUAL(r.status, 201);
     check_item(r.body, "status201", 9);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/status204", &r);
     CU_ASSERT_EQUAL(r.status, 204);
     CU_ASSERT_EQUAL(r.len, 0);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     /* Not a magic status: out of range or not three digits. */
     get(d, "/items/status99", &r);
     CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/status4180", &r);
     CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get(d, "/items/status100", &r);
     CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     demo_stop(d);
 }
 
 static void test_demo_sleep_delays(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     int64_t t0 = ctx_now();
     get(d, "/items/sleep200", &r);
     int64_t dt = ctx_now() - t0;
@@ -326,7 +272,7 @@ static void test_demo_sleep_delays(void)
     check_item(r.body, "sleep200", 8);
     CU_ASSERT(dt >= 200);
     CU_ASSERT(dt < SLOW_MS);
-    resp_free(&r);
+    srvtest_resp_free(&r);
 
     /* ?ms= on any id, added to sleep<N>. */
     t0 = ctx_now();
@@ -335,25 +281,25 @@ static void test_demo_sleep_delays(void)
     CU_ASSERT_EQUAL(r.status, 200);
     check_item(r.body, "plain", 5);
     CU_ASSERT(dt >= 150);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     t0 = ctx_now();
     get(d, "/items/sleep100-x?ms=100", &r);
     dt = ctx_now() - t0;
     CU_ASSERT_EQUAL(r.status, 200);
     check_item(r.body, "sleep100-x", 10);
     CU_ASSERT(dt >= 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     /* A delayed failure is still a failure. */
     t0 = ctx_now();
     get(d, "/items/fail-late?ms=50", &r);
     CU_ASSERT(ctx_now() - t0 >= 50);
     CU_ASSERT_EQUAL(r.status, 500);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     /* "sleep" without digits, or ?ms= that is not a number: no delay, a normal item. */
     get(d, "/items/sleepy?ms=abc", &r);
     CU_ASSERT_EQUAL(r.status, 200);
     check_item(r.body, "sleepy", 6);
-    resp_free(&r);
+    srvtest_resp_free(&r);
 
     struct demo_stats s;
     demo_stats(d, &s);
@@ -381,24 +327,24 @@ static void test_demo_keep_alive(void)
             snprintf(path, sizeof(path), "/items/sleep5-%d", i);
         else
             snprintf(path, sizeof(path), "/items/k%d", i);
-        struct resp r;
+        struct srvtest_resp r;
         get_on(h, d, path, &r);
-        ok += r.code == CURLE_OK && r.status != 0 && !r.conn_close;
+        ok += r.rc == CURLE_OK && r.status != 0 && strcasecmp(r.connection, "close") != 0;
         connects += r.connects;
-        resp_free(&r);
+        srvtest_resp_free(&r);
     }
     /* A POST with a body (dropped by the demo) keeps the connection too. */
-    struct resp r;
-    setup(h, d, "/items/posted", &r);
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, "{\"x\":1}");
-    finish(h, curl_easy_perform(h), &r);
+    struct srvtest_resp r;
+    struct srvtest_call post = {
+        .path = "/items/posted", .body = "{\"x\":1}", .timeout_ms = SLOW_MS};
+    srvtest_call(h, demo_port(d), &post, &r);
     CU_ASSERT_EQUAL(r.status, 405);
     connects += r.connects;
-    resp_free(&r);
+    srvtest_resp_free(&r);
     get_on(h, d, "/items/after-post", &r);
     CU_ASSERT_EQUAL(r.status, 200);
     connects += r.connects;
-    resp_free(&r);
+    srvtest_resp_free(&r);
     CU_ASSERT_EQUAL(ok, 100);
     CU_ASSERT_EQUAL(connects, 1);
     curl_easy_cleanup(h);
@@ -408,26 +354,23 @@ static void test_demo_keep_alive(void)
 static void test_demo_not_found_and_bad_method(void)
 {
     struct demo *d = start();
-    struct resp r;
+    struct srvtest_resp r;
     static const char *const paths[] = {"/", "/items", "/items/", "/item/x", "/itemsx/y"};
     for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
         get(d, paths[i], &r);
         CU_ASSERT_EQUAL(r.status, 404);
-        CU_ASSERT_STRING_EQUAL(r.ctype, "application/json");
+        CU_ASSERT_STRING_EQUAL(r.content_type, "application/json");
         CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"not found\"}");
-        resp_free(&r);
+        srvtest_resp_free(&r);
     }
     static const char *const methods[] = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS"};
     for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
-        CURL *h = curl_easy_init();
-        setup(h, d, "/items/x", &r);
-        curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, methods[i]);
-        finish(h, curl_easy_perform(h), &r);
+        struct srvtest_call c = {.method = methods[i], .path = "/items/x", .timeout_ms = SLOW_MS};
+        srvtest_call(NULL, demo_port(d), &c, &r);
         CU_ASSERT_EQUAL(r.status, 405);
-        CU_ASSERT(r.allow_get);
+        CU_ASSERT(strncmp(r.allow, "GET", 3) == 0);
         CU_ASSERT_STRING_EQUAL(r.body, "{\"error\":\"method not allowed\"}");
-        resp_free(&r);
-        curl_easy_cleanup(h);
+        srvtest_resp_free(&r);
     }
     demo_stop(d);
 }
@@ -458,21 +401,12 @@ static void test_demo_start_errors_and_template(void)
         demo_url_template(d6, buf, sizeof(buf));
         snprintf(want, sizeof(want), "http://[::1]:%u/items/{id}", (unsigned)demo_port(d6));
         CU_ASSERT_STRING_EQUAL(buf, want);
-        CURL *h = curl_easy_init();
-        struct resp r;
-        memset(&r, 0, sizeof(r));
-        char url[96];
-        snprintf(url, sizeof(url), "http://[::1]:%u/items/v6", (unsigned)demo_port(d6));
-        curl_easy_setopt(h, CURLOPT_URL, url);
-        curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-        curl_easy_setopt(h, CURLOPT_WRITEDATA, &r);
-        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)SLOW_MS);
-        finish(h, curl_easy_perform(h), &r);
+        struct srvtest_resp r;
+        struct srvtest_call c = {.host = "::1", .path = "/items/v6", .timeout_ms = SLOW_MS};
+        srvtest_call(NULL, demo_port(d6), &c, &r);
         CU_ASSERT_EQUAL(r.status, 200);
         check_item(r.body, "v6", 2);
-        resp_free(&r);
-        curl_easy_cleanup(h);
+        srvtest_resp_free(&r);
         demo_stop(d6);
     }
 }
@@ -485,14 +419,13 @@ static void test_demo_client_disconnect_mid_sleep(void)
     int threads = test_thread_count(), fds = test_fd_count();
     struct demo *d = start();
     for (int i = 1; i <= 3; i++) {
-        CURL *h = curl_easy_init();
-        struct resp r;
-        setup(h, d, i == 3 ? "/items/x?ms=30000" : "/items/sleep30000", &r);
-        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 200L);
-        CURLcode rc = curl_easy_perform(h);
-        curl_easy_cleanup(h); /* closes the connection */
-        CU_ASSERT_EQUAL(rc, CURLE_OPERATION_TIMEDOUT);
-        resp_free(&r);
+        /* The client gives up after 200 ms and closes its connection. */
+        struct srvtest_call c = {.path = i == 3 ? "/items/x?ms=30000" : "/items/sleep30000",
+                                 .timeout_ms = 200};
+        struct srvtest_resp r;
+        srvtest_call(NULL, demo_port(d), &c, &r);
+        CU_ASSERT_EQUAL(r.rc, CURLE_OPERATION_TIMEDOUT);
+        srvtest_resp_free(&r);
         struct stats_want w = {d, (uint64_t)i, 0, 0};
         /* The delay is 30 s; detection is prompt, the bound is generous and well below that. */
         CU_ASSERT(test_wait_until(stats_reach, &w, SLOW_MS));
@@ -502,33 +435,12 @@ static void test_demo_client_disconnect_mid_sleep(void)
     CU_ASSERT_EQUAL(s.requests, 3);
     CU_ASSERT_EQUAL(s.delayed, 3);
     /* The demo still serves. */
-    struct resp r;
+    struct srvtest_resp r;
     get(d, "/items/after", &r);
     CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    srvtest_resp_free(&r);
     demo_stop(d);
     CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
-}
-
-/* Runs 'm' until nothing is running or 'ms' pass, recording finished transfers. */
-static void drive(CURLM *m, int64_t ms, bool (*until)(void *), void *arg)
-{
-    int64_t end = ctx_now() + ms;
-    int running = 1;
-    while (running && ctx_now() < end) {
-        curl_multi_perform(m, &running);
-        CURLMsg *msg;
-        int left;
-        while ((msg = curl_multi_info_read(m, &left)) != NULL) {
-            struct resp *r = NULL;
-            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
-            finish(msg->easy_handle, msg->data.result, r);
-        }
-        if (until && until(arg))
-            return;
-        if (running)
-            curl_multi_poll(m, NULL, 0, 10, NULL);
-    }
 }
 
 struct sleeping_want {
@@ -549,31 +461,25 @@ static void test_demo_delays_overlap(void)
 {
     enum { N = 40 };
     struct demo *d = start();
-    CURLM *m = curl_multi_init();
-    CURL *hs[N];
-    struct resp rs[N];
+    struct srvtest_multi g;
+    CU_ASSERT_FATAL(srvtest_multi_init(&g) == 0);
     for (int i = 0; i < N; i++) {
-        hs[i] = curl_easy_init();
         char path[64];
         snprintf(path, sizeof(path), "/items/sleep300-%d", i);
-        setup(hs[i], d, path, &rs[i]);
-        curl_multi_add_handle(m, hs[i]);
+        struct srvtest_call c = {.path = path, .timeout_ms = SLOW_MS};
+        CU_ASSERT(srvtest_multi_add(&g, demo_port(d), &c) == i);
     }
     int64_t t0 = ctx_now();
     struct sleeping_want w = {d, N};
-    drive(m, SLOW_MS, sleeping_reach, &w);
+    srvtest_multi_wait(&g, sleeping_reach, &w, SLOW_MS);
     struct demo_stats s;
     demo_stats(d, &s);
     CU_ASSERT_EQUAL(s.sleeping, N); /* blocking delays could not all be waiting at once */
-    drive(m, SLOW_MS, NULL, NULL);
+    CU_ASSERT(srvtest_multi_wait(&g, NULL, NULL, SLOW_MS));
     CU_ASSERT(ctx_now() - t0 >= 300);
-    for (int i = 0; i < N; i++) {
-        CU_ASSERT_EQUAL(rs[i].status, 200);
-        curl_multi_remove_handle(m, hs[i]);
-        curl_easy_cleanup(hs[i]);
-        resp_free(&rs[i]);
-    }
-    curl_multi_cleanup(m);
+    for (int i = 0; i < N; i++)
+        CU_ASSERT_EQUAL(g.resp[i].status, 200);
+    srvtest_multi_free(&g);
     demo_stop(d);
 }
 
@@ -585,22 +491,19 @@ static void test_demo_stop_with_requests_mid_sleep(void)
     warm_ctx_timer();
     int threads = test_thread_count(), fds = test_fd_count();
     struct demo *d = start();
-    CURLM *m = curl_multi_init();
-    CURL *hs[N];
-    struct resp rs[N];
+    struct srvtest_multi g;
+    CU_ASSERT_FATAL(srvtest_multi_init(&g) == 0);
     for (int i = 0; i < N; i++) {
-        hs[i] = curl_easy_init();
         char path[64];
         if (i % 2)
             snprintf(path, sizeof(path), "/items/sleep60000-%d", i);
         else
             snprintf(path, sizeof(path), "/items/n%d?ms=60000", i);
-        setup(hs[i], d, path, &rs[i]);
-        curl_easy_setopt(hs[i], CURLOPT_TIMEOUT_MS, 120000L);
-        curl_multi_add_handle(m, hs[i]);
+        struct srvtest_call c = {.path = path, .timeout_ms = 120000};
+        CU_ASSERT(srvtest_multi_add(&g, demo_port(d), &c) == i);
     }
     struct sleeping_want w = {d, N};
-    drive(m, SLOW_MS, sleeping_reach, &w);
+    srvtest_multi_wait(&g, sleeping_reach, &w, SLOW_MS);
     struct demo_stats s;
     demo_stats(d, &s);
     CU_ASSERT_EQUAL(s.sleeping, N);
@@ -610,16 +513,14 @@ static void test_demo_stop_with_requests_mid_sleep(void)
     int64_t dt = ctx_now() - t0;
     CU_ASSERT(dt < test_ms(5000)); /* the delays are 60 s; this only says "did not wait for them" */
 
-    drive(m, SLOW_MS, NULL, NULL);
+    CU_ASSERT(srvtest_multi_wait(&g, NULL, NULL, SLOW_MS));
     int got503 = 0;
     for (int i = 0; i < N; i++) {
-        got503 += rs[i].status == 503 && rs[i].code == CURLE_OK &&
-                  strcmp(rs[i].body ? rs[i].body : "", "{\"error\":\"shutting down\"}") == 0;
-        curl_multi_remove_handle(m, hs[i]);
-        curl_easy_cleanup(hs[i]);
-        resp_free(&rs[i]);
+        const struct srvtest_resp *r = &g.resp[i];
+        got503 += r->status == 503 && r->rc == CURLE_OK && r->body &&
+                  strcmp(r->body, "{\"error\":\"shutting down\"}") == 0;
     }
-    curl_multi_cleanup(m);
+    srvtest_multi_free(&g);
     CU_ASSERT_EQUAL(got503, N);
     CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
 }
@@ -640,38 +541,32 @@ static void test_demo_races_timers_hangups_and_stop(void)
     int threads = test_thread_count(), fds = test_fd_count();
     for (int round = 0; round < ROUNDS; round++) {
         struct demo *d = start();
-        CURLM *m = curl_multi_init();
-        CURL *hs[N];
-        struct resp rs[N];
+        struct srvtest_multi g;
+        CU_ASSERT_FATAL(srvtest_multi_init(&g) == 0);
         for (int i = 0; i < N; i++) {
-            hs[i] = curl_easy_init();
             char path[64];
             int ms = 5 + (i * 7 + round * 3) % 40;
             snprintf(path, sizeof(path), "/items/sleep%d-%d", ms, i);
-            setup(hs[i], d, path, &rs[i]);
             /* A third give up at about the time their delay ends. */
-            if (i % 3 == 0)
-                curl_easy_setopt(hs[i], CURLOPT_TIMEOUT_MS, (long)(ms + (i % 5) - 2));
-            curl_multi_add_handle(m, hs[i]);
+            struct srvtest_call c = {.path = path,
+                                     .timeout_ms = i % 3 == 0 ? ms + (i % 5) - 2 : SLOW_MS};
+            CU_ASSERT(srvtest_multi_add(&g, demo_port(d), &c) == i);
         }
         bool stop_early = round % 2 == 1;
         if (stop_early) {
             struct sleeping_want w = {d, N / 4};
-            drive(m, SLOW_MS, sleeping_reach, &w);
+            srvtest_multi_wait(&g, sleeping_reach, &w, SLOW_MS);
             demo_stop(d);
             d = NULL;
         }
-        drive(m, SLOW_MS, NULL, NULL);
+        CU_ASSERT(srvtest_multi_wait(&g, NULL, NULL, SLOW_MS));
         int finished = 0;
         for (int i = 0; i < N; i++) {
             /* 200, 503 (stopped), or a client-side timeout or a closed connection. */
-            bool sane = rs[i].status == 200 || rs[i].status == 503 || rs[i].code != CURLE_OK;
-            finished += sane;
-            curl_multi_remove_handle(m, hs[i]);
-            curl_easy_cleanup(hs[i]);
-            resp_free(&rs[i]);
+            const struct srvtest_resp *r = &g.resp[i];
+            finished += g.done[i] && (r->status == 200 || r->status == 503 || r->rc != CURLE_OK);
         }
-        curl_multi_cleanup(m);
+        srvtest_multi_free(&g);
         CU_ASSERT_EQUAL(finished, N);
         if (d) {
             /* Every client is gone: nothing may stay in flight or asleep. */

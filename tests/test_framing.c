@@ -1,11 +1,9 @@
-/* framing.h and membudget.h in process: the framing verdict on header lists given with their
- * lengths, the target path, and the memory budget's arithmetic (including from many threads). */
+/* framing.h in process: the framing verdict on header lists given with their lengths, and the
+ * target path. */
 #include <CUnit/CUnit.h>
-#include <pthread.h>
 #include <string.h>
 
 #include "server/http/framing.h"
-#include "server/membudget.h"
 #include "tests/support.h"
 
 /* One header field; a NULL name ends a list. */
@@ -141,49 +139,6 @@ static void test_framing_trim_and_target(void)
     CU_ASSERT_STRING_EQUAL(framing_target_path("*"), "*");
 }
 
-static void test_membudget_take_and_give(void)
-{
-    struct membudget m;
-    membudget_init(&m, 100);
-    CU_ASSERT(membudget_take(&m, 60));
-    CU_ASSERT(!membudget_take(&m, 41)); /* would pass: nothing taken */
-    CU_ASSERT_EQUAL(membudget_used(&m), 60);
-    CU_ASSERT(membudget_take(&m, 40));
-    CU_ASSERT(!membudget_room(&m, 1, 0));
-    CU_ASSERT(membudget_room(&m, 10, 10)); /* besides the caller's own 10 */
-    membudget_force(&m, 50);                /* memory that exists already */
-    CU_ASSERT_EQUAL(membudget_used(&m), 150);
-    membudget_give(&m, 150);
-    CU_ASSERT_EQUAL(membudget_used(&m), 0);
-    CU_ASSERT(!membudget_take(&m, 101));
-    CU_ASSERT(membudget_take(NULL, 1u << 30)); /* no budget: always granted */
-}
-
-#define TAKERS 4
-#define ROUNDS 20000
-
-static void *taker(void *arg)
-{
-    struct membudget *m = arg;
-    for (int i = 0; i < ROUNDS; i++)
-        if (membudget_take(m, 7))
-            membudget_give(m, 7);
-    return NULL;
-}
-
-/* Many threads take and give: the total never passes the budget and ends at zero. */
-static void test_membudget_threads(void)
-{
-    struct membudget m;
-    membudget_init(&m, 20);
-    pthread_t t[TAKERS];
-    for (int i = 0; i < TAKERS; i++)
-        CU_ASSERT_FATAL(pthread_create(&t[i], NULL, taker, &m) == 0);
-    for (int i = 0; i < TAKERS; i++)
-        pthread_join(t[i], NULL);
-    CU_ASSERT_EQUAL(membudget_used(&m), 0);
-}
-
 static CU_TestInfo framing_tests[] = {
     {"plain requests pass: Host, a length, chunked, OWS, HTTP/1.0",
      test_framing_accepts_plain_requests},
@@ -192,8 +147,6 @@ static CU_TestInfo framing_tests[] = {
     {"bad fields: space before the colon, separators, NUL/CR/DEL, Host count",
      test_framing_refuses_bad_fields},
     {"trim removes OWS; the absolute form's path", test_framing_trim_and_target},
-    {"membudget: take refuses past the budget, force and give", test_membudget_take_and_give},
-    {"membudget: many threads take and give, and it ends at zero", test_membudget_threads},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(framing, framing_tests)

@@ -3,8 +3,9 @@
  * deadlines, the per-address connection limit and the memory budget.
  *
  * Each test starts the real binary ($FANOUT_BIN, tests/proc.h) on a port of its own choosing,
- * in front of the in-process upstream stub, and speaks to it with plain sockets: every byte
- * sent is the test's, so malformed requests reach the server as written. A response is read
+ * in front of the in-process upstream stub, and speaks to it over the tests' raw connections
+ * (tests/srvtest.h): every byte sent is the test's, so malformed requests reach the server as
+ * written. A response is read
  * until its Content-Length is in; "closed" means the server ended the connection (EOF) within
  * the bound after it. Cases that libmicrohttpd 0.9.75 itself answers wrongly (before fanout
  * sees the request) are checked as far as fanout can answer for them there, and fully on
@@ -32,113 +33,23 @@
 
 #define MHD_1 (MHD_VERSION >= 0x01000000) /* libmicrohttpd 1.0 or later */
 
-/* ---------------------------------------------------------------- sockets */
+/* ---------------------------------------------------------------- connections */
 
-/* A connection to the server whose blocked writes fail after the bound instead of hanging. */
-static int dial(uint16_t port)
+/* Connections are the tests' raw client (tests/srvtest.h): what is written is exactly these
+ * bytes; everything that comes back is kept, with how the connection ended. */
+
+static bool one_response(const struct srvtest_raw *r)
 {
-    int fd = srvtest_raw_connect(port);
-    struct timeval tv = {.tv_sec = WAIT_MS / 1000, .tv_usec = 0};
-    if (fd >= 0)
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    return fd;
+    return srvtest_raw_complete(r) >= 1;
 }
 
-static bool send_all(int fd, const void *p, size_t n)
+static bool two_responses(const struct srvtest_raw *r)
 {
-    return srvtest_raw_send(fd, p, n);
-}
-
-/* What came back on a connection. */
-struct reply {
-    char buf[65536];  /* bytes read, NUL-terminated */
-    size_t len;       /* their count */
-    bool eof;         /* the server closed (read returned 0) */
-    bool reset;       /* the connection was reset (ECONNRESET) */
-    unsigned status;  /* the first status code, or 0 */
-    int responses;    /* status lines seen ("HTTP/1.") at the start of a response */
-};
-
-/* Reads into 'r' until 'done' holds for what is in, EOF, a reset, or 'ms' pass. */
-static void read_until(int fd, struct reply *r, bool (*done)(const struct reply *), int64_t ms)
-{
-    int64_t until = ctx_now() + ms;
-    while (!r->eof && !r->reset && !(done && done(r)) && ctx_now() < until) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        int n = poll(&p, 1, (int)(until - ctx_now() > 0 ? until - ctx_now() : 0));
-        if (n <= 0)
-            continue;
-        if (r->len + 1 >= sizeof(r->buf)) { /* full: drop the middle, keep counting */
-            r->len = sizeof(r->buf) / 2;
-        }
-        ssize_t k = recv(fd, r->buf + r->len, sizeof(r->buf) - 1 - r->len, 0);
-        if (k == 0)
-            r->eof = true;
-        else if (k < 0 && errno == ECONNRESET)
-            r->reset = true;
-        else if (k > 0)
-            r->len += (size_t)k;
-        r->buf[r->len] = '\0';
-    }
-    r->responses = 0;
-    for (const char *p = r->buf; (p = strstr(p, "HTTP/1.")) != NULL; p++)
-        if (p == r->buf || (p >= r->buf + 2 && p[-1] == '\n' && p[-2] == '\r'))
-            r->responses++;
-    if (r->len > 12 && !strncmp(r->buf, "HTTP/1.", 7))
-        r->status = (unsigned)strtoul(r->buf + 9, NULL, 10);
-}
-
-/* The header 'name' of the first response, copied into out (NUL-terminated), or NULL. */
-static const char *header_of(const struct reply *r, const char *name, char *out, size_t size)
-{
-    const char *end = strstr(r->buf, "\r\n\r\n");
-    size_t nl = strlen(name);
-    for (const char *p = strstr(r->buf, "\r\n"); p && end && p < end; p = strstr(p + 2, "\r\n")) {
-        if (strncasecmp(p + 2, name, nl) == 0 && p[2 + nl] == ':') {
-            const char *v = p + 3 + nl;
-            while (*v == ' ')
-                v++;
-            size_t n = strcspn(v, "\r");
-            if (n >= size)
-                n = size - 1;
-            memcpy(out, v, n);
-            out[n] = '\0';
-            return out;
-        }
-    }
-    return NULL;
-}
-
-/* How many whole responses (each framed by its Content-Length) 'r' holds. */
-static int complete_responses(const struct reply *r)
-{
-    int n = 0;
-    const char *p = r->buf, *end;
-    while ((end = strstr(p, "\r\n\r\n")) != NULL) {
-        const char *cl = strcasestr(p, "\r\nContent-Length:");
-        if (!cl || cl > end)
-            return n;
-        size_t len = strtoul(cl + 17, NULL, 10);
-        if ((size_t)(end + 4 - r->buf) + len > r->len)
-            return n;
-        n++;
-        p = end + 4 + len;
-    }
-    return n;
-}
-
-static bool one_response(const struct reply *r)
-{
-    return complete_responses(r) >= 1;
-}
-
-static bool two_responses(const struct reply *r)
-{
-    return complete_responses(r) >= 2;
+    return srvtest_raw_complete(r) >= 2;
 }
 
 /* The JSON error code in the first response's body, or "" when there is none. */
-static const char *code_of(const struct reply *r, char *out, size_t size)
+static const char *code_of(const struct srvtest_raw *r, char *out, size_t size)
 {
     const char *c = strstr(r->buf, "\"code\":\"");
     out[0] = '\0';
@@ -155,16 +66,15 @@ static const char *code_of(const struct reply *r, char *out, size_t size)
 
 /* Sends 'req' on a new connection, reads one response, then waits for the end of the
  * connection (bounded) when 'want_close' says the server must close after it. */
-static void exchange(uint16_t port, const char *req, size_t len, struct reply *r, bool want_close)
+static void exchange(uint16_t port, const char *req, size_t len, struct srvtest_raw *r,
+                     bool want_close)
 {
-    memset(r, 0, sizeof(*r));
-    int fd = dial(port);
-    CU_ASSERT_FATAL(fd >= 0);
-    CU_ASSERT(send_all(fd, req, len));
-    read_until(fd, r, one_response, WAIT_MS);
+    CU_ASSERT_FATAL(srvtest_raw_open(r, port));
+    CU_ASSERT(srvtest_raw_write(r, req, len));
+    srvtest_raw_read(r, one_response, WAIT_MS);
     if (want_close)
-        read_until(fd, r, NULL, WAIT_MS);
-    close(fd);
+        srvtest_raw_read(r, NULL, WAIT_MS);
+    srvtest_raw_close(r);
 }
 
 /* ---------------------------------------------------------------- the server */
@@ -263,19 +173,22 @@ static void test_http_framing_refused_and_closed(void)
     CU_ASSERT_FATAL(start(&e, NULL));
     for (size_t i = 0; i < sizeof(frame_cases) / sizeof(frame_cases[0]); i++) {
         const struct frame_case *fc = &frame_cases[i];
-        struct reply r;
+        struct srvtest_raw r;
         exchange(e.p.port, fc->req, strlen(fc->req), &r, true);
+        unsigned status = srvtest_raw_status(&r);
+        int responses = srvtest_raw_status_lines(&r);
         char code[64], ct[64];
         bool ok;
         if (fc->lib & LIB_HERE) /* the library's own 4xx (0.9.75: 413 for a huge length) */
-            ok = r.status / 100 == 4 && r.eof && !r.reset;
+            ok = status / 100 == 4 && r.eof && !r.reset;
         else
-            ok = r.status == fc->status && r.eof && !r.reset && r.responses == 1 &&
+            ok = status == fc->status && r.eof && !r.reset && responses == 1 &&
                  !strcmp(code_of(&r, code, sizeof(code)), fc->code) &&
-                 header_of(&r, "Content-Type", ct, sizeof(ct)) && !strcmp(ct, "application/json");
+                 srvtest_raw_header(&r, "Content-Type", ct, sizeof(ct)) &&
+                 !strcmp(ct, "application/json");
         if (!ok)
             fprintf(stderr, "\n  case %s: status %u (want %u), eof %d, responses %d: %.300s\n",
-                    fc->name, r.status, fc->status, r.eof, r.responses, r.buf);
+                    fc->name, status, fc->status, r.eof, responses, r.buf);
         CU_ASSERT(ok);
     }
     env_free(&e);
@@ -288,48 +201,46 @@ static void test_http_valid_requests_served(void)
         return;
     struct env e;
     CU_ASSERT_FATAL(start(&e, NULL));
-    struct reply r;
+    struct srvtest_raw r;
     char v[160];
     /* RFC 9112 3.2.2: a server MUST accept the absolute form. */
     const char *abs = "POST http://x/v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n" BODY;
     exchange(e.p.port, abs, strlen(abs), &r, false);
-    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
     /* RFC 9110 5.5: optional whitespace around a value is not part of it. */
     const char *ows = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nX-Request-Id:  abc-1 \t\r\n"
                       "Content-Length: 13\r\n\r\n" BODY;
     exchange(e.p.port, ows, strlen(ows), &r, false);
-    CU_ASSERT_EQUAL(r.status, 200);
-    CU_ASSERT(header_of(&r, "X-Request-Id", v, sizeof(v)) && !strcmp(v, "abc-1"));
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
+    CU_ASSERT(srvtest_raw_header(&r, "X-Request-Id", v, sizeof(v)) && !strcmp(v, "abc-1"));
     /* Transfer coding names are case-insensitive (RFC 9112 7). */
     const char *ch = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
                      CHUNKED_BODY;
     exchange(e.p.port, ch, strlen(ch), &r, false);
-    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
     /* HTTP/1.0 needs no Host (RFC 9112 3.2 binds 1.1 only). */
     const char *h10 = "POST /v1/batch HTTP/1.0\r\nContent-Length: 13\r\n\r\n" BODY;
     exchange(e.p.port, h10, strlen(h10), &r, true);
-    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
     /* RFC 9110 5.5: trailing whitespace is not part of a Content-Length either; 0.9.75 refuses
      * it itself (README), 1.0 reads 13. */
     const char *tw = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 13 \r\n\r\n" BODY;
     exchange(e.p.port, tw, strlen(tw), &r, !MHD_1);
-    CU_ASSERT_EQUAL(r.status, MHD_1 ? 200 : 400);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), MHD_1 ? 200 : 400);
     /* Leading zeros are still 1*DIGIT. */
     const char *lz = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 0013\r\n\r\n" BODY;
     exchange(e.p.port, lz, strlen(lz), &r, false);
-    CU_ASSERT_EQUAL(r.status, 200);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
     /* Keep-alive survives: two pipelined requests in one write get two answers in order
      * (RFC 9112 9.3.2), so the strict checks cost no connection that was right. */
     const char *two = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x"
                       "\r\n\r\n";
-    memset(&r, 0, sizeof(r));
-    int fd = dial(e.p.port);
-    CU_ASSERT_FATAL(fd >= 0);
-    CU_ASSERT(send_all(fd, two, strlen(two)));
-    read_until(fd, &r, two_responses, WAIT_MS);
-    CU_ASSERT_EQUAL(complete_responses(&r), 2);
+    CU_ASSERT_FATAL(srvtest_raw_open(&r, e.p.port));
+    CU_ASSERT(srvtest_raw_write(&r, two, strlen(two)));
+    srvtest_raw_read(&r, two_responses, WAIT_MS);
+    CU_ASSERT_EQUAL(srvtest_raw_complete(&r), 2);
     CU_ASSERT(!r.eof);
-    close(fd);
+    srvtest_raw_close(&r);
     env_free(&e);
 }
 
@@ -342,26 +253,26 @@ static void test_http_header_values(void)
         return;
     struct env e;
     CU_ASSERT_FATAL(start(&e, NULL));
-    struct reply r;
+    struct srvtest_raw r;
     char v[160];
     /* RFC 9110 5.5: a NUL in a value must not be cut silently (reject or replace). */
     static const char nul[] = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nX-Request-Id: abc\0def\r\n"
                               "Content-Length: 13\r\n\r\n" BODY;
     exchange(e.p.port, nul, sizeof(nul) - 1, &r, MHD_1);
-    CU_ASSERT_EQUAL(r.responses, 1);
+    CU_ASSERT_EQUAL(srvtest_raw_status_lines(&r), 1);
     if (MHD_1) {
-        CU_ASSERT_EQUAL(r.status, 400);
+        CU_ASSERT_EQUAL(srvtest_raw_status(&r), 400);
         CU_ASSERT(r.eof);
     } else { /* 0.9.75 cuts the value at the NUL before fanout sees it (README): one answer */
-        CU_ASSERT(header_of(&r, "X-Request-Id", v, sizeof(v)) != NULL);
+        CU_ASSERT(srvtest_raw_header(&r, "X-Request-Id", v, sizeof(v)) != NULL);
     }
     /* RFC 9112 5.2: obs-fold must be rejected or replaced; a folded Content-Length must not let
      * the rest of the body be read as a second request. */
     const char *fold = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n 3\r\n\r\n" BODY;
     exchange(e.p.port, fold, strlen(fold), &r, true);
     if (MHD_1) {
-        CU_ASSERT_EQUAL(r.status, 400);
-        CU_ASSERT_EQUAL(r.responses, 1);
+        CU_ASSERT_EQUAL(srvtest_raw_status(&r), 400);
+        CU_ASSERT_EQUAL(srvtest_raw_status_lines(&r), 1);
         CU_ASSERT(r.eof);
     }
     env_free(&e);
@@ -372,15 +283,13 @@ static void test_http_header_values(void)
 /* A client that writes everything before it reads (Python's http.client, requests) must read
  * the early answer, not a reset: 'req' then 'tail' are written whole, then the reply read. */
 static void write_first(uint16_t port, const char *req, size_t len, const char *tail,
-                        size_t tail_len, struct reply *r)
+                        size_t tail_len, struct srvtest_raw *r)
 {
-    memset(r, 0, sizeof(*r));
-    int fd = dial(port);
-    CU_ASSERT_FATAL(fd >= 0);
-    bool sent = send_all(fd, req, len) && (!tail || send_all(fd, tail, tail_len));
+    CU_ASSERT_FATAL(srvtest_raw_open(r, port));
+    bool sent = srvtest_raw_write(r, req, len) && (!tail || srvtest_raw_write(r, tail, tail_len));
     CU_ASSERT(sent);
-    read_until(fd, r, NULL, WAIT_MS);
-    close(fd);
+    srvtest_raw_read(r, NULL, WAIT_MS);
+    srvtest_raw_close(r);
 }
 
 static void test_http_write_first_clients_read_the_error(void)
@@ -394,14 +303,14 @@ static void test_http_write_first_clients_read_the_error(void)
     char *body = malloc(big);
     CU_ASSERT_FATAL(body != NULL);
     memset(body, 'x', big);
-    struct reply r;
+    struct srvtest_raw r;
     char code[64];
     /* A Content-Length over --max-request-bytes is refused before the body is read. */
     char head[256];
     int hn = snprintf(head, sizeof(head),
                       "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n", big);
     write_first(e.p.port, head, (size_t)hn, body, big, &r);
-    CU_ASSERT_EQUAL(r.status, 413);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 413);
     CU_ASSERT(!r.reset && r.eof);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "body_too_large");
     /* A chunked body that passes the limit by more than 1 MiB: answered on the socket. */
@@ -413,14 +322,14 @@ static void test_http_write_first_clients_read_the_error(void)
     memcpy(chunked + cn + csz, "\r\n0\r\n\r\n", 7);
     const char *chead = "POST /v1/batch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
     write_first(e.p.port, chead, strlen(chead), chunked, (size_t)cn + csz + 7, &r);
-    CU_ASSERT_EQUAL(r.status, 413);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 413);
     CU_ASSERT(!r.reset);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "body_too_large");
     /* A framing error with a big body behind it. */
     hn = snprintf(head, sizeof(head), "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 60000"
                   "\r\nTransfer-Encoding: chunked\r\n\r\n");
     write_first(e.p.port, head, (size_t)hn, body, 2u << 20, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 400);
     CU_ASSERT(!r.reset && r.eof);
     /* A 200 KB header line in one write: the library's 431, readable. */
     size_t hl = 200000;
@@ -430,7 +339,7 @@ static void test_http_write_first_clients_read_the_error(void)
     memset(hdr + pn, 'a', hl);
     memcpy(hdr + pn + hl, "\r\n\r\n", 4);
     write_first(e.p.port, hdr, (size_t)pn + hl + 4, NULL, 0, &r);
-    CU_ASSERT_EQUAL(r.status, 431);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 431);
     CU_ASSERT(!r.reset);
     free(hdr);
     free(chunked);
@@ -442,20 +351,19 @@ static void test_http_write_first_clients_read_the_error(void)
 
 /* Sends 'first', then 'line' every 'gap' ms until a reply or the end comes (a slow client:
  * the pacing is the client's behaviour under test, not a wait for the server). */
-static void trickle(uint16_t port, const char *first, const char *line, int gap, struct reply *r)
+static void trickle(uint16_t port, const char *first, const char *line, int gap,
+                    struct srvtest_raw *r)
 {
-    memset(r, 0, sizeof(*r));
-    int fd = dial(port);
-    CU_ASSERT_FATAL(fd >= 0);
-    CU_ASSERT(send_all(fd, first, strlen(first)));
+    CU_ASSERT_FATAL(srvtest_raw_open(r, port));
+    CU_ASSERT(srvtest_raw_write(r, first, strlen(first)));
     int64_t until = ctx_now() + WAIT_MS;
     while (ctx_now() < until && !r->eof && !r->reset && r->len == 0) {
-        read_until(fd, r, one_response, gap);
-        if (r->len == 0 && !r->eof && !send_all(fd, line, strlen(line)))
+        srvtest_raw_read(r, one_response, gap);
+        if (r->len == 0 && !r->eof && !srvtest_raw_write(r, line, strlen(line)))
             break; /* closed: what was sent back is still read below */
     }
-    read_until(fd, r, NULL, WAIT_MS);
-    close(fd);
+    srvtest_raw_read(r, NULL, WAIT_MS);
+    srvtest_raw_close(r);
 }
 
 static void test_http_slow_clients_get_408(void)
@@ -468,31 +376,29 @@ static void test_http_slow_clients_get_408(void)
     snprintf(body_ms, sizeof(body_ms), "%lld", (long long)test_ms(1500));
     char *args[] = {"--header-timeout-ms", hdr_ms, "--body-timeout-ms", body_ms, NULL};
     CU_ASSERT_FATAL(start(&e, args));
-    struct reply r;
+    struct srvtest_raw r;
     char code[64];
     /* One header line every 100 ms never ends the header section: the idle timeout never
      * fires (every byte restarts it), the header deadline does. */
     trickle(e.p.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n", "X-A: b\r\n", 100, &r);
-    CU_ASSERT_EQUAL(r.status, 408);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 408);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "request_timeout");
     CU_ASSERT(r.eof || r.reset);
     /* A body one byte every 100 ms: the body deadline. */
     trickle(e.p.port, "POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", "x",
             100, &r);
-    CU_ASSERT_EQUAL(r.status, 408);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 408);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "request_timeout");
     /* An idle keep-alive connection is not a slow request: past both deadlines it still
      * serves (the header deadline starts at a request's first byte). */
-    int fd = dial(e.p.port);
-    CU_ASSERT_FATAL(fd >= 0);
-    memset(&r, 0, sizeof(r));
-    read_until(fd, &r, NULL, test_ms(1000) * 3); /* nothing may come, not even the end */
+    CU_ASSERT_FATAL(srvtest_raw_open(&r, e.p.port));
+    srvtest_raw_read(&r, NULL, test_ms(1000) * 3); /* nothing may come, not even the end */
     CU_ASSERT(r.len == 0 && !r.eof);
     const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    CU_ASSERT(send_all(fd, get, strlen(get)));
-    read_until(fd, &r, one_response, WAIT_MS);
-    CU_ASSERT_EQUAL(r.status, 200);
-    close(fd);
+    CU_ASSERT(srvtest_raw_write(&r, get, strlen(get)));
+    srvtest_raw_read(&r, one_response, WAIT_MS);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 200);
+    srvtest_raw_close(&r);
     env_free(&e);
 }
 
@@ -506,41 +412,36 @@ static void test_http_clients_per_ip(void)
     char *args[] = {"--max-clients-per-ip", "2", NULL};
     CU_ASSERT_FATAL(start(&e, args));
     const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    int fds[2];
+    struct srvtest_raw *c = malloc(4 * sizeof(*c)); /* two kept, the third, a later one */
+    CU_ASSERT_FATAL(c != NULL);
     for (int i = 0; i < 2; i++) { /* two connections, each proven accepted by an answer */
-        struct reply r;
-        memset(&r, 0, sizeof(r));
-        fds[i] = dial(e.p.port);
-        CU_ASSERT_FATAL(fds[i] >= 0);
-        CU_ASSERT(send_all(fds[i], get, strlen(get)));
-        read_until(fds[i], &r, one_response, WAIT_MS);
-        CU_ASSERT_EQUAL(r.status, 200);
+        CU_ASSERT_FATAL(srvtest_raw_open(&c[i], e.p.port));
+        CU_ASSERT(srvtest_raw_write(&c[i], get, strlen(get)));
+        srvtest_raw_read(&c[i], one_response, WAIT_MS);
+        CU_ASSERT_EQUAL(srvtest_raw_status(&c[i]), 200);
     }
     /* The third from the same address is closed unanswered. */
-    struct reply r3;
-    memset(&r3, 0, sizeof(r3));
-    int fd3 = dial(e.p.port);
-    CU_ASSERT_FATAL(fd3 >= 0);
-    send_all(fd3, get, strlen(get)); /* may fail: the server may have closed already */
-    read_until(fd3, &r3, one_response, WAIT_MS);
-    CU_ASSERT(r3.status == 0 && (r3.eof || r3.reset));
-    close(fd3);
+    struct srvtest_raw *c3 = &c[2];
+    CU_ASSERT_FATAL(srvtest_raw_open(c3, e.p.port));
+    srvtest_raw_write(c3, get, strlen(get)); /* may fail: the server may have closed already */
+    srvtest_raw_read(c3, one_response, WAIT_MS);
+    CU_ASSERT(srvtest_raw_status(c3) == 0 && (c3->eof || c3->reset));
+    srvtest_raw_close(c3);
     /* One closes; a new one is served (the count follows the closes). */
-    close(fds[0]);
+    srvtest_raw_close(&c[0]);
     bool served = false;
     for (int tries = 0; tries < 50 && !served; tries++) { /* the close reaches it soon */
-        struct reply r;
-        memset(&r, 0, sizeof(r));
-        int fd = dial(e.p.port);
-        if (fd < 0)
+        struct srvtest_raw *r = &c[3];
+        if (!srvtest_raw_open(r, e.p.port))
             break;
-        if (send_all(fd, get, strlen(get)))
-            read_until(fd, &r, one_response, WAIT_MS);
-        served = r.status == 200;
-        close(fd);
+        if (srvtest_raw_write(r, get, strlen(get)))
+            srvtest_raw_read(r, one_response, WAIT_MS);
+        served = srvtest_raw_status(r) == 200;
+        srvtest_raw_close(r);
     }
     CU_ASSERT(served);
-    close(fds[1]);
+    srvtest_raw_close(&c[1]);
+    free(c);
     env_free(&e);
 }
 
@@ -571,10 +472,12 @@ static bool budget_back(void *arg)
 {
     struct budget_try *t = arg;
     char req[512];
-    struct reply r;
-    exchange(t->port, req, batch_request(req, sizeof(req), t->body), &r, false);
-    t->last = r.status;
-    return r.status == 200 || r.status != 503;
+    struct srvtest_raw *r = malloc(sizeof(*r));
+    CU_ASSERT_FATAL(r != NULL);
+    exchange(t->port, req, batch_request(req, sizeof(req), t->body), r, false);
+    t->last = (int)srvtest_raw_status(r);
+    free(r);
+    return t->last == 200 || t->last != 503;
 }
 
 static void test_http_memory_budget(void)
@@ -585,14 +488,14 @@ static void test_http_memory_budget(void)
     char *args[] = {"--max-memory", "1MiB", "--max-body", "1MiB", "--max-request-bytes", "64KiB",
                     NULL};
     CU_ASSERT_FATAL(start(&e, args));
-    struct reply r;
+    struct srvtest_raw r;
     char code[64];
     /* Two 600 KB upstream bodies cannot both be held in 1 MiB: the batch fails as too large,
      * though each body is within --max-body and the answer within --max-response-bytes. */
     const char *b2 = "{\"ids\":[\"big600000-1\",\"big600000-2\"]}";
     char req[512];
     exchange(e.p.port, req, batch_request(req, sizeof(req), b2), &r, false);
-    CU_ASSERT_EQUAL(r.status, 502);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 502);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "upstream_too_large");
     /* One of them alone fits: the budget comes back when the first batch is freed, which is
      * just after its answer went out (so the first try may still find it held: 503). */
@@ -603,14 +506,15 @@ static void test_http_memory_budget(void)
     /* While a batch holds memory (its request body, its results), a new batch that could not
      * hold one --max-body more is refused at admission. */
     const char *slow = "{\"ids\":[\"sleep60000-m\"],\"timeout_ms\":60000}";
-    int fd = dial(e.p.port);
-    CU_ASSERT_FATAL(fd >= 0);
-    CU_ASSERT(send_all(fd, req, batch_request(req, sizeof(req), slow)));
+    struct srvtest_raw *held = malloc(sizeof(*held));
+    CU_ASSERT_FATAL(held != NULL && srvtest_raw_open(held, e.p.port));
+    CU_ASSERT(srvtest_raw_write(held, req, batch_request(req, sizeof(req), slow)));
     CU_ASSERT_FATAL(test_wait_until(stub_saw, &e, WAIT_MS)); /* admitted and running */
     exchange(e.p.port, req, batch_request(req, sizeof(req), b1), &r, false);
-    CU_ASSERT_EQUAL(r.status, 503);
+    CU_ASSERT_EQUAL(srvtest_raw_status(&r), 503);
     CU_ASSERT_STRING_EQUAL(code_of(&r, code, sizeof(code)), "overloaded");
-    close(fd); /* the slow batch is canceled (client gone) */
+    srvtest_raw_close(held); /* the slow batch is canceled (client gone) */
+    free(held);
     env_free(&e);
 }
 

@@ -38,6 +38,7 @@
 #include "deploy/loadtest/hist.h"
 #include "deploy/loadtest/http.h"
 #include "deploy/loadtest/mix.h"
+#include "tests/srvtest.h"
 #include "tests/support.h"
 
 extern char **environ;
@@ -434,14 +435,10 @@ static uint16_t free_port(void)
 
 static bool port_open(uint16_t port)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons(port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+    int fd = srvtest_raw_connect(port);
     if (fd >= 0)
         close(fd);
-    return ok;
+    return fd >= 0;
 }
 
 /* The suite's fanout --demo. */

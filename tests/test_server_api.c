@@ -569,6 +569,8 @@ static void test_server_deadline(void)
                     "sleep60000a", 150);
     expect_deadline(e.port, "{\"ids\":[\"sleep60000b\"]}", "X-Request-Timeout-Ms: 150",
                     "sleep60000b", 150);
+    /* Both given: the smaller wins, whichever carries it (c: the header, d: the body). The 504
+     * alone cannot tell 150 from the 400 of the other side clamped; the upstream's header does. */
     expect_deadline(e.port, "{\"ids\":[\"sleep60000c\"],\"timeout_ms\":100000}",
                     "X-Request-Timeout-Ms: 150", "sleep60000c", 150);
     expect_deadline(e.port, "{\"ids\":[\"sleep60000d\"],\"timeout_ms\":150}",
@@ -585,7 +587,11 @@ static void test_server_deadline(void)
     struct upstub_req q;
     CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000a", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000b", &q));
+    CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
     CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000c", &q));
+    CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
+    CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000d", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 150);
     CU_ASSERT_FATAL(upstub_find(e.up, "/items/sleep60000e", &q));
     CU_ASSERT(q.has_timeout_ms && atoll(q.timeout_ms) > 0 && atoll(q.timeout_ms) <= 300);

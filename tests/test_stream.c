@@ -4,18 +4,12 @@
  * memory is bounded by --max-response-bytes whatever the reader does. */
 #include <CUnit/CUnit.h>
 #include <cjson/cJSON.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include "ctx/ctx.h"
 #include "server/batch/batch.h"
-#include "server/batch/result.h"
-#include "server/json.h"
-#include "server/batch/render.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 
@@ -169,42 +163,27 @@ static void test_stream_first_error_ends_it(void)
     srvtest_env_free(&e);
 }
 
-/* Sends an NDJSON batch as HTTP/1.0 (the answer is then delimited by the close). */
-static int send_stream_request(uint16_t port, const char *body)
+/* Opens 'c' and sends an NDJSON batch as HTTP/1.0 (the answer is then delimited by the close).
+ * Returns false if it could not. */
+static bool send_stream_request(struct srvtest_raw *c, uint16_t port, const char *body)
 {
-    int fd = srvtest_raw_connect(port);
-    if (fd < 0)
-        return -1;
+    if (!srvtest_raw_open(c, port))
+        return false;
     char req[4096];
     int n = snprintf(req, sizeof(req),
                      "POST /v1/batch HTTP/1.0\r\nHost: t\r\nAccept: application/x-ndjson\r\n"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
                      strlen(body), body);
-    if (n < 0 || (size_t)n >= sizeof(req) || !srvtest_raw_send(fd, req, (size_t)n)) {
-        close(fd);
-        return -1;
+    if (n < 0 || (size_t)n >= sizeof(req) || !srvtest_raw_write(c, req, (size_t)n)) {
+        srvtest_raw_close(c);
+        return false;
     }
-    return fd;
+    return true;
 }
 
-/* Reads until the peer closes (true) or the bound passes; appends to buf (NUL-terminated). */
-static bool read_to_close(int fd, char *buf, size_t cap, size_t *len, int64_t ms)
+static bool first_line_in(const struct srvtest_raw *c)
 {
-    int64_t until = ctx_now() + ms;
-    for (;;) {
-        int64_t left = until - ctx_now();
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (left <= 0 || poll(&p, 1, (int)left) <= 0)
-            return false;
-        ssize_t k = recv(fd, buf + *len, cap - 1 - *len, 0);
-        if (k <= 0) {
-            buf[*len] = 0;
-            return k == 0;
-        }
-        *len += (size_t)k;
-        if (*len == cap - 1)
-            return false;
-    }
+    return strstr(c->buf, "\"index\":0") != NULL;
 }
 
 /* A client that goes away after the first line cancels the rest: the silent id's fetch is
@@ -214,25 +193,15 @@ static void test_stream_client_gone_cancels(void)
     struct srvtest_env e;
     CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
     CU_ASSERT_FATAL(srvtest_start_default(&e) == 0);
-    int fd = send_stream_request(e.port, "{\"ids\":[\"a\",\"fault-silent\"],\"timeout_ms\":60000}");
-    CU_ASSERT_FATAL(fd >= 0);
-    char buf[8192] = "";
-    size_t len = 0;
-    int64_t until = ctx_now() + SRVTEST_WAIT_MS;
-    while (!strstr(buf, "\"index\":0") && ctx_now() < until) { /* the first line */
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0)
-            continue;
-        ssize_t k = recv(fd, buf + len, sizeof(buf) - 1 - len, 0);
-        if (k <= 0)
-            break;
-        len += (size_t)k;
-        buf[len] = 0;
-    }
-    CU_ASSERT(strncmp(buf, "HTTP/1.", 7) == 0 && strncmp(buf + 8, " 200", 4) == 0);
-    CU_ASSERT_PTR_NOT_NULL(strstr(buf, "\"index\":0"));
-    CU_ASSERT_PTR_NULL(strstr(buf, "\"done\""));
-    close(fd);
+    struct srvtest_raw *c = malloc(sizeof(*c));
+    CU_ASSERT_FATAL(c != NULL);
+    CU_ASSERT_FATAL(
+        send_stream_request(c, e.port, "{\"ids\":[\"a\",\"fault-silent\"],\"timeout_ms\":60000}"));
+    CU_ASSERT(srvtest_raw_read(c, first_line_in, SRVTEST_WAIT_MS)); /* the first line */
+    CU_ASSERT_EQUAL(srvtest_raw_status(c), 200);
+    CU_ASSERT_PTR_NULL(strstr(c->buf, "\"done\""));
+    srvtest_raw_close(c);
+    free(c);
     CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
     expect_silent_aborted(&e);
     CU_ASSERT_EQUAL(srvtest_metric(e.port, "fanout_flights_abandoned_total"), 1);
@@ -255,19 +224,20 @@ static void test_stream_slow_reader_bounded_by_cap(void)
     for (int i = 0; i < 20; i++)
         k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"big2000-%d\"", i ? "," : "", i);
     snprintf(body + k, sizeof(body) - k, "],\"mode\":\"settled\"}");
-    int fd = send_stream_request(e.port, body);
-    CU_ASSERT_FATAL(fd >= 0);
+    struct srvtest_raw *c = malloc(sizeof(*c));
+    CU_ASSERT_FATAL(c != NULL && send_stream_request(c, e.port, body));
     for (int i = 0; i < 20; i++) { /* every fetch answered before a byte is read */
         char t[64];
         snprintf(t, sizeof(t), "/items/big2000-%d", i);
         CU_ASSERT(srvtest_wait_stub_target(e.up, t, 1, SRVTEST_WAIT_MS));
     }
     CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
-    static char buf[256 * 1024];
-    size_t len = 0;
-    CU_ASSERT(read_to_close(fd, buf, sizeof(buf), &len, SRVTEST_WAIT_MS));
-    close(fd);
-    char *start = strstr(buf, "\r\n\r\n");
+    CU_ASSERT(srvtest_raw_read(c, NULL, SRVTEST_WAIT_MS)); /* to the close */
+    CU_ASSERT_FALSE(c->clipped);
+    srvtest_raw_close(c);
+    const char *buf = c->buf;
+    size_t len = c->len;
+    const char *start = strstr(buf, "\r\n\r\n");
     CU_ASSERT_FATAL(start != NULL);
     start += 4;
     size_t blen = len - (size_t)(start - buf);
@@ -290,6 +260,7 @@ static void test_stream_slow_reader_bounded_by_cap(void)
     CU_ASSERT_EQUAL(num(l.line[20], "results"), ok);
     CU_ASSERT_EQUAL(num(l.line[20], "errors"), big);
     lines_free(&l);
+    free(c);
     srvtest_env_free(&e);
 }
 
@@ -370,53 +341,18 @@ static void test_stream_server_spreads_large_batch(void)
     for (int i = 0; i < 64; i++)
         k += (size_t)snprintf(body + k, sizeof(body) - k, "%s\"sleep60000-%d\"", i ? "," : "", i);
     snprintf(body + k, sizeof(body) - k, "],\"timeout_ms\":60000}");
-    int fd = send_stream_request(e.port, body);
-    CU_ASSERT_FATAL(fd >= 0);
+    struct srvtest_raw *c = malloc(sizeof(*c));
+    CU_ASSERT_FATAL(c != NULL && send_stream_request(c, e.port, body));
     CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 2, SRVTEST_WAIT_MS));
-    close(fd);
+    srvtest_raw_close(c);
+    free(c);
     CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
     CU_ASSERT(srvtest_wait_stub_canceled(e.up, 2, SRVTEST_WAIT_MS));
     CU_ASSERT_EQUAL(srvtest_metric(e.port, "fanout_flights_abandoned_total"), 64);
     srvtest_env_free(&e);
 }
 
-/* The line writer alone: an upstream body that is JSON with line breaks between its tokens
- * (pretty-printed) is still one line, and the same value (found by fuzz_render). */
-static void collect(void *arg, const char *data, size_t len)
-{
-    struct json_buf *b = arg;
-    if (data)
-        json_buf_append(b, data, len);
-}
-
-static void test_stream_pretty_body_is_one_line(void)
-{
-    struct json_buf out;
-    json_buf_init(&out);
-    struct render_limits lim = {1000, 1 << 20, 1 << 20};
-    struct line_writer lw;
-    line_writer_init(&lw, &lim, collect, &out);
-    static const char body[] = "{\n  \"a\": [1,\r\n 2],\n  \"s\": \"x\\ny\"\n}\n";
-    struct call_result r = {.status = 200, .body = body, .len = sizeof(body) - 1, .valid = -1,
-                            .decided = true};
-    lw.w.ops->begin(&lw.w);
-    lw.w.ops->item(&lw.w, 0, "\"k\"", &r);
-    lw.w.ops->end(&lw.w);
-    struct lines l;
-    lines_parse(out.data ? out.data : "", out.len, &l);
-    CU_ASSERT_FALSE(l.bad);
-    CU_ASSERT_EQUAL_FATAL(l.n, 2);
-    const cJSON *d = cJSON_GetObjectItemCaseSensitive(l.line[0], "data");
-    cJSON *want = cJSON_Parse(body);
-    CU_ASSERT(cJSON_Compare(d, want, true));
-    cJSON_Delete(want);
-    lines_free(&l);
-    line_writer_destroy(&lw);
-    json_buf_destroy(&out);
-}
-
 static CU_TestInfo stream_tests[] = {
-    {"the line writer: a pretty-printed body stays one line", test_stream_pretty_body_is_one_line},
     {"settled: completion order, each position once, done last", test_stream_settled_completion_order},
     {"mode all: the first error's line, then done with the error", test_stream_first_error_ends_it},
     {"a client gone mid-stream cancels the rest", test_stream_client_gone_cancels},

@@ -1,5 +1,5 @@
-/* Tests for fetch/upstream.h (ranking, picking, ejection, the latency estimate) and
- * server/budget.h (the token bucket). Pure code: no threads but the race test's, no sockets. */
+/* Tests for fetch/upstream.h: ranking, picking, ejection and the latency estimate. Pure code: no
+ * threads but the race test's, no sockets. */
 #include <CUnit/CUnit.h>
 #include <errno.h>
 #include <pthread.h>
@@ -9,7 +9,6 @@
 #include <string.h>
 
 #include "fetch/upstream.h"
-#include "server/batch/budget.h"
 #include "tests/support.h"
 
 static struct upstreams *make(unsigned n, enum upstream_policy p, unsigned eject_after,
@@ -329,48 +328,6 @@ static void test_upstream_rejects_bad_sets(void)
     }
 }
 
-/* ---------------------------------------------------------------- budget */
-
-static void test_budget_refuses_when_spent(void)
-{
-    struct budget b;
-    budget_init(&b, 10, 0, 0); /* 10% of first attempts, no floor */
-    CU_ASSERT_FALSE(budget_withdraw(&b, 0));
-    for (int i = 0; i < 9; i++)
-        budget_deposit(&b, 0);
-    CU_ASSERT_FALSE(budget_withdraw(&b, 0)); /* 0.9 tokens */
-    budget_deposit(&b, 0);
-    CU_ASSERT_TRUE(budget_withdraw(&b, 0));
-    CU_ASSERT_FALSE(budget_withdraw(&b, 0));
-    /* 100000 first attempts within the window bank their 10% (a busy service's burst). */
-    for (int i = 0; i < 100000; i++)
-        budget_deposit(&b, 5000);
-    int got = 0;
-    while (got < 20000 && budget_withdraw(&b, 5000))
-        got++;
-    CU_ASSERT_EQUAL(got, 10000);
-    /* The same deposits, then a quiet window: only the base cap survives it. */
-    for (int i = 0; i < 100000; i++)
-        budget_deposit(&b, 10000);
-    got = 0;
-    while (got < 20000 && budget_withdraw(&b, 10000 + BUDGET_WINDOW_S * 1000 + 1000))
-        got++;
-    CU_ASSERT_EQUAL(got, BUDGET_CAP_BASE);
-    budget_destroy(&b);
-
-    /* A floor of 10 a second: 10 at once, then one per 100 ms. */
-    budget_init(&b, 0, 10, 1000);
-    got = 0;
-    while (budget_withdraw(&b, 1000))
-        got++;
-    CU_ASSERT_EQUAL(got, 10);
-    CU_ASSERT_FALSE(budget_withdraw(&b, 1099)); /* 0.99 of a token so far */
-    CU_ASSERT_TRUE(budget_withdraw(&b, 1200));  /* 2.0 by now */
-    CU_ASSERT_TRUE(budget_withdraw(&b, 1200));
-    CU_ASSERT_FALSE(budget_withdraw(&b, 1200));
-    budget_destroy(&b);
-}
-
 static CU_TestInfo upstream_tests[] = {
     {"rank: a stable permutation, first choices spread", test_upstream_rank_is_stable_and_spread},
     {"rendezvous: removing one moves only its keys", test_upstream_rendezvous_moves_only_the_removed},
@@ -379,7 +336,6 @@ static CU_TestInfo upstream_tests[] = {
     {"ejection: concurrent reports respect the cap", test_upstream_ejection_races},
     {"p95 estimate: needs samples, tracks, decays", test_upstream_p95_estimate},
     {"bad sets are refused with a reason", test_upstream_rejects_bad_sets},
-    {"budget: refuses when spent, window cap, floor per second", test_budget_refuses_when_spent},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(upstream, upstream_tests)
