@@ -6,24 +6,27 @@
  * thread. Other threads reach a loop only through its inbox: fetch_get() appends a transfer under
  * the loop's mutex and, when the inbox was empty, calls curl_multi_wakeup() (still under the mutex,
  * so a loop that has stopped is never woken after its multi is gone). A transfer's ctx hook does
- * the same with a "cancel pending" flag: it marks, wakes and returns, never touching the transfer.
- * From the loop's own thread (its callbacks queue and cancel all the time: a batch's calls, a
- * decided call's losers) neither wakes anything: a flag of the loop's own makes it take another
- * pass before it sleeps, which saves a wakeup write and read per batch step.
+ * the same with the transfer itself: it appends it to the loop's list of canceled transfers
+ * (intrusive links) and wakes the loop when that list was empty. From the loop's own thread (its
+ * callbacks queue and cancel all the time: a batch's calls, a decided call's losers) neither
+ * wakes anything: the inbox flag and a list of the loop's own make it take another pass before it
+ * sleeps, which saves a wakeup write and read per batch step.
  *
- * Each pass of the loop thread: take the inbox and the flags; admit new transfers (a ctx already
- * done completes them without starting); on "cancel pending", scan the active and waiting
- * transfers and abort those whose ctx is done (curl_multi_remove_handle, on this thread, never
- * from a curl callback); move waiting transfers into the multi while fewer than 'limit' are active;
- * curl_multi_perform(); complete what curl reports done; curl_multi_poll() until curl has work
- * or a wakeup arrives. 'limit' is the loop's connection cap (HTTP/1.1: one transfer per
+ * Each pass of the loop thread: take the inbox, the canceled list and the flags; admit new
+ * transfers (a ctx already done completes them without starting); abort each canceled transfer
+ * where it is (out of the multi with curl_multi_remove_handle, on this thread, never from a curl
+ * callback; off the waiting or resolving FIFO; out of the timer heap), so a cancel costs the same
+ * whatever else the loop holds; move waiting transfers into the multi while fewer than 'limit' are
+ * active; curl_multi_perform(); complete what curl reports done; curl_multi_poll() until curl has
+ * work or a wakeup arrives. 'limit' is the loop's connection cap (HTTP/1.1: one transfer per
  * connection), or 100 streams per connection for h2c, so curl's own PENDING queue stays empty:
  * its timeout clock would otherwise run while a transfer waits, and 7.88 walks PENDING handles on
  * every perform (LIBRARY-NOTES 2.2, 2.3). The waiting FIFO is ours and costs nothing per pass.
  *
  * Completion (only on the loop thread): remove the ctx hook (ctx_hook_remove waits if the hook
- * is running right now, so the transfer can be freed), recycle the easy handle onto the loop's
- * free list, count, call the callback with no lock held, drop the ctx reference, free.
+ * is running right now, so the transfer can be freed), take the transfer off the canceled list
+ * if its hook put it there (it may have ended on its own meanwhile), recycle the easy handle onto
+ * the loop's free list, count, call the callback with no lock held, drop the ctx reference, free.
  *
  * Stop: fetch_free() sets 'stopping' under each loop's mutex and wakes it. fetch_get() checks
  * the flag under the same mutex, so once the loop has seen it its inbox can only be what it took
@@ -74,10 +77,30 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* Where a transfer or timer is, for its loop (loop thread only; 0 while on the inbox). */
+enum xfer_where {
+    XFER_INBOX = 0, /* handed over, not admitted yet: admit() checks its ctx */
+    XFER_WAITING,   /* on 'waiting' */
+    XFER_RESOLVING, /* on 'resolving' */
+    XFER_ACTIVE,    /* in the multi, on 'active' */
+    XFER_TIMER,     /* in the timer heap at 'heap_idx' */
+};
+
+/* Which list of canceled transfers holds it (see on_ctx_done()). */
+enum xfer_canceled {
+    CANCELED_NONE = 0, /* none */
+    CANCELED_SHARED,   /* the loop's 'canceled'; guarded by the loop's mu */
+    CANCELED_OWN,      /* the loop's 'canceled_own'; loop thread only */
+};
+
 /* One transfer, from fetch_get() to its callback. Owned by its loop once queued. */
 struct xfer {
-    struct xfer *next, *prev; /* on the inbox, the waiting FIFO or the active list */
+    struct xfer *next, *prev; /* on the inbox, the waiting or resolving FIFO or the active list */
+    struct xfer *cnext, *cprev; /* on one of its loop's lists of canceled transfers */
     struct fetch_loop *loop;  /* the loop it runs on */
+    atomic_bool handed;       /* on the loop's inbox (or past it): its hook may queue it */
+    unsigned char where;      /* enum xfer_where; loop thread only */
+    unsigned char canceled;   /* enum xfer_canceled; written under the loop's mu when shared */
     struct ctx *ctx;          /* our reference on the caller's ctx */
     struct ctx_hook hook;     /* wakes the loop when ctx is done; armed until completion */
     fetch_cb cb;              /* the caller's callback and its argument */
@@ -106,8 +129,13 @@ struct xfer {
     char strings[];               /* the URL, then the request id */
 };
 
-/* A FIFO of transfers (singly linked through 'next'). */
+/* A FIFO of transfers, doubly linked through 'next' and 'prev'. */
 struct xfer_queue {
+    struct xfer *head, *tail;
+};
+
+/* A list of canceled transfers, doubly linked through 'cnext' and 'cprev'. */
+struct xfer_canceled_list {
     struct xfer *head, *tail;
 };
 
@@ -116,9 +144,9 @@ struct fetch_loop {
     pthread_t thread;        /* the loop thread */
     bool started;            /* thread created (for unwinding and joining) */
     CURLM *multi;            /* used only by the loop thread; freed by fetch_free() after the join */
-    pthread_mutex_t mu;      /* guards inbox, cancel_pending, stopping */
+    pthread_mutex_t mu;      /* guards inbox, canceled, stopping, dns_ready */
     struct xfer_queue inbox; /* handed over by fetch_get(); guarded by mu */
-    bool cancel_pending;     /* some transfer's ctx is done; guarded by mu */
+    struct xfer_canceled_list canceled; /* ctx done, queued by hooks on other threads; mu */
     bool stopping;           /* fetch_free() began; guarded by mu */
     bool dns_ready;          /* the resolver answered some lookup; guarded by mu */
     /* Loop thread only: */
@@ -129,9 +157,10 @@ struct fetch_loop {
     char origin_host[256];      /* that URL's host, as curl looks it up */
     long origin_port;           /* and port */
     bool origin_literal;        /* the host needs no lookup (fetch__host_is_literal) */
+    struct xfer_canceled_list canceled_own; /* ctx done: queued by hooks on this thread, and
+                                               'canceled' once taken */
     /* Set by the loop's own callbacks instead of a wakeup (kept away from the fields under mu:
      * a combined load of neighbouring bytes would race with their writers): */
-    bool self_cancel;           /* a transfer's ctx is done: another pass before sleeping */
     bool self_inbox;            /* work was queued: another pass before sleeping */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
@@ -223,6 +252,7 @@ static struct xfer *heap_take(struct fetch_loop *l, size_t i)
 static void queue_push(struct xfer_queue *q, struct xfer *x)
 {
     x->next = NULL;
+    x->prev = q->tail;
     if (q->tail)
         q->tail->next = x;
     else
@@ -230,20 +260,68 @@ static void queue_push(struct xfer_queue *q, struct xfer *x)
     q->tail = x;
 }
 
+static void queue_del(struct xfer_queue *q, struct xfer *x)
+{
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        q->head = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    else
+        q->tail = x->prev;
+    x->next = x->prev = NULL;
+}
+
 static struct xfer *queue_pop(struct xfer_queue *q)
 {
     struct xfer *x = q->head;
-    if (x) {
-        q->head = x->next;
-        if (!q->head)
-            q->tail = NULL;
-        x->next = NULL;
-    }
+    if (x)
+        queue_del(q, x);
     return x;
+}
+
+/* Moves all of 'src' before the head of 'dst', in order. */
+static void queue_prepend(struct xfer_queue *dst, struct xfer_queue *src)
+{
+    if (!src->head)
+        return;
+    src->tail->next = dst->head;
+    if (dst->head)
+        dst->head->prev = src->tail;
+    else
+        dst->tail = src->tail;
+    dst->head = src->head;
+    src->head = src->tail = NULL;
+}
+
+static void canceled_push(struct xfer_canceled_list *q, struct xfer *x)
+{
+    x->cnext = NULL;
+    x->cprev = q->tail;
+    if (q->tail)
+        q->tail->cnext = x;
+    else
+        q->head = x;
+    q->tail = x;
+}
+
+static void canceled_del(struct xfer_canceled_list *q, struct xfer *x)
+{
+    if (x->cprev)
+        x->cprev->cnext = x->cnext;
+    else
+        q->head = x->cnext;
+    if (x->cnext)
+        x->cnext->cprev = x->cprev;
+    else
+        q->tail = x->cprev;
+    x->cnext = x->cprev = NULL;
 }
 
 static void active_add(struct fetch_loop *l, struct xfer *x)
 {
+    x->where = XFER_ACTIVE;
     x->prev = NULL;
     x->next = l->active;
     if (l->active)
@@ -411,6 +489,21 @@ static void easy_put(struct fetch_loop *l, CURL *e)
 
 /* ---------------------------------------------------------------- completion */
 
+/* After ctx_hook_remove(): takes 'x' off the list of canceled transfers its hook put it on, if
+ * any, so that it can be freed. The hook cannot run any more, so 'canceled' is stable here: a hook
+ * that ran on another thread wrote it before ctx_hook_remove() returned. */
+static void canceled_forget(struct fetch_loop *l, struct xfer *x)
+{
+    if (x->canceled == CANCELED_OWN) {
+        canceled_del(&l->canceled_own, x);
+    } else if (x->canceled == CANCELED_SHARED) {
+        pthread_mutex_lock(&l->mu);
+        canceled_del(&l->canceled, x);
+        pthread_mutex_unlock(&l->mu);
+    }
+    x->canceled = CANCELED_NONE;
+}
+
 /* Completes 'x' with 'err' (its easy handle, if any, already out of the multi): counts, calls the
  * callback and frees the transfer. 'detail' may be NULL for the default text of 'err'. */
 static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const char *detail,
@@ -420,6 +513,7 @@ static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const cha
     struct fetch_result r = {.err = err, .aborted = from_ctx};
     if (x->timer) { /* no transfer, nothing to count */
         ctx_hook_remove(x->ctx, &x->hook);
+        canceled_forget(l, x);
         r.detail = err == 0 ? "timer" : from_ctx ? "canceled" : "fetch engine shutting down";
         r.elapsed_us = now_us() - x->t0_us;
         r.elapsed_ms = r.elapsed_us / 1000;
@@ -440,6 +534,7 @@ static void complete_as(struct fetch_loop *l, struct xfer *x, int err, const cha
         x->easy = NULL;
     }
     ctx_hook_remove(x->ctx, &x->hook); /* waits if the hook is running; never fires after */
+    canceled_forget(l, x);
     x->hdrs = NULL; /* its nodes are the transfer's own */
     curl_slist_free_all(x->pin);
     x->pin = NULL;
@@ -602,6 +697,7 @@ static bool resolve_host(struct fetch_loop *l, struct xfer *x)
         x->dns = d;
         if (x->resolve_t0_us == 0)
             x->resolve_t0_us = now_us();
+        x->where = XFER_RESOLVING;
         queue_push(&l->resolving, x);
         return false;
     }
@@ -638,21 +734,21 @@ static int64_t expire_resolving(struct fetch_loop *l)
     int64_t cap_ms = l->f->opts.connect_timeout_ms;
     if (!l->resolving.head || cap_ms <= 0)
         return -1;
-    struct xfer_queue keep = {NULL, NULL}, late = {NULL, NULL};
+    struct xfer_queue late = {NULL, NULL};
     int64_t now = now_us(), next = -1;
-    struct xfer *x;
-    while ((x = queue_pop(&l->resolving)) != NULL) {
+    struct xfer *x, *after;
+    for (x = l->resolving.head; x; x = after) {
+        after = x->next;
         int64_t due = x->resolve_t0_us + cap_ms * 1000;
         if (due <= now) {
+            queue_del(&l->resolving, x);
             queue_push(&late, x);
             continue;
         }
         int64_t ms = (due - now + 999) / 1000;
         if (next < 0 || ms < next)
             next = ms;
-        queue_push(&keep, x);
     }
-    l->resolving = keep;
     char buf[320];
     while ((x = queue_pop(&late)) != NULL) {
         snprintf(buf, sizeof(buf), "resolving host %s took longer than %lld ms",
@@ -666,25 +762,20 @@ static int64_t expire_resolving(struct fetch_loop *l)
  * order, so that they start next (start() then finds the answer in the cache). */
 static void resume_resolved(struct fetch_loop *l)
 {
-    struct xfer_queue keep = {NULL, NULL}, ready = {NULL, NULL};
+    struct xfer_queue ready = {NULL, NULL};
     char addrs[FETCH__DNS_ADDRS_SIZE];
-    struct xfer *x;
-    while ((x = queue_pop(&l->resolving)) != NULL) {
-        if (fetch__resolve_poll(l->f->resolver, x->dns, addrs) == 0) {
-            queue_push(&keep, x);
+    struct xfer *x, *after;
+    for (x = l->resolving.head; x; x = after) {
+        after = x->next;
+        if (fetch__resolve_poll(l->f->resolver, x->dns, addrs) == 0)
             continue;
-        }
         fetch__resolve_release(l->f->resolver, x->dns);
         x->dns = NULL;
+        queue_del(&l->resolving, x);
+        x->where = XFER_WAITING;
         queue_push(&ready, x);
     }
-    l->resolving = keep;
-    if (ready.head) {
-        ready.tail->next = l->waiting.head;
-        if (!l->waiting.head)
-            l->waiting.tail = ready.tail;
-        l->waiting.head = ready.head;
-    }
+    queue_prepend(&l->waiting, &ready);
 }
 
 /* Puts 'x' into the multi, or completes it if it must not start. */
@@ -755,12 +846,16 @@ static void admit(struct fetch_loop *l, struct xfer *in)
         struct xfer *x = in;
         in = in->next;
         int cause = ctx_err(x->ctx);
-        if (cause != 0)
+        if (cause != 0) {
             complete_ctx(l, x, cause);
-        else if (!x->timer)
+        } else if (!x->timer) {
+            x->where = XFER_WAITING;
             queue_push(&l->waiting, x);
-        else if (!heap_push(l, x))
+        } else if (heap_push(l, x)) {
+            x->where = XFER_TIMER;
+        } else {
             complete(l, x, -ENOMEM, NULL);
+        }
     }
 }
 
@@ -776,55 +871,33 @@ static int64_t fire_timers(struct fetch_loop *l)
     return l->ntimers ? (l->timers[0]->due_us - now + 999) / 1000 : -1;
 }
 
-/* Aborts or drops every transfer whose ctx is done. */
+/* Aborts or drops the transfers and timers whose hooks reported their ctx done, each where it
+ * is: O(1) per canceled transfer (O(log timers) for a timer), whatever else the loop holds. The
+ * callbacks run here may cancel more; those are taken in the same turn. */
 static void reap_canceled(struct fetch_loop *l)
 {
-    for (struct xfer *x = l->active, *next; x; x = next) {
-        next = x->next;
-        int cause = ctx_err(x->ctx);
-        if (cause != 0)
-            abort_active(l, x, cause);
-    }
-    struct xfer_queue keep = {NULL, NULL};
     struct xfer *x;
-    while ((x = queue_pop(&l->waiting)) != NULL) {
-        int cause = ctx_err(x->ctx);
-        if (cause != 0)
-            complete_ctx(l, x, cause);
-        else
-            queue_push(&keep, x);
-    }
-    l->waiting = keep;
-    keep.head = keep.tail = NULL;
-    while ((x = queue_pop(&l->resolving)) != NULL) {
-        int cause = ctx_err(x->ctx);
-        if (cause != 0)
-            complete_ctx(l, x, cause); /* the lookup goes on; nothing waits for it */
-        else
-            queue_push(&keep, x);
-    }
-    l->resolving = keep;
-    /* Timers: keep the live ones in place, then rebuild the heap (callbacks run after, since
-     * one may arm a new timer). */
-    struct xfer *dead = NULL;
-    size_t n = 0;
-    for (size_t i = 0; i < l->ntimers; i++) {
-        struct xfer *t = l->timers[i];
-        if (ctx_err(t->ctx) != 0) {
-            t->next = dead;
-            dead = t;
-        } else {
-            t->heap_idx = n;
-            l->timers[n++] = t;
+    while ((x = l->canceled_own.head) != NULL) {
+        canceled_del(&l->canceled_own, x);
+        x->canceled = CANCELED_NONE;
+        switch (x->where) {
+        case XFER_INBOX: /* queued by a callback after this turn took the inbox */
+            continue;    /* admit() sees its ctx done next turn */
+        case XFER_WAITING:
+            queue_del(&l->waiting, x);
+            break;
+        case XFER_RESOLVING: /* the lookup goes on; nothing waits for it */
+            queue_del(&l->resolving, x);
+            break;
+        case XFER_ACTIVE:
+            active_del(l, x);
+            curl_multi_remove_handle(l->multi, x->easy);
+            break;
+        case XFER_TIMER:
+            heap_take(l, x->heap_idx);
+            break;
         }
-    }
-    l->ntimers = n;
-    for (size_t i = n / 2; i-- > 0;)
-        heap_down(l, i);
-    while (dead) {
-        struct xfer *t = dead;
-        dead = t->next;
-        complete_ctx(l, t, ctx_err(t->ctx));
+        complete_ctx(l, x, ctx_err(x->ctx));
     }
 }
 
@@ -865,12 +938,32 @@ static void drain_all(struct fetch_loop *l, struct xfer *in)
         complete_ctx(l, x, stop_cause(x));
     while ((x = queue_pop(&l->resolving)) != NULL)
         complete_ctx(l, x, stop_cause(x));
-    while (l->ntimers > 0)
-        complete_ctx(l, heap_take(l, l->ntimers - 1), stop_cause(l->timers[l->ntimers - 1]));
+    while (l->ntimers > 0) {
+        x = heap_take(l, l->ntimers - 1);
+        complete_ctx(l, x, stop_cause(x));
+    }
 }
 
 /* The loop whose thread this is, or NULL. */
 static _Thread_local struct fetch_loop *this_loop;
+
+/* With l->mu held: moves what hooks on other threads queued to the loop's own list. */
+static void take_canceled(struct fetch_loop *l)
+{
+    struct xfer *x = l->canceled.head;
+    if (!x)
+        return;
+    for (; x; x = x->cnext)
+        x->canceled = CANCELED_OWN;
+    struct xfer_canceled_list *own = &l->canceled_own;
+    l->canceled.head->cprev = own->tail;
+    if (own->tail)
+        own->tail->cnext = l->canceled.head;
+    else
+        own->head = l->canceled.head;
+    own->tail = l->canceled.tail;
+    l->canceled.head = l->canceled.tail = NULL;
+}
 
 static void *loop_main(void *arg)
 {
@@ -880,8 +973,9 @@ static void *loop_main(void *arg)
         pthread_mutex_lock(&l->mu);
         struct xfer *in = l->inbox.head;
         l->inbox.head = l->inbox.tail = NULL;
-        bool cancel = l->cancel_pending || l->self_cancel, stop = l->stopping, dns = l->dns_ready;
-        l->cancel_pending = l->self_cancel = l->self_inbox = false;
+        take_canceled(l);
+        bool stop = l->stopping, dns = l->dns_ready;
+        l->self_inbox = false;
         l->dns_ready = false;
         pthread_mutex_unlock(&l->mu);
         if (stop) {
@@ -889,8 +983,7 @@ static void *loop_main(void *arg)
             break;
         }
         admit(l, in);
-        if (cancel)
-            reap_canceled(l);
+        reap_canceled(l);
         if (dns)
             resume_resolved(l);
         while (l->waiting.head && l->nactive < l->limit)
@@ -902,7 +995,7 @@ static void *loop_main(void *arg)
         int64_t dns_next = expire_resolving(l);
         if (dns_next >= 0 && (next < 0 || dns_next < next))
             next = dns_next;
-        if ((l->waiting.head && l->nactive < l->limit) || l->self_cancel || l->self_inbox)
+        if ((l->waiting.head && l->nactive < l->limit) || l->canceled_own.head || l->self_inbox)
             continue; /* slots freed, or callbacks canceled or queued something: another turn */
         int wait = next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms;
         curl_multi_poll(l->multi, NULL, 0, wait, NULL);
@@ -913,18 +1006,31 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
-/* The ctx hook: runs on whichever thread made the ctx done. Must not block or touch the xfer. */
+/* A transfer's ctx hook: runs on whichever thread made the ctx done, and must not block. It
+ * queues the transfer on its loop's list of canceled transfers (its own list when this is the
+ * loop's thread, from one of its callbacks: seen before the loop sleeps again; else the shared
+ * one, waking the loop) and touches nothing else of it. A transfer not yet handed to the loop
+ * (its ctx was done within fetch_get()) is left alone: admit() will see its ctx done. Completion
+ * takes it off the list again (canceled_forget()) after ctx_hook_remove(), which waits for this
+ * hook to return. */
 static void on_ctx_done(void *arg)
 {
-    struct fetch_loop *l = arg;
-    if (this_loop == l) { /* from one of this loop's callbacks: seen before it sleeps again */
-        l->self_cancel = true;
+    struct xfer *x = arg;
+    struct fetch_loop *l = x->loop;
+    if (this_loop == l) {
+        if (atomic_load_explicit(&x->handed, memory_order_acquire)) {
+            x->canceled = CANCELED_OWN;
+            canceled_push(&l->canceled_own, x);
+        }
         return;
     }
     pthread_mutex_lock(&l->mu);
-    if (!l->cancel_pending && !l->stopping) {
-        l->cancel_pending = true;
-        curl_multi_wakeup(l->multi);
+    if (atomic_load_explicit(&x->handed, memory_order_relaxed)) {
+        bool was_empty = l->canceled.head == NULL;
+        x->canceled = CANCELED_SHARED;
+        canceled_push(&l->canceled, x);
+        if (was_empty && !l->stopping) /* otherwise a wakeup is already on its way */
+            curl_multi_wakeup(l->multi);
     }
     pthread_mutex_unlock(&l->mu);
 }
@@ -985,7 +1091,7 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     x->t0_us = now_us();
     x->ctx = ctx_ref(c);
     atomic_fetch_add_explicit(&f->in_flight, 1, memory_order_relaxed);
-    ctx_hook_add(c, &x->hook, on_ctx_done, l); /* fires at once if c is already done */
+    ctx_hook_add(c, &x->hook, on_ctx_done, x); /* runs at once if c is already done */
 
     pthread_mutex_lock(&l->mu);
     if (l->stopping) {
@@ -998,6 +1104,7 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
     }
     bool was_empty = l->inbox.head == NULL;
     queue_push(&l->inbox, x);
+    atomic_store_explicit(&x->handed, true, memory_order_release);
     if (this_loop == l) /* from the loop's own callback: taken before it sleeps */
         l->self_inbox = true;
     else if (was_empty) /* otherwise a wakeup is already on its way */
@@ -1024,7 +1131,7 @@ int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms,
     x->t0_us = now_us();
     x->due_us = x->t0_us + (delay_ms > INT64_MAX / 2000 ? INT64_MAX / 2 : delay_ms * 1000);
     x->ctx = ctx_ref(c);
-    ctx_hook_add(c, &x->hook, on_ctx_done, l);
+    ctx_hook_add(c, &x->hook, on_ctx_done, x);
     pthread_mutex_lock(&l->mu);
     if (l->stopping) {
         pthread_mutex_unlock(&l->mu);
@@ -1035,6 +1142,7 @@ int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms,
     }
     bool was_empty = l->inbox.head == NULL;
     queue_push(&l->inbox, x);
+    atomic_store_explicit(&x->handed, true, memory_order_release);
     if (this_loop == l)
         l->self_inbox = true;
     else if (was_empty)

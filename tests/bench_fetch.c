@@ -12,8 +12,16 @@
  *   BENCH_MS=<ms>            measuring window per cell run (default 1000)
  *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port>
  *   BENCH_PATH=<path>        the path fetched there (default /items/42)
- *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling) */
+ *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling)
+ *   bench_fetch --cancel     the cost of one cancel against what else the loop holds: N timers
+ *                            (or N transfers queued behind one that holds the only connection)
+ *                            pending on one loop, K of them canceled one at a time (each waits
+ *                            for its callback); prints the loop thread's CPU per cancel. It
+ *                            should not grow with N. BENCH_CANCEL_N=<max N>, BENCH_CANCEL_K=<K> */
 #include <curl/curl.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -138,6 +146,120 @@ static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, 
     return 0;
 }
 
+/* ---------------------------------------------------------------- --cancel */
+
+struct cancel_run {
+    atomic_uint done;         /* callbacks so far */
+    atomic_bool have_thread;  /* 'thread' is set */
+    pthread_t thread;         /* the loop thread, seen from a callback */
+};
+
+static void cancel_cb(void *arg, struct fetch_result *r)
+{
+    struct cancel_run *c = arg;
+    free(r->body);
+    atomic_fetch_add_explicit(&c->done, 1, memory_order_release);
+}
+
+static void thread_cb(void *arg, struct fetch_result *r)
+{
+    struct cancel_run *c = arg;
+    (void)r;
+    c->thread = pthread_self();
+    atomic_store_explicit(&c->have_thread, true, memory_order_release);
+}
+
+static double thread_cpu_s(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void wait_done(struct cancel_run *c, unsigned n)
+{
+    while (atomic_load_explicit(&c->done, memory_order_acquire) < n)
+        sched_yield();
+}
+
+/* N items pending on one loop (timers, or transfers waiting behind one that never ends), then K
+ * of them canceled one at a time. Returns the loop thread's CPU microseconds per cancel, and the
+ * wall microseconds per cancel in *wall_us; < 0 on failure. */
+static double cancel_cell(int port, bool transfers, unsigned n, unsigned k, double *wall_us)
+{
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = 1;
+    o.max_conns = 1;
+    struct fetch *f;
+    if (fetch_new(&o, &f) != 0)
+        return -1;
+    struct cancel_run run = {0};
+    struct ctx **ctxs = calloc(n, sizeof(*ctxs));
+    fetch_after(f, 0, ctx_background(), 0, thread_cb, &run);
+    while (!atomic_load_explicit(&run.have_thread, memory_order_acquire))
+        sched_yield();
+    clockid_t clk;
+    char url[128], hold[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/42", port);
+    snprintf(hold, sizeof(hold), "http://127.0.0.1:%d/items/fault-silent", port);
+    struct ctx *holder = ctx_new(ctx_background(), CTX_FOREVER);
+    struct fetch_req hq = {.url = hold, .cb = cancel_cb, .arg = &run};
+    double cpu = -1;
+    if (!ctxs || pthread_getcpuclockid(run.thread, &clk) != 0 || !holder ||
+        (transfers && fetch_get(f, 0, holder, &hq) != 0))
+        goto out;
+    for (unsigned i = 0; i < n; i++) {
+        struct fetch_req q = {.url = url, .cb = cancel_cb, .arg = &run};
+        if (!(ctxs[i] = ctx_new(ctx_background(), CTX_FOREVER)) ||
+            (transfers ? fetch_get(f, 0, ctxs[i], &q)
+                       : fetch_after(f, 0, ctxs[i], INT64_MAX, cancel_cb, &run)) != 0)
+            goto out;
+    }
+    /* All admitted: one more zero-delay timer runs after the loop took them in. */
+    fetch_after(f, 0, ctx_background(), 0, cancel_cb, &run);
+    wait_done(&run, 1);
+    sleep_ms(50);
+    double c0 = thread_cpu_s(clk);
+    int64_t t0 = ctx_now();
+    for (unsigned i = 0; i < k; i++) {
+        ctx_cancel(ctxs[(uint64_t)i * n / k], -ECANCELED);
+        wait_done(&run, 2 + i);
+    }
+    int64_t t1 = ctx_now();
+    cpu = (thread_cpu_s(clk) - c0) * 1e6 / k;
+    *wall_us = (double)(t1 - t0) * 1000.0 / k;
+out:
+    ctx_cancel(holder, -ECANCELED);
+    fetch_free(f);
+    for (unsigned i = 0; ctxs && i < n; i++)
+        ctx_free(ctxs[i]);
+    ctx_free(holder);
+    free(ctxs);
+    return cpu;
+}
+
+static int cancel_table(int port)
+{
+    const char *e = getenv("BENCH_CANCEL_N");
+    unsigned max_n = e ? (unsigned)atoi(e) : 100000;
+    e = getenv("BENCH_CANCEL_K");
+    unsigned k = e ? (unsigned)atoi(e) : 1000;
+    printf("one loop; K = %u cancels, one at a time, each waited for\n\n", k);
+    printf("%-10s %8s %22s %18s\n", "pending", "N", "loop CPU us/cancel", "wall us/cancel");
+    for (int t = 0; t < 2; t++)
+        for (unsigned n = 1000; n <= max_n; n *= 10) {
+            double wall = 0, cpu = cancel_cell(port, t == 1, n < k ? k : n, k, &wall);
+            if (cpu < 0) {
+                fprintf(stderr, "bench_fetch: cancel run failed\n");
+                return 1;
+            }
+            printf("%-10s %8u %22.2f %18.2f\n", t ? "transfers" : "timers", n < k ? k : n, cpu,
+                   wall);
+        }
+    return 0;
+}
+
 static int serve_only(unsigned threads)
 {
     struct upstub *s;
@@ -184,6 +306,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_fetch: curl_global_init failed\n");
         return 1;
     }
+    int failed = 0;
+    if (argc > 1 && strcmp(argv[1], "--cancel") == 0) {
+        failed = cancel_table(port);
+        goto out;
+    }
     static const unsigned concs[] = {1, 16, 256, 1000};
     enum { NCONC = sizeof(concs) / sizeof(concs[0]), REPS = 3 };
     unsigned loop_rows[2] = {1, (unsigned)ncpu};
@@ -195,7 +322,6 @@ int main(int argc, char **argv)
     /* Repetitions are interleaved so that a burst of outside load hits one run of many cells,
      * not every run of one cell. */
     struct cell cells[2][NCONC][REPS];
-    int failed = 0;
     const char *only = getenv("BENCH_CELL"); /* "loops:conc": run just that cell (profiling) */
     if (only) {
         unsigned lo = 0, co = 0;
