@@ -1,6 +1,6 @@
 /* fetch: the engine's public face (fetch.h): fetch_new(), fetch_free(), fetch_get() and the
  * counters. How a loop runs is in loop.c, a transfer in curl in xfer.c, the wait for a name in
- * resolving.c, timers in timer.c; fetch_impl.h holds the structures they share.
+ * resolving.c, timers in timer.c, events in event.c; fetch_impl.h holds the structures they share.
  *
  * Threads: fetch_new() and fetch_free() run on the owner's thread; fetch_get() and the readers on
  * any thread. fetch_get() allocates a transfer, copies its strings into it and hands it to its

@@ -8,6 +8,7 @@
  *                completion
  *   resolving.c  transfers waiting for the resolver before they enter curl
  *   timer.c      fetch_after(): the timer heap
+ *   event.c      fetch_event_*(): one-shot events fired from any thread
  * Everything here is for those files only; names shared between them take "fetch__".
  *
  * Threads: a loop's fields are the loop thread's unless a comment names 'mu'. A transfer belongs
@@ -93,14 +94,22 @@ struct xfer_canceled_list {
     struct xfer *head, *tail;
 };
 
+/* Events (event.c): armed ones doubly linked, fired ones a FIFO, through _next and _prev. */
+struct fetch__event_list {
+    struct fetch_event *head, *tail;
+};
+
 struct fetch_loop {
     struct fetch *f;  /* the engine */
     pthread_t thread; /* the loop thread */
     bool started;     /* thread created (for unwinding and joining) */
     CURLM *multi;     /* used only by the loop thread; freed by fetch_free() after the join */
     pthread_mutex_t mu;      /* guards what says so below */
+    pthread_cond_t events_cv; /* a fire that raced with shutdown has queued its event; mu */
     struct xfer_queue inbox; /* handed over by fetch_get() and fetch_after(); mu */
     struct xfer_canceled_list canceled; /* ctx done, queued by hooks on other threads; mu */
+    struct fetch__event_list armed;     /* events not fired yet; mu */
+    struct fetch__event_list fired;     /* events fired, callbacks not run yet; mu */
     bool stopping;           /* fetch_free() began; mu */
     bool dns_ready;          /* the resolver answered some lookup; mu */
     /* Loop thread only: */
@@ -115,7 +124,7 @@ struct fetch_loop {
                                                'canceled' once taken */
     /* Set by the loop's own callbacks instead of a wakeup (kept away from the fields under mu:
      * a combined load of neighbouring bytes would race with their writers): */
-    bool self_inbox;            /* work was queued: another pass before sleeping */
+    bool self_inbox;            /* work was queued or an event fired: another pass first */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
@@ -271,5 +280,14 @@ struct xfer *fetch__timer_take(struct fetch_loop *l, size_t i);
 
 /* Fires the timers that are due. Returns the ms until the next one (rounded up), or -1. */
 int64_t fetch__timers_fire(struct fetch_loop *l);
+
+/* ---------------------------------------------------------------- event.c */
+
+/* Runs the callbacks of the fired events 'list' (taken from l->fired), on the loop thread. */
+void fetch__events_run(struct fetch_event *list);
+
+/* At shutdown, on the loop thread: ends every event still armed on 'l' (FETCH_ESHUTDOWN), waits
+ * for fires that raced with it, and runs every callback left. */
+void fetch__events_drain(struct fetch_loop *l);
 
 #endif

@@ -20,20 +20,21 @@
  * its own after its hook queued it; completion then takes it off the list again
  * (fetch__canceled_forget()), after ctx_hook_remove(), which waits for a running hook.
  *
- * Each pass: take the inbox, the canceled list and the flags; admit new transfers and timers (a
- * ctx already done completes them without starting); abort the canceled ones; move waiting
- * transfers into the multi while fewer than 'limit' are active; curl_multi_perform(); complete
- * what curl reports done; fire due timers; curl_multi_poll() until curl has work, a timer is due
- * or a wakeup arrives. 'limit' is the loop's connection cap (HTTP/1.1: one transfer per
- * connection), or 100 streams per connection for h2c, so curl's own PENDING queue stays empty:
- * its timeout clock would otherwise run while a transfer waits, and 7.88 walks PENDING handles
- * on every perform (LIBRARY-NOTES 2.2, 2.3). The waiting FIFO is ours and costs nothing per pass.
+ * Each pass: take the inbox, the canceled list, the fired events and the flags; admit new
+ * transfers and timers (a ctx already done completes them without starting); abort the canceled
+ * ones; run the fired events' callbacks; move waiting transfers into the multi while fewer than
+ * 'limit' are active; curl_multi_perform(); complete what curl reports done; fire due timers;
+ * curl_multi_poll() until curl has work, a timer is due or a wakeup arrives. 'limit' is the
+ * loop's connection cap (HTTP/1.1: one transfer per connection), or 100 streams per connection
+ * for h2c, so curl's own PENDING queue stays empty: its timeout clock would otherwise run while a
+ * transfer waits, and 7.88 walks PENDING handles on every perform (LIBRARY-NOTES 2.2, 2.3). The
+ * waiting FIFO is ours and costs nothing per pass.
  *
- * Stop: fetch_free() sets 'stopping' under each loop's mutex and wakes it. fetch_get() and
- * fetch_after() check the flag under the same mutex, so once the loop has seen it its inbox can
- * only be what it took in that same critical section; it completes those, the active, waiting
- * and resolving transfers and the timers with FETCH_ESHUTDOWN (or their ctx's cause), frees its
- * curl handles and exits; fetch_free() joins.
+ * Stop: fetch_free() sets 'stopping' under each loop's mutex and wakes it. fetch_get(),
+ * fetch_after() and fetch_event_init() check the flag under the same mutex, so once the loop has
+ * seen it its inbox can only be what it took in that same critical section; it completes those,
+ * the active, waiting and resolving transfers and the timers with FETCH_ESHUTDOWN (or their
+ * ctx's cause), ends its events (event.c), frees its curl handles and exits; fetch_free() joins.
  *
  * Locks: 'mu' is a leaf: no other lock is taken while holding it, and no callback, hook or curl
  * call except curl_multi_wakeup() runs under it. */
@@ -253,6 +254,7 @@ static void drain_all(struct fetch_loop *l, struct xfer *in)
 /* What one pass takes from the other threads, in one critical section. */
 struct take {
     struct xfer *in;         /* the inbox */
+    struct fetch_event *ev;  /* events fired since the last pass */
     bool stop, dns;          /* 'stopping', 'dns_ready' */
 };
 
@@ -262,6 +264,8 @@ static void take(struct fetch_loop *l, struct take *t)
     t->in = l->inbox.head;
     l->inbox.head = l->inbox.tail = NULL;
     take_canceled(l);
+    t->ev = l->fired.head;
+    l->fired.head = l->fired.tail = NULL;
     t->stop = l->stopping;
     t->dns = l->dns_ready;
     l->self_inbox = false;
@@ -278,10 +282,13 @@ void *fetch__loop_main(void *arg)
         take(l, &t);
         if (t.stop) {
             drain_all(l, t.in);
+            fetch__events_run(t.ev);
+            fetch__events_drain(l);
             break;
         }
         admit(l, t.in);
         reap_canceled(l);
+        fetch__events_run(t.ev);
         if (t.dns)
             fetch__resolving_resume(l);
         while (l->waiting.head && l->nactive < l->limit)
@@ -314,12 +321,17 @@ int fetch__loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
     int err = -pthread_mutex_init(&l->mu, NULL);
     if (err)
         goto fail_multi;
+    err = -pthread_cond_init(&l->events_cv, NULL);
+    if (err)
+        goto fail_mutex;
     curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)cap);
     curl_multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)cap);
     l->limit = f->opts.h2c ? cap * FETCH__H2_STREAMS_PER_CONN : cap;
     int64_t poll = f->opts.idle_poll_ms > 0 ? f->opts.idle_poll_ms : FETCH__POLL_MS;
     l->poll_ms = poll > INT_MAX ? INT_MAX : (int)poll;
     return 0;
+fail_mutex:
+    pthread_mutex_destroy(&l->mu);
 fail_multi:
     curl_multi_cleanup(l->multi);
     return err;
@@ -339,5 +351,6 @@ void fetch__loop_destroy(struct fetch_loop *l)
     curl_multi_cleanup(l->multi);
     free(l->spare);
     free(l->timers);
+    pthread_cond_destroy(&l->events_cv);
     pthread_mutex_destroy(&l->mu);
 }
