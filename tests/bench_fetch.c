@@ -148,25 +148,32 @@ static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, 
 
 /* ---------------------------------------------------------------- --cancel */
 
-struct cancel_run {
-    atomic_uint done;         /* callbacks so far */
-    atomic_bool have_thread;  /* 'thread' is set */
-    pthread_t thread;         /* the loop thread, seen from a callback */
+/* One pending item of a --cancel run. */
+struct cancel_item {
+    atomic_int calls; /* callbacks (0 or 1) */
+    atomic_int err;   /* the callback's err */
 };
 
 static void cancel_cb(void *arg, struct fetch_result *r)
 {
-    struct cancel_run *c = arg;
+    struct cancel_item *it = arg;
     free(r->body);
-    atomic_fetch_add_explicit(&c->done, 1, memory_order_release);
+    atomic_store_explicit(&it->err, r->err, memory_order_relaxed);
+    atomic_fetch_add_explicit(&it->calls, 1, memory_order_release);
 }
+
+/* The loop thread, seen from a zero-delay timer's callback. */
+struct loop_thread {
+    atomic_bool seen;
+    pthread_t thread;
+};
 
 static void thread_cb(void *arg, struct fetch_result *r)
 {
-    struct cancel_run *c = arg;
+    struct loop_thread *t = arg;
     (void)r;
-    c->thread = pthread_self();
-    atomic_store_explicit(&c->have_thread, true, memory_order_release);
+    t->thread = pthread_self();
+    atomic_store_explicit(&t->seen, true, memory_order_release);
 }
 
 static double thread_cpu_s(clockid_t clk)
@@ -176,15 +183,32 @@ static double thread_cpu_s(clockid_t clk)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void wait_done(struct cancel_run *c, unsigned n)
+static void wait_called(struct cancel_item *it)
 {
-    while (atomic_load_explicit(&c->done, memory_order_acquire) < n)
+    while (atomic_load_explicit(&it->calls, memory_order_acquire) == 0)
         sched_yield();
 }
 
-/* N items pending on one loop (timers, or transfers waiting behind one that never ends), then K
- * of them canceled one at a time. Returns the loop thread's CPU microseconds per cancel, and the
- * wall microseconds per cancel in *wall_us; < 0 on failure. */
+/* Queues the N items (timers, or transfers behind 'holder'), each with its own ctx in ctxs[]. */
+static int cancel_fill(struct fetch *f, int port, bool transfers, unsigned n, struct ctx **ctxs,
+                       struct cancel_item *items)
+{
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/42", port);
+    for (unsigned i = 0; i < n; i++) {
+        struct fetch_req q = {.url = url, .cb = cancel_cb, .arg = &items[i]};
+        if (!(ctxs[i] = ctx_new(ctx_background(), CTX_FOREVER)) ||
+            (transfers ? fetch_get(f, 0, ctxs[i], &q)
+                       : fetch_after(f, 0, ctxs[i], INT64_MAX, cancel_cb, &items[i])) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* N items pending on one loop (timers, or transfers waiting behind one that holds the only
+ * connection and is never answered), then K of them canceled one at a time, each waited for.
+ * Returns the loop thread's CPU microseconds per cancel, and the wall microseconds per cancel in
+ * *wall_us; < 0 on failure, or when any item ended that was not canceled (the run is void). */
 static double cancel_cell(int port, bool transfers, unsigned n, unsigned k, double *wall_us)
 {
     struct fetch_opts o;
@@ -194,41 +218,43 @@ static double cancel_cell(int port, bool transfers, unsigned n, unsigned k, doub
     struct fetch *f;
     if (fetch_new(&o, &f) != 0)
         return -1;
-    struct cancel_run run = {0};
     struct ctx **ctxs = calloc(n, sizeof(*ctxs));
-    fetch_after(f, 0, ctx_background(), 0, thread_cb, &run);
-    while (!atomic_load_explicit(&run.have_thread, memory_order_acquire))
-        sched_yield();
-    clockid_t clk;
-    char url[128], hold[128];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/42", port);
-    snprintf(hold, sizeof(hold), "http://127.0.0.1:%d/items/fault-silent", port);
+    struct cancel_item *items = calloc(n + 2, sizeof(*items)); /* then the holder, a marker */
     struct ctx *holder = ctx_new(ctx_background(), CTX_FOREVER);
-    struct fetch_req hq = {.url = hold, .cb = cancel_cb, .arg = &run};
+    struct loop_thread lt = {0};
+    char hold[128];
+    snprintf(hold, sizeof(hold), "http://127.0.0.1:%d/items/fault-silent", port);
+    struct fetch_req hq = {.url = hold, .cb = cancel_cb, .arg = &items[n]};
     double cpu = -1;
-    if (!ctxs || pthread_getcpuclockid(run.thread, &clk) != 0 || !holder ||
-        (transfers && fetch_get(f, 0, holder, &hq) != 0))
+    clockid_t clk;
+    if (!ctxs || !items || !holder || fetch_after(f, 0, ctx_background(), 0, thread_cb, &lt))
         goto out;
-    for (unsigned i = 0; i < n; i++) {
-        struct fetch_req q = {.url = url, .cb = cancel_cb, .arg = &run};
-        if (!(ctxs[i] = ctx_new(ctx_background(), CTX_FOREVER)) ||
-            (transfers ? fetch_get(f, 0, ctxs[i], &q)
-                       : fetch_after(f, 0, ctxs[i], INT64_MAX, cancel_cb, &run)) != 0)
-            goto out;
-    }
-    /* All admitted: one more zero-delay timer runs after the loop took them in. */
-    fetch_after(f, 0, ctx_background(), 0, cancel_cb, &run);
-    wait_done(&run, 1);
+    while (!atomic_load_explicit(&lt.seen, memory_order_acquire))
+        sched_yield();
+    if (pthread_getcpuclockid(lt.thread, &clk) != 0 ||
+        (transfers && fetch_get(f, 0, holder, &hq) != 0) ||
+        cancel_fill(f, port, transfers, n, ctxs, items) != 0)
+        goto out;
+    /* All admitted (and the holder connected) once a later zero-delay timer has run. */
     sleep_ms(50);
+    if (fetch_after(f, 0, ctx_background(), 0, cancel_cb, &items[n + 1]) != 0)
+        goto out;
+    wait_called(&items[n + 1]);
     double c0 = thread_cpu_s(clk);
     int64_t t0 = ctx_now();
     for (unsigned i = 0; i < k; i++) {
-        ctx_cancel(ctxs[(uint64_t)i * n / k], -ECANCELED);
-        wait_done(&run, 2 + i);
+        unsigned j = (unsigned)((uint64_t)i * n / k);
+        ctx_cancel(ctxs[j], -ECANCELED);
+        wait_called(&items[j]);
     }
     int64_t t1 = ctx_now();
     cpu = (thread_cpu_s(clk) - c0) * 1e6 / k;
     *wall_us = (double)(t1 - t0) * 1000.0 / k;
+    unsigned ended = 0;
+    for (unsigned i = 0; i <= n; i++)
+        ended += atomic_load(&items[i].calls) != 0;
+    if (ended != k || atomic_load(&items[0].err) != -ECANCELED)
+        cpu = -2; /* something ended on its own: not the loop this measures */
 out:
     ctx_cancel(holder, -ECANCELED);
     fetch_free(f);
@@ -236,6 +262,7 @@ out:
         ctx_free(ctxs[i]);
     ctx_free(holder);
     free(ctxs);
+    free(items);
     return cpu;
 }
 
@@ -251,7 +278,8 @@ static int cancel_table(int port)
         for (unsigned n = 1000; n <= max_n; n *= 10) {
             double wall = 0, cpu = cancel_cell(port, t == 1, n < k ? k : n, k, &wall);
             if (cpu < 0) {
-                fprintf(stderr, "bench_fetch: cancel run failed\n");
+                fprintf(stderr, "bench_fetch: cancel run %s\n",
+                        cpu < -1 ? "void: an item ended on its own" : "failed");
                 return 1;
             }
             printf("%-10s %8u %22.2f %18.2f\n", t ? "transfers" : "timers", n < k ? k : n, cpu,
