@@ -35,6 +35,7 @@ void fetch_opts_default(struct fetch_opts *o)
     o->lookup = NULL;
     o->lookup_arg = NULL;
 }
+
 bool fetch_h2c_supported(void)
 {
     /* Before 8.0.0, libcurl reusing an HTTP/2 prior-knowledge connection stacks a second HTTP/2
@@ -44,6 +45,7 @@ bool fetch_h2c_supported(void)
     const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
     return v->version_num >= 0x080000 && (v->features & CURL_VERSION_HTTP2);
 }
+
 static bool header_value_ok(const char *s)
 {
     for (; *s; s++)
@@ -51,6 +53,7 @@ static bool header_value_ok(const char *s)
             return false;
     return true;
 }
+
 int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r)
 {
     if (!f || !c || !r || !r->url || !r->cb || loop >= f->nloops)
@@ -94,10 +97,12 @@ unsigned fetch_loops(const struct fetch *f)
 {
     return f->nloops;
 }
+
 unsigned fetch_pick_loop(struct fetch *f)
 {
     return atomic_fetch_add_explicit(&f->next_loop, 1, memory_order_relaxed) % f->nloops;
 }
+
 void fetch_stats(struct fetch *f, struct fetch_stats *s)
 {
     s->ok = atomic_load_explicit(&f->outcomes[OUTCOME_OK], memory_order_relaxed);
@@ -110,6 +115,7 @@ void fetch_stats(struct fetch *f, struct fetch_stats *s)
     s->conns_opened = atomic_load_explicit(&f->conns_opened, memory_order_relaxed);
     s->bytes = atomic_load_explicit(&f->bytes, memory_order_relaxed);
 }
+
 void fetch_free(struct fetch *f)
 {
     if (!f)

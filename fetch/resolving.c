@@ -43,6 +43,7 @@ static bool url_host(const char *url, char *host, size_t size, long *port)
     curl_url_cleanup(u);
     return ok;
 }
+
 /* Resolves the host of 'x' before it enters curl. Returns true if 'x' may start now (an IP
  * literal, or the answer is pinned in x->pin); false if it now waits on 'resolving' or was
  * completed (the name did not resolve, or no memory). */
@@ -100,6 +101,7 @@ bool fetch__resolving_enter(struct fetch_loop *l, struct xfer *x)
     x->pin = s;
     return true;
 }
+
 /* curl's connect timeout covers its name lookup; ours does too: a transfer that has waited
  * connect_timeout_ms for its name is unreachable (the deadline, if sooner, ends it first, by its
  * ctx hook). Returns the ms until the next such expiry, or -1 if none is pending. */
@@ -131,6 +133,7 @@ int64_t fetch__resolving_expire(struct fetch_loop *l)
     }
     return next;
 }
+
 /* After a resolver answer: moves the transfers whose lookup ended to the front of 'waiting', in
  * order, so that they start next (fetch__start() then finds the answer in the cache). */
 void fetch__resolving_resume(struct fetch_loop *l)

@@ -18,6 +18,7 @@ static void heap_swap(struct fetch_loop *l, size_t a, size_t b)
     l->timers[a]->heap_idx = a;
     l->timers[b]->heap_idx = b;
 }
+
 static void heap_up(struct fetch_loop *l, size_t i)
 {
     while (i > 0 && l->timers[(i - 1) / 2]->due_us > l->timers[i]->due_us) {
@@ -25,6 +26,7 @@ static void heap_up(struct fetch_loop *l, size_t i)
         i = (i - 1) / 2;
     }
 }
+
 static void heap_down(struct fetch_loop *l, size_t i)
 {
     for (;;) {
@@ -39,6 +41,7 @@ static void heap_down(struct fetch_loop *l, size_t i)
         i = m;
     }
 }
+
 /* Arms timer 'x'. Returns false if out of memory. */
 bool fetch__timer_arm(struct fetch_loop *l, struct xfer *x)
 {
@@ -55,6 +58,7 @@ bool fetch__timer_arm(struct fetch_loop *l, struct xfer *x)
     heap_up(l, x->heap_idx);
     return true;
 }
+
 /* Disarms the timer at heap position 'i' and returns it. */
 struct xfer *fetch__timer_take(struct fetch_loop *l, size_t i)
 {
@@ -68,6 +72,7 @@ struct xfer *fetch__timer_take(struct fetch_loop *l, size_t i)
     }
     return x;
 }
+
 /* Fires the timers that are due. Returns the milliseconds until the next one (rounded up), or
  * -1 when none is armed. */
 int64_t fetch__timers_fire(struct fetch_loop *l)
@@ -79,6 +84,7 @@ int64_t fetch__timers_fire(struct fetch_loop *l)
     }
     return l->ntimers ? (l->timers[0]->due_us - now + 999) / 1000 : -1;
 }
+
 int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms, fetch_cb cb,
                 void *arg)
 {

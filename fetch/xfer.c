@@ -38,6 +38,7 @@ static bool status_line_ok(const char *d, size_t n)
             return false;
     return n == v + 3 || d[v + 3] == ' ' || d[v + 3] == '\r' || d[v + 3] == '\n';
 }
+
 /* Header lines: the first of each response must be a well-formed status line. */
 static size_t on_header(char *data, size_t size, size_t nmemb, void *arg)
 {
@@ -54,6 +55,7 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *arg)
     }
     return n;
 }
+
 static size_t on_write(char *data, size_t size, size_t nmemb, void *arg)
 {
     struct xfer *x = arg;
@@ -83,6 +85,7 @@ static size_t on_write(char *data, size_t size, size_t nmemb, void *arg)
     x->body[x->len] = 0;
     return n;
 }
+
 /* ---------------------------------------------------------------- easy handles */
 
 /* A configured easy handle from the free list, or a new one; NULL if out of memory. */
@@ -121,6 +124,7 @@ static CURL *easy_get(struct fetch_loop *l)
     }
     return e;
 }
+
 /* Returns a handle (already removed from the multi) to the free list, or frees it. */
 static void easy_put(struct fetch_loop *l, CURL *e)
 {
@@ -143,6 +147,7 @@ static void easy_put(struct fetch_loop *l, CURL *e)
     }
     l->spare[l->nspare++] = e;
 }
+
 void fetch__easy_free_spares(struct fetch_loop *l)
 {
     while (l->nspare > 0)
@@ -275,6 +280,7 @@ static void active_add(struct fetch_loop *l, struct xfer *x)
     l->active = x;
     l->nactive++;
 }
+
 static void active_del(struct fetch_loop *l, struct xfer *x)
 {
     if (x->prev)
@@ -286,6 +292,7 @@ static void active_del(struct fetch_loop *l, struct xfer *x)
     x->next = x->prev = NULL;
     l->nactive--;
 }
+
 /* Aborts a started transfer because its ctx is done ('cause'), or at shutdown. */
 void fetch__abort_active(struct fetch_loop *l, struct xfer *x, int cause)
 {
@@ -293,6 +300,7 @@ void fetch__abort_active(struct fetch_loop *l, struct xfer *x, int cause)
     curl_multi_remove_handle(l->multi, x->easy);
     fetch__complete_ctx(l, x, cause);
 }
+
 /* Maps a finished curl transfer to a result and completes it. */
 static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
 {
@@ -327,6 +335,7 @@ static void finish(struct fetch_loop *l, struct xfer *x, CURLcode rc)
     }
     fetch__complete(l, x, FETCH_EUNREACH, text);
 }
+
 /* Puts 'x' into the multi, or completes it if it must not start. */
 void fetch__start(struct fetch_loop *l, struct xfer *x)
 {
@@ -386,6 +395,7 @@ void fetch__start(struct fetch_loop *l, struct xfer *x)
 nomem:
     fetch__complete(l, x, FETCH_EUNREACH, "out of memory starting the transfer");
 }
+
 /* Completes the transfers curl reports done. */
 void fetch__reap_done(struct fetch_loop *l)
 {
