@@ -163,7 +163,7 @@ struct fetch_event {
  * cause of the first fetch_event_fire() on it, or with FETCH_ESHUTDOWN if fetch_free() comes
  * first (fetch_free() runs it before it returns). 'ev' is the caller's memory: it must stay valid
  * until cb has begun and no fetch_event_fire() on it can still be running; cb may free it or arm
- * it again. Returns 0, or -EINVAL / FETCH_ESHUTDOWN (fetch_free() has begun) and cb is never
+ * it again (a fire still running then may win the new arming). Returns 0, or -EINVAL / FETCH_ESHUTDOWN (fetch_free() has begun) and cb is never
  * called. Thread-safe, and callable from a fetch callback or an event's callback. */
 int fetch_event_init(struct fetch *f, unsigned loop, struct fetch_event *ev, fetch_event_cb cb,
                      void *arg);
