@@ -16,10 +16,15 @@
  * outside curl, and enters curl with the answer pinned (CURLOPT_RESOLVE). So aborting a
  * transfer while its name is being looked up (a cancel, a deadline, fetch_free()) costs the
  * loop nothing: libcurl 7.88's own threaded resolver would instead block the loop until the
- * lookup returned. A name that does not resolve is FETCH_EUNREACH. */
+ * lookup returned. A name that does not resolve is FETCH_EUNREACH.
+ *
+ * Besides transfers, a loop runs timers (fetch_after(), bound to a ctx) and one-shot events
+ * (fetch_event_*(): the caller's memory, fired once from any thread, with no ctx), so that other
+ * threads can hand work or wake a waiter on a loop thread. */
 #ifndef FANOUT_FETCH_H
 #define FANOUT_FETCH_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -138,12 +143,46 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
 int fetch_after(struct fetch *f, unsigned loop, struct ctx *c, int64_t delay_ms, fetch_cb cb,
                 void *arg);
 
+/* A one-shot event's callback: runs once, on the event's loop thread, with the cause of the fire
+ * that won (or FETCH_ESHUTDOWN). It may free or re-arm the event. */
+typedef void (*fetch_event_cb)(void *arg, int cause);
+
+/* A one-shot event on a loop: lets any thread run a callback once on a loop thread, such as a
+ * waiter woken by whoever has its answer, with no allocation and no ctx. The caller embeds it;
+ * its fields are private (fetch_event_init() sets them). */
+struct fetch_event {
+    struct fetch_event *_next, *_prev; /* on its loop's armed or fired list; under its mutex */
+    fetch_event_cb _cb;                /* the callback and its argument */
+    void *_arg;
+    unsigned _loop;                    /* the loop's index */
+    atomic_int _state;                 /* armed, or fired (by a fire or by the engine) */
+    int _cause;                        /* the cause the callback gets */
+};
+
+/* Arms 'ev' on loop 'loop': cb(arg, cause) will run exactly once on that loop's thread, with the
+ * cause of the first fetch_event_fire() on it, or with FETCH_ESHUTDOWN if fetch_free() comes
+ * first (fetch_free() runs it before it returns). 'ev' is the caller's memory: it must stay valid
+ * until cb has begun and no fetch_event_fire() on it can still be running; cb may free it or arm
+ * it again (a fire still running then may win the new arming). Returns 0, or -EINVAL / FETCH_ESHUTDOWN (fetch_free() has begun) and cb is never
+ * called. Thread-safe, and callable from a fetch callback or an event's callback. */
+int fetch_event_init(struct fetch *f, unsigned loop, struct fetch_event *ev, fetch_event_cb cb,
+                     void *arg);
+
+/* Fires 'ev' (armed on 'f' by fetch_event_init()) with 'cause' (any value; FETCH_ESHUTDOWN is
+ * what the engine uses). The first fire wins: it returns true and the callback will run with
+ * 'cause' on the event's loop thread, never from inside this call. Any later fire, or one after
+ * fetch_free() has ended the event, returns false and does nothing. Callable from any thread,
+ * from callbacks and ctx hooks, and while fetch_free() runs (a fire that wins keeps its cause:
+ * fetch_free() waits for it to be queued); a losing fire reads nothing but 'ev'. */
+bool fetch_event_fire(struct fetch *f, struct fetch_event *ev, int cause);
+
 /* Reads the counters. Thread-safe and lock-free. */
 void fetch_stats(struct fetch *f, struct fetch_stats *s);
 
-/* Aborts all transfers (callbacks get FETCH_ESHUTDOWN unless their ctx was already done), joins
- * the loops and the resolver threads and frees the engine. Every callback has run before it
- * waits for the resolver, which finishes the lookups still running (a lookup cannot be
+/* Aborts all transfers (callbacks get FETCH_ESHUTDOWN unless their ctx was already done), ends
+ * every event still armed (FETCH_ESHUTDOWN; one already fired gets its fire's cause), joins the
+ * loops and the resolver threads and frees the engine. Every callback has run before it waits
+ * for the resolver, which finishes the lookups still running (a lookup cannot be
  * interrupted: it is bounded by the system resolver's timeouts, resolv.conf "timeout" and
  * "attempts"); queued ones are dropped. Must not be called from a fetch callback. */
 void fetch_free(struct fetch *f);

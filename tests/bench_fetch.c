@@ -12,8 +12,16 @@
  *   BENCH_MS=<ms>            measuring window per cell run (default 1000)
  *   BENCH_PORT=<port>        use an upstream already listening on 127.0.0.1:<port>
  *   BENCH_PATH=<path>        the path fetched there (default /items/42)
- *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling) */
+ *   BENCH_CELL=<loops>:<conc> run that one cell once (for profiling)
+ *   bench_fetch --cancel     the cost of one cancel against what else the loop holds: N timers
+ *                            (or N transfers queued behind one that holds the only connection)
+ *                            pending on one loop, K of them canceled one at a time (each waits
+ *                            for its callback); prints the loop thread's CPU per cancel. It
+ *                            should not grow with N. BENCH_CANCEL_N=<max N>, BENCH_CANCEL_K=<K> */
 #include <curl/curl.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -138,6 +146,148 @@ static int run_cell(int port, unsigned loops, unsigned conc, int64_t window_ms, 
     return 0;
 }
 
+/* ---------------------------------------------------------------- --cancel */
+
+/* One pending item of a --cancel run. */
+struct cancel_item {
+    atomic_int calls; /* callbacks (0 or 1) */
+    atomic_int err;   /* the callback's err */
+};
+
+static void cancel_cb(void *arg, struct fetch_result *r)
+{
+    struct cancel_item *it = arg;
+    free(r->body);
+    atomic_store_explicit(&it->err, r->err, memory_order_relaxed);
+    atomic_fetch_add_explicit(&it->calls, 1, memory_order_release);
+}
+
+/* The loop thread, seen from a zero-delay timer's callback. */
+struct loop_thread {
+    atomic_bool seen;
+    pthread_t thread;
+};
+
+static void thread_cb(void *arg, struct fetch_result *r)
+{
+    struct loop_thread *t = arg;
+    (void)r;
+    t->thread = pthread_self();
+    atomic_store_explicit(&t->seen, true, memory_order_release);
+}
+
+static double thread_cpu_s(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void wait_called(struct cancel_item *it)
+{
+    while (atomic_load_explicit(&it->calls, memory_order_acquire) == 0)
+        sched_yield();
+}
+
+/* Queues the N items (timers, or transfers behind 'holder'), each with its own ctx in ctxs[]. */
+static int cancel_fill(struct fetch *f, int port, bool transfers, unsigned n, struct ctx **ctxs,
+                       struct cancel_item *items)
+{
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/items/42", port);
+    for (unsigned i = 0; i < n; i++) {
+        struct fetch_req q = {.url = url, .cb = cancel_cb, .arg = &items[i]};
+        if (!(ctxs[i] = ctx_new(ctx_background(), CTX_FOREVER)) ||
+            (transfers ? fetch_get(f, 0, ctxs[i], &q)
+                       : fetch_after(f, 0, ctxs[i], INT64_MAX, cancel_cb, &items[i])) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* N items pending on one loop (timers, or transfers waiting behind one that holds the only
+ * connection and is never answered), then K of them canceled one at a time, each waited for.
+ * Returns the loop thread's CPU microseconds per cancel, and the wall microseconds per cancel in
+ * *wall_us; < 0 on failure, or when any item ended that was not canceled (the run is void). */
+static double cancel_cell(int port, bool transfers, unsigned n, unsigned k, double *wall_us)
+{
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = 1;
+    o.max_conns = 1;
+    struct fetch *f;
+    if (fetch_new(&o, &f) != 0)
+        return -1;
+    struct ctx **ctxs = calloc(n, sizeof(*ctxs));
+    struct cancel_item *items = calloc(n + 2, sizeof(*items)); /* then the holder, a marker */
+    struct ctx *holder = ctx_new(ctx_background(), CTX_FOREVER);
+    struct loop_thread lt = {0};
+    char hold[128];
+    snprintf(hold, sizeof(hold), "http://127.0.0.1:%d/items/fault-silent", port);
+    struct fetch_req hq = {.url = hold, .cb = cancel_cb, .arg = &items[n]};
+    double cpu = -1;
+    clockid_t clk;
+    if (!ctxs || !items || !holder || fetch_after(f, 0, ctx_background(), 0, thread_cb, &lt))
+        goto out;
+    while (!atomic_load_explicit(&lt.seen, memory_order_acquire))
+        sched_yield();
+    if (pthread_getcpuclockid(lt.thread, &clk) != 0 ||
+        (transfers && fetch_get(f, 0, holder, &hq) != 0) ||
+        cancel_fill(f, port, transfers, n, ctxs, items) != 0)
+        goto out;
+    /* All admitted (and the holder connected) once a later zero-delay timer has run. */
+    sleep_ms(50);
+    if (fetch_after(f, 0, ctx_background(), 0, cancel_cb, &items[n + 1]) != 0)
+        goto out;
+    wait_called(&items[n + 1]);
+    double c0 = thread_cpu_s(clk);
+    int64_t t0 = ctx_now();
+    for (unsigned i = 0; i < k; i++) {
+        unsigned j = (unsigned)((uint64_t)i * n / k);
+        ctx_cancel(ctxs[j], -ECANCELED);
+        wait_called(&items[j]);
+    }
+    int64_t t1 = ctx_now();
+    cpu = (thread_cpu_s(clk) - c0) * 1e6 / k;
+    *wall_us = (double)(t1 - t0) * 1000.0 / k;
+    unsigned ended = 0;
+    for (unsigned i = 0; i <= n; i++)
+        ended += atomic_load(&items[i].calls) != 0;
+    if (ended != k || atomic_load(&items[0].err) != -ECANCELED)
+        cpu = -2; /* something ended on its own: not the loop this measures */
+out:
+    ctx_cancel(holder, -ECANCELED);
+    fetch_free(f);
+    for (unsigned i = 0; ctxs && i < n; i++)
+        ctx_free(ctxs[i]);
+    ctx_free(holder);
+    free(ctxs);
+    free(items);
+    return cpu;
+}
+
+static int cancel_table(int port)
+{
+    const char *e = getenv("BENCH_CANCEL_N");
+    unsigned max_n = e ? (unsigned)atoi(e) : 100000;
+    e = getenv("BENCH_CANCEL_K");
+    unsigned k = e ? (unsigned)atoi(e) : 1000;
+    printf("one loop; K = %u cancels, one at a time, each waited for\n\n", k);
+    printf("%-10s %8s %22s %18s\n", "pending", "N", "loop CPU us/cancel", "wall us/cancel");
+    for (int t = 0; t < 2; t++)
+        for (unsigned n = 1000; n <= max_n; n *= 10) {
+            double wall = 0, cpu = cancel_cell(port, t == 1, n < k ? k : n, k, &wall);
+            if (cpu < 0) {
+                fprintf(stderr, "bench_fetch: cancel run %s\n",
+                        cpu < -1 ? "void: an item ended on its own" : "failed");
+                return 1;
+            }
+            printf("%-10s %8u %22.2f %18.2f\n", t ? "transfers" : "timers", n < k ? k : n, cpu,
+                   wall);
+        }
+    return 0;
+}
+
 static int serve_only(unsigned threads)
 {
     struct upstub *s;
@@ -184,6 +334,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_fetch: curl_global_init failed\n");
         return 1;
     }
+    int failed = 0;
+    if (argc > 1 && strcmp(argv[1], "--cancel") == 0) {
+        failed = cancel_table(port);
+        goto out;
+    }
     static const unsigned concs[] = {1, 16, 256, 1000};
     enum { NCONC = sizeof(concs) / sizeof(concs[0]), REPS = 3 };
     unsigned loop_rows[2] = {1, (unsigned)ncpu};
@@ -195,7 +350,6 @@ int main(int argc, char **argv)
     /* Repetitions are interleaved so that a burst of outside load hits one run of many cells,
      * not every run of one cell. */
     struct cell cells[2][NCONC][REPS];
-    int failed = 0;
     const char *only = getenv("BENCH_CELL"); /* "loops:conc": run just that cell (profiling) */
     if (only) {
         unsigned lo = 0, co = 0;

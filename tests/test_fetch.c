@@ -1175,6 +1175,262 @@ static void test_fetch_timer_canceled_and_shutdown(void)
     ctx_free(c);
 }
 
+/* ---------------------------------------------------------------- cancel, one at a time */
+
+/* A lookup that blocks until the gate opens, then answers 127.0.0.1. */
+struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool open;
+    int waiting; /* lookups blocked now */
+};
+
+static int gate_lookup(void *arg, const char *host, char *addrs, size_t size)
+{
+    struct gate *g = arg;
+    (void)host;
+    pthread_mutex_lock(&g->mu);
+    g->waiting++;
+    while (!g->open)
+        pthread_cond_wait(&g->cv, &g->mu);
+    g->waiting--;
+    pthread_mutex_unlock(&g->mu);
+    snprintf(addrs, size, "127.0.0.1");
+    return 0;
+}
+
+static bool gate_waiting(void *arg)
+{
+    struct gate *g = arg;
+    pthread_mutex_lock(&g->mu);
+    bool w = g->waiting > 0;
+    pthread_mutex_unlock(&g->mu);
+    return w;
+}
+
+static void gate_open(struct gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->open = true;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* The pending items of one loop: running in curl, waiting for a slot, waiting for the
+ * resolver, and timers; each bound to a ctx of its own. */
+enum { P_ACTIVE = 2, P_WAITING = 4, P_RESOLVING = 2, P_TIMERS = 4 };
+enum { P_ALL = P_ACTIVE + P_WAITING + P_RESOLVING + P_TIMERS };
+
+struct pending {
+    struct ctx *ctxs[P_ALL];
+    struct tmr t[P_ALL];
+    int cause[P_ALL]; /* the cause each was canceled with, or 0 */
+};
+
+/* Canceled from a callback on the loop's own thread (a zero-delay timer's). */
+struct loop_cancels {
+    struct pending *p;
+    const int *which; /* indexes to cancel, ending with -1 */
+    int cause;
+};
+
+static void cancel_from_loop(void *arg, struct fetch_result *r)
+{
+    struct loop_cancels *lc = arg;
+    (void)r;
+    for (const int *i = lc->which; *i >= 0; i++)
+        ctx_cancel(lc->p->ctxs[*i], lc->cause);
+}
+
+struct pending_set {
+    struct pending *p;
+    const int *which;
+};
+
+static bool pending_fired(void *arg)
+{
+    struct pending_set *ps = arg;
+    for (const int *i = ps->which; *i >= 0; i++)
+        if (!tmr_fired(&ps->p->t[*i]))
+            return false;
+    return true;
+}
+
+/* Cancelling one ctx aborts exactly its transfer or timer, wherever it waits (in curl, for a
+ * connection slot, for the resolver, in the timer heap), with the ctx's cause, from another
+ * thread or from a callback on the loop itself; the others go on and end at fetch_free(). */
+static void test_fetch_cancel_takes_only_the_canceled(void)
+{
+    struct upstub *s;
+    CU_ASSERT_FATAL(upstub_new(1, &s) == 0);
+    struct gate g = {.open = false};
+    pthread_mutex_init(&g.mu, NULL);
+    pthread_cond_init(&g.cv, NULL);
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = 1;
+    o.max_conns = P_ACTIVE;
+    o.idle_poll_ms = 600000;
+    o.lookup = gate_lookup;
+    o.lookup_arg = &g;
+    struct fetch *f = NULL;
+    CU_ASSERT_FATAL(fetch_new(&o, &f) == 0);
+    struct pending p;
+    memset(&p, 0, sizeof(p));
+    char url[256];
+    /* Resolving first: they leave the FIFO at once, holding no slot; then the slots fill. */
+    int idx = 0;
+    for (int i = 0; i < P_RESOLVING; i++, idx++) {
+        p.ctxs[idx] = ctx_new(ctx_background(), CTX_FOREVER);
+        snprintf(url, sizeof(url), "http://gate.test:%d/items/sleep600000", upstub_port(s));
+        struct fetch_req q = {.url = url, .cb = tmr_cb, .arg = &p.t[idx]};
+        CU_ASSERT_EQUAL(fetch_get(f, 0, p.ctxs[idx], &q), 0);
+    }
+    CU_ASSERT(test_wait_until(gate_waiting, &g, WAIT_MS));
+    for (int i = 0; i < P_ACTIVE + P_WAITING; i++, idx++) {
+        p.ctxs[idx] = ctx_new(ctx_background(), CTX_FOREVER);
+        url_of(s, url, sizeof(url), "/items/sleep600000");
+        struct fetch_req q = {.url = url, .cb = tmr_cb, .arg = &p.t[idx]};
+        CU_ASSERT_EQUAL(fetch_get(f, 0, p.ctxs[idx], &q), 0);
+    }
+    for (int i = 0; i < P_TIMERS; i++, idx++) {
+        p.ctxs[idx] = ctx_new(ctx_background(), CTX_FOREVER);
+        CU_ASSERT_EQUAL(fetch_after(f, 0, p.ctxs[idx], 600000, tmr_cb, &p.t[idx]), 0);
+    }
+    struct stub_cond sc = {.s = s, .in_flight = P_ACTIVE};
+    CU_ASSERT(test_wait_until(stub_in_flight_reached, &sc, WAIT_MS));
+
+    /* From this thread: one of each kind (indexes: resolving 0-1, active 2-3, waiting 4-7,
+     * timers 8-11). */
+    static const int first[] = {0, 2, 5, 9, -1};
+    for (const int *i = first; *i >= 0; i++) {
+        p.cause[*i] = -ENOLINK;
+        ctx_cancel(p.ctxs[*i], -ENOLINK);
+    }
+    struct pending_set ps = {&p, first};
+    CU_ASSERT(test_wait_until(pending_fired, &ps, WAIT_MS));
+    /* From the loop's thread: another of each kind. */
+    static const int second[] = {1, 3, 6, 10, -1};
+    for (const int *i = second; *i >= 0; i++)
+        p.cause[*i] = -EPIPE;
+    struct loop_cancels lc = {&p, second, -EPIPE};
+    CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), 0, cancel_from_loop, &lc), 0);
+    ps.which = second;
+    CU_ASSERT(test_wait_until(pending_fired, &ps, WAIT_MS));
+    for (int i = 0; i < P_ALL; i++) {
+        if (p.cause[i] == 0) {
+            CU_ASSERT_EQUAL(atomic_load(&p.t[i].calls), 0);
+            continue;
+        }
+        CU_ASSERT_EQUAL(atomic_load(&p.t[i].calls), 1);
+        CU_ASSERT_EQUAL(atomic_load(&p.t[i].err), p.cause[i]);
+        CU_ASSERT_TRUE(atomic_load(&p.t[i].aborted));
+    }
+    gate_open(&g); /* fetch_free() waits for lookups still running */
+    fetch_free(f);
+    for (int i = 0; i < P_ALL; i++) {
+        CU_ASSERT_EQUAL(atomic_load(&p.t[i].calls), 1);
+        if (p.cause[i] == 0)
+            CU_ASSERT_EQUAL(atomic_load(&p.t[i].err), FETCH_ESHUTDOWN);
+        ctx_free(p.ctxs[i]);
+    }
+    pthread_cond_destroy(&g.cv);
+    pthread_mutex_destroy(&g.mu);
+    upstub_free(s);
+}
+
+/* A callback that queues a timer on its own loop or on another, then cancels it before the
+ * loop has taken it in: the timer ends once, with the cause. */
+struct queue_then_cancel {
+    struct fetch *f;
+    unsigned loop;  /* where the new timer goes */
+    struct ctx *c;  /* its ctx */
+    struct tmr *t;  /* its record */
+    atomic_int rc;  /* fetch_after()'s result */
+};
+
+static void queue_then_cancel_cb(void *arg, struct fetch_result *r)
+{
+    struct queue_then_cancel *q = arg;
+    (void)r;
+    atomic_store(&q->rc, fetch_after(q->f, q->loop, q->c, 600000, tmr_cb, q->t));
+    ctx_cancel(q->c, -ENOTCONN);
+}
+
+static void test_fetch_cancel_before_admitted(void)
+{
+    struct fetch *f = engine(2, 2, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    struct tmr t[2];
+    memset(t, 0, sizeof(t));
+    struct queue_then_cancel q[2];
+    for (unsigned i = 0; i < 2; i++) {
+        q[i] = (struct queue_then_cancel){.f = f, .loop = i, .t = &t[i]};
+        q[i].c = ctx_new(ctx_background(), CTX_FOREVER);
+        CU_ASSERT_EQUAL(fetch_after(f, 0, ctx_background(), 0, queue_then_cancel_cb, &q[i]), 0);
+    }
+    for (unsigned i = 0; i < 2; i++) {
+        CU_ASSERT(test_wait_until(tmr_fired, &t[i], WAIT_MS));
+        CU_ASSERT_EQUAL(atomic_load(&q[i].rc), 0);
+        CU_ASSERT_EQUAL(atomic_load(&t[i].err), -ENOTCONN);
+    }
+    fetch_free(f);
+    for (unsigned i = 0; i < 2; i++) {
+        CU_ASSERT_EQUAL(atomic_load(&t[i].calls), 1);
+        ctx_free(q[i].c);
+    }
+}
+
+/* Timers that fire on their own while another thread cancels them: each ends exactly once,
+ * with 0 or the cause; many rounds for the race detector. */
+struct timer_storm {
+    struct ctx **ctxs;
+    unsigned n;
+};
+
+static void *timer_storm_thread(void *arg)
+{
+    struct timer_storm *st = arg;
+    for (unsigned i = 0; i < st->n; i++)
+        ctx_cancel(st->ctxs[i], -EREMOTEIO);
+    return NULL;
+}
+
+static void test_fetch_cancel_races_timers(void)
+{
+    enum { N = 500, ROUNDS = 10 };
+    struct fetch *f = engine(2, 2, 0);
+    CU_ASSERT_FATAL(f != NULL);
+    struct tmr *t = calloc(N, sizeof(*t));
+    struct ctx **ctxs = calloc(N, sizeof(*ctxs));
+    CU_ASSERT_FATAL(t && ctxs);
+    for (int round = 0; round < ROUNDS; round++) {
+        memset(t, 0, N * sizeof(*t));
+        for (unsigned i = 0; i < N; i++) {
+            ctxs[i] = ctx_new(ctx_background(), CTX_FOREVER);
+            CU_ASSERT_EQUAL(fetch_after(f, i % 2, ctxs[i], i % 3, tmr_cb, &t[i]), 0);
+        }
+        struct timer_storm st = {ctxs, N};
+        pthread_t th;
+        CU_ASSERT_FATAL(pthread_create(&th, NULL, timer_storm_thread, &st) == 0);
+        pthread_join(th, NULL);
+        struct tmrs all = {t, N};
+        CU_ASSERT(test_wait_until(tmrs_fired, &all, WAIT_MS));
+        unsigned bad = 0;
+        for (unsigned i = 0; i < N; i++) {
+            int err = atomic_load(&t[i].err);
+            bad += atomic_load(&t[i].calls) != 1 || (err != 0 && err != -EREMOTEIO);
+            ctx_free(ctxs[i]);
+        }
+        CU_ASSERT_EQUAL(bad, 0);
+    }
+    fetch_free(f);
+    for (unsigned i = 0; i < N; i++)
+        CU_ASSERT_EQUAL(atomic_load(&t[i].calls), 1);
+    free(t);
+    free(ctxs);
+}
+
 /* A transfer aborted by its ctx says so (aborted) and is counted canceled whatever the cause,
  * even one that looks like an upstream status; its own deadline is counted as deadline. */
 static void test_fetch_aborted_counted_as_canceled(void)
@@ -1228,6 +1484,11 @@ static CU_TestInfo fetch_tests[] = {
     {"timers: canceled at once with the cause; shutdown", test_fetch_timer_canceled_and_shutdown},
     {"aborted transfers are counted canceled, whatever the cause",
      test_fetch_aborted_counted_as_canceled},
+    {"a cancel aborts only its own item, wherever it waits",
+     test_fetch_cancel_takes_only_the_canceled},
+    {"canceled before the loop took it in: once, with the cause",
+     test_fetch_cancel_before_admitted},
+    {"timers ending on their own while canceled: exactly once", test_fetch_cancel_races_timers},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(fetch, fetch_tests)
