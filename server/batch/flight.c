@@ -11,19 +11,20 @@
  * is decided (the flight leaves the registry; the attempts then cancel the flight's ctx, which
  * aborts every attempt and timer still out) and when they have wound down (every attempt and
  * timer called back). Decided and wound down, the flight marks every waiter delivered, cancels
- * each waiter's ctx with FLIGHT_DELIVERED (which wakes the waiter's timer on the waiter's loop),
- * and the run drops its reference.
+ * each waiter's event with 0 (the callback then runs on the waiter's loop), and the run drops
+ * its reference.
  *
- * A waiter is a fetch_after() timer that never expires, bound to the waiter's ctx: it fires
- * when the flight delivers or when the caller's ctx ends first. In the second case the waiter
+ * A waiter is a one-shot loop event on the caller's loop (fetch.h: no allocation, no ctx of its
+ * own), fired by whichever comes first: the flight delivering (cause 0), or a hook on the
+ * caller's ctx when that ends (its cause). Cancelling a batch thus wakes exactly its waiters,
+ * and a delivery exactly the flight's, never a scan of the loop. A waiter woken by its ctx
  * unlinks itself; the last one to leave an undecided flight takes it out of the registry and
  * cancels its ctx, and its callback waits for the run to wind down (flight.h): on the flight's
- * loop maybe_finish() calls it; on another loop the waiter arms a second timer on its own loop,
- * bound to a ctx of its own ('defer') that maybe_finish() cancels, and the callback runs from
- * that timer. A flight's memory (its outcome included) is freed when the last reference is
+ * loop maybe_finish() calls it; on another loop the waiter arms a second event on its own loop
+ * ('defer') that maybe_finish() fires, and the callback runs from it. A flight's memory (its outcome included) is freed when the last reference is
  * dropped: the run's, or the last waiter's flight_release().
  *
- * A new flight that cannot be started (its first waiter's timer, the post to its loop, or its
+ * A new flight that cannot be started (its first waiter's event, the post to its loop, or its
  * first attempt fails) is decided by the flight itself, before anything of its run is out, and
  * while the starter's waiter is still linked: so no other waiter can have become its last to
  * leave, and no deferred callback is called from the wrong thread. */
@@ -41,7 +42,6 @@
 #include "server/batch/attempt.h"
 #include "server/obs/metrics.h"
 
-#define FLIGHT_DELIVERED (-3002) /* a waiter ctx's cause: the outcome is set */
 #define TABLE_MIN 256         /* registry buckets to begin with (a power of two) */
 
 struct flights {
@@ -83,7 +83,7 @@ struct flight {
     char key[];                /* the key's bytes */
 };
 
-static void abandoner_fired(void *arg, struct fetch_result *r);
+static void abandoner_fired(void *arg, int cause);
 
 /* ---------------------------------------------------------------- registry */
 
@@ -199,14 +199,15 @@ static void maybe_finish(struct flight *f)
     pthread_mutex_lock(&t->mu);
     for (struct flight_waiter *w = f->waiters; w; w = w->next) {
         w->delivered = true;
-        ctx_cancel(w->ctx, FLIGHT_DELIVERED); /* under the mutex: w cannot go away meanwhile */
+        if (w->armed) /* else flight_wait() fires it as it arms it */
+            fetch_event_fire(f->env->fetch, &w->ev, 0); /* under the mutex: w stays */
     }
     f->waiters = NULL;
     f->nwaiters = 0;
     struct flight_waiter *ab = f->abandoner;
     f->abandoner = NULL;
     if (ab && ab->loop != f->loop) { /* its timer on its own loop calls it there */
-        ctx_cancel(ab->defer, FLIGHT_DELIVERED); /* under the mutex, as above */
+        fetch_event_fire(f->env->fetch, &ab->defer, 0); /* under the mutex, as above */
         ab = NULL;
     }
     pthread_mutex_unlock(&t->mu);
@@ -333,53 +334,52 @@ static bool unlink_waiter(struct flight *f, struct flight_waiter *w)
     return true;
 }
 
-/* Mutex held. For the last waiter of an undecided flight on another loop: a timer on the
- * waiter's loop, bound to a ctx of the waiter's that maybe_finish() cancels once the run has
- * wound down. Returns 0, or an error (nothing armed: the engine is stopping, or no memory). */
+/* Mutex held. For the last waiter of an undecided flight on another loop: an event on the
+ * waiter's loop that maybe_finish() fires once the run has wound down. Returns 0, or
+ * FETCH_ESHUTDOWN (nothing armed: the engine is stopping). */
 static int defer_arm(struct flight *f, struct flight_waiter *w)
 {
-    if (!(w->defer = ctx_new(ctx_background(), CTX_FOREVER)))
-        return -ENOMEM;
-    int rc = fetch_after(f->env->fetch, w->loop, w->defer, INT64_MAX, abandoner_fired, w);
-    if (rc != 0) {
-        ctx_free(w->defer);
-        w->defer = NULL;
-    }
-    return rc;
+    return fetch_event_init(f->env->fetch, w->loop, &w->defer, abandoner_fired, w);
 }
 
-/* The deferral timer of a last waiter on another loop than its flight's, on the waiter's loop:
- * the run has wound down (maybe_finish() canceled 'defer'), or the engine is stopping (every
- * timer completes then) and the callback no longer waits for the run. */
-static void abandoner_fired(void *arg, struct fetch_result *r)
+/* The deferral of a last waiter on another loop than its flight's, on the waiter's loop: the
+ * run has wound down (maybe_finish() fired it), or the engine is stopping (it ends every armed
+ * event) and the callback no longer waits for the run. */
+static void abandoner_fired(void *arg, int cause)
 {
     struct flight_waiter *w = arg;
     struct flights *t = w->f->table;
-    (void)r;
+    (void)cause;
     pthread_mutex_lock(&t->mu);
     if (w->f->abandoner == w) /* not let go by maybe_finish(): it must not touch w any more */
         w->f->abandoner = NULL;
     pthread_mutex_unlock(&t->mu);
-    ctx_free(w->defer);
-    w->defer = NULL;
     w->cb(w->arg, w->cause);
 }
 
-/* The waiter's timer: the outcome was delivered, or the caller's ctx ended first. The last
+/* The caller's ctx ended (on whichever thread ended it): wake the waiter on its loop. */
+static void waiter_hook(void *arg)
+{
+    struct flight_waiter *w = arg;
+    fetch_event_fire(w->f->env->fetch, &w->ev, ctx_err(w->parent));
+}
+
+/* The waiter's event: the outcome was delivered, or the caller's ctx ended first. The last
  * waiter to leave an undecided flight cancels it with its own cause (so an attempt cut by the
  * deadline counts as a deadline, one cut by a failed sibling as canceled), and its callback waits
  * for the run to wind down, so a lone batch is answered after its attempts have ended and been
  * counted, as when the flight delivers: on the flight's loop, maybe_finish() calls it; on another
  * loop, maybe_finish() ends a timer armed here on the waiter's loop (defer_arm()), which calls it
  * there. When that timer cannot be armed, the callback runs now. */
-static void waiter_fired(void *arg, struct fetch_result *r)
+static void waiter_fired(void *arg, int cause)
 {
     struct flight_waiter *w = arg;
     struct flight *f = w->f;
     struct flights *t = f->table;
-    int cause = ctx_err(w->ctx);
-    if (cause == 0 || cause == FETCH_ESHUTDOWN)
-        cause = r->err == 0 || r->err == FETCH_ESHUTDOWN ? -ESHUTDOWN : r->err;
+    ctx_hook_remove(w->parent, &w->hook); /* no fire from it after this (it may be running) */
+    w->hooked = false;
+    if (cause == 0 || cause == FETCH_ESHUTDOWN) /* 0 here with no delivery: cannot be */
+        cause = -ESHUTDOWN;
     bool abandon = false, wait = false;
     pthread_mutex_lock(&t->mu);
     bool delivered = w->delivered;
@@ -455,9 +455,7 @@ static struct flight *flight_alloc(const struct flight_env *env, const struct fl
 int flight_wait(const struct flight_env *env, struct ctx *parent, const struct flight_params *p,
                 struct flight_waiter *w, flight_wait_fn cb, void *arg)
 {
-    *w = (struct flight_waiter){.cb = cb, .arg = arg, .loop = p->loop};
-    if (!(w->ctx = ctx_new(parent, CTX_FOREVER)))
-        return -ENOMEM;
+    *w = (struct flight_waiter){.cb = cb, .arg = arg, .loop = p->loop, .parent = parent};
     struct flights *t = env->flights;
     int64_t deadline = ctx_deadline(parent);
     uint64_t h = key_hash(p->key, p->key_len, p->hedge);
@@ -472,7 +470,7 @@ int flight_wait(const struct flight_env *env, struct ctx *parent, const struct f
     if (f)
         link_waiter(f, w, deadline);
     pthread_mutex_unlock(&t->mu);
-    int rc = f ? fetch_after(env->fetch, p->loop, w->ctx, INT64_MAX, waiter_fired, w) : -ENOMEM;
+    int rc = f ? fetch_event_init(env->fetch, p->loop, &w->ev, waiter_fired, w) : -ENOMEM;
     if (rc != 0) { /* undo: leave; a new flight fails at once, for any call that joined it */
         if (f && !w->joined) {
             /* Decided with ours still linked (no one else can have been the last to leave):
@@ -488,10 +486,16 @@ int flight_wait(const struct flight_env *env, struct ctx *parent, const struct f
         }
         if (f)
             flight_unref(f);
-        ctx_free(w->ctx);
         *w = (struct flight_waiter){0};
         return rc;
     }
+    pthread_mutex_lock(&t->mu); /* armed: a delivery from now on fires it; one before did not */
+    w->armed = true;
+    if (w->delivered)
+        fetch_event_fire(env->fetch, &w->ev, 0);
+    pthread_mutex_unlock(&t->mu);
+    w->hooked = true; /* the parent's end fires it too (at once, if it is over already) */
+    ctx_hook_add(parent, &w->hook, waiter_hook, w);
     if (w->joined) {
         atomic_fetch_add_explicit(&env->metrics->flights_joined, 1, memory_order_relaxed);
         return 0;
@@ -521,7 +525,8 @@ void flight_release(struct flight_waiter *w)
 {
     if (!w->f)
         return;
-    ctx_free(w->ctx);
+    if (w->hooked)
+        ctx_hook_remove(w->parent, &w->hook);
     flight_unref(w->f);
     *w = (struct flight_waiter){0};
 }

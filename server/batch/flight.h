@@ -28,10 +28,14 @@
  * The last waiter to leave an undecided flight gets its callback only once the run has wound
  * down (every attempt and timer called back and counted), so a batch that alone caused a
  * flight is answered after that flight's attempts have ended, whatever loop each is on: on the
- * flight's loop the callback is called there when the run ends; on another loop, a timer armed
- * on the waiter's loop when it left is ended by the run's end, and its callback runs there. Only
- * when that timer cannot be armed (out of memory, the engine stopping), or when the engine stops
- * first, does the callback come before the run has wound down. */
+ * flight's loop the callback is called there when the run ends; on another loop, an event armed
+ * on the waiter's loop when it left is fired by the run's end, and its callback runs there. Only
+ * when that event cannot be armed (the engine stopping), or when the engine stops first, does
+ * the callback come before the run has wound down.
+ *
+ * A waiter costs no allocation and no ctx of its own: it is the caller's memory (struct
+ * flight_waiter), woken by a one-shot loop event (fetch.h) that the delivery or a hook on the
+ * caller's ctx fires, whichever comes first. */
 #ifndef FANOUT_FLIGHT_H
 #define FANOUT_FLIGHT_H
 
@@ -39,6 +43,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ctx/ctx.h"
+#include "fetch/fetch.h"
 #include "server/batch/result.h"
 
 struct budget;
@@ -83,15 +89,19 @@ typedef void (*flight_wait_fn)(void *arg, int cause);
 /* One call's wait on a flight (the caller's memory, until flight_release()). */
 struct flight_waiter {
     struct flight *f;                  /* the flight waited on (a reference) */
-    struct ctx *ctx;                   /* a child of the caller's ctx, canceled when the outcome
-                                          is set */
+    struct ctx *parent;                /* the caller's ctx (the caller's; it outlives the wait) */
+    struct ctx_hook hook;              /* on 'parent': fires 'ev' with its cause when it ends */
+    struct fetch_event ev;             /* the wake-up on the caller's loop: fired with 0 when the
+                                          outcome is delivered, or with the parent's cause */
     struct flight_waiter *prev, *next; /* in the flight's list (registry mutex) */
     bool delivered;                    /* the outcome was set while in the list (mutex) */
     bool joined;                       /* joined a flight another call started */
+    bool armed;                        /* 'ev' is armed: a delivery fires it (mutex) */
+    bool hooked;                       /* 'hook' was added */
     unsigned loop;                     /* the caller's loop */
     int cause;                         /* why it left, for a callback deferred to the run's end */
-    struct ctx *defer;                 /* that deferral's timer ctx, when the flight is on
-                                          another loop (ended by the run's end) */
+    struct fetch_event defer;          /* that deferral, when the flight is on another loop: fired
+                                          by the run's end, on the caller's loop */
     flight_wait_fn cb;
     void *arg;
 };

@@ -61,9 +61,13 @@ bool admit(struct req *r)
     }
     if (!why)
         return true;
+    /* Backing out: the gauge first, then 'active'. srv_drain() returns once 'active' is 0, and
+     * what it promises then is a zero gauge too; the other order left a moment in which a
+     * drain could return with this refused request still counted in flight. */
     r->admitted = false;
+    admit_leave_gauge(r);
     active_dec(s);
-    admit_reject(r, why); /* leaves the gauge as it queues the answer */
+    admit_reject(r, why);
     return false;
 }
 
