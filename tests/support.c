@@ -165,3 +165,25 @@ bool test_settles_to(int threads, int fds, int64_t ms)
     struct settle s = {threads, fds};
     return test_wait_until(settled, &s, ms);
 }
+
+uint64_t test_load(const atomic_uint_fast64_t *a)
+{
+    return atomic_load_explicit(a, memory_order_relaxed);
+}
+
+struct counter_want {
+    const atomic_uint_fast64_t *a;
+    uint64_t n;
+};
+
+static bool counter_reached(void *arg)
+{
+    struct counter_want *w = arg;
+    return test_load(w->a) >= w->n;
+}
+
+bool test_wait_counter(const atomic_uint_fast64_t *a, uint64_t n, int64_t ms)
+{
+    struct counter_want w = {a, n};
+    return test_wait_until(counter_reached, &w, ms);
+}

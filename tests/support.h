@@ -3,6 +3,7 @@
 #define FANOUT_TEST_SUPPORT_H
 
 #include <CUnit/CUnit.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -55,5 +56,10 @@ bool test_wait_until(bool (*cond)(void *), void *arg, int64_t ms);
 /* Thread and fd counts return to 'threads'/'fds' within 'ms' (for threads and fds that other
  * code releases asynchronously, such as a library's resolver thread). */
 bool test_settles_to(int threads, int fds, int64_t ms);
+
+/* A counter's value (a relaxed load), and a wait for it to reach 'n' within 'ms' (returns
+ * whether it did): for the metrics' and the engine's atomics. */
+uint64_t test_load(const atomic_uint_fast64_t *a);
+bool test_wait_counter(const atomic_uint_fast64_t *a, uint64_t n, int64_t ms);
 
 #endif

@@ -109,47 +109,12 @@ static void rig_free(struct rig *g)
     free(g->m);
 }
 
-static uint64_t stub_stat(struct upstub *s, size_t off)
-{
-    struct upstub_stats st;
-    upstub_stats(s, &st);
-    return *(uint64_t *)((char *)&st + off);
-}
-#define STUB(s, field) stub_stat(s, offsetof(struct upstub_stats, field))
+#define STUB(s, field) UPSTUB_STAT(s, field)
+#define WAIT_STUB(s, field, n) UPSTUB_WAIT(s, field, n, WAIT_MS)
+#define M(a) test_load(a)
 
-struct stub_want {
-    struct upstub *s;
-    size_t off;
-    uint64_t n;
-};
 
-static bool stub_reached(void *arg)
-{
-    struct stub_want *w = arg;
-    return stub_stat(w->s, w->off) >= w->n;
-}
-
-#define WAIT_STUB(s, field, n)                                                                     \
-    test_wait_until(stub_reached, &(struct stub_want){s, offsetof(struct upstub_stats, field), n}, \
-                    WAIT_MS)
-
-static uint64_t M(const atomic_uint_fast64_t *a)
-{
-    return atomic_load(a);
-}
-
-struct counter_want {
-    const atomic_uint_fast64_t *a;
-    uint64_t n;
-};
-
-static bool counter_reached(void *arg)
-{
-    struct counter_want *w = arg;
-    return atomic_load(w->a) >= w->n;
-}
-
-#define WAIT_COUNTER(a, n) test_wait_until(counter_reached, &(struct counter_want){a, n}, WAIT_MS)
+#define WAIT_COUNTER(a, n) test_wait_counter(a, n, WAIT_MS)
 
 /* Attempts counted in the metrics so far, every upstream and kind. */
 static uint64_t counted(const struct rig *g)

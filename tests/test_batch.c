@@ -138,32 +138,9 @@ static void rig_free(struct rig *g)
     free(g->m);
 }
 
-static uint64_t stub_stat(struct upstub *s, size_t off)
-{
-    struct upstub_stats st;
-    upstub_stats(s, &st);
-    return *(uint64_t *)((char *)&st + off);
-}
-#define STUB(s, field) stub_stat(s, offsetof(struct upstub_stats, field))
-
-struct stub_want {
-    struct upstub *s;
-    size_t off;
-    uint64_t n;
-};
-
-static bool stub_reached(void *arg)
-{
-    struct stub_want *w = arg;
-    return stub_stat(w->s, w->off) >= w->n;
-}
-
-static bool wait_stub(struct upstub *s, size_t off, uint64_t n)
-{
-    struct stub_want w = {s, off, n};
-    return test_wait_until(stub_reached, &w, WAIT_MS);
-}
-#define WAIT_STUB(s, field, n) wait_stub(s, offsetof(struct upstub_stats, field), n)
+#define STUB(s, field) UPSTUB_STAT(s, field)
+#define WAIT_STUB(s, field, n) UPSTUB_WAIT(s, field, n, WAIT_MS)
+#define M(a) test_load(a)
 
 /* A running batch and its answer. */
 struct run {
@@ -289,21 +266,6 @@ static void id_ranked(const struct rig *g, unsigned first, int second, char *out
     }
 }
 
-static uint64_t M(const atomic_uint_fast64_t *a)
-{
-    return atomic_load(a);
-}
-
-struct counter_want {
-    const atomic_uint_fast64_t *a;
-    uint64_t n;
-};
-
-static bool counter_reached(void *arg)
-{
-    struct counter_want *w = arg;
-    return atomic_load(w->a) >= w->n;
-}
 
 /* ---------------------------------------------------------------- hedging */
 
@@ -795,7 +757,7 @@ static void test_coalesce_last_waiter_cancels_flight(void)
     CU_ASSERT_FATAL(run_start(&g, &a, body));
     CU_ASSERT(WAIT_STUB(g.stub[0], in_flight, 1));
     CU_ASSERT_FATAL(run_start(&g, &b, body));
-    CU_ASSERT(test_wait_until(counter_reached, &(struct counter_want){&g.m->flights_joined, 1},
+    CU_ASSERT(test_wait_counter(&g.m->flights_joined, 1,
                               WAIT_MS));
     ctx_cancel(batch_ctx(a.b), -EPIPE); /* a's client goes away */
     CU_ASSERT_FATAL(run_finish(&a));
@@ -848,7 +810,7 @@ static void test_coalesce_deadline_is_per_waiter(void)
     CU_ASSERT_EQUAL(M(&g.m->flights_abandoned), 0);
     ctx_cancel(batch_ctx(b.b), -EPIPE);
     CU_ASSERT_FATAL(run_finish(&b));
-    CU_ASSERT(test_wait_until(counter_reached, &(struct counter_want){&g.m->flights_abandoned, 1},
+    CU_ASSERT(test_wait_counter(&g.m->flights_abandoned, 1,
                               WAIT_MS));
     run_free(&a);
     run_free(&b);
@@ -1430,9 +1392,7 @@ static void test_spread_shutdown_mid_batch(void)
         struct run r;
         CU_ASSERT_FATAL(run_start_stream(&g, &r, body, &rw.w));
         if (round == 1) /* every flight started: the other stripe's runs posted, maybe queued */
-            CU_ASSERT(test_wait_until(counter_reached,
-                                      &(struct counter_want){&g.m->flights_started, started0 + 64},
-                                      WAIT_MS));
+            CU_ASSERT(test_wait_counter(&g.m->flights_started, started0 + 64, WAIT_MS));
         if (round >= 2)
             CU_ASSERT(WAIT_STUB(g.stub[0], requests, req0 + 64));
         if (round < 3) {

@@ -106,34 +106,10 @@ static void rig_free(struct rig *g)
     free(g->m);
 }
 
-static uint64_t stub_stat(struct upstub *s, size_t off)
-{
-    struct upstub_stats st;
-    upstub_stats(s, &st);
-    return *(uint64_t *)((char *)&st + off);
-}
-#define STUB(s, field) stub_stat(s, offsetof(struct upstub_stats, field))
+#define STUB(s, field) UPSTUB_STAT(s, field)
+#define WAIT_STUB(s, field, n) UPSTUB_WAIT(s, field, n, WAIT_MS)
+#define M(a) test_load(a)
 
-struct stub_want {
-    struct upstub *s;
-    size_t off;
-    uint64_t n;
-};
-
-static bool stub_reached(void *arg)
-{
-    struct stub_want *w = arg;
-    return stub_stat(w->s, w->off) >= w->n;
-}
-
-#define WAIT_STUB(s, field, n)                                                                     \
-    test_wait_until(stub_reached, &(struct stub_want){s, offsetof(struct upstub_stats, field), n}, \
-                    WAIT_MS)
-
-static uint64_t M(const atomic_uint_fast64_t *a)
-{
-    return atomic_load(a);
-}
 
 /* A key whose ranking puts upstream 'first' first. */
 static void key_ranked(const struct rig *g, unsigned first, char *out, size_t cap)

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/support.h"
+
 #define IN_MAX 16384     /* request line + headers + body must fit */
 #define FILL_CHUNK 65536 /* generated body bytes per send() */
 #define RESET_ANNOUNCED 100000
@@ -1115,4 +1117,31 @@ pid_t upstub_spawn(unsigned threads, int *port, int *ctl)
     close(up[0]);
     *ctl = down[1];
     return pid;
+}
+
+uint64_t upstub_stat(struct upstub *s, size_t off)
+{
+    struct upstub_stats st;
+    upstub_stats(s, &st);
+    uint64_t v;
+    memcpy(&v, (const char *)&st + off, sizeof(v));
+    return v;
+}
+
+struct stat_want {
+    struct upstub *s;
+    size_t off;
+    uint64_t n;
+};
+
+static bool stat_reached(void *arg)
+{
+    struct stat_want *w = arg;
+    return upstub_stat(w->s, w->off) >= w->n;
+}
+
+bool upstub_wait_stat(struct upstub *s, size_t off, uint64_t n, int64_t ms)
+{
+    struct stat_want w = {s, off, n};
+    return test_wait_until(stat_reached, &w, ms);
 }

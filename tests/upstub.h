@@ -115,4 +115,11 @@ bool upstub_find(struct upstub *s, const char *target, struct upstub_req *out);
  * requests are logged; use upstub_stats() for totals). */
 size_t upstub_count(struct upstub *s, const char *target);
 
+/* One field of the stub's totals by its offset in struct upstub_stats, and a wait for it to
+ * reach 'n' within 'ms' (returns whether it did); UPSTUB_STAT and UPSTUB_WAIT name the field. */
+uint64_t upstub_stat(struct upstub *s, size_t off);
+bool upstub_wait_stat(struct upstub *s, size_t off, uint64_t n, int64_t ms);
+#define UPSTUB_STAT(s, field) upstub_stat(s, offsetof(struct upstub_stats, field))
+#define UPSTUB_WAIT(s, field, n, ms) upstub_wait_stat(s, offsetof(struct upstub_stats, field), n, ms)
+
 #endif
