@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "ctx/ctx.h"
+#include "fetch/upstream.h"
 
 static struct test_suite *suites;
 
@@ -186,4 +187,16 @@ bool test_wait_counter(const atomic_uint_fast64_t *a, uint64_t n, int64_t ms)
 {
     struct counter_want w = {a, n};
     return test_wait_until(counter_reached, &w, ms);
+}
+
+void test_key_ranked(const struct upstreams *u, unsigned first, int second, char *out,
+                     size_t cap)
+{
+    for (unsigned i = 0;; i++) {
+        snprintf(out, cap, "k%u", i);
+        uint8_t rank[UPSTREAMS_MAX];
+        upstreams_rank(u, out, strlen(out), rank);
+        if (rank[0] == first && (second < 0 || rank[1] == (unsigned)second))
+            return;
+    }
 }

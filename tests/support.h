@@ -5,6 +5,7 @@
 #include <CUnit/CUnit.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* Registers a suite with tests/main.c from any test file:
@@ -61,5 +62,11 @@ bool test_settles_to(int threads, int fds, int64_t ms);
  * whether it did): for the metrics' and the engine's atomics. */
 uint64_t test_load(const atomic_uint_fast64_t *a);
 bool test_wait_counter(const atomic_uint_fast64_t *a, uint64_t n, int64_t ms);
+
+/* Writes into 'out' a key "k<N>" whose rendezvous ranking over 'u' puts upstream 'first'
+ * first and, when 'second' >= 0, 'second' next (the first such N). */
+struct upstreams;
+void test_key_ranked(const struct upstreams *u, unsigned first, int second, char *out,
+                     size_t cap);
 
 #endif

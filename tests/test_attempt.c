@@ -39,7 +39,7 @@
 struct rig {
     struct upstub *stub[2];
     unsigned nstub;
-    char tmpl[2][256];
+    char tmpl[2][UPSTUB_TMPL_MAX];
     struct fetch *fetch;
     struct upstreams *ups;
     struct budget hedge, retry;
@@ -55,14 +55,10 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     memset(g, 0, sizeof(*g));
     g->nstub = n;
     const char *t[2];
-    for (unsigned i = 0; i < n; i++) {
-        if (upstub_new(1, &g->stub[i]) != 0)
-            return false;
-        char path[128];
-        snprintf(path, sizeof(path), "/items/%s{id}", prefix && prefix[i] ? prefix[i] : "");
-        upstub_url(g->stub[i], g->tmpl[i], sizeof(g->tmpl[i]), path);
+    if (!upstub_start_set(n, prefix, g->stub, g->tmpl))
+        return false;
+    for (unsigned i = 0; i < n; i++)
         t[i] = g->tmpl[i];
-    }
     struct fetch_opts fo;
     fetch_opts_default(&fo);
     fo.loops = 1;
@@ -129,13 +125,7 @@ static uint64_t counted(const struct rig *g)
 /* A key whose ranking puts upstream 'first' first. */
 static void key_ranked(const struct rig *g, unsigned first, char *out, size_t cap)
 {
-    for (unsigned i = 0;; i++) {
-        snprintf(out, cap, "k%u", i);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(g->ups, out, strlen(out), rank);
-        if (rank[0] == first)
-            return;
-    }
+    test_key_ranked(g->ups, first, -1, out, cap);
 }
 
 /* ---------------------------------------------------------------- the owner */

@@ -41,7 +41,7 @@
 struct rig {
     struct upstub *stub[3];     /* up to three upstreams */
     unsigned nstub;
-    char tmpl[3][256];          /* their templates */
+    char tmpl[3][UPSTUB_TMPL_MAX]; /* their templates */
     struct fetch *fetch;
     struct upstreams *ups;      /* the set the upstreams were made as (a reference) */
     struct upstream_live *live; /* what the flights read it from */
@@ -68,14 +68,10 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix, unsig
     g->max_conns = max_conns;
     g->nstub = n;
     const char *t[3];
-    for (unsigned i = 0; i < n; i++) {
-        if (upstub_new(1, &g->stub[i]) != 0)
-            return false;
-        char path[128];
-        snprintf(path, sizeof(path), "/items/%s{id}", prefix && prefix[i] ? prefix[i] : "");
-        upstub_url(g->stub[i], g->tmpl[i], sizeof(g->tmpl[i]), path);
+    if (!upstub_start_set(n, prefix, g->stub, g->tmpl))
+        return false;
+    for (unsigned i = 0; i < n; i++)
         t[i] = g->tmpl[i];
-    }
     struct fetch_opts fo;
     fetch_opts_default(&fo);
     fo.loops = g->loops ? g->loops : 1;
@@ -257,13 +253,7 @@ static const char *data_id(const struct run *r, int i)
 /* An id whose ranking puts upstream 'first' first (and, when second >= 0, 'second' next). */
 static void id_ranked(const struct rig *g, unsigned first, int second, char *out, size_t cap)
 {
-    for (unsigned i = 0;; i++) {
-        snprintf(out, cap, "k%u", i);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(g->ups, out, strlen(out), rank);
-        if (rank[0] == first && (second < 0 || rank[1] == (unsigned)second))
-            return;
-    }
+    test_key_ranked(g->ups, first, second, out, cap);
 }
 
 

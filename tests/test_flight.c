@@ -47,16 +47,10 @@ static bool rig_init(struct rig *g, unsigned n, const char *const *prefix)
 {
     memset(g, 0, sizeof(*g));
     g->nstub = n;
-    char tmpl[2][256];
-    const char *t[2];
-    for (unsigned i = 0; i < n; i++) {
-        if (upstub_new(1, &g->stub[i]) != 0)
-            return false;
-        char path[128];
-        snprintf(path, sizeof(path), "/items/%s{id}", prefix && prefix[i] ? prefix[i] : "");
-        upstub_url(g->stub[i], tmpl[i], sizeof(tmpl[i]), path);
-        t[i] = tmpl[i];
-    }
+    char tmpl[2][UPSTUB_TMPL_MAX];
+    if (!upstub_start_set(n, prefix, g->stub, tmpl))
+        return false;
+    const char *t[2] = {tmpl[0], tmpl[1]};
     struct fetch_opts fo;
     fetch_opts_default(&fo);
     fo.loops = 1;
@@ -114,13 +108,7 @@ static void rig_free(struct rig *g)
 /* A key whose ranking puts upstream 'first' first. */
 static void key_ranked(const struct rig *g, unsigned first, char *out, size_t cap)
 {
-    for (unsigned i = 0;; i++) {
-        snprintf(out, cap, "k%u", i);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(g->ups, out, strlen(out), rank);
-        if (rank[0] == first)
-            return;
-    }
+    test_key_ranked(g->ups, first, -1, out, cap);
 }
 
 /* ---------------------------------------------------------------- calls */

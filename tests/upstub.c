@@ -1145,3 +1145,16 @@ bool upstub_wait_stat(struct upstub *s, size_t off, uint64_t n, int64_t ms)
     struct stat_want w = {s, off, n};
     return test_wait_until(stat_reached, &w, ms);
 }
+
+bool upstub_start_set(unsigned n, const char *const *prefix, struct upstub **stub,
+                      char (*tmpl)[UPSTUB_TMPL_MAX])
+{
+    for (unsigned i = 0; i < n; i++) {
+        if (upstub_new(1, &stub[i]) != 0)
+            return false;
+        char path[128];
+        snprintf(path, sizeof(path), "/items/%s{id}", prefix && prefix[i] ? prefix[i] : "");
+        upstub_url(stub[i], tmpl[i], UPSTUB_TMPL_MAX, path);
+    }
+    return true;
+}

@@ -122,4 +122,12 @@ bool upstub_wait_stat(struct upstub *s, size_t off, uint64_t n, int64_t ms);
 #define UPSTUB_STAT(s, field) upstub_stat(s, offsetof(struct upstub_stats, field))
 #define UPSTUB_WAIT(s, field, n, ms) upstub_wait_stat(s, offsetof(struct upstub_stats, field), n, ms)
 
+/* Starts 'n' stubs (one loop each) into stub[0..n) and writes their templates,
+ * "<stub i's origin>/items/<prefix[i]>{id}" (prefix or prefix[i] may be NULL for none), into
+ * tmpl[i] (UPSTUB_TMPL_MAX bytes each). Returns false if one could not start (those started
+ * are in stub[], for upstub_free()). */
+#define UPSTUB_TMPL_MAX 256
+bool upstub_start_set(unsigned n, const char *const *prefix, struct upstub **stub,
+                      char (*tmpl)[UPSTUB_TMPL_MAX]);
+
 #endif
