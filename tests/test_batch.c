@@ -1,4 +1,4 @@
-/* Tests for the batch core (server/batch.h, call.h, render.h) without HTTP: a request parsed
+/* Tests for the batch core (server/batch/batch.h, render.h) without HTTP: a request parsed
  * with request_parse(), run on a real fetch engine against in-process upstream stubs
  * (tests/upstub.h), and its answer rendered by the buffer writer.
  *

@@ -1,4 +1,4 @@
-/* Tests for server/metrics.c and for the strict exposition-format parser (tests/prom.c) that
+/* Tests for server/obs/metrics.c and for the strict exposition-format parser (tests/prom.c) that
  * test_ops.c uses on live scrapes: the parser must accept what Prometheus accepts in the form
  * fanout writes and reject each way a scrape can be broken, and metrics_render() must produce a
  * valid scrape whose numbers are exactly what was counted, also while other threads count. */

@@ -1,4 +1,4 @@
-/* Fuzz target: the response writer (server/render.h). Any upstream bodies, any mix of results
+/* Fuzz target: the response writer (server/batch/render.h). Any upstream bodies, any mix of results
  * and errors: the answer is strict JSON that round-trips the inputs: a body that is JSON is
  * spliced as the same value, any other body is a JSON string equal to it (when it is UTF-8 with
  * no NUL), and an error entry has a code and a message. A batch-level failure is an error

@@ -1,4 +1,4 @@
-/* Fuzz target: the request parser and the planner (server/request.h, server/plan.h).
+/* Fuzz target: the request parser and the planner (server/batch/request.h, server/batch/plan.h).
  *
  * Input: byte 0 picks the limits and whether an X-Request-Timeout-Ms header is given (its text is
  * the bytes after the first NUL, if any); the rest is the body. Properties checked on success:
