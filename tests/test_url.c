@@ -1,4 +1,4 @@
-/* Tests for server/url: template checks with their messages, percent-encoding of hostile ids,
+/* Tests for fetch/url: template checks with their messages, percent-encoding of hostile ids,
  * dot-segments, numeric ids, and properties over every byte and random ids (the host, path prefix
  * and query never change; decoding gives the id back). */
 #include <errno.h>
