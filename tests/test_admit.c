@@ -1,4 +1,4 @@
-/* Tests of refusals (503 overloaded) against an in-process server and upstream stub: every
+/* Tests of refusals (503 overloaded) against an in-process server and test upstream: every
  * answer coded "overloaded" is counted once in fanout_admission_rejections_total, whichever
  * path refused it: admission (--max-requests), --max-memory while a body arrives (at its end,
  * or on the socket when it goes on past the discard bound), and a batch ended by shutdown,
@@ -199,7 +199,7 @@ static int start_half_full(struct srvtest_env *e)
     int fd = req ? srvtest_raw_connect(e->port) : -1;
     bool sent = fd >= 0 && srvtest_raw_send(fd, req, len);
     free(req);
-    /* Admitted and running: its fetch is at the stub, its whole body in. */
+    /* Admitted and running: its fetch has reached the test upstream, its whole body is in. */
     if (!sent || !srvtest_wait_stub_target(e->up, "/items/sleep120000-hold", 1, SRVTEST_WAIT_MS)) {
         if (fd >= 0)
             close(fd);
