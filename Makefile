@@ -30,7 +30,7 @@ ALL_LDFLAGS  = $(SAN) -pthread $(LDFLAGS)
 
 # pkg-config is asked only when something is compiled, after 'deps' has run.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs libcurl libmicrohttpd libcjson 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs libcurl libmicrohttpd libcjson 2>/dev/null) -lm
 CUNIT_LIBS = $(shell pkg-config --libs cunit 2>/dev/null)
 
 LIB_SRCS  = $(wildcard ctx/*.c pool/*.c fetch/*.c server/*/*.c) $(filter-out server/main.c,$(wildcard server/*.c))

@@ -11,6 +11,7 @@
  * resolver, whose running lookups it waits for, and the loops. */
 #include "fetch/fetch_impl.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,18 +55,44 @@ static bool header_value_ok(const char *s)
     return true;
 }
 
+/* "IPv4:port" or "[IPv6]:port", nothing else: curl is never asked to resolve it. */
+static bool connect_to_ok(const char *s)
+{
+    size_t n = strlen(s);
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || colon[1] == 0 || n > 64 ||
+        strspn(colon + 1, "0123456789") != strlen(colon + 1) || strlen(colon + 1) > 5)
+        return false;
+    char host[65];
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = 0;
+    if (host[0] == '[') {
+        size_t hl = strlen(host);
+        if (hl < 3 || host[hl - 1] != ']')
+            return false;
+        host[hl - 1] = 0;
+        struct in6_addr a6;
+        return inet_pton(AF_INET6, host + 1, &a6) == 1;
+    }
+    struct in_addr a4;
+    return inet_pton(AF_INET, host, &a4) == 1;
+}
+
 int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_req *r)
 {
     if (!f || !c || !r || !r->url || !r->cb || loop >= f->nloops)
         return -EINVAL;
     if (r->request_id && !header_value_ok(r->request_id))
         return -EINVAL; /* no header injection through CR/LF */
+    if (r->connect_to && !connect_to_ok(r->connect_to))
+        return -EINVAL;
     if (atomic_load_explicit(&f->stopping, memory_order_acquire))
         return FETCH_ESHUTDOWN;
     static const char rid_name[] = "X-Request-Id: ";
     size_t ulen = strlen(r->url) + 1;
     size_t rlen = r->request_id ? sizeof(rid_name) - 1 + strlen(r->request_id) + 1 : 0;
-    struct xfer *x = calloc(1, sizeof(*x) + ulen + rlen);
+    size_t clen = r->connect_to ? 2 + strlen(r->connect_to) + 1 : 0;
+    struct xfer *x = calloc(1, sizeof(*x) + ulen + rlen + clen);
     if (!x)
         return -ENOMEM;
     struct fetch_loop *l = &f->loops[loop];
@@ -76,6 +103,12 @@ int fetch_get(struct fetch *f, unsigned loop, struct ctx *c, const struct fetch_
         memcpy(x->strings + ulen + sizeof(rid_name) - 1, r->request_id,
                rlen - (sizeof(rid_name) - 1));
         x->request_id = x->strings + ulen;
+    }
+    if (r->connect_to) { /* "::addr:port": any host and port of the URL goes to addr:port */
+        char *ct = x->strings + ulen + rlen;
+        memcpy(ct, "::", 2);
+        memcpy(ct + 2, r->connect_to, clen - 2);
+        x->connect_to.data = ct;
     }
     x->loop = l;
     x->cb = r->cb;

@@ -85,6 +85,10 @@ struct fetch_req {
     const char *request_id; /* sent as X-Request-Id when not NULL or ""; control characters
                                (CR, LF, ...) make fetch_get() fail with -EINVAL */
     size_t max_body;        /* body cap, 0 for the engine's default */
+    const char *connect_to; /* or NULL: the address to connect to instead of resolving the URL's
+                               host, "IPv4:port" or "[IPv6]:port" (an upstream member); the
+                               URL's host still names the request (Host, and TLS) and curl
+                               keeps its connections apart by it (CURLOPT_CONNECT_TO) */
     fetch_cb cb;            /* called exactly once, on the loop thread */
     void *arg;              /* passed to cb */
 };

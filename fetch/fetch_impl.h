@@ -70,6 +70,8 @@ struct xfer {
     struct curl_slist hdr[2];     /* their nodes (curl only reads the list; no allocation) */
     char timeout_line[48];        /* "X-Request-Timeout-Ms: N" */
     struct curl_slist *pin;       /* CURLOPT_RESOLVE entry for a host name while started */
+    struct curl_slist connect_to; /* CURLOPT_CONNECT_TO node ("::addr:port" in 'strings') when
+                                     its data is not NULL; then no lookup is made */
     struct fetch__dns *dns;       /* the resolver entry held while on 'resolving' */
     int64_t resolve_t0_us;        /* when it first waited for the resolver, or 0 */
     char *body;                   /* received body (NUL-terminated room kept), or NULL */
@@ -81,7 +83,7 @@ struct xfer {
     const char *url;              /* points into 'strings' */
     char *request_id;             /* "X-Request-Id: <id>" in 'strings', or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* curl's error text (CURLOPT_ERRORBUFFER) */
-    char strings[];               /* the URL, then the request id */
+    char strings[];               /* the URL, the request id, the connect-to entry */
 };
 
 /* A FIFO of transfers, doubly linked through 'next' and 'prev'. */

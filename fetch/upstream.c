@@ -1,14 +1,20 @@
-/* upstream: ranking, picking, ejection and latency of a set of upstreams (see upstream.h).
+/* upstream: upstreams, their members, choice, ejection and latency (see upstream.h).
  *
- * State per upstream, all atomics: the consecutive-failure count, the ejection deadline
- * (0 when in), how many times it was ejected in a row, and the latency histogram. The number
- * of upstreams ejected right now is one counter for the set, raised with a compare-and-swap
- * that respects the max_ejected_pct cap, so two loops that see failures at once cannot eject
- * more than the cap allows. An ejection ends lazily: the first thread that sees its deadline
- * passed clears it (compare-and-swap, so exactly one) and lowers the counter. */
+ * Objects: an upstream (struct upstream: a template, its label and hash, its lookup counters)
+ * and a member (struct member: an upstream and an address, with all the state that follows it
+ * from snapshot to snapshot), both reference counted by the snapshots that hold them.
+ *
+ * State per member, all atomics: the consecutive-failure count, the ejection deadline (0 when
+ * in), how many times it was ejected in a row, its health-check run, its attempts in flight
+ * and the latency histogram. The number of members ejected right now is one counter for the
+ * group, raised with a compare-and-swap that respects the max_ejected_pct cap, so two loops
+ * that see failures at once cannot eject more than the cap allows. An ejection ends lazily: the
+ * first thread that sees its deadline passed (and, with health gating, the member healthy)
+ * clears it (compare-and-swap, so exactly one) and lowers the counter. */
 #include "fetch/upstream.h"
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -21,47 +27,75 @@
 
 #define LAT_BUCKETS 160     /* 4 per power of two of microseconds, up to 2^40 us */
 #define LAT_DECAY_AT 2048   /* halve every count once the histogram holds this many */
-#define LAT_RECOMPUTE 32    /* recompute the p95 every this many observations */
+#define LAT_RECOMPUTE 32    /* recompute the percentiles every this many observations */
 
-/* One upstream: its identity (the template text), and the state that follows it from one
- * snapshot to the next for as long as it stays in the set. Reference counted: every snapshot
- * holding it has one reference. */
+/* An upstream: a template, shared by its members. */
 struct upstream {
+    atomic_uint refs;                 /* members and snapshots holding it */
+    struct url_template tmpl;         /* parsed template; tmpl.text is its identity */
+    char label[280];                  /* host:port */
+    char port[8];                     /* the port members are reached on */
+    uint64_t hash;                    /* rendezvous seed: hash of the template */
+    atomic_uint_fast64_t resolves[UPSTREAM_RESOLVE_KINDS]; /* lookups of its name, by result */
+};
+
+/* A member: an upstream and an address (none: reached by the upstream's name), and the state
+ * that follows it for as long as it stays in the set. */
+struct member {
     atomic_uint refs;                  /* snapshots holding it */
-    struct url_template tmpl;          /* parsed template; tmpl.text is its identity */
-    char label[280];                   /* host:port */
-    uint64_t hash;                     /* rendezvous seed: hash of the template */
+    struct upstream *up;               /* its upstream (a reference) */
+    char addr[UPSTREAM_ADDR_MAX];      /* "" when reached by name */
+    char label[300];                   /* address:port, or the upstream's label */
+    char connect_to[UPSTREAM_ADDR_MAX + 8]; /* address:port, or "" */
+    uint64_t hash;                     /* rendezvous seed */
+    int64_t ramp_from;                 /* slow start began (monotonic ms); INT64_MIN: none */
     atomic_uint consecutive;           /* failures in a row */
     atomic_int_fast64_t ejected_until; /* monotonic ms, 0 when not ejected */
     atomic_int_fast64_t in_since;      /* when it last returned (or started), ms */
     atomic_uint repeats;               /* ejections in a row (the doubling exponent) */
     atomic_uint_fast64_t ejections;    /* ejections so far */
+    atomic_uint in_flight;             /* attempts on it not yet ended */
+    atomic_bool healthy;               /* by its health checks (true without gating) */
+    atomic_uint passes, fails;         /* health checks in a row */
+    atomic_bool checked;               /* it has had a health check */
     atomic_uint_fast32_t lat[LAT_BUCKETS]; /* decaying histogram of successful attempts */
     atomic_uint_fast32_t lat_total;    /* its count (approximately the sum of lat[]) */
     atomic_uint_fast64_t lat_seen;     /* successful attempts ever observed */
-    atomic_int_fast64_t p95_us;        /* cached estimate, -1 until enough samples */
+    atomic_int_fast64_t p95_us;        /* cached estimates, -1 until enough samples */
+    atomic_int_fast64_t hedge_us;
     struct upstream_stats stats;       /* attempts by kind and their duration */
     atomic_bool gone;                  /* dropped from the live set: it may not stay ejected */
 };
 
 /* What every snapshot derived from one upstreams_new() shares: the settings and the count of
- * upstreams ejected right now (the cap applies to the set as it is, whichever snapshot a
- * thread reads). */
+ * members ejected right now (the cap applies to the set as it is, whichever snapshot a thread
+ * reads). */
 struct upstream_group {
     atomic_uint refs;           /* snapshots of the group */
     struct upstreams_opts opts; /* as given */
     atomic_uint nejected;       /* ejected now */
 };
 
-/* A snapshot: an immutable list of upstreams, reference counted. */
+/* An upstream's place in a snapshot. */
+struct entry {
+    struct upstream *up;        /* a reference */
+    unsigned first, count;      /* its members */
+    char why[UPSTREAM_WHY_MAX]; /* why it has none */
+};
+
+/* A snapshot: immutable lists of upstreams and members, reference counted. */
 struct upstreams {
     atomic_uint refs;           /* holders of this snapshot */
     struct upstream_group *g;   /* shared with every snapshot derived from it */
     struct upstreams_opts opts; /* g's, copied for the hot path */
     unsigned n;                 /* upstreams */
+    struct entry *e;            /* n of them */
+    unsigned nm;                /* members */
     unsigned max_ejected;       /* most ejected at once */
+    int64_t ramp_until;         /* some member ramps until then (monotonic ms); else INT64_MIN */
     atomic_uint *nejected;      /* &g->nejected */
-    struct upstream *u[];       /* n of them (references) */
+    uint16_t *owner;            /* nm of them: the upstream of each member */
+    struct member *m[];         /* nm of them (references), grouped by upstream */
 };
 
 struct upstream_live {
@@ -100,8 +134,9 @@ static uint64_t mix(uint64_t x)
     return x;
 }
 
-/* "host:port" of a parsed template, with the scheme's default port when none is given. */
-static void make_label(const char *text, char *out, size_t cap)
+/* "host:port" of a parsed template, with the scheme's default port when none is given; the
+ * port alone into 'port'. */
+static void make_label(const char *text, char *out, size_t cap, char *port, size_t pcap)
 {
     bool https = strncasecmp(text, "https://", 8) == 0;
     const char *a = text + (https ? 8 : 7);
@@ -113,10 +148,13 @@ static void make_label(const char *text, char *out, size_t cap)
     }
     const char *close = n && a[0] == '[' ? memchr(a, ']', n) : NULL;
     const char *colon = memchr(close ? close : a, ':', n - (size_t)((close ? close : a) - a));
-    if (colon)
+    if (colon) {
         snprintf(out, cap, "%.*s", (int)n, a);
-    else
-        snprintf(out, cap, "%.*s:%s", (int)n, a, https ? "443" : "80");
+        snprintf(port, pcap, "%.*s", (int)(n - (size_t)(colon + 1 - a)), colon + 1);
+    } else {
+        snprintf(port, pcap, "%s", https ? "443" : "80");
+        snprintf(out, cap, "%.*s:%s", (int)n, a, port);
+    }
 }
 
 static void group_unref(struct upstream_group *g)
@@ -133,6 +171,14 @@ static void upstream_unref(struct upstream *up)
     }
 }
 
+static void member_unref(struct member *m)
+{
+    if (m && atomic_fetch_sub_explicit(&m->refs, 1, memory_order_acq_rel) == 1) {
+        upstream_unref(m->up);
+        free(m);
+    }
+}
+
 /* A fresh upstream for 'text': 0, -ENOMEM, or -EINVAL with the reason in 'why'. */
 static int upstream_make(const char *text, struct upstream **out, char *why, size_t whylen)
 {
@@ -145,63 +191,193 @@ static int upstream_make(const char *text, struct upstream **out, char *why, siz
         return rc;
     }
     atomic_init(&up->refs, 1);
-    make_label(up->tmpl.text, up->label, sizeof(up->label));
+    make_label(up->tmpl.text, up->label, sizeof(up->label), up->port, sizeof(up->port));
     up->hash = mix(hash_bytes(up->tmpl.text, strlen(up->tmpl.text)));
-    atomic_init(&up->p95_us, -1);
     *out = up;
     return 0;
 }
 
+/* A fresh member of 'up' at 'addr' ("" by name), ramping from 'ramp_from' (INT64_MIN: not). */
+static struct member *member_make(struct upstream *up, const char *addr, int64_t ramp_from,
+                                  bool gated)
+{
+    struct member *m = calloc(1, sizeof(*m));
+    if (!m)
+        return NULL;
+    atomic_init(&m->refs, 1);
+    atomic_fetch_add_explicit(&up->refs, 1, memory_order_relaxed);
+    m->up = up;
+    snprintf(m->addr, sizeof(m->addr), "%s", addr);
+    if (addr[0]) {
+        snprintf(m->label, sizeof(m->label), "%s:%s", addr, up->port);
+        snprintf(m->connect_to, sizeof(m->connect_to), "%s:%s", addr, up->port);
+        m->hash = mix(up->hash ^ mix(hash_bytes(addr, strlen(addr))));
+    } else {
+        snprintf(m->label, sizeof(m->label), "%s", up->label);
+        m->hash = up->hash;
+    }
+    m->ramp_from = ramp_from;
+    atomic_init(&m->healthy, !gated);
+    atomic_init(&m->p95_us, -1);
+    atomic_init(&m->hedge_us, -1);
+    return m;
+}
+
 static bool opts_ok(const struct upstreams_opts *o)
 {
-    return o->max_ejected_pct <= 100 &&
+    return o->max_ejected_pct <= 100 && o->hedge_pct <= 99 &&
+           (o->balance_factor == 0 || o->balance_factor >= 1) && o->slow_start_ms >= 0 &&
            (!o->eject_after || (o->eject_ms > 0 && o->eject_max_ms >= o->eject_ms));
 }
 
-/* A snapshot of the group 'g' (a reference is taken) for 'templates': each one found in 'old'
- * (by its text) is that upstream, the others are new. */
+/* An address as a member takes it: an IPv4 literal, or an IPv6 one in brackets. */
+static bool addr_ok(const char *a)
+{
+    size_t n = strlen(a);
+    if (n == 0 || n >= UPSTREAM_ADDR_MAX)
+        return false;
+    if (a[0] == '[')
+        return n > 2 && a[n - 1] == ']' && strspn(a + 1, "0123456789abcdefABCDEF:.") == n - 2;
+    return strspn(a, "0123456789.") == n;
+}
+
+/* ---------------------------------------------------------------- snapshots */
+
+static const struct entry *old_entry(const struct upstreams *old, const char *tmpl)
+{
+    for (unsigned j = 0; old && j < old->n; j++)
+        if (!strcmp(old->e[j].up->tmpl.text, tmpl))
+            return &old->e[j];
+    return NULL;
+}
+
+static struct member *old_member(const struct upstreams *old, const struct entry *oe,
+                                 const char *addr)
+{
+    for (unsigned j = 0; oe && j < oe->count; j++)
+        if (!strcmp(old->m[oe->first + j]->addr, addr))
+            return old->m[oe->first + j];
+    return NULL;
+}
+
+/* Adds the member at 'addr' of the snapshot's latest upstream: the old one, or a new one. */
+static int add_member(struct upstreams *s, const struct upstreams *old, const struct entry *oe,
+                      const char *addr, int64_t ramp_from)
+{
+    struct entry *e = &s->e[s->n - 1];
+    for (unsigned j = e->first; j < s->nm; j++)
+        if (!strcmp(s->m[j]->addr, addr))
+            return -EEXIST;
+    struct member *m = old_member(old, oe, addr);
+    if (m)
+        atomic_fetch_add_explicit(&m->refs, 1, memory_order_relaxed);
+    else if (!(m = member_make(e->up, addr, ramp_from, s->opts.health_gated)))
+        return -ENOMEM;
+    s->owner[s->nm] = (uint16_t)(s->n - 1);
+    s->m[s->nm++] = m;
+    e->count++;
+    if (m->ramp_from != INT64_MIN && m->ramp_from + s->opts.slow_start_ms > s->ramp_until)
+        s->ramp_until = m->ramp_from + s->opts.slow_start_ms;
+    return 0;
+}
+
+/* Adds upstream 'sp' and its members to the snapshot being built. */
+static int add_upstream(struct upstreams *s, const struct upstreams *old,
+                        const struct upstream_spec *sp, int64_t now_ms, char *why, size_t wlen)
+{
+    for (unsigned j = 0; j < s->n; j++)
+        if (!strcmp(s->e[j].up->tmpl.text, sp->tmpl))
+            return fail(why, wlen, "given twice");
+    const struct entry *oe = old_entry(old, sp->tmpl);
+    struct upstream *up = oe ? oe->up : NULL;
+    if (up)
+        atomic_fetch_add_explicit(&up->refs, 1, memory_order_relaxed);
+    else {
+        int rc = upstream_make(sp->tmpl, &up, why, wlen);
+        if (rc != 0)
+            return rc;
+    }
+    struct entry *e = &s->e[s->n++];
+    *e = (struct entry){.up = up, .first = s->nm};
+    /* A member joining addressed members already serving ramps; the first ones do not. */
+    bool ramp = false;
+    for (unsigned j = 0; oe && j < oe->count && !ramp; j++)
+        ramp = old->m[oe->first + j]->addr[0] != 0;
+    int64_t from = ramp && s->opts.slow_start_ms > 0 ? now_ms : INT64_MIN;
+    if (!sp->addrs)
+        return add_member(s, old, oe, "", INT64_MIN) == -ENOMEM ? -ENOMEM : 0;
+    for (unsigned a = 0; a < sp->naddrs; a++) {
+        if (!addr_ok(sp->addrs[a]))
+            return fail(why, wlen, "member address '%.60s' is not an IP literal", sp->addrs[a]);
+        int rc = add_member(s, old, oe, sp->addrs[a], from);
+        if (rc == -EEXIST)
+            return fail(why, wlen, "member %s given twice", sp->addrs[a]);
+        if (rc != 0)
+            return rc;
+    }
+    if (e->count == 0)
+    {
+        if (sp->why)
+            snprintf(e->why, sizeof(e->why), "%.150s", sp->why);
+        else
+            snprintf(e->why, sizeof(e->why), "upstream %.120s has no member", up->label);
+    }
+    return 0;
+}
+
+/* A snapshot of the group 'g' (a reference is taken) for 'specs': each upstream and member
+ * found in 'old' is that one, the others are new. */
 static int snapshot_make(struct upstream_group *g, const struct upstreams *old,
-                         const char *const *templates, unsigned n, struct upstreams **out,
-                         char *err, size_t errlen)
+                         const struct upstream_spec *specs, unsigned n, int64_t now_ms,
+                         struct upstreams **out, char *err, size_t errlen)
 {
     *out = NULL;
     if (n == 0)
         return fail(err, errlen, "no upstream given");
     if (n > UPSTREAMS_MAX)
         return fail(err, errlen, "%u upstreams given; at most %d", n, UPSTREAMS_MAX);
-    struct upstreams *s = calloc(1, sizeof(*s) + n * sizeof(s->u[0]));
-    if (!s)
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += specs[i].addrs ? specs[i].naddrs : 1;
+    if (total > UPSTREAM_MEMBERS_MAX)
+        return fail(err, errlen, "%zu members given; at most %d", total, UPSTREAM_MEMBERS_MAX);
+    struct upstreams *s = calloc(1, sizeof(*s) + total * sizeof(s->m[0]));
+    if (!s || !(s->e = calloc(n, sizeof(s->e[0]))) ||
+        !(s->owner = calloc(total ? total : 1, sizeof(s->owner[0])))) {
+        if (s)
+            free(s->e);
+        free(s);
         return -ENOMEM;
+    }
     atomic_init(&s->refs, 1);
     atomic_fetch_add_explicit(&g->refs, 1, memory_order_relaxed);
     s->g = g;
     s->opts = g->opts;
     s->nejected = &g->nejected;
-    s->max_ejected = s->opts.policy == UPSTREAM_SHARDS || !s->opts.eject_after
-                         ? 0
-                         : (unsigned)((uint64_t)n * s->opts.max_ejected_pct / 100);
+    s->ramp_until = INT64_MIN;
     for (unsigned i = 0; i < n; i++) {
         char why[256];
-        int rc = 0;
-        for (unsigned j = 0; j < i && rc == 0; j++)
-            if (!strcmp(s->u[j]->tmpl.text, templates[i]))
-                rc = fail(why, sizeof(why), "given twice");
-        struct upstream *up = NULL;
-        for (unsigned j = 0; old && rc == 0 && j < old->n && !up; j++)
-            if (!strcmp(old->u[j]->tmpl.text, templates[i]))
-                up = old->u[j];
-        if (up)
-            atomic_fetch_add_explicit(&up->refs, 1, memory_order_relaxed);
-        else if (rc == 0)
-            rc = upstream_make(templates[i], &up, why, sizeof(why));
+        int rc = add_upstream(s, old, &specs[i], now_ms, why, sizeof(why));
         if (rc != 0) {
             upstreams_free(s);
-            return rc == -ENOMEM ? rc : fail(err, errlen, "upstream %s: %s", templates[i], why);
+            return rc == -ENOMEM ? rc : fail(err, errlen, "upstream %s: %s", specs[i].tmpl, why);
         }
-        s->u[i] = up;
-        s->n = i + 1;
     }
+    s->max_ejected = !s->opts.eject_after
+                         ? 0
+                         : (unsigned)((uint64_t)s->nm * s->opts.max_ejected_pct / 100);
     *out = s;
+    return 0;
+}
+
+/* Specs for templates alone: one member each, by name. */
+static int specs_of(const char *const *templates, unsigned n, struct upstream_spec *specs,
+                    char *err, size_t errlen)
+{
+    if (n > UPSTREAMS_MAX)
+        return fail(err, errlen, "%u upstreams given; at most %d", n, UPSTREAMS_MAX);
+    for (unsigned i = 0; i < n; i++)
+        specs[i] = (struct upstream_spec){.tmpl = templates[i]};
     return 0;
 }
 
@@ -210,21 +386,37 @@ int upstreams_new(const char *const *templates, unsigned n, const struct upstrea
 {
     *out = NULL;
     if (!opts_ok(o))
-        return fail(err, errlen, "bad ejection settings");
+        return fail(err, errlen, "bad upstream settings");
+    struct upstream_spec specs[UPSTREAMS_MAX];
+    int rc = specs_of(templates, n, specs, err, errlen);
+    if (rc != 0)
+        return rc;
     struct upstream_group *g = calloc(1, sizeof(*g));
     if (!g)
         return -ENOMEM;
     g->opts = *o;
+    if (!g->opts.hedge_pct)
+        g->opts.hedge_pct = 95;
     atomic_init(&g->refs, 1); /* ours, until the snapshot holds its own */
-    int rc = snapshot_make(g, NULL, templates, n, out, err, errlen);
+    rc = snapshot_make(g, NULL, specs, n, 0, out, err, errlen);
     group_unref(g);
     return rc;
+}
+
+int upstreams_with_members(const struct upstreams *old, const struct upstream_spec *specs,
+                           unsigned n, int64_t now_ms, struct upstreams **out, char *err,
+                           size_t errlen)
+{
+    return snapshot_make(old->g, old, specs, n, now_ms, out, err, errlen);
 }
 
 int upstreams_with(const struct upstreams *old, const char *const *templates, unsigned n,
                    struct upstreams **out, char *err, size_t errlen)
 {
-    return snapshot_make(old->g, old, templates, n, out, err, errlen);
+    struct upstream_spec specs[UPSTREAMS_MAX];
+    *out = NULL;
+    int rc = specs_of(templates, n, specs, err, errlen);
+    return rc ? rc : snapshot_make(old->g, old, specs, n, 0, out, err, errlen);
 }
 
 struct upstreams *upstreams_ref(struct upstreams *u)
@@ -237,11 +429,17 @@ void upstreams_free(struct upstreams *u)
 {
     if (!u || atomic_fetch_sub_explicit(&u->refs, 1, memory_order_acq_rel) != 1)
         return;
-    for (unsigned i = 0; i < u->n; i++)
-        upstream_unref(u->u[i]);
+    for (unsigned i = 0; i < u->nm; i++)
+        member_unref(u->m[i]);
+    for (unsigned i = 0; u->e && i < u->n; i++)
+        upstream_unref(u->e[i].up);
+    free(u->e);
+    free(u->owner);
     group_unref(u->g);
     free(u);
 }
+
+/* ---------------------------------------------------------------- reading a snapshot */
 
 unsigned upstreams_count(const struct upstreams *u)
 {
@@ -250,74 +448,264 @@ unsigned upstreams_count(const struct upstreams *u)
 
 const char *upstream_template(const struct upstreams *u, unsigned i)
 {
-    return u->u[i]->tmpl.text;
+    return u->e[i].up->tmpl.text;
 }
 
 const char *upstream_label(const struct upstreams *u, unsigned i)
 {
-    return u->u[i]->label;
+    return u->e[i].up->label;
 }
 
-void upstreams_rank(const struct upstreams *u, const char *key, size_t keylen, uint8_t *rank)
+unsigned upstream_members(const struct upstreams *u, unsigned i, unsigned *first)
 {
-    if (u->n == 1) {
-        rank[0] = 0;
+    *first = u->e[i].first;
+    return u->e[i].count;
+}
+
+const char *upstream_why(const struct upstreams *u, unsigned i)
+{
+    return u->e[i].why;
+}
+
+void upstream_count_resolve(struct upstreams *u, unsigned i, enum upstream_resolve r)
+{
+    atomic_fetch_add_explicit(&u->e[i].up->resolves[r], 1, memory_order_relaxed);
+}
+
+uint64_t upstream_resolves(const struct upstreams *u, unsigned i, enum upstream_resolve r)
+{
+    return atomic_load_explicit(&u->e[i].up->resolves[r], memory_order_relaxed);
+}
+
+bool upstreams_any_member(const struct upstreams *u)
+{
+    return u->nm > 0;
+}
+
+unsigned upstreams_member_count(const struct upstreams *u)
+{
+    return u->nm;
+}
+
+unsigned upstream_member_upstream(const struct upstreams *u, unsigned m)
+{
+    return u->owner[m];
+}
+
+const char *upstream_member_label(const struct upstreams *u, unsigned m)
+{
+    return u->m[m]->label;
+}
+
+const char *upstream_member_connect_to(const struct upstreams *u, unsigned m)
+{
+    return u->m[m]->connect_to[0] ? u->m[m]->connect_to : NULL;
+}
+
+size_t upstream_url(const struct upstreams *u, unsigned m, const char *key, size_t keylen,
+                    char *dst, size_t cap)
+{
+    return url_build_key_into(&u->m[m]->up->tmpl, key, keylen, dst, cap);
+}
+
+/* ---------------------------------------------------------------- choice */
+
+void upstream_key_init(const struct upstreams *u, const char *key, size_t keylen,
+                       struct upstream_key *k)
+{
+    k->hash = hash_bytes(key, keylen);
+    k->shard = 0;
+    if (u->opts.policy != UPSTREAM_SHARDS || u->n == 1)
         return;
-    }
-    uint64_t kh = hash_bytes(key, keylen);
-    uint64_t w[UPSTREAMS_MAX];
-    for (unsigned i = 0; i < u->n; i++) { /* insertion sort, highest weight first */
-        uint64_t wi = mix(kh ^ u->u[i]->hash);
-        unsigned j = i;
-        while (j > 0 && w[j - 1] < wi) {
-            w[j] = w[j - 1];
-            rank[j] = rank[j - 1];
-            j--;
+    uint64_t best = 0;
+    for (unsigned i = 0; i < u->n; i++) {
+        uint64_t w = mix(k->hash ^ u->e[i].up->hash);
+        if (i == 0 || w > best) {
+            best = w;
+            k->shard = i;
         }
-        w[j] = wi;
-        rank[j] = (uint8_t)i;
+    }
+}
+
+/* The key's candidates: members first .. first + count - 1. */
+static unsigned candidates(const struct upstreams *u, const struct upstream_key *k,
+                           unsigned *first)
+{
+    if (u->opts.policy == UPSTREAM_SHARDS) {
+        *first = u->e[k->shard].first;
+        return u->e[k->shard].count;
+    }
+    *first = 0;
+    return u->nm;
+}
+
+/* Member m's rendezvous score for key hash 'kh': the raw hash, or, while members ramp, the
+ * weighted score w / -ln(h) with h the hash as a fraction in (0, 1) (scaled to an integer;
+ * the order of members at full weight is the same either way). */
+static uint64_t score(const struct upstreams *u, const struct member *m, uint64_t kh,
+                      int64_t now_ms)
+{
+    uint64_t h = mix(kh ^ m->hash);
+    if (now_ms >= u->ramp_until)
+        return h;
+    double w = 1.0;
+    if (m->ramp_from != INT64_MIN && now_ms - m->ramp_from < u->opts.slow_start_ms) {
+        double f = (double)(now_ms - m->ramp_from) / (double)u->opts.slow_start_ms;
+        double lo = UPSTREAM_SLOW_START_MIN_PCT / 100.0;
+        w = f < 0 ? lo : lo + (1.0 - lo) * f;
+    }
+    double x = ((double)(h >> 11) + 0.5) * 0x1p-53; /* (0, 1) */
+    double sc = w / -log(x);                        /* > 0; ~1e-16 .. ~4e16 */
+    return sc >= 1e18 ? UINT64_MAX : (uint64_t)(sc * 1e1);
+}
+
+/* Whether member m is in: not ejected, and healthy by its checks. */
+static bool member_in(struct upstreams *u, unsigned m, int64_t now_ms)
+{
+    return !upstream_ejected(u, m, now_ms) &&
+           atomic_load_explicit(&u->m[m]->healthy, memory_order_relaxed);
+}
+
+/* Position of the latest try of 'm' in tried[], or -1. */
+static int last_try(unsigned m, const uint16_t *tried, unsigned ntried)
+{
+    for (unsigned t = ntried; t-- > 0;)
+        if (tried[t] == m)
+            return (int)t;
+    return -1;
+}
+
+unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const uint16_t *tried,
+                        unsigned ntried, int64_t now_ms)
+{
+    unsigned first, count = candidates(u, k, &first);
+    if (count <= 1)
+        return count ? first : UPSTREAM_NONE;
+    bool in[UPSTREAM_MEMBERS_MAX];
+    unsigned nin = 0;
+    uint64_t load = 0;
+    bool bound = u->opts.balance_factor > 0;
+    for (unsigned j = 0; j < count; j++) {
+        in[j] = member_in(u, first + j, now_ms);
+        if (in[j]) {
+            nin++;
+            if (bound)
+                load += atomic_load_explicit(&u->m[first + j]->in_flight, memory_order_relaxed);
+        }
+    }
+    uint64_t cap = UINT64_MAX;
+    if (bound && nin > 0)
+        cap = (uint64_t)ceil(u->opts.balance_factor * (double)(load + 1) / nin);
+    unsigned best = UPSTREAM_NONE, best_tier = 5;
+    int best_try = 0;
+    uint64_t best_score = 0;
+    for (unsigned j = 0; j < count; j++) {
+        struct member *m = u->m[first + j];
+        int t = last_try(first + j, tried, ntried);
+        unsigned tier;
+        if (in[j])
+            tier = t >= 0 ? 2
+                   : bound && atomic_load_explicit(&m->in_flight, memory_order_relaxed) >= cap
+                       ? 1
+                       : 0;
+        else
+            tier = t >= 0 ? 4 : 3;
+        if (tier > best_tier)
+            continue;
+        uint64_t sc = score(u, m, k->hash, now_ms);
+        bool better = tier < best_tier || (t >= 0 && t < best_try) ||
+                      ((t < 0 || t == best_try) && sc > best_score);
+        if (better) {
+            best = first + j;
+            best_tier = tier;
+            best_try = t;
+            best_score = sc;
+        }
+    }
+    return best;
+}
+
+/* For rank(): the candidates in score order, highest first. */
+struct ranked {
+    uint64_t score;
+    uint16_t m;
+};
+
+static int by_score(const void *a, const void *b)
+{
+    const struct ranked *x = a, *y = b;
+    return x->score < y->score ? 1 : x->score > y->score ? -1 : 0;
+}
+
+unsigned upstreams_rank(const struct upstreams *u, const char *key, size_t keylen, int64_t now_ms,
+                        uint16_t *rank)
+{
+    struct upstream_key k;
+    upstream_key_init(u, key, keylen, &k);
+    unsigned first, count = candidates(u, &k, &first);
+    struct ranked *r = malloc((count ? count : 1) * sizeof(*r));
+    if (!r)
+        return 0;
+    for (unsigned j = 0; j < count; j++)
+        r[j] = (struct ranked){score(u, u->m[first + j], k.hash, now_ms), (uint16_t)(first + j)};
+    qsort(r, count, sizeof(*r), by_score);
+    for (unsigned j = 0; j < count; j++)
+        rank[j] = r[j].m;
+    free(r);
+    return count;
+}
+
+void upstream_attempt_begin(struct upstreams *u, unsigned m)
+{
+    atomic_fetch_add_explicit(&u->m[m]->in_flight, 1, memory_order_relaxed);
+}
+
+void upstream_attempt_end(struct upstreams *u, unsigned m)
+{
+    atomic_fetch_sub_explicit(&u->m[m]->in_flight, 1, memory_order_relaxed);
+}
+
+unsigned upstream_in_flight(const struct upstreams *u, unsigned m)
+{
+    return atomic_load_explicit(&u->m[m]->in_flight, memory_order_relaxed);
+}
+
+/* ---------------------------------------------------------------- ejection and health */
+
+static void event(struct upstreams *s, struct member *m, bool ejected, int64_t ms)
+{
+    if (s->opts.on_event)
+        s->opts.on_event(s->opts.event_arg, m->up->label, m->label, ejected, ms,
+                         atomic_load(&m->ejections));
+}
+
+/* Ends member m's ejection, which expired at 'until' (exactly one thread does). */
+static void end_ejection(struct upstreams *s, struct member *m, int_fast64_t until, int64_t now_ms)
+{
+    if (atomic_compare_exchange_strong(&m->ejected_until, &until, 0)) {
+        atomic_store(&m->in_since, now_ms);
+        atomic_fetch_sub(s->nejected, 1);
+        event(s, m, false, 0);
     }
 }
 
 bool upstream_ejected(struct upstreams *s, unsigned i, int64_t now_ms)
 {
-    struct upstream *up = s->u[i];
-    int64_t until = atomic_load_explicit(&up->ejected_until, memory_order_acquire);
+    struct member *m = s->m[i];
+    int64_t until = atomic_load_explicit(&m->ejected_until, memory_order_acquire);
     if (until == 0)
         return false;
     if (now_ms < until)
         return true;
-    if (atomic_compare_exchange_strong(&up->ejected_until, &until, 0)) {
-        atomic_store(&up->in_since, now_ms);
-        atomic_fetch_sub(s->nejected, 1);
-        if (s->opts.on_event)
-            s->opts.on_event(s->opts.event_arg, up->label, false, 0,
-                             atomic_load(&up->ejections));
-    }
+    if (s->opts.health_gated && !atomic_load(&m->healthy))
+        return true; /* its time is up, but it returns by passing a check */
+    end_ejection(s, m, until, now_ms);
     return false;
-}
-
-unsigned upstreams_pick(struct upstreams *s, const uint8_t *rank, unsigned k, int64_t now_ms)
-{
-    if (s->n == 1 || s->opts.policy == UPSTREAM_SHARDS)
-        return rank[0];
-    uint8_t live[UPSTREAMS_MAX];
-    unsigned nl = 0;
-    for (unsigned j = 0; j < s->n; j++)
-        if (!upstream_ejected(s, rank[j], now_ms))
-            live[nl++] = rank[j];
-    return nl ? live[k % nl] : rank[k % s->n];
-}
-
-size_t upstream_url(const struct upstreams *u, unsigned i, const char *key, size_t keylen,
-                    char *dst, size_t cap)
-{
-    return url_build_key_into(&u->u[i]->tmpl, key, keylen, dst, cap);
 }
 
 static void eject(struct upstreams *s, unsigned i, int64_t now_ms)
 {
-    struct upstream *up = s->u[i];
+    struct member *up = s->m[i];
     int_fast64_t in = 0; /* claim it: another thread may be ejecting it right now */
     if (!atomic_compare_exchange_strong(&up->ejected_until, &in, INT64_MAX))
         return;
@@ -338,6 +726,10 @@ static void eject(struct upstreams *s, unsigned i, int64_t now_ms)
         ms = s->opts.eject_max_ms;
     atomic_store(&up->consecutive, 0);
     atomic_fetch_add(&up->ejections, 1);
+    if (s->opts.health_gated) { /* it returns by passing checks again */
+        atomic_store(&up->healthy, false);
+        atomic_store(&up->passes, 0);
+    }
     atomic_store(&up->ejected_until, now_ms + ms);
     if (atomic_load(&up->gone)) { /* it left the set meanwhile: undo (release_dropped()) */
         int_fast64_t until = now_ms + ms;
@@ -345,9 +737,40 @@ static void eject(struct upstreams *s, unsigned i, int64_t now_ms)
             atomic_fetch_sub(s->nejected, 1);
         return;
     }
-    if (s->opts.on_event)
-        s->opts.on_event(s->opts.event_arg, up->label, true, ms, atomic_load(&up->ejections));
+    event(s, up, true, ms);
 }
+
+int upstream_health(struct upstreams *s, unsigned i, bool passed, unsigned healthy_after,
+                    unsigned unhealthy_after, int64_t now_ms)
+{
+    struct member *m = s->m[i];
+    if (passed) {
+        atomic_store(&m->fails, 0);
+        unsigned p = atomic_fetch_add(&m->passes, 1) + 1;
+        bool first = !atomic_exchange(&m->checked, true); /* a new member's first pass */
+        if (atomic_load(&m->healthy) || (p < healthy_after && !first))
+            return 0;
+        atomic_store(&m->healthy, true);
+        int_fast64_t until = atomic_load(&m->ejected_until);
+        if (until != 0 && until != INT64_MAX && now_ms >= until)
+            end_ejection(s, m, until, now_ms);
+        return 1;
+    }
+    atomic_store(&m->passes, 0);
+    atomic_store(&m->checked, true);
+    unsigned f = atomic_fetch_add(&m->fails, 1) + 1;
+    if (!atomic_load(&m->healthy) || f < (unhealthy_after ? unhealthy_after : 1))
+        return 0;
+    atomic_store(&m->healthy, false);
+    return -1;
+}
+
+bool upstream_healthy(const struct upstreams *u, unsigned m)
+{
+    return atomic_load_explicit(&u->m[m]->healthy, memory_order_relaxed);
+}
+
+/* ---------------------------------------------------------------- latency */
 
 /* Bucket of a latency: 4 per power of two (about 19% wide), exact below 4 us. */
 static unsigned lat_bucket(uint64_t us)
@@ -367,7 +790,21 @@ static uint64_t lat_lower(unsigned b)
     return (uint64_t)(4 + sub) << (oct - 2);
 }
 
-static void recompute_p95(struct upstream *up)
+/* The pct-th percentile of the histogram c[] (total counts), interpolated inside its bucket. */
+static int64_t percentile(const uint32_t *c, uint64_t total, unsigned pct)
+{
+    uint64_t want = (total * pct + 99) / 100, run = 0;
+    for (unsigned b = 0; b < LAT_BUCKETS; b++) {
+        if (run + c[b] >= want) {
+            uint64_t lo = lat_lower(b), hi = b + 1 < LAT_BUCKETS ? lat_lower(b + 1) : lo * 2;
+            return (int64_t)(lo + (hi - lo) * (want - run) / (c[b] ? c[b] : 1));
+        }
+        run += c[b];
+    }
+    return -1;
+}
+
+static void recompute_pcts(struct member *up, unsigned hedge_pct)
 {
     uint32_t c[LAT_BUCKETS];
     uint64_t total = 0;
@@ -375,19 +812,11 @@ static void recompute_p95(struct upstream *up)
         total += c[b] = (uint32_t)atomic_load_explicit(&up->lat[b], memory_order_relaxed);
     if (total == 0)
         return;
-    uint64_t want = (total * 95 + 99) / 100, run = 0;
-    for (unsigned b = 0; b < LAT_BUCKETS; b++) {
-        if (run + c[b] >= want) { /* interpolate inside the bucket */
-            uint64_t lo = lat_lower(b), hi = b + 1 < LAT_BUCKETS ? lat_lower(b + 1) : lo * 2;
-            uint64_t est = lo + (hi - lo) * (want - run) / (c[b] ? c[b] : 1);
-            atomic_store_explicit(&up->p95_us, (int64_t)est, memory_order_relaxed);
-            return;
-        }
-        run += c[b];
-    }
+    atomic_store_explicit(&up->p95_us, percentile(c, total, 95), memory_order_relaxed);
+    atomic_store_explicit(&up->hedge_us, percentile(c, total, hedge_pct), memory_order_relaxed);
 }
 
-static void observe(struct upstream *up, int64_t us)
+static void observe(struct member *up, int64_t us, unsigned hedge_pct)
 {
     atomic_fetch_add_explicit(&up->lat[lat_bucket(us > 0 ? (uint64_t)us : 0)], 1,
                               memory_order_relaxed);
@@ -403,47 +832,59 @@ static void observe(struct upstream *up, int64_t us)
         atomic_fetch_sub_explicit(&up->lat_total, LAT_DECAY_AT - left, memory_order_relaxed);
     }
     if (seen >= UPSTREAM_P95_MIN_SAMPLES && seen % LAT_RECOMPUTE == 0)
-        recompute_p95(up);
+        recompute_pcts(up, hedge_pct);
 }
+
+
+/* ---------------------------------------------------------------- outcomes */
 
 void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, int64_t latency_us,
                      int64_t now_ms)
 {
-    struct upstream *up = s->u[i];
+    struct member *up = s->m[i];
     if (o == UPSTREAM_OK) {
         if (atomic_load_explicit(&up->consecutive, memory_order_relaxed))
             atomic_store_explicit(&up->consecutive, 0, memory_order_relaxed);
         if (latency_us >= 0)
-            observe(up, latency_us);
+            observe(up, latency_us, s->opts.hedge_pct);
         return;
     }
     if (!s->max_ejected || upstream_ejected(s, i, now_ms))
         return;
+    if (s->opts.policy == UPSTREAM_SHARDS && s->e[s->owner[i]].count < 2)
+        return; /* a shard's only member: there is nowhere else to go */
     if (atomic_fetch_add(&up->consecutive, 1) + 1 >= s->opts.eject_after)
         eject(s, i, now_ms);
 }
 
 void upstream_count(struct upstreams *u, unsigned i, enum outcome_kind kind, int64_t us)
 {
-    struct upstream_stats *st = &u->u[i]->stats;
+    struct upstream_stats *st = &u->m[i]->stats;
     atomic_fetch_add_explicit(&st->fetches[kind], 1, memory_order_relaxed);
     hist_observe(&st->seconds, us);
 }
 
 const struct upstream_stats *upstream_stats(const struct upstreams *u, unsigned i)
 {
-    return &u->u[i]->stats;
+    return &u->m[i]->stats;
 }
 
 uint64_t upstream_ejections(const struct upstreams *u, unsigned i)
 {
-    return atomic_load_explicit(&u->u[i]->ejections, memory_order_relaxed);
+    return atomic_load_explicit(&u->m[i]->ejections, memory_order_relaxed);
 }
 
 int64_t upstream_p95_us(const struct upstreams *u, unsigned i)
 {
-    return atomic_load_explicit(&u->u[i]->p95_us, memory_order_relaxed);
+    return atomic_load_explicit(&u->m[i]->p95_us, memory_order_relaxed);
 }
+
+int64_t upstream_hedge_us(const struct upstreams *u, unsigned i)
+{
+    return atomic_load_explicit(&u->m[i]->hedge_us, memory_order_relaxed);
+}
+
+/* ---------------------------------------------------------------- the live set */
 
 int upstream_live_new(struct upstreams *first, struct upstream_live **out)
 {
@@ -468,23 +909,23 @@ struct upstreams *upstream_live_get(struct upstream_live *l)
     return u;
 }
 
-/* The upstreams of 'old' that 'next' no longer has: an ejection of theirs ends now, so that
- * the group's count of ejected upstreams counts only members of the set. One being ejected
- * right now (claimed, INT64_MAX) is left to eject(), which sees 'gone' after it publishes the
- * ejection and undoes it (both sides are sequentially consistent, so one of them clears it). */
+/* The members of 'old' that 'next' no longer has: an ejection of theirs ends now, so that the
+ * group's count of ejected members counts only members of the set. One being ejected right now
+ * (claimed, INT64_MAX) is left to eject(), which sees 'gone' after it publishes the ejection
+ * and undoes it (both sides are sequentially consistent, so one of them clears it). */
 static void release_dropped(const struct upstreams *old, const struct upstreams *next)
 {
-    for (unsigned i = 0; i < old->n; i++) {
-        struct upstream *up = old->u[i];
+    for (unsigned i = 0; i < old->nm; i++) {
+        struct member *m = old->m[i];
         bool kept = false;
-        for (unsigned j = 0; j < next->n && !kept; j++)
-            kept = up == next->u[j];
+        for (unsigned j = 0; j < next->nm && !kept; j++)
+            kept = m == next->m[j];
         if (kept)
             continue;
-        atomic_store(&up->gone, true);
-        int_fast64_t until = atomic_load(&up->ejected_until);
+        atomic_store(&m->gone, true);
+        int_fast64_t until = atomic_load(&m->ejected_until);
         if (until != 0 && until != INT64_MAX &&
-            atomic_compare_exchange_strong(&up->ejected_until, &until, 0))
+            atomic_compare_exchange_strong(&m->ejected_until, &until, 0))
             atomic_fetch_sub(old->nejected, 1);
     }
 }
@@ -495,8 +936,8 @@ void upstream_live_swap(struct upstream_live *l, struct upstreams *next)
     struct upstreams *old = l->cur;
     l->cur = next;
     pthread_mutex_unlock(&l->mu);
-    for (unsigned j = 0; j < next->n; j++) /* derived from an older snapshot: back in the set */
-        atomic_store(&next->u[j]->gone, false);
+    for (unsigned j = 0; j < next->nm; j++) /* derived from an older snapshot: back in the set */
+        atomic_store(&next->m[j]->gone, false);
     if (old->g == next->g)
         release_dropped(old, next);
     upstreams_free(old);

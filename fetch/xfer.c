@@ -135,6 +135,7 @@ static void easy_put(struct fetch_loop *l, CURL *e)
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, NULL);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(e, CURLOPT_RESOLVE, NULL);
+    curl_easy_setopt(e, CURLOPT_CONNECT_TO, NULL);
     if (l->nspare == l->spare_cap) {
         unsigned cap = l->spare_cap ? l->spare_cap * 2 : 16;
         CURL **p = realloc(l->spare, cap * sizeof(*p));
@@ -349,7 +350,7 @@ void fetch__start(struct fetch_loop *l, struct xfer *x)
         fetch__complete_ctx(l, x, -ETIMEDOUT);
         return;
     }
-    if (!fetch__resolving_enter(l, x))
+    if (!x->connect_to.data && !fetch__resolving_enter(l, x))
         return;
     const struct fetch_opts *o = &l->f->opts;
     unsigned nh = 0;
@@ -385,6 +386,7 @@ void fetch__start(struct fetch_loop *l, struct xfer *x)
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->errbuf);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->hdrs);
     curl_easy_setopt(e, CURLOPT_RESOLVE, x->pin);
+    curl_easy_setopt(e, CURLOPT_CONNECT_TO, x->connect_to.data ? &x->connect_to : NULL);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(left == CTX_FOREVER ? 0 : left));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)conn_ms);
     curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)x->max_body);

@@ -194,9 +194,28 @@ void test_key_ranked(const struct upstreams *u, unsigned first, int second, char
 {
     for (unsigned i = 0;; i++) {
         snprintf(out, cap, "k%u", i);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(u, out, strlen(out), rank);
+        uint16_t rank[UPSTREAM_MEMBERS_MAX];
+        upstreams_rank(u, out, strlen(out), ctx_now(), rank);
         if (rank[0] == first && (second < 0 || rank[1] == (unsigned)second))
             return;
     }
+}
+
+unsigned test_pick(struct upstreams *u, const char *key, unsigned k, int64_t now_ms)
+{
+    struct upstream_key uk;
+    upstream_key_init(u, key, strlen(key), &uk);
+    uint16_t tried[8];
+    unsigned n = 0, m = UPSTREAM_NONE;
+    for (unsigned i = 0; i <= k; i++) {
+        m = upstreams_pick(u, &uk, tried, n, now_ms);
+        if (m == UPSTREAM_NONE)
+            break;
+        if (n == 8) {
+            memmove(tried, tried + 1, 7 * sizeof(tried[0]));
+            n--;
+        }
+        tried[n++] = (uint16_t)m;
+    }
+    return m;
 }

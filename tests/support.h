@@ -69,4 +69,8 @@ struct upstreams;
 void test_key_ranked(const struct upstreams *u, unsigned first, int second, char *out,
                      size_t cap);
 
+/* The member attempt k (0 = first) of 'key' goes to at 'now_ms', the attempts before it having
+ * gone where upstreams_pick() sent them. */
+unsigned test_pick(struct upstreams *u, const char *key, unsigned k, int64_t now_ms);
+
 #endif

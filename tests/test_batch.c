@@ -534,8 +534,6 @@ static void test_batch_failover_and_ejection(void)
     for (int i = 0; i < 20; i++) {
         char id[32], body[128];
         snprintf(id, sizeof(id), "x%d", i);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(g.ups, id, strlen(id), rank);
         snprintf(body, sizeof(body), "{\"ids\":[\"%s\",\"%s-b\"]}", id, id);
         struct run r;
         CU_ASSERT_FATAL(run_body(&g, &r, body));

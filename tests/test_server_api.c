@@ -932,11 +932,14 @@ static void test_server_several_upstreams_failover(void)
     }
     CU_ASSERT_EQUAL(failed, 0);
     char name[160];
-    snprintf(name, sizeof(name), "fanout_upstream_ejected{upstream=\"127.0.0.1:%u\"}", port);
+    snprintf(name, sizeof(name),
+             "fanout_upstream_ejected{upstream=\"127.0.0.1:%u\",member=\"127.0.0.1:%u\"}", port,
+             port);
     CU_ASSERT_EQUAL(srvtest_metric(e.port, name), 1);
     snprintf(name, sizeof(name),
-             "fanout_upstream_fetches_total{upstream=\"127.0.0.1:%u\",result=\"unreachable\"}",
-             port);
+             "fanout_upstream_fetches_total{upstream=\"127.0.0.1:%u\",member=\"127.0.0.1:%u\","
+             "result=\"unreachable\"}",
+             port, port);
     CU_ASSERT_EQUAL(srvtest_metric(e.port, name), 2);
     CU_ASSERT_EQUAL(stub_requests(e.up), 30);
     srvtest_env_free(&e);

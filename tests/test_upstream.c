@@ -46,10 +46,10 @@ static void test_upstream_rank_is_stable_and_spread(void)
     for (unsigned i = 0; i < 10000; i++) {
         char k[32];
         key_of(i, k, sizeof(k));
-        uint8_t a[UPSTREAMS_MAX], b[UPSTREAMS_MAX];
-        upstreams_rank(u, k, strlen(k), a);
-        upstreams_rank(u, k, strlen(k), b);
-        CU_ASSERT(memcmp(a, b, 5) == 0);
+        uint16_t a[UPSTREAM_MEMBERS_MAX], b[UPSTREAM_MEMBERS_MAX];
+        CU_ASSERT_EQUAL(upstreams_rank(u, k, strlen(k), 0, a), 5);
+        upstreams_rank(u, k, strlen(k), 0, b);
+        CU_ASSERT(memcmp(a, b, 5 * sizeof(a[0])) == 0);
         unsigned seen = 0;
         for (unsigned j = 0; j < 5; j++)
             seen |= 1u << a[j];
@@ -78,10 +78,10 @@ static void test_upstream_rendezvous_moves_only_the_removed(void)
     for (unsigned i = 0; i < 20000; i++) {
         char k[32];
         key_of(i, k, sizeof(k));
-        uint8_t r5[UPSTREAMS_MAX], r4[UPSTREAMS_MAX], r6[UPSTREAMS_MAX];
-        upstreams_rank(u5, k, strlen(k), r5);
-        upstreams_rank(u4, k, strlen(k), r4);
-        upstreams_rank(u6, k, strlen(k), r6);
+        uint16_t r5[UPSTREAM_MEMBERS_MAX], r4[UPSTREAM_MEMBERS_MAX], r6[UPSTREAM_MEMBERS_MAX];
+        upstreams_rank(u5, k, strlen(k), 0, r5);
+        upstreams_rank(u4, k, strlen(k), 0, r4);
+        upstreams_rank(u6, k, strlen(k), 0, r6);
         const char *was = upstream_template(u5, r5[0]), *now = upstream_template(u4, r4[0]);
         if (strcmp(was, now) != 0) {
             moved++;
@@ -105,17 +105,18 @@ static void test_upstream_rendezvous_moves_only_the_removed(void)
     upstreams_free(u6);
 }
 
-/* Replicas: attempt k goes to the k-th of the ranking; shards: always the first. */
+/* Replicas: attempt k goes to the k-th of the ranking, then round again; shards of one member
+ * each: always the first. */
 static void test_upstream_pick_follows_the_ranking(void)
 {
     struct upstreams *r = make(3, UPSTREAM_REPLICAS, 5, 50);
     struct upstreams *s = make(3, UPSTREAM_SHARDS, 5, 50);
     CU_ASSERT_FATAL(r && s);
-    uint8_t rank[UPSTREAMS_MAX];
-    upstreams_rank(r, "k", 1, rank);
+    uint16_t rank[UPSTREAM_MEMBERS_MAX];
+    CU_ASSERT_EQUAL(upstreams_rank(r, "k", 1, 0, rank), 3);
     for (unsigned k = 0; k < 7; k++) {
-        CU_ASSERT_EQUAL(upstreams_pick(r, rank, k, 0), rank[k % 3]);
-        CU_ASSERT_EQUAL(upstreams_pick(s, rank, k, 0), rank[0]);
+        CU_ASSERT_EQUAL(test_pick(r, "k", k, 0), rank[k % 3]);
+        CU_ASSERT_EQUAL(test_pick(s, "k", k, 0), rank[0]);
     }
     char url[128];
     size_t n = upstream_url(r, 1, "a%2Fb", 5, url, sizeof(url));
@@ -138,9 +139,11 @@ struct events {
     uint64_t ejections;  /* and its ejections so far */
 };
 
-static void on_event(void *arg, const char *label, bool ejected, int64_t ms, uint64_t ejections)
+static void on_event(void *arg, const char *upstream, const char *label, bool ejected, int64_t ms,
+                     uint64_t ejections)
 {
     struct events *e = arg;
+    (void)upstream;
     snprintf(e->label, sizeof(e->label), "%s", label);
     e->ejections = ejections;
     if (ejected) {
@@ -180,23 +183,23 @@ static void test_upstream_ejection_and_return(void)
     CU_ASSERT_STRING_EQUAL(ev.label, upstream_label(u, 0));
     CU_ASSERT_EQUAL(ev.ejections, 1);
     /* A key ranking upstream 0 first skips it: attempt 0 goes to its second choice. */
-    uint8_t rank[UPSTREAMS_MAX];
+    uint16_t rank[UPSTREAM_MEMBERS_MAX];
     char k[32];
     for (unsigned i = 0;; i++) {
         key_of(i, k, sizeof(k));
-        upstreams_rank(u, k, strlen(k), rank);
+        upstreams_rank(u, k, strlen(k), 0, rank);
         if (rank[0] == 0)
             break;
     }
-    CU_ASSERT_EQUAL(upstreams_pick(u, rank, 0, now + 999), rank[1]);
-    CU_ASSERT_EQUAL(upstreams_pick(u, rank, 1, now + 999), rank[2]);
+    CU_ASSERT_EQUAL(test_pick(u, k, 0, now + 999), rank[1]);
+    CU_ASSERT_EQUAL(test_pick(u, k, 1, now + 999), rank[2]);
     /* The cap: 50% of 3 is 1, so a second upstream failing stays in. */
     for (int i = 0; i < 10; i++)
         upstream_report(u, 1, UPSTREAM_FAILED, -1, now);
     CU_ASSERT_FALSE(upstream_ejected(u, 1, now));
     CU_ASSERT_EQUAL(ev.ejected, 1);
     /* Back after its time, once. */
-    CU_ASSERT_EQUAL(upstreams_pick(u, rank, 0, now + 1000), rank[0]);
+    CU_ASSERT_EQUAL(test_pick(u, k, 0, now + 1000), rank[0]);
     CU_ASSERT_EQUAL(ev.returned, 1);
     CU_ASSERT_FALSE(upstream_ejected(u, 0, now + 1001));
     CU_ASSERT_EQUAL(ev.returned, 1);
@@ -249,8 +252,9 @@ static void *racer_main(void *arg)
         unsigned up = (unsigned)i % 4;
         upstream_report(r->u, up, i % 7 ? UPSTREAM_FAILED : UPSTREAM_OK, 100 + i % 50,
                         r->now + i / 100);
-        uint8_t rank[4] = {0, 1, 2, 3};
-        upstreams_pick(r->u, rank, (unsigned)i, r->now + i / 100);
+        char key[16];
+        snprintf(key, sizeof(key), "r%d", i % 50);
+        test_pick(r->u, key, (unsigned)i % 3, r->now + i / 100);
     }
     return NULL;
 }

@@ -150,10 +150,8 @@ static void *reader(void *arg)
         struct upstreams *u = upstream_live_get(r->live);
         char key[32], url[128];
         int n = snprintf(key, sizeof(key), "k%lu", k++);
-        uint8_t rank[UPSTREAMS_MAX];
-        upstreams_rank(u, key, (size_t)n, rank);
-        unsigned i = upstreams_pick(u, rank, (unsigned)(k % 3), ctx_now());
-        if (i >= upstreams_count(u) ||
+        unsigned i = test_pick(u, key, (unsigned)(k % 3), ctx_now());
+        if (i >= upstreams_member_count(u) ||
             upstream_url(u, i, key, (size_t)n, url, sizeof(url)) >= sizeof(url) ||
             strncmp(url, upstream_template(u, i), 20) != 0)
             atomic_fetch_add(&r->bad, 1);

@@ -137,7 +137,9 @@ static void decide_canceled(struct attempts *a, int cause)
 static int start_attempt(struct attempts *a, bool hedge)
 {
     const struct attempt_env *env = &a->env;
-    unsigned up = upstreams_pick(env->ups, a->rank, a->started, ctx_now());
+    unsigned up = upstreams_pick(env->ups, &a->key, a->tried, a->ntried, ctx_now());
+    if (up == UPSTREAM_NONE)
+        return FETCH_EUNREACH;
     char stack[URL_STACK], *url = stack;
     size_t n = upstream_url(env->ups, up, a->p.key, a->p.key_len, stack, sizeof(stack));
     if (n >= sizeof(stack)) {
@@ -151,7 +153,11 @@ static int start_attempt(struct attempts *a, bool hedge)
     int rc = -ENOMEM;
     if (actx) {
         *t = (struct attempt){.as = a, .ctx = actx, .up = up, .hedge = hedge};
-        struct fetch_req fr = {.url = url, .request_id = a->p.rid, .cb = attempt_done, .arg = t};
+        struct fetch_req fr = {.url = url,
+                               .request_id = a->p.rid,
+                               .connect_to = upstream_member_connect_to(env->ups, up),
+                               .cb = attempt_done,
+                               .arg = t};
         rc = fetch_get(env->fetch, a->p.loop, actx, &fr);
     }
     if (url != stack)
@@ -164,6 +170,12 @@ static int start_attempt(struct attempts *a, bool hedge)
     }
     if (t == &a->attempt)
         a->attempt_busy = true;
+    upstream_attempt_begin(env->ups, up);
+    if (a->ntried == ATTEMPT_TRIED_MAX) { /* forget the oldest */
+        memmove(a->tried, a->tried + 1, (ATTEMPT_TRIED_MAX - 1) * sizeof(a->tried[0]));
+        a->ntried--;
+    }
+    a->tried[a->ntried++] = (uint16_t)up;
     a->started++;
     a->pending++;
     a->in_flight++;
@@ -226,6 +238,7 @@ static struct outcome count_attempt(struct attempts *a, unsigned up, const struc
     const struct attempt_env *env = &a->env;
     struct outcome o = outcome_of(r->err, r->status, r->aborted);
     hist_observe(&env->metrics->fetch_seconds, r->elapsed_us);
+    upstream_attempt_end(env->ups, up);
     upstream_count(env->ups, up, o.kind, r->elapsed_us);
     if (o.health != OUTCOME_NO_VERDICT)
         upstream_report(env->ups, up, o.health == OUTCOME_FAILED ? UPSTREAM_FAILED : UPSTREAM_OK,
@@ -337,7 +350,7 @@ static int64_t hedge_delay(const struct attempts *a, unsigned up)
         return -1;
     if (!env->hedge_auto)
         return env->hedge_after_ms > 0 ? env->hedge_after_ms : -1;
-    int64_t us = upstream_p95_us(env->ups, up);
+    int64_t us = upstream_hedge_us(env->ups, up);
     return us < 0 ? -1 : (us + 999) / 1000;
 }
 
@@ -350,16 +363,21 @@ void attempts_init(struct attempts *a, const struct attempt_env *env,
 int attempts_start(struct attempts *a)
 {
     const struct attempt_env *env = &a->env;
-    upstreams_rank(env->ups, a->p.key, a->p.key_len, a->rank);
+    upstream_key_init(env->ups, a->p.key, a->p.key_len, &a->key);
     budget_deposit(env->hedge_budget, ctx_now());
     budget_deposit(env->retry_budget, ctx_now());
     int rc = start_attempt(a, false);
     if (rc != 0)
         return rc;
-    a->hedge_ms = hedge_delay(a, upstreams_pick(env->ups, a->rank, 0, ctx_now()));
+    a->hedge_ms = hedge_delay(a, a->tried[0]);
     if (a->hedge_ms >= 0) /* a timer that cannot be armed: simply no hedge */
         arm_timer(a, ATTEMPT_TIMER_HEDGE, attempt_hedge_wait(a->hedge_ms, 0));
     return 0;
+}
+
+const char *attempts_no_member(const struct attempts *a)
+{
+    return upstream_why(a->env.ups, a->key.shard);
 }
 
 void attempts_destroy(struct attempts *a)

@@ -61,6 +61,8 @@ struct metrics;
  * most (so an attempt and its hedge both landing in the tail cannot hold a batch back). */
 #define ATTEMPT_MAX_HEDGES 2
 
+#define ATTEMPT_TRIED_MAX 8         /* members remembered as tried, per key */
+
 #define ATTEMPT_BACKOFF_BASE_MS 25  /* the backoff's unit */
 #define ATTEMPT_BACKOFF_MAX_MS 250  /* and its cap */
 
@@ -110,7 +112,7 @@ enum attempt_timer_kind { ATTEMPT_TIMER_HEDGE, ATTEMPT_TIMER_BACKOFF };
 struct attempt {
     struct attempts *as; /* owner */
     struct ctx *ctx;     /* child of the attempts' ctx, with the deadline of its start */
-    unsigned up;         /* upstream index */
+    unsigned up;         /* member index in the attempts' snapshot */
     bool hedge;          /* started by the hedge timer */
 };
 
@@ -128,7 +130,9 @@ struct attempts {
     struct attempts_params p;
     /* The loop thread only: */
     bool decided;              /* the outcome is decided (the rest only winds down) */
-    uint8_t rank[UPSTREAMS_MAX]; /* the key's ranking of the upstreams */
+    struct upstream_key key;   /* the key's hashes, for upstreams_pick() */
+    uint16_t tried[ATTEMPT_TRIED_MAX]; /* members tried, oldest first (the latest ones kept) */
+    unsigned ntried;
     unsigned started;          /* attempts started (the next one's number) */
     unsigned retries;          /* retries started */
     unsigned pending;          /* attempts and timers not yet called back */
@@ -150,12 +154,17 @@ struct attempts {
 void attempts_init(struct attempts *a, const struct attempt_env *env,
                    const struct attempts_params *p);
 
-/* On the loop thread: ranks the upstreams, deposits the first attempt in both budgets, starts
- * the first attempt and, when hedging is on, arms the hedge timer. Returns 0, and the owner
- * hears decided() and wound_down() later (never from inside this call); or an error
- * (-ENOMEM, FETCH_ESHUTDOWN, ...): nothing was started, nothing will be heard, and the outcome
- * is the owner's to decide. */
+/* On the loop thread: hashes the key, deposits the first attempt in both budgets, starts the
+ * first attempt and, when hedging is on, arms the hedge timer. Returns 0, and the owner hears
+ * decided() and wound_down() later (never from inside this call); or an error (-ENOMEM,
+ * FETCH_ESHUTDOWN, FETCH_EUNREACH when the key's upstream has no member, with the reason from
+ * attempts_no_member()): nothing was started, nothing will be heard, and the outcome is the
+ * owner's to decide. */
 int attempts_start(struct attempts *a);
+
+/* After attempts_start() said FETCH_EUNREACH: why the key has no member to go to (text of the
+ * attempts' snapshot, valid while the owner holds it). */
+const char *attempts_no_member(const struct attempts *a);
 
 /* Frees what the attempts own (the outcome's body and text). After wound_down(), or when
  * attempts_start() failed or was never called. */

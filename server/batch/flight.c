@@ -239,7 +239,10 @@ static void decide_without_run(struct flight *f, int err, const char *detail)
  * linked). */
 static void fail_start(struct flight *f, int rc)
 {
-    decide_without_run(f, rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc, "could not start the fetch");
+    if (rc == FETCH_EUNREACH) /* the key's upstream has no member */
+        decide_without_run(f, rc, attempts_no_member(&f->att));
+    else
+        decide_without_run(f, rc == FETCH_ESHUTDOWN ? -ESHUTDOWN : rc, "could not start the fetch");
 }
 
 /* The attempts decided: their outcome (valid until attempts_destroy()) is the flight's. */

@@ -239,6 +239,15 @@ void conn_new_id(void *arg, char *out)
     new_request_id(arg, out);
 }
 
+/* Ready only while some upstream has a member (the set follows DNS and the upstreams file). */
+static bool upstreams_ready(struct srv *s)
+{
+    struct upstreams *ups = upstream_live_get(s->ups);
+    bool any = upstreams_any_member(ups);
+    upstreams_free(ups);
+    return any;
+}
+
 static enum MHD_Result serve_metrics(struct req *r)
 {
     struct fetch_stats fs;
@@ -399,6 +408,7 @@ static enum MHD_Result dispatch(struct req *r)
 {
     static char ok[] = "{\"status\":\"ok\"}\n";
     static char draining[] = "{\"status\":\"draining\"}\n";
+    static char no_member[] = "{\"status\":\"no_upstream_member\"}\n";
     char msg[160];
     switch (r->route) {
     case R_BATCH:
@@ -409,6 +419,9 @@ static enum MHD_Result dispatch(struct req *r)
         if (atomic_load(&r->s->draining))
             return respond(r, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", draining,
                            sizeof(draining) - 1, false);
+        if (!upstreams_ready(r->s))
+            return respond(r, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", no_member,
+                           sizeof(no_member) - 1, false);
         return respond(r, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1, false);
     case R_METRICS:
         return serve_metrics(r);

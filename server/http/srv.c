@@ -165,16 +165,18 @@ static void log_startup(struct srv *s)
 }
 
 /* Outlier ejection's events, from whichever thread noticed them. */
-static void on_upstream_event(void *arg, const char *label, bool ejected, int64_t ms,
-                              uint64_t ejections)
+static void on_upstream_event(void *arg, const char *upstream, const char *member, bool ejected,
+                              int64_t ms, uint64_t ejections)
 {
     struct srv *s = arg;
     if (ejected)
         log_fields(s, LOG_WARN, "upstream ejected",
-                   ",\"upstream\":\"%s\",\"eject_ms\":%" PRId64 ",\"ejections\":%" PRIu64, label, ms,
-                   ejections);
+                   ",\"upstream\":\"%s\",\"member\":\"%s\",\"eject_ms\":%" PRId64
+                   ",\"ejections\":%" PRIu64,
+                   upstream, member, ms, ejections);
     else
-        log_fields(s, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\"", label);
+        log_fields(s, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\",\"member\":\"%s\"",
+                   upstream, member);
 }
 
 /* ---------------------------------------------------------------- the steps of srv_new */

@@ -79,35 +79,76 @@ static void hist(struct json_buf *o, const char *name, const char *help,
     hist_series(o, name, "", h);
 }
 
-/* The per-upstream families. */
+/* The labels of member m: upstream="host:port",member="address:port". */
+static void member_labels(const struct upstreams *ups, unsigned m, char *lab, size_t cap)
+{
+    snprintf(lab, cap, "upstream=\"%s\",member=\"%s\"",
+             upstream_label(ups, upstream_member_upstream(ups, m)), upstream_member_label(ups, m));
+}
+
+/* The per-upstream families: members and lookups by upstream, attempts and ejection by member
+ * (a member's series go when it leaves the set). */
 static void render_upstreams(struct upstreams *ups, struct json_buf *o)
 {
-    unsigned n = upstreams_count(ups);
-    char lab[400];
-    family(o, "fanout_upstream_fetches_total", "counter",
-           "Upstream attempts completed, by upstream and result (hedges and retries included).");
-    for (unsigned i = 0; i < n; i++)
-        for (unsigned r = 0; r < OUTCOME_KINDS; r++)
-            json_buf_printf(o, "fanout_upstream_fetches_total{upstream=\"%s\",result=\"%s\"} %" PRIu64
-                            "\n", upstream_label(ups, i), outcome_name((enum outcome_kind)r),
-                            ld(&upstream_stats(ups, i)->fetches[r]));
-    family(o, "fanout_upstream_fetch_duration_seconds", "histogram",
-           "Upstream attempt duration in seconds, by upstream.");
+    unsigned n = upstreams_count(ups), nm = upstreams_member_count(ups);
+    static const char *const resolve_txt[UPSTREAM_RESOLVE_KINDS] = {"ok", "empty", "failed"};
+    char lab[700], hl[710];
+    family(o, "fanout_upstream_members", "gauge", "Members of the upstream now.");
     for (unsigned i = 0; i < n; i++) {
-        snprintf(lab, sizeof(lab), "upstream=\"%s\",", upstream_label(ups, i));
-        hist_series(o, "fanout_upstream_fetch_duration_seconds", lab, &upstream_stats(ups, i)->seconds);
+        unsigned first;
+        json_buf_printf(o, "fanout_upstream_members{upstream=\"%s\"} %u\n", upstream_label(ups, i),
+                        upstream_members(ups, i, &first));
+    }
+    family(o, "fanout_resolves_total", "counter",
+           "Lookups of the upstream's name, by result (ok; empty: NXDOMAIN or no address; "
+           "failed: no answer).");
+    for (unsigned i = 0; i < n; i++)
+        for (unsigned r = 0; r < UPSTREAM_RESOLVE_KINDS; r++)
+            json_buf_printf(o, "fanout_resolves_total{upstream=\"%s\",result=\"%s\"} %" PRIu64 "\n",
+                            upstream_label(ups, i), resolve_txt[r],
+                            upstream_resolves(ups, i, (enum upstream_resolve)r));
+    family(o, "fanout_upstream_fetches_total", "counter",
+           "Upstream attempts completed, by upstream, member and result (hedges and retries "
+           "included).");
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        for (unsigned r = 0; r < OUTCOME_KINDS; r++)
+            json_buf_printf(o, "fanout_upstream_fetches_total{%s,result=\"%s\"} %" PRIu64 "\n", lab,
+                            outcome_name((enum outcome_kind)r), ld(&upstream_stats(ups, m)->fetches[r]));
+    }
+    family(o, "fanout_upstream_fetch_duration_seconds", "histogram",
+           "Upstream attempt duration in seconds, by upstream and member.");
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        snprintf(hl, sizeof(hl), "%s,", lab);
+        hist_series(o, "fanout_upstream_fetch_duration_seconds", hl, &upstream_stats(ups, m)->seconds);
+    }
+    family(o, "fanout_upstream_in_flight", "gauge", "Attempts in flight on the member.");
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        json_buf_printf(o, "fanout_upstream_in_flight{%s} %u\n", lab, upstream_in_flight(ups, m));
     }
     family(o, "fanout_upstream_ejected", "gauge",
-           "1 while the upstream is ejected by outlier detection, else 0.");
+           "1 while the member is ejected by outlier detection (or waits for a health check to "
+           "return), else 0.");
     int64_t now = ctx_now();
-    for (unsigned i = 0; i < n; i++)
-        json_buf_printf(o, "fanout_upstream_ejected{upstream=\"%s\"} %d\n", upstream_label(ups, i),
-                        upstream_ejected(ups, i, now) ? 1 : 0);
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        json_buf_printf(o, "fanout_upstream_ejected{%s} %d\n", lab, upstream_ejected(ups, m, now) ? 1 : 0);
+    }
+    family(o, "fanout_upstream_healthy", "gauge",
+           "1 while the member passes its health checks (always 1 without --health-path).");
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        json_buf_printf(o, "fanout_upstream_healthy{%s} %d\n", lab, upstream_healthy(ups, m) ? 1 : 0);
+    }
     family(o, "fanout_upstream_ejections_total", "counter",
-           "Times the upstream was ejected by outlier detection.");
-    for (unsigned i = 0; i < n; i++)
-        json_buf_printf(o, "fanout_upstream_ejections_total{upstream=\"%s\"} %" PRIu64 "\n",
-                        upstream_label(ups, i), upstream_ejections(ups, i));
+           "Times the member was ejected by outlier detection.");
+    for (unsigned m = 0; m < nm; m++) {
+        member_labels(ups, m, lab, sizeof(lab));
+        json_buf_printf(o, "fanout_upstream_ejections_total{%s} %" PRIu64 "\n", lab,
+                        upstream_ejections(ups, m));
+    }
 }
 
 /* Requests by route and status, and fetches by result, with their durations. */
