@@ -34,9 +34,8 @@ int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size)
     if (rc != 0)
         return rc;
     size_t len = 0;
-    unsigned count = 0;
     addrs[0] = 0;
-    for (struct addrinfo *ai = res; ai && count < FETCH_LOOKUP_MAX_ADDRS; ai = ai->ai_next) {
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         char text[INET6_ADDRSTRLEN + 2];
         if (ai->ai_family == AF_INET) {
             const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ai->ai_addr;
@@ -63,7 +62,6 @@ int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size)
             addrs[len++] = ',';
         memcpy(addrs + len, text, tl + 1);
         len += tl;
-        count++;
     }
     freeaddrinfo(res);
     return len > 0 ? 0 : EAI_NODATA;

@@ -6,7 +6,7 @@
 
 #include <stddef.h>
 
-/* Most addresses a lookup reports. */
+/* Most addresses fetch's resolver pins for one name (its lookups get room for about these). */
 #define FETCH_LOOKUP_MAX_ADDRS 16
 
 /* A name lookup, as fetch's resolver threads run it: writes the addresses of 'host' into 'addrs'
@@ -16,8 +16,8 @@
  * (a transfer waiting on it ends at its deadline or cancel regardless). */
 typedef int (*fetch_lookup_fn)(void *arg, const char *host, char *addrs, size_t size);
 
-/* The default lookup: getaddrinfo() (so /etc/hosts and the system resolver), up to
- * FETCH_LOOKUP_MAX_ADDRS addresses; a name under "invalid." (RFC 6761) fails at once with
+/* The default lookup: getaddrinfo() (so /etc/hosts and the system resolver), as many distinct
+ * addresses as fit in 'size'; a name under "invalid." (RFC 6761) fails at once with
  * EAI_NONAME. 'arg' is unused. */
 int fetch_lookup_default(void *arg, const char *host, char *addrs, size_t size);
 

@@ -27,11 +27,12 @@
 #include "fetch/fetch.h"
 #include "server/batch/batch.h"
 #include "server/json.h"
+#include "server/upstream/discover.h"
 #include "fetch/upstream.h"
 #include "fetch/url.h"
 
 enum kind { K_LISTEN, K_UPSTREAM, K_BOOL, K_ONOFF, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL, K_POLICY,
-            K_HEDGE };
+            K_HEDGE, K_DISCOVERY, K_PATH, K_FACTOR };
 
 struct opt {
     const char *name; /* flag without the leading dashes */
@@ -57,7 +58,37 @@ static const struct opt opts[] = {
     {"eject-max-ms", K_MS, F(eject_max_ms), 1, 86400000,
      "the longest ejection, ms [300000]"},
     {"max-ejected-pct", K_UINT, F(max_ejected_pct), 0, 100,
-     "most upstreams ejected at once, percent of them [50]"},
+     "most members ejected at once, percent of them [50]"},
+    {"upstream-discovery", K_DISCOVERY, F(discovery_dns), 0, 0,
+     "dns: every address an upstream's host resolves to (A and AAAA) is a member, looked up "
+     "again and again; static: looked up once at start [dns]"},
+    {"resolve-every-ms", K_MS, F(resolve_every_ms), 100, 86400000,
+     "between lookups of an upstream's name, jittered by +-20%, ms [5000]"},
+    {"resolve-hold-ms", K_MS, F(resolve_hold_ms), 0, 86400000,
+     "after NXDOMAIN or an empty answer, keep the members this long before emptying the "
+     "upstream, ms [30000]"},
+    {"upstreams-file", K_PATH, F(upstreams_file), 0, 0,
+     "read the upstream templates from this file, one per line (# comments), again on SIGHUP "
+     "and when the file is replaced; excludes --upstream"},
+    {"max-members", K_UINT, F(max_members), 1, UPSTREAM_MEMBERS_MAX,
+     "members in all upstreams together; more are left out with a warning [256]"},
+    {"slow-start-ms", K_MS, F(slow_start_ms), 0, 3600000,
+     "a member that joins a running upstream ramps its share of ids from 10% to 100% over "
+     "this long; 0: full share at once, ms [10000]"},
+    {"balance-factor", K_FACTOR, F(balance_factor), 0, 100,
+     "bounded load: skip a member with more than F times the average attempts in flight; 0 "
+     "turns it off (1 to 100) [1.25]"},
+    {"health-path", K_PATH, F(health_path), 0, 0,
+     "GET this path on every member (e.g. /healthz); a new member takes traffic after its "
+     "first pass, an ejected one returns only after passing [none]"},
+    {"health-every-ms", K_MS, F(health_every_ms), 100, 3600000,
+     "between health checks of a member, ms [2000]"},
+    {"health-timeout-ms", K_MS, F(health_timeout_ms), 1, 600000,
+     "a health check's deadline, ms [1000]"},
+    {"healthy-after", K_UINT, F(healthy_after), 1, 100,
+     "passes in a row that make a failing member healthy [2]"},
+    {"unhealthy-after", K_UINT, F(unhealthy_after), 1, 100,
+     "failures in a row that make a member unhealthy [3]"},
     {"hedge-after-ms", K_HEDGE, F(hedge_after_ms), 0, 3600000,
      "send a hedged attempt when the first is still pending after N ms, or 'auto' (the "
      "upstream's recent p95); 0 turns hedging off [0]"},
@@ -179,6 +210,16 @@ void config_defaults(struct srv_config *c)
     c->eject_ms = 30000;
     c->eject_max_ms = 300000;
     c->max_ejected_pct = 50;
+    c->discovery_dns = true;
+    c->resolve_every_ms = 5000;
+    c->resolve_hold_ms = 30000;
+    c->max_members = 256;
+    c->slow_start_ms = 10000;
+    c->balance_factor = 1.25;
+    c->health_every_ms = 2000;
+    c->health_timeout_ms = 1000;
+    c->healthy_after = 2;
+    c->unhealthy_after = 3;
     c->hedge_budget_pct = 5;
     c->retries = 1;
     c->retry_budget_pct = 20;
@@ -327,6 +368,29 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
         c->hedge_auto = false;
         c->hedge_after_ms = n;
         return 0;
+    case K_DISCOVERY:
+        if (strcmp(v, "dns") != 0 && strcmp(v, "static") != 0)
+            return fail(err, errlen, "%s: want dns or static, got \"%s\"", label, v);
+        c->discovery_dns = !strcmp(v, "dns");
+        return 0;
+    case K_PATH: {
+        size_t cap = o->off == offsetof(struct srv_config, health_path) ? sizeof(c->health_path)
+                                                                       : sizeof(c->upstreams_file);
+        if (!v[0] || strlen(v) >= cap)
+            return fail(err, errlen, "%s: want 1 to %zu bytes, got %zu", label, cap - 1, strlen(v));
+        memcpy(base + o->off, v, strlen(v) + 1);
+        return 0;
+    }
+    case K_FACTOR: {
+        char *end;
+        errno = 0;
+        double f = strtod(v, &end);
+        if (!isdigit((unsigned char)v[0]) || *end || errno || !(f == 0 || (f >= 1 && f <= 100)))
+            return fail(err, errlen, "%s: want 0 (off) or a number from 1 to 100, got \"%s\"",
+                        label, v);
+        *(double *)(base + o->off) = f;
+        return 0;
+    }
     case K_BOOL:
     case K_ONOFF: {
         bool b;
@@ -425,6 +489,78 @@ int config_resolve_listen(const struct srv_config *c, struct sockaddr_storage *s
     return 0;
 }
 
+/* Reads and parses the upstreams file into t[] (pointers into 'text', malloc'd for the caller).
+ * Returns how many, or -EINVAL with the reason. */
+static int read_upstreams_file(const char *path, char **text, const char **t, unsigned max,
+                               char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fail(err, errlen, "--upstreams-file: cannot open %s: %s", path, strerror(errno));
+    char *buf = malloc(DISCOVER_FILE_MAX + 2);
+    size_t got = buf ? fread(buf, 1, DISCOVER_FILE_MAX + 1, f) : 0;
+    fclose(f);
+    if (!buf)
+        return fail(err, errlen, "out of memory");
+    *text = buf;
+    buf[got] = 0;
+    if (got > DISCOVER_FILE_MAX || memchr(buf, 0, got))
+        return fail(err, errlen, "--upstreams-file: %s is over %d bytes or holds a NUL byte",
+                    path, DISCOVER_FILE_MAX);
+    char why[256];
+    int n = discover_parse_file(buf, t, max, why, sizeof(why));
+    if (n < 0)
+        return fail(err, errlen, "--upstreams-file: %s: %s", path, why);
+    if (n == 0)
+        return fail(err, errlen, "--upstreams-file: %s has no upstream in it", path);
+    return n;
+}
+
+/* The upstreams: exactly one of --upstream, --upstreams-file, --demo (or --demo-upstream-only
+ * alone), each template valid and the list a valid set. */
+static int check_upstreams(const struct srv_config *c, char *err, size_t errlen)
+{
+    bool file = c->upstreams_file[0] != 0;
+    if (c->demo_upstream_only && (c->demo || c->upstream[0] || file))
+        return fail(err, errlen, "--demo-upstream-only excludes --demo and --upstream");
+    if (c->demo && (c->upstream[0] || file))
+        return fail(err, errlen, "--demo and --upstream%s exclude each other",
+                    file ? "s-file" : "");
+    if (file && c->upstream[0])
+        return fail(err, errlen, "--upstream and --upstreams-file exclude each other");
+    if (!c->demo && !c->upstream[0] && !c->demo_upstream_only && !file)
+        return fail(err, errlen,
+                    "--upstream is required (or --demo for the built-in demo upstream)");
+    if (c->demo || c->demo_upstream_only)
+        return 0;
+    const char *t[UPSTREAMS_MAX + 1];
+    char list[sizeof(c->upstream)], *text = NULL;
+    int n;
+    if (file) {
+        n = read_upstreams_file(c->upstreams_file, &text, t, UPSTREAMS_MAX, err, errlen);
+    } else {
+        memcpy(list, c->upstream, sizeof(list));
+        n = (int)config_split_upstreams(list, t, UPSTREAMS_MAX + 1);
+        if (n > UPSTREAMS_MAX)
+            n = fail(err, errlen, "--upstream: more than %d upstreams", UPSTREAMS_MAX);
+    }
+    struct upstreams_opts uo = {.policy = c->upstream_policy,
+                                .eject_after = c->eject_after,
+                                .eject_ms = c->eject_ms,
+                                .eject_max_ms = c->eject_max_ms,
+                                .max_ejected_pct = c->max_ejected_pct};
+    struct upstreams *u = NULL;
+    char why[512];
+    int rc = n < 0 ? n : upstreams_new(t, (unsigned)n, &uo, &u, why, sizeof(why));
+    upstreams_free(u);
+    free(text);
+    if (rc == -ENOMEM)
+        return fail(err, errlen, "out of memory");
+    if (rc != 0 && n >= 0)
+        return fail(err, errlen, "%s: %s", file ? "--upstreams-file" : "--upstream", why);
+    return rc;
+}
+
 static int check(const struct srv_config *c, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
@@ -434,34 +570,12 @@ static int check(const struct srv_config *c, char *err, size_t errlen)
         return fail(err, errlen,
                     "--max-memory (%zu) must hold at least one --max-request-bytes (%zu) and one "
                     "--max-body (%zu)", c->max_memory, c->max_request_bytes, c->max_body);
-    if (c->demo_upstream_only && (c->demo || c->upstream[0]))
-        return fail(err, errlen, "--demo-upstream-only excludes --demo and --upstream");
-    if (c->demo && c->upstream[0])
-        return fail(err, errlen, "--demo and --upstream exclude each other");
-    if (!c->demo && !c->upstream[0] && !c->demo_upstream_only)
-        return fail(err, errlen,
-                    "--upstream is required (or --demo for the built-in demo upstream)");
-    if (!c->demo && !c->demo_upstream_only) {
-        char list[sizeof(c->upstream)];
-        memcpy(list, c->upstream, sizeof(list));
-        const char *t[UPSTREAMS_MAX + 1];
-        unsigned n = config_split_upstreams(list, t, UPSTREAMS_MAX + 1);
-        if (n > UPSTREAMS_MAX)
-            return fail(err, errlen, "--upstream: more than %d upstreams", UPSTREAMS_MAX);
-        struct upstreams_opts uo = {.policy = c->upstream_policy,
-                                    .eject_after = c->eject_after,
-                                    .eject_ms = c->eject_ms,
-                                    .eject_max_ms = c->eject_max_ms,
-                                    .max_ejected_pct = c->max_ejected_pct};
-        struct upstreams *u;
-        char why[512];
-        int rc = upstreams_new(t, n, &uo, &u, why, sizeof(why));
-        if (rc == -ENOMEM)
-            return fail(err, errlen, "out of memory");
-        if (rc != 0)
-            return fail(err, errlen, "--upstream: %s", why);
-        upstreams_free(u);
-    }
+    int rc = check_upstreams(c, err, errlen);
+    if (rc != 0)
+        return rc;
+    if (c->health_path[0] && (c->health_path[0] != '/' || strpbrk(c->health_path, " #\t\r\n")))
+        return fail(err, errlen, "--health-path: want an absolute path such as /healthz, got \"%s\"",
+                    c->health_path);
     if (c->eject_max_ms < c->eject_ms)
         return fail(err, errlen, "--eject-max-ms (%" PRId64 ") is below --eject-ms (%" PRId64 ")",
                     c->eject_max_ms, c->eject_ms);
@@ -655,6 +769,18 @@ void config_print_json(const struct srv_config *c, FILE *out)
         json_buf_append_str(&b, "\"auto\"");
     else
         json_buf_printf(&b, "%" PRId64, c->hedge_after_ms);
+    json_buf_printf(&b,
+                    ",\"upstream_discovery\":\"%s\",\"resolve_every_ms\":%" PRId64
+                    ",\"resolve_hold_ms\":%" PRId64 ",\"max_members\":%u,\"slow_start_ms\":%" PRId64
+                    ",\"balance_factor\":%g,\"health_every_ms\":%" PRId64
+                    ",\"health_timeout_ms\":%" PRId64 ",\"healthy_after\":%u,\"unhealthy_after\":%u",
+                    c->discovery_dns ? "dns" : "static", c->resolve_every_ms, c->resolve_hold_ms,
+                    c->max_members, c->slow_start_ms, c->balance_factor, c->health_every_ms,
+                    c->health_timeout_ms, c->healthy_after, c->unhealthy_after);
+    json_buf_append_str(&b, ",\"upstreams_file\":");
+    json_append_string(&b, c->upstreams_file, strlen(c->upstreams_file));
+    json_buf_append_str(&b, ",\"health_path\":");
+    json_append_string(&b, c->health_path, strlen(c->health_path));
     json_buf_printf(&b, ",\"hedge_budget_pct\":%u,\"retries\":%u,\"retry_budget_pct\":%u"
                         ",\"coalesce\":%s",
                     c->hedge_budget_pct, c->retries, c->retry_budget_pct,

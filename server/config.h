@@ -24,7 +24,19 @@ struct srv_config {
     unsigned eject_after;       /* --eject-after: consecutive failures that eject (0: never) */
     int64_t eject_ms;           /* --eject-ms: first ejection's length */
     int64_t eject_max_ms;       /* --eject-max-ms: cap of the doubling */
-    unsigned max_ejected_pct;   /* --max-ejected-pct: most upstreams ejected at once, % */
+    unsigned max_ejected_pct;   /* --max-ejected-pct: most members ejected at once, % */
+    bool discovery_dns;         /* --upstream-discovery dns (true) or static */
+    int64_t resolve_every_ms;   /* --resolve-every-ms: between lookups of a name */
+    int64_t resolve_hold_ms;    /* --resolve-hold-ms: members kept after NXDOMAIN/empty */
+    char upstreams_file[4096];  /* --upstreams-file: one template per line, or "" */
+    unsigned max_members;       /* --max-members: members in all */
+    int64_t slow_start_ms;      /* --slow-start-ms: a new member's ramp (0: none) */
+    double balance_factor;      /* --balance-factor: bounded-load factor (0: off) */
+    char health_path[256];      /* --health-path: GET on every member, or "" (no checks) */
+    int64_t health_every_ms;    /* --health-every-ms */
+    int64_t health_timeout_ms;  /* --health-timeout-ms */
+    unsigned healthy_after;     /* --healthy-after: passes that make a member healthy */
+    unsigned unhealthy_after;   /* --unhealthy-after: failures that make it unhealthy */
     int64_t hedge_after_ms;     /* --hedge-after-ms N: hedge delay (0: off) */
     bool hedge_auto;            /* --hedge-after-ms auto: after the upstream's recent p95 */
     unsigned hedge_budget_pct;  /* --hedge-budget-pct: hedges per 100 first attempts */

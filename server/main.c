@@ -1,8 +1,9 @@
 /* fanout's main(): configuration, signals, and the server's lifetime.
  *
  * SIGNALS. SIGTERM, SIGINT and SIGHUP are blocked before any thread starts, so every thread
- * inherits the mask, and the main thread takes them with sigwaitinfo(). SIGHUP is ignored (logs go
- * to stderr; there is nothing to reopen). The first SIGTERM or SIGINT drains (srv_drain()):
+ * inherits the mask, and the main thread takes them with sigwaitinfo(). SIGHUP reads the upstreams
+ * file again and looks every upstream name up again (srv_reload()); logs go to stderr, so there is
+ * nothing to reopen. The first SIGTERM or SIGINT drains (srv_drain()):
  * /readyz turns 503, the listener closes, batches in flight get --drain-ms to finish, the rest are
  * canceled and answered 503; then srv_free() joins every thread and frees everything, and the
  * process exits 0. Before draining, the main thread installs a handler for SIGTERM/SIGINT and
@@ -276,7 +277,9 @@ int main(int argc, char **argv)
         int sig = sigwaitinfo(&set, NULL);
         if (sig == SIGTERM || sig == SIGINT)
             break;
-        /* SIGHUP, or EINTR: keep serving. */
+        if (sig == SIGHUP)
+            srv_reload(s);
+        /* or EINTR: keep serving. */
     }
     arm_second_signal();
     srv_drain(s, cfg.drain_ms);

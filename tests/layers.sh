@@ -8,6 +8,7 @@
 #   3     server/json, server/membudget, server/version   leaves every wing may use
 #   4     server/obs/  server/demo/                   logs and metrics; the demo upstream
 #   5     server/batch/                               one request's fan-out, no HTTP
+#   5     server/upstream/                            the live upstream set: discovery, checks
 #   6     server/config                               flags and environment
 #   7     server/http/                                the HTTP front end
 #   8     server/main.c                               the program
@@ -28,7 +29,7 @@ rank() {
 	fetch/*) echo 2 ;;
 	server/json.* | server/membudget.* | server/version.h) echo 3 ;;
 	server/obs/* | server/demo/*) echo 4 ;;
-	server/batch/*) echo 5 ;;
+	server/batch/* | server/upstream/*) echo 5 ;;
 	server/config.*) echo 6 ;;
 	server/http/*) echo 7 ;;
 	server/main.c) echo 8 ;;

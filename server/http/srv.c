@@ -54,6 +54,7 @@
 #include "server/http/guard.h"
 #include "server/http/srv_impl.h"
 #include "server/http/watch.h"
+#include "server/upstream/discover.h"
 #include "server/json.h"
 #include "server/membudget.h"
 #include "server/obs/log.h"
@@ -73,26 +74,6 @@
 /* ---------------------------------------------------------------- logs */
 
 /* Logs 'msg' with extra members 'fmt' (",\"key\":value" pieces, printf-style). */
-static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static void log_fields(struct srv *s, enum log_level lvl, const char *msg, const char *fmt, ...)
-{
-    if (!log_enabled(s->log, lvl))
-        return;
-    struct json_buf b;
-    json_buf_init(&b);
-    log_begin(&b, lvl, msg);
-    va_list ap;
-    va_start(ap, fmt);
-    char extra[256];
-    vsnprintf(extra, sizeof(extra), fmt, ap);
-    va_end(ap);
-    json_buf_append_str(&b, extra);
-    log_end(s->log, &b);
-    json_buf_destroy(&b);
-}
-
 static void mhd_logger(void *cls, const char *fmt, va_list ap)
 {
     struct srv *s = cls;
@@ -170,12 +151,12 @@ static void on_upstream_event(void *arg, const char *upstream, const char *membe
 {
     struct srv *s = arg;
     if (ejected)
-        log_fields(s, LOG_WARN, "upstream ejected",
+        log_fieldsf(s->log, LOG_WARN, "upstream ejected",
                    ",\"upstream\":\"%s\",\"member\":\"%s\",\"eject_ms\":%" PRId64
                    ",\"ejections\":%" PRIu64,
                    upstream, member, ms, ejections);
     else
-        log_fields(s, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\",\"member\":\"%s\"",
+        log_fieldsf(s->log, LOG_INFO, "upstream returned", ",\"upstream\":\"%s\",\"member\":\"%s\"",
                    upstream, member);
 }
 
@@ -200,7 +181,7 @@ static void stop_log(struct srv *s)
                 total += atomic_load_explicit(&s->metrics.by_status[r][i], memory_order_relaxed);
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
-        log_fields(s, LOG_INFO, "stopped", ",\"requests\":%" PRIu64 ",\"uptime_s\":%.3f", total,
+        log_fieldsf(s->log, LOG_INFO, "stopped", ",\"requests\":%" PRIu64 ",\"uptime_s\":%.3f", total,
                    (double)now.tv_sec + (double)now.tv_nsec / 1e9 - s->metrics.start_time);
     }
     log_free(s->log);
@@ -242,51 +223,96 @@ static void stop_budgets(struct srv *s)
 }
 
 /* The upstream set: --upstream's templates, or the demo upstream's (started here). */
+/* --hedge-after-ms auto hedges after this percentile of the member's recent latency. */
+#define SRV_HEDGE_PCT 95
+
+/* The upstream set: the demo's, or --upstream's or the file's, looked up once (the discover
+ * thread starts after the fetch loops, which its health checks run on). */
 static int start_upstreams(struct srv *s, char *err, size_t errlen)
 {
+    const struct srv_config *c = &s->cfg;
     const char *tmpls[UPSTREAMS_MAX];
     unsigned ntmpl = 0;
     char *list = NULL;
     int rc;
-    if (s->cfg.demo) {
+    if (c->demo) {
         if ((rc = demo_start("127.0.0.1", 0, &s->demo)) != 0) {
             snprintf(err, errlen, "cannot start the demo upstream: %s", strerror(-rc));
             return rc;
         }
         demo_url_template(s->demo, s->upstream, sizeof(s->upstream));
         tmpls[ntmpl++] = s->upstream;
-    } else {
-        if (!(list = strdup(s->cfg.upstream))) {
+    } else if (!c->upstreams_file[0]) {
+        if (!(list = strdup(c->upstream))) {
             snprintf(err, errlen, "out of memory");
             return -ENOMEM;
         }
         ntmpl = config_split_upstreams(list, tmpls, UPSTREAMS_MAX);
         snprintf(s->upstream, sizeof(s->upstream), "%s", ntmpl ? tmpls[0] : "");
     }
-    struct upstreams_opts uo = {.policy = s->cfg.upstream_policy,
-                                .eject_after = s->cfg.eject_after,
-                                .eject_ms = s->cfg.eject_ms,
-                                .eject_max_ms = s->cfg.eject_max_ms,
-                                .max_ejected_pct = s->cfg.max_ejected_pct,
-                                .on_event = on_upstream_event,
-                                .event_arg = s};
-    char terr[512];
-    struct upstreams *first = NULL;
-    rc = upstreams_new(tmpls, ntmpl, &uo, &first, terr, sizeof(terr));
+    struct discover_opts o = {
+        .set = {.policy = c->upstream_policy,
+                .eject_after = c->eject_after,
+                .eject_ms = c->eject_ms,
+                .eject_max_ms = c->eject_max_ms,
+                .max_ejected_pct = c->max_ejected_pct,
+                .slow_start_ms = c->slow_start_ms,
+                .balance_factor = c->balance_factor,
+                .hedge_pct = SRV_HEDGE_PCT,
+                .on_event = on_upstream_event,
+                .event_arg = s},
+        .dns = c->discovery_dns,
+        .every_ms = c->resolve_every_ms,
+        .hold_ms = c->resolve_hold_ms,
+        .max_members = c->max_members,
+        .file = c->upstreams_file[0] ? c->upstreams_file : NULL,
+        .lookup = s->seams.lookup,
+        .lookup_arg = s->seams.lookup_arg,
+        .file_check_ms = s->seams.file_check_ms,
+        .health_path = c->health_path[0] ? c->health_path : NULL,
+        .health_every_ms = c->health_every_ms,
+        .health_timeout_ms = c->health_timeout_ms,
+        .healthy_after = c->healthy_after,
+        .unhealthy_after = c->unhealthy_after,
+        .log = s->log};
+    char derr[512];
+    rc = discover_new(&o, tmpls, ntmpl, &s->discover, derr, sizeof(derr));
     free(list);
-    if (rc == 0 && (rc = upstream_live_new(first, &s->ups)) != 0)
-        upstreams_free(first);
-    if (rc != 0)
-        snprintf(err, errlen, "--upstream: %s", rc == -EINVAL ? terr : strerror(-rc));
-    return rc;
+    if (rc != 0) {
+        snprintf(err, errlen, "%s: %s", c->upstreams_file[0] ? "--upstreams-file" : "--upstream",
+                 rc == -EINVAL ? derr : strerror(-rc));
+        return rc;
+    }
+    s->ups = discover_live(s->discover);
+    if (c->upstreams_file[0]) {
+        struct upstreams *u = upstream_live_get(s->ups);
+        snprintf(s->upstream, sizeof(s->upstream), "%s", upstream_template(u, 0));
+        upstreams_free(u);
+    }
+    return 0;
 }
 
 static void stop_upstreams(struct srv *s)
 {
+    discover_free(s->discover);
+    s->discover = NULL;
+    s->ups = NULL;
     demo_stop(s->demo);
     s->demo = NULL;
-    upstream_live_free(s->ups);
-    s->ups = NULL;
+}
+
+/* The discover thread: lookups, the file, health checks (on the fetch loops). */
+static int start_discovery(struct srv *s, char *err, size_t errlen)
+{
+    int rc = discover_start(s->discover, s->fetch);
+    if (rc != 0)
+        snprintf(err, errlen, "cannot start the upstream discovery thread: %s", strerror(-rc));
+    return rc;
+}
+
+static void stop_discovery(struct srv *s)
+{
+    discover_stop(s->discover);
 }
 
 static int start_watch(struct srv *s, char *err, size_t errlen)
@@ -359,7 +385,7 @@ static void fit_fd_budget(struct srv *s)
     if ((uint64_t)s->cfg.max_clients + reserve <= rl.rlim_cur)
         return;
     uint64_t fit = rl.rlim_cur > reserve + 16 ? rl.rlim_cur - reserve : 16;
-    log_fields(s, LOG_WARN, "--max-clients lowered to fit RLIMIT_NOFILE",
+    log_fieldsf(s->log, LOG_WARN, "--max-clients lowered to fit RLIMIT_NOFILE",
                ",\"max_clients\":%" PRIu64 ",\"requested\":%u,\"rlimit_nofile\":%" PRIu64, fit,
                s->cfg.max_clients, (uint64_t)rl.rlim_cur);
     s->cfg.max_clients = (unsigned)fit;
@@ -527,6 +553,7 @@ static const struct step {
     {start_watch, stop_watch},
     {start_flights, stop_flights},
     {start_fetch, stop_fetch},
+    {start_discovery, stop_discovery},
     {start_env, NULL},
     {start_guard, stop_guard},
     {start_daemon, stop_daemon},
@@ -534,12 +561,20 @@ static const struct step {
 
 int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen)
 {
+    return srv_new_seams(cfg, log_fd, NULL, out, err, errlen);
+}
+
+int srv_new_seams(const struct srv_config *cfg, int log_fd, const struct srv_seams *seams,
+                  struct srv **out, char *err, size_t errlen)
+{
     struct srv *s = calloc(1, sizeof(*s));
     if (!s) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     s->cfg = *cfg;
+    if (seams)
+        s->seams = *seams;
     s->log_fd = log_fd;
     metrics_init(&s->metrics);
     pthread_mutex_init(&s->mu, NULL);
@@ -571,6 +606,16 @@ uint16_t srv_port(const struct srv *s)
     return s->port;
 }
 
+void srv_reload(struct srv *s)
+{
+    discover_reload(s->discover);
+}
+
+uint64_t srv_discover_passes(struct srv *s)
+{
+    return discover_passes(s->discover);
+}
+
 /* ---------------------------------------------------------------- drain and stop */
 
 /* Stops accepting: new connections are refused and those waiting in the backlog are reset.
@@ -596,7 +641,7 @@ void srv_drain_start(struct srv *s)
 {
     if (atomic_exchange(&s->draining, true))
         return;
-    log_fields(s, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
+    log_fieldsf(s->log, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
                atomic_load(&s->active), s->cfg.drain_ms);
     if (s->mhd)
         close_listener(s);
@@ -638,12 +683,12 @@ void srv_drain(struct srv *s, int64_t drain_ms)
     int64_t canceled = 0;
     if (!wait_idle(s, t0 + drain_ms)) {
         canceled = atomic_load(&s->active);
-        log_fields(s, LOG_WARN, "drain deadline passed; canceling batches in flight",
+        log_fieldsf(s->log, LOG_WARN, "drain deadline passed; canceling batches in flight",
                    ",\"in_flight\":%" PRId64, canceled);
         srv_cancel_all(s);
         wait_idle(s, ctx_now() + DRAIN_CANCEL_GRACE_MS);
     }
-    log_fields(s, LOG_INFO, "drained",
+    log_fieldsf(s->log, LOG_INFO, "drained",
                ",\"canceled\":%" PRId64 ",\"left\":%" PRIdFAST64 ",\"duration_ms\":%" PRId64,
                canceled, atomic_load(&s->active), ctx_now() - t0);
 }
@@ -658,7 +703,7 @@ int srv_free(struct srv *s)
         /* Batches that did not end even after their cancellation: MHD_stop_daemon() with
          * suspended connections is an API violation (0.9.75 aborts), and freeing anything they
          * use is unsafe. Leave everything running and tell the caller, who should exit. */
-        log_fields(s, LOG_ERROR, "batches still in flight after the drain; not stopping",
+        log_fieldsf(s->log, LOG_ERROR, "batches still in flight after the drain; not stopping",
                    ",\"in_flight\":%" PRIdFAST64, atomic_load(&s->active));
         struct log *l = s->log; /* written out now: the caller is about to exit */
         s->log = NULL;

@@ -20,14 +20,33 @@
 
 #include <stdint.h>
 
+#include "fetch/lookup.h"
 #include "server/config.h"
 
 struct srv;
+
+/* What a test may put in place of the real thing (zero: the real thing). */
+struct srv_seams {
+    fetch_lookup_fn lookup;  /* how upstream names are looked up (discovery) */
+    void *lookup_arg;
+    int64_t file_check_ms;   /* how often the upstreams file is looked at; 0: 1000 */
+};
 
 /* Starts a server for 'cfg' (copied). Logs go to 'log_fd' (stderr in main). Returns 0 and the
  * server, or a negative errno with a one-line reason in err. curl_global_init() must have been
  * called and SIGPIPE ignored. */
 int srv_new(const struct srv_config *cfg, int log_fd, struct srv **out, char *err, size_t errlen);
+
+/* srv_new() with seams (NULL: none). */
+int srv_new_seams(const struct srv_config *cfg, int log_fd, const struct srv_seams *seams,
+                  struct srv **out, char *err, size_t errlen);
+
+/* SIGHUP: the upstreams file is read again and every upstream name looked up again, now.
+ * Thread-safe; returns at once. */
+void srv_reload(struct srv *s);
+
+/* Passes of the discover thread so far (tests wait on it). */
+uint64_t srv_discover_passes(struct srv *s);
 
 /* The bound port (useful with --listen HOST:0). */
 uint16_t srv_port(const struct srv *s);

@@ -21,10 +21,12 @@
 #include "server/config.h"
 #include "server/membudget.h"
 #include "server/obs/metrics.h"
+#include "server/http/srv.h"
 
 struct batch;
 struct ctx;
 struct demo;
+struct discover;
 struct fetch;
 struct flights;
 struct guard;
@@ -46,6 +48,8 @@ struct srv {
     struct MHD_Daemon *mhd;        /* the front end */
     struct fetch *fetch;           /* the upstream engine */
     struct upstream_live *ups;     /* the upstream set: its current snapshot */
+    struct discover *discover;     /* keeps it: lookups, the upstreams file, health checks */
+    struct srv_seams seams;        /* what tests replace */
     struct watch *watch;           /* disconnect watch for suspended connections */
     struct guard *guard;           /* header and body deadlines, lingering closes */
     struct membudget mem;          /* --max-memory: bodies and answers held, all requests */

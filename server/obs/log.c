@@ -15,6 +15,8 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -226,4 +228,21 @@ void log_free(struct log *l)
     pthread_mutex_destroy(&l->mu);
     free(l->ring);
     free(l);
+}
+
+void log_fieldsf(struct log *l, enum log_level level, const char *msg, const char *fmt, ...)
+{
+    if (!l || !log_enabled(l, level))
+        return;
+    struct json_buf b;
+    json_buf_init(&b);
+    log_begin(&b, level, msg);
+    va_list ap;
+    va_start(ap, fmt);
+    char extra[512];
+    vsnprintf(extra, sizeof(extra), fmt, ap);
+    va_end(ap);
+    json_buf_append_str(&b, extra);
+    log_end(l, &b);
+    json_buf_destroy(&b);
 }

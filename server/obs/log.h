@@ -37,6 +37,12 @@ void log_end(struct log *l, struct json_buf *b);
 /* A line with only a message. */
 void log_msg(struct log *l, enum log_level level, const char *msg);
 
+/* A line with a message and fields: 'fmt' makes the text after the message, each field as
+ * ",\"key\":value" (at most 512 bytes; the caller escapes what it puts in strings). 'l' may be
+ * NULL: nothing is written. */
+void log_fieldsf(struct log *l, enum log_level level, const char *msg, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 /* Writes what is queued, stops and joins the writer, frees the log. If the fd stops taking
  * bytes (a reader that no longer reads), the rest is dropped after about a second without
  * progress, so shutdown never hangs on stderr. */
