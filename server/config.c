@@ -720,7 +720,9 @@ void config_usage(FILE *out)
                                            [K_INT] = " N",
                                            [K_UINT] = " N",        [K_MS] = " MS",
                                            [K_SIZE] = " SIZE",     [K_LEVEL] = " LEVEL",
-                                           [K_POLICY] = " POLICY", [K_HEDGE] = " MS|auto"};
+                                           [K_POLICY] = " POLICY", [K_HEDGE] = " MS|auto",
+                                           [K_DISCOVERY] = " dns|static", [K_PATH] = " PATH",
+                                           [K_FACTOR] = " F"};
         char flag[48];
         snprintf(flag, sizeof(flag), "--%s%s", o->name, meta[o->kind]);
         fprintf(out, "  %-26s %s\n", flag, o->help);

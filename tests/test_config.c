@@ -389,7 +389,7 @@ static void test_config_every_flag_has_its_variable(void)
         size_t k = strlen(var);
         for (const char *s = it->string; *s && k < sizeof(var) - 24; s++)
             var[k++] = (char)toupper((unsigned char)*s);
-        snprintf(var + k, sizeof(var) - k, "=%.0f", it->valuedouble);
+        snprintf(var + k, sizeof(var) - k, "=%.17g", it->valuedouble);
         struct srv_config c2;
         int rc = parse(&c2, A("--demo"), A(var), &act, err, sizeof(err));
         cJSON *j2 = rc == 0 ? json_of(&c2) : NULL;
