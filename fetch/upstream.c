@@ -559,10 +559,11 @@ static uint64_t score(const struct upstreams *u, const struct member *m, uint64_
     return sc >= 1e18 ? UINT64_MAX : (uint64_t)(sc * 1e1);
 }
 
-/* Whether member m is in: not ejected, and healthy by its checks. */
+/* Whether member m is in: still in the live set, not ejected, and healthy by its checks. */
 static bool member_in(struct upstreams *u, unsigned m, int64_t now_ms)
 {
-    return !upstream_ejected(u, m, now_ms) &&
+    return !atomic_load_explicit(&u->m[m]->gone, memory_order_relaxed) &&
+           !upstream_ejected(u, m, now_ms) &&
            atomic_load_explicit(&u->m[m]->healthy, memory_order_relaxed);
 }
 
@@ -579,8 +580,8 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
                         unsigned ntried, int64_t now_ms)
 {
     unsigned first, count = candidates(u, k, &first);
-    if (count <= 1)
-        return count ? first : UPSTREAM_NONE;
+    if (count == 1 && !atomic_load_explicit(&u->m[first]->gone, memory_order_relaxed))
+        return first;
     bool in[UPSTREAM_MEMBERS_MAX];
     unsigned nin = 0;
     uint64_t load = 0;
@@ -601,6 +602,8 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
     uint64_t best_score = 0;
     for (unsigned j = 0; j < count; j++) {
         struct member *m = u->m[first + j];
+        if (atomic_load_explicit(&m->gone, memory_order_relaxed))
+            continue; /* it left the set after this snapshot was taken: no new attempt */
         int t = last_try(first + j, tried, ntried);
         unsigned tier;
         if (in[j])

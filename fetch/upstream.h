@@ -21,6 +21,9 @@
  *   1. in, but at or over the load bound;
  *   2. in, tried already (the least recently tried first);
  *   3. out (ejected or failing its checks), not tried; 4. out and tried.
+ * A member that has left the live set since the snapshot was taken (upstream_live_swap()) gets
+ * no new attempt from it at all, so retries and hedges of requests already running follow the
+ * set too; when no candidate is left, the pick is UPSTREAM_NONE.
  * The load bound (balance_factor F > 0; bounded-load rendezvous): a member with attempts in
  * flight >= ceil(F * (in flight on the candidates that are in + 1) / their number) is over it,
  * so load spills off a slow member, which collects attempts, while keys keep their first

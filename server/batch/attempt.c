@@ -377,7 +377,8 @@ int attempts_start(struct attempts *a)
 
 const char *attempts_no_member(const struct attempts *a)
 {
-    return upstream_why(a->env.ups, a->key.shard);
+    const char *why = upstream_why(a->env.ups, a->key.shard);
+    return why[0] ? why : "every member of the upstream has left the set";
 }
 
 void attempts_destroy(struct attempts *a)
