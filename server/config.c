@@ -91,7 +91,8 @@ static const struct opt opts[] = {
      "failures in a row that make a member unhealthy [3]"},
     {"hedge-after-ms", K_HEDGE, F(hedge_after_ms), 0, 3600000,
      "send a hedged attempt when the first is still pending after N ms, or 'auto' (the "
-     "upstream's recent p95); 0 turns hedging off [0]"},
+     "member's recent latency at 100 - 0.4 x --hedge-budget-pct percent: p98 with the 5% "
+     "budget, leaving the budget room for bursts); 0 turns hedging off [0]"},
     {"hedge-budget-pct", K_UINT, F(hedge_budget_pct), 0, 100,
      "hedges at most this percent of fetches [5]"},
     {"retries", K_UINT, F(retries), 0, 10,

@@ -342,7 +342,8 @@ static void timer_done(void *arg, struct fetch_result *r)
 
 /* ---------------------------------------------------------------- the run */
 
-/* The hedge delay for a key whose first attempt went to 'up', or -1 for no hedge. */
+/* The hedge delay for a key whose first attempt went to member 'up' (fixed, or auto: that
+ * member's recent latency at attempt_hedge_pct()), or -1 for no hedge. */
 static int64_t hedge_delay(const struct attempts *a, unsigned up)
 {
     const struct attempt_env *env = &a->env;
@@ -373,6 +374,14 @@ int attempts_start(struct attempts *a)
     if (a->hedge_ms >= 0) /* a timer that cannot be armed: simply no hedge */
         arm_timer(a, ATTEMPT_TIMER_HEDGE, attempt_hedge_wait(a->hedge_ms, 0));
     return 0;
+}
+
+unsigned attempt_hedge_pct(unsigned budget_pct)
+{
+    unsigned off = budget_pct * 2 / 5;
+    if (off < 1)
+        off = 1;
+    return off > 50 ? 50 : 100 - off;
 }
 
 const char *attempts_no_member(const struct attempts *a)

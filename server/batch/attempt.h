@@ -170,6 +170,14 @@ const char *attempts_no_member(const struct attempts *a);
  * attempts_start() failed or was never called. */
 void attempts_destroy(struct attempts *a);
 
+/* The latency percentile --hedge-after-ms auto hedges after, for a hedge budget of
+ * 'budget_pct' percent: 100 - budget_pct * 2 / 5 (at least 50, at most 99). With the default 5%
+ * budget that is the p98: about 2% of first attempts are hedged in steady state, so the budget
+ * fills up (to what its window deposited) and has room for the bursts in which many attempts
+ * pass the delay at once; at the p95 the steady state spent the whole 5% and a burst found the
+ * bucket empty. */
+unsigned attempt_hedge_pct(unsigned budget_pct);
+
 /* The wait before the next hedge of a key whose hedge delay is 'delay_ms' (>= 0) and that has
  * sent 'sent' hedges: the delay before the first, half of it (at least 1 ms) before each next
  * one, -1 once ATTEMPT_MAX_HEDGES are out. */

@@ -47,6 +47,7 @@
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
+#include "server/batch/attempt.h"
 #include "server/batch/batch.h"
 #include "server/batch/budget.h"
 #include "server/batch/flight.h"
@@ -223,9 +224,6 @@ static void stop_budgets(struct srv *s)
 }
 
 /* The upstream set: --upstream's templates, or the demo upstream's (started here). */
-/* --hedge-after-ms auto hedges after this percentile of the member's recent latency. */
-#define SRV_HEDGE_PCT 95
-
 /* The upstream set: the demo's, or --upstream's or the file's, looked up once (the discover
  * thread starts after the fetch loops, which its health checks run on). */
 static int start_upstreams(struct srv *s, char *err, size_t errlen)
@@ -258,7 +256,7 @@ static int start_upstreams(struct srv *s, char *err, size_t errlen)
                 .max_ejected_pct = c->max_ejected_pct,
                 .slow_start_ms = c->slow_start_ms,
                 .balance_factor = c->balance_factor,
-                .hedge_pct = SRV_HEDGE_PCT,
+                .hedge_pct = attempt_hedge_pct(c->hedge_budget_pct),
                 .on_event = on_upstream_event,
                 .event_arg = s},
         .dns = c->discovery_dns,
