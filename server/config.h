@@ -38,7 +38,8 @@ struct srv_config {
     unsigned healthy_after;     /* --healthy-after: passes that make a member healthy */
     unsigned unhealthy_after;   /* --unhealthy-after: failures that make it unhealthy */
     int64_t hedge_after_ms;     /* --hedge-after-ms N: hedge delay (0: off) */
-    bool hedge_auto;            /* --hedge-after-ms auto: after the upstream's recent p95 */
+    bool hedge_auto;            /* --hedge-after-ms auto: after the member's recent latency
+                                   percentile (attempt_hedge_pct()) */
     unsigned hedge_budget_pct;  /* --hedge-budget-pct: hedges per 100 first attempts */
     unsigned retries;           /* --retries: extra attempts after retryable failures */
     unsigned retry_budget_pct;  /* --retry-budget-pct: retries per 100 first attempts (+10/s) */

@@ -1,20 +1,22 @@
 /* attempt: one key's attempts at an upstream answer, and the policy that makes them.
  *
- * A key is fetched by a series of attempts, each a GET of the key from one upstream, until one
- * decides the outcome:
- *   - the first attempt goes to the key's first upstream (upstream.h: its ranking, ejected
- *     upstreams skipped);
- *   - a hedge: when no answer has come within the hedge delay (fixed, or the first upstream's
- *     recent p95), and the hedge budget has a token, one more attempt goes to the next upstream
- *     (replicas) or the same one (shards), and again after half the delay more, up to
+ * A key is fetched by a series of attempts, each a GET of the key from one member of the
+ * upstream set, until one decides the outcome:
+ *   - the first attempt goes to the key's first member (upstream.h: its ranking, with ejected,
+ *     unhealthy and overloaded members skipped); a key whose upstream has no member fails at
+ *     once (attempts_start() says FETCH_EUNREACH);
+ *   - a hedge: when no answer has come within the hedge delay (fixed, or the first member's
+ *     recent latency at attempt_hedge_pct()), and the hedge budget has a token, one more
+ *     attempt goes to the next member not tried yet (of the key's shard, with shards), and
+ *     again after half the delay more, up to
  *     ATTEMPT_MAX_HEDGES (an attempt and its hedge both in the tail would otherwise hold the
  *     key for two whole delays); an empty budget ends the key's hedging. The first good answer
  *     wins, and every other attempt is aborted at once;
- *   - a retry: an attempt that failed with a retryable outcome (outcome.h: a transport error,
+   - a retry: an attempt that failed with a retryable outcome (outcome.h: a transport error,
  *     502, 503 or 504), when no other attempt is pending, retries are left, the retry budget has
  *     a token and the deadline allows, is followed after a jittered exponential backoff
  *     (uniform in [0, (2^k - 1) * 25 ms], capped at 250 ms, k being the retries made plus one)
- *     by an attempt to the next upstream; a backoff that would end at or past the deadline is
+ *     by an attempt to the next member; a backoff that would end at or past the deadline is
  *     not started;
  *   - an attempt cut by its own deadline, with no other attempt out, while the owner's
  *     deadline has moved later since it started (more than 1 ms left) is followed at once by a
@@ -74,7 +76,7 @@ struct attempt_env {
     struct budget *retry_budget;  /* shared by all keys */
     struct metrics *metrics;      /* fetch, hedge, retry and per-upstream counters */
     int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
-    bool hedge_auto;              /* hedge after the first upstream's recent p95 */
+    bool hedge_auto;              /* hedge after the first member's recent latency percentile */
     unsigned retries;             /* extra attempts after a retryable failure */
     uint64_t (*jitter)(uint64_t n); /* a uniform draw in [0, n] for the backoff; NULL: a
                                        per-thread generator (set for deterministic tests) */

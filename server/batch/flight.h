@@ -67,7 +67,7 @@ struct flight_env {
     struct metrics *metrics;      /* fetch, hedge, retry, flight and per-upstream counters */
     struct flights *flights;      /* the registry of running flights, for coalescing */
     int64_t hedge_after_ms;       /* fixed hedge delay; 0: off (unless hedge_auto) */
-    bool hedge_auto;              /* hedge after the first upstream's recent p95 */
+    bool hedge_auto;              /* hedge after the first member's recent latency percentile */
     unsigned retries;             /* extra attempts after a retryable failure */
 };
 
