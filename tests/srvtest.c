@@ -439,11 +439,15 @@ void srvtest_multi_free(struct srvtest_multi *g)
 int srvtest_raw_connect(uint16_t port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    if (fd < 0) {
+        fprintf(stderr, "\n  srvtest: socket: %s\n", strerror(errno));
         return -1;
+    }
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        /* Said, so that a failure on a loaded machine shows what the kernel answered. */
+        fprintf(stderr, "\n  srvtest: connect to 127.0.0.1:%u: %s\n", port, strerror(errno));
         close(fd);
         return -1;
     }

@@ -277,8 +277,13 @@ static void test_ops_invalid_config_exits_2(void)
         memcpy(cargs + 1, args, (n + 1) * sizeof(args[0]));
         struct run rc;
         CU_ASSERT_FATAL(run_fanout(cargs, env, &rc));
+        bool same = rc.finished && exited_with(rc.status, 2) && r.err && rc.err &&
+                    !strcmp(r.err, rc.err);
         CU_ASSERT(rc.finished && exited_with(rc.status, 2));
         CU_ASSERT(r.err && rc.err && !strcmp(r.err, rc.err));
+        if (!same)
+            fprintf(stderr, "\n  case %zu --check-config: finished %d, status 0x%x, stderr: %s",
+                    i, rc.finished, rc.status, rc.err ? rc.err : "(none)\n");
         run_free(&rc);
         run_free(&r);
     }
