@@ -337,6 +337,51 @@ static int parse_listen(struct srv_config *c, const char *v, const char *label, 
     return 0;
 }
 
+/* --hedge-after-ms: auto, or a whole number of ms within the bounds. */
+static int set_hedge(struct srv_config *c, const struct opt *o, const char *v, const char *label,
+                     char *err, size_t errlen)
+{
+    int64_t n = 0;
+    if (!strcmp(v, "auto")) {
+        c->hedge_auto = true;
+        c->hedge_after_ms = 0;
+        return 0;
+    }
+    if (!parse_num(v, false, &n) || n < o->min || n > o->max)
+        return fail(err, errlen,
+                    "%s: want auto or a whole number from %" PRId64 " to %" PRId64 ", got \"%s\"",
+                    label, o->min, o->max, v);
+    c->hedge_auto = false;
+    c->hedge_after_ms = n;
+    return 0;
+}
+
+/* A path setting (--upstreams-file, --health-path): 1 byte to its field's size. */
+static int set_path(struct srv_config *c, const struct opt *o, const char *v, const char *label,
+                    char *err, size_t errlen)
+{
+    size_t cap = o->off == offsetof(struct srv_config, health_path) ? sizeof(c->health_path)
+                                                                   : sizeof(c->upstreams_file);
+    if (!v[0] || strlen(v) >= cap)
+        return fail(err, errlen, "%s: want 1 to %zu bytes, got %zu", label, cap - 1, strlen(v));
+    memcpy((char *)c + o->off, v, strlen(v) + 1);
+    return 0;
+}
+
+/* A factor (--balance-factor): 0 (off), or a decimal number from 1 to 100. */
+static int set_factor(struct srv_config *c, const struct opt *o, const char *v, const char *label,
+                      char *err, size_t errlen)
+{
+    char *end;
+    errno = 0;
+    double f = strtod(v, &end);
+    if (!isdigit((unsigned char)v[0]) || *end || errno || !(f == 0 || (f >= 1 && f <= 100)))
+        return fail(err, errlen, "%s: want 0 (off) or a number from 1 to 100, got \"%s\"", label,
+                    v);
+    *(double *)((char *)c + o->off) = f;
+    return 0;
+}
+
 /* Sets one option from text; 'label' names where it came from ("--limit", "FANOUT_LIMIT"). */
 static int set_opt(struct srv_config *c, const struct opt *o, const char *v, const char *label,
                    char *err, size_t errlen)
@@ -357,41 +402,16 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
             return fail(err, errlen, "%s: want replicas or shards, got \"%s\"", label, v);
         return 0;
     case K_HEDGE:
-        if (!strcmp(v, "auto")) {
-            c->hedge_auto = true;
-            c->hedge_after_ms = 0;
-            return 0;
-        }
-        if (!parse_num(v, false, &n) || n < o->min || n > o->max)
-            return fail(err, errlen,
-                        "%s: want auto or a whole number from %" PRId64 " to %" PRId64
-                        ", got \"%s\"", label, o->min, o->max, v);
-        c->hedge_auto = false;
-        c->hedge_after_ms = n;
-        return 0;
+        return set_hedge(c, o, v, label, err, errlen);
     case K_DISCOVERY:
         if (strcmp(v, "dns") != 0 && strcmp(v, "static") != 0)
             return fail(err, errlen, "%s: want dns or static, got \"%s\"", label, v);
         c->discovery_dns = !strcmp(v, "dns");
         return 0;
-    case K_PATH: {
-        size_t cap = o->off == offsetof(struct srv_config, health_path) ? sizeof(c->health_path)
-                                                                       : sizeof(c->upstreams_file);
-        if (!v[0] || strlen(v) >= cap)
-            return fail(err, errlen, "%s: want 1 to %zu bytes, got %zu", label, cap - 1, strlen(v));
-        memcpy(base + o->off, v, strlen(v) + 1);
-        return 0;
-    }
-    case K_FACTOR: {
-        char *end;
-        errno = 0;
-        double f = strtod(v, &end);
-        if (!isdigit((unsigned char)v[0]) || *end || errno || !(f == 0 || (f >= 1 && f <= 100)))
-            return fail(err, errlen, "%s: want 0 (off) or a number from 1 to 100, got \"%s\"",
-                        label, v);
-        *(double *)(base + o->off) = f;
-        return 0;
-    }
+    case K_PATH:
+        return set_path(c, o, v, label, err, errlen);
+    case K_FACTOR:
+        return set_factor(c, o, v, label, err, errlen);
     case K_BOOL:
     case K_ONOFF: {
         bool b;
