@@ -4,8 +4,10 @@
 #         item upstream) with --hedge-after-ms 0, 15 and auto (or $HEDGES): batches of 100,
 #         limit 100, 4 connections in a closed loop as the harness runs it (S4_LOOP=open: an
 #         open loop at -r RATE over 16 connections instead);
-#   slow  three replicas, one ten times slower (5 / 5 / 50 ms), with and without hedging
-#         (hedge budget $HEDGE_BUDGET percent, default 30);
+#   slow  three replicas, all healthy (5 / 5 / 5 ms) and one ten times slower (5 / 5 / 50 ms;
+#         $SLOW_THIRD picks the third's delays, default "5 50"), with --balance-factor $BALANCE
+#         (default "0 1.25") and --hedge-after-ms $HEDGES (default "0 15 auto"), hedge budget
+#         $HEDGE_BUDGET percent (default 5, fanout's own);
 #   kill  three replicas, one killed with SIGKILL a third of the way in, --retries 0 and 1, and
 #         the time from the kill until fanout ejected it;
 #   drop  three replicas that each drop 5% of requests (connection closed, no answer), with
@@ -152,14 +154,19 @@ for s in "${scen[@]}"; do
 		done
 		;;
 	slow)
-		for h in 0 15 auto; do
-			start_up 1; start_up 2; start_up 3
-			FLAGS="--hedge-after-ms $h --hedge-budget-pct ${HEDGE_BUDGET:-30} --log-level warn"
-			start_fanout "127.0.0.1:${UP_PORT[1]}/items/sleep5-{id}" \
-				"127.0.0.1:${UP_PORT[2]}/items/sleep5-{id}" "127.0.0.1:${UP_PORT[3]}/items/sleep50-{id}"
-			LOADARGS="-b 10 --ids uniform -k 100000" row "slow replica, --hedge-after-ms $h" \
-				"replicas 5/5/50 ms, hedge budget ${HEDGE_BUDGET:-30}%" 10
-			stop_all
+		for b in ${BALANCE:-0 1.25}; do
+			for h in ${HEDGES:-0 15 auto}; do
+				for third in ${SLOW_THIRD:-5 50}; do
+					start_up 1; start_up 2; start_up 3
+					FLAGS="--hedge-after-ms $h --hedge-budget-pct ${HEDGE_BUDGET:-5} --balance-factor $b --log-level warn"
+					start_fanout "127.0.0.1:${UP_PORT[1]}/items/sleep5-{id}" \
+						"127.0.0.1:${UP_PORT[2]}/items/sleep5-{id}" "127.0.0.1:${UP_PORT[3]}/items/sleep$third-{id}"
+					LOADARGS="-b 10 --ids uniform -k 100000" row \
+						"replicas 5/5/$third ms, --balance-factor $b, --hedge-after-ms $h" \
+						"hedge budget ${HEDGE_BUDGET:-5}%" 10
+					stop_all
+				done
+			done
 		done
 		;;
 	kill)
