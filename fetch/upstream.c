@@ -63,6 +63,7 @@ struct member {
     atomic_uint_fast64_t lat_seen;     /* successful attempts ever observed */
     atomic_int_fast64_t p95_us;        /* cached estimates, -1 until enough samples */
     atomic_int_fast64_t hedge_us;
+    atomic_int_fast64_t ewma_us;       /* moving average of successful attempts, 0: none yet */
     struct upstream_stats stats;       /* attempts by kind and their duration */
     atomic_bool gone;                  /* dropped from the live set: it may not stay ejected */
 };
@@ -576,6 +577,28 @@ static int last_try(unsigned m, const uint16_t *tried, unsigned ntried)
     return -1;
 }
 
+/* Member m's load for the bound: its attempts in flight, weighed by how much slower it has been
+ * than the fastest candidate ('fastest_us', 0: nothing known), so that a member ten times
+ * slower counts each attempt ten times. */
+static double load_of(const struct member *m, int64_t fastest_us)
+{
+    double n = atomic_load_explicit(&m->in_flight, memory_order_relaxed);
+    int64_t avg = atomic_load_explicit(&m->ewma_us, memory_order_relaxed);
+    return fastest_us > 0 && avg > fastest_us ? n * (double)avg / (double)fastest_us : n;
+}
+
+/* The tier of candidate j (see upstream.h), or 5 for a member that left the set. */
+static unsigned tier_of(const struct member *m, bool in, int t, double cap, int64_t fastest_us)
+{
+    if (atomic_load_explicit(&m->gone, memory_order_relaxed))
+        return 5;
+    if (!in)
+        return t >= 0 ? 4 : 3;
+    if (t >= 0)
+        return 2;
+    return cap < INFINITY && load_of(m, fastest_us) >= cap ? 1 : 0;
+}
+
 unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const uint16_t *tried,
                         unsigned ntried, int64_t now_ms)
 {
@@ -584,37 +607,31 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
         return first;
     bool in[UPSTREAM_MEMBERS_MAX];
     unsigned nin = 0;
-    uint64_t load = 0;
-    bool bound = u->opts.balance_factor > 0;
+    int64_t fastest = 0;
     for (unsigned j = 0; j < count; j++) {
         in[j] = member_in(u, first + j, now_ms);
-        if (in[j]) {
-            nin++;
-            if (bound)
-                load += atomic_load_explicit(&u->m[first + j]->in_flight, memory_order_relaxed);
-        }
+        int64_t avg = atomic_load_explicit(&u->m[first + j]->ewma_us, memory_order_relaxed);
+        if (in[j] && avg > 0 && (fastest == 0 || avg < fastest))
+            fastest = avg;
+        nin += in[j];
     }
-    uint64_t cap = UINT64_MAX;
-    if (bound && nin > 0)
-        cap = (uint64_t)ceil(u->opts.balance_factor * (double)(load + 1) / nin);
+    double cap = INFINITY;
+    if (u->opts.balance_factor > 0 && nin > 0) {
+        double load = 0;
+        for (unsigned j = 0; j < count; j++)
+            if (in[j])
+                load += load_of(u->m[first + j], fastest);
+        cap = ceil(u->opts.balance_factor * (load + 1) / nin);
+    }
     unsigned best = UPSTREAM_NONE, best_tier = 5;
     int best_try = 0;
     uint64_t best_score = 0;
     for (unsigned j = 0; j < count; j++) {
         struct member *m = u->m[first + j];
-        if (atomic_load_explicit(&m->gone, memory_order_relaxed))
-            continue; /* it left the set after this snapshot was taken: no new attempt */
         int t = last_try(first + j, tried, ntried);
-        unsigned tier;
-        if (in[j])
-            tier = t >= 0 ? 2
-                   : bound && atomic_load_explicit(&m->in_flight, memory_order_relaxed) >= cap
-                       ? 1
-                       : 0;
-        else
-            tier = t >= 0 ? 4 : 3;
-        if (tier > best_tier)
-            continue;
+        unsigned tier = tier_of(m, in[j], t, cap, fastest);
+        if (tier >= 5 || tier > best_tier)
+            continue; /* one that left the set gets no new attempt */
         uint64_t sc = score(u, m, k->hash, now_ms);
         bool better = tier < best_tier || (t >= 0 && t < best_try) ||
                       ((t < 0 || t == best_try) && sc > best_score);
@@ -624,6 +641,20 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
             best_try = t;
             best_score = sc;
         }
+    }
+    return best;
+}
+
+int64_t upstreams_hedge_us(const struct upstreams *u, const struct upstream_key *k)
+{
+    unsigned first, count = candidates(u, k, &first);
+    int64_t best = -1;
+    for (unsigned j = 0; j < count; j++) {
+        const struct member *m = u->m[first + j];
+        int64_t us = atomic_load_explicit(&m->hedge_us, memory_order_relaxed);
+        if (us >= 0 && !atomic_load_explicit(&m->gone, memory_order_relaxed) &&
+            (best < 0 || us < best))
+            best = us;
     }
     return best;
 }
@@ -821,6 +852,12 @@ static void recompute_pcts(struct member *up, unsigned hedge_pct)
 
 static void observe(struct member *up, int64_t us, unsigned hedge_pct)
 {
+    /* The moving average (weight 1/8 for the newest): racing updates may lose one, which an
+     * average can afford. */
+    int64_t avg = atomic_load_explicit(&up->ewma_us, memory_order_relaxed);
+    int64_t sample = us > 0 ? us : 1;
+    atomic_store_explicit(&up->ewma_us, avg ? avg + (sample - avg) / 8 : sample,
+                          memory_order_relaxed);
     atomic_fetch_add_explicit(&up->lat[lat_bucket(us > 0 ? (uint64_t)us : 0)], 1,
                               memory_order_relaxed);
     uint_fast32_t t = atomic_fetch_add_explicit(&up->lat_total, 1, memory_order_relaxed) + 1;

@@ -24,10 +24,15 @@
  * A member that has left the live set since the snapshot was taken (upstream_live_swap()) gets
  * no new attempt from it at all, so retries and hedges of requests already running follow the
  * set too; when no candidate is left, the pick is UPSTREAM_NONE.
- * The load bound (balance_factor F > 0; bounded-load rendezvous): a member with attempts in
- * flight >= ceil(F * (in flight on the candidates that are in + 1) / their number) is over it,
- * so load spills off a slow member, which collects attempts, while keys keep their first
- * choice when all is well. Slow start: a member added to a running set weighs from 10% up to
+ * The load bound (balance_factor F > 0; bounded-load rendezvous): a member whose load is
+ * >= ceil(F * (the load of the candidates that are in + 1) / their number) is over it, a
+ * member's load being its attempts in flight, each weighed by how much slower the member has
+ * been than the fastest candidate (the ratio of their moving averages of successful attempts;
+ * 1 for all while they answer alike, which is the plain bound on attempts in flight). So load
+ * spills off a slow member, which collects attempts and counts each several times, while keys
+ * keep their first choice when all is well. (Weighing by latency makes a member ten times
+ * slower get about 1/100 of the fast ones' share instead of 1/10, which hedging can then
+ * cover within its budget.) Slow start: a member added to a running set weighs from 10% up to
  * 100% over slow_start_ms (weighted rendezvous, score = w / -ln(h)), so it takes its share
  * gradually and the ranking of the others does not move while it ramps.
  *
@@ -266,5 +271,10 @@ int64_t upstream_p95_us(const struct upstreams *u, unsigned m);
 
 /* The hedge delay's percentile (opts.hedge_pct) of the same, or -1 until enough samples. */
 int64_t upstream_hedge_us(const struct upstreams *u, unsigned m);
+
+/* The hedge delay for key 'k': the lowest upstream_hedge_us() among its candidates (a hedge goes
+ * to another member, so it is worth sending once the fastest of them would have answered), or
+ * -1 while none has enough samples. */
+int64_t upstreams_hedge_us(const struct upstreams *u, const struct upstream_key *k);
 
 #endif

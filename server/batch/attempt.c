@@ -342,16 +342,16 @@ static void timer_done(void *arg, struct fetch_result *r)
 
 /* ---------------------------------------------------------------- the run */
 
-/* The hedge delay for a key whose first attempt went to member 'up' (fixed, or auto: that
- * member's recent latency at attempt_hedge_pct()), or -1 for no hedge. */
-static int64_t hedge_delay(const struct attempts *a, unsigned up)
+/* The key's hedge delay (fixed, or auto: the fastest candidate member's recent latency at
+ * attempt_hedge_pct()), or -1 for no hedge. */
+static int64_t hedge_delay(const struct attempts *a)
 {
     const struct attempt_env *env = &a->env;
     if (!a->p.hedge)
         return -1;
     if (!env->hedge_auto)
         return env->hedge_after_ms > 0 ? env->hedge_after_ms : -1;
-    int64_t us = upstream_hedge_us(env->ups, up);
+    int64_t us = upstreams_hedge_us(env->ups, &a->key);
     return us < 0 ? -1 : (us + 999) / 1000;
 }
 
@@ -370,7 +370,7 @@ int attempts_start(struct attempts *a)
     int rc = start_attempt(a, false);
     if (rc != 0)
         return rc;
-    a->hedge_ms = hedge_delay(a, a->tried[0]);
+    a->hedge_ms = hedge_delay(a);
     if (a->hedge_ms >= 0) /* a timer that cannot be armed: simply no hedge */
         arm_timer(a, ATTEMPT_TIMER_HEDGE, attempt_hedge_wait(a->hedge_ms, 0));
     return 0;
