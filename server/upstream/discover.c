@@ -393,6 +393,13 @@ static int set_names(struct discover *d, const char *const *tmpls, unsigned n)
     return 0;
 }
 
+/* Whether the name is looked up again: with dns, always; static, until it first answers (then
+ * its members are fixed); a literal, never. */
+static bool followed(const struct discover *d, const struct name *nm)
+{
+    return !nm->literal && (d->o.dns || !nm->answered);
+}
+
 /* Looks up every name that is due (all with 'all'); true if some members changed. */
 static bool look_up_due(struct discover *d, bool all)
 {
@@ -400,8 +407,7 @@ static bool look_up_due(struct discover *d, bool all)
     bool changed = false;
     for (unsigned i = 0; i < d->nnames; i++) {
         struct name *nm = &d->names[i];
-        bool due = !nm->looked || (d->o.dns && (all || ctx_now() >= nm->next_ms));
-        if (!nm->literal && due) /* static: once only; a literal: never */
+        if (followed(d, nm) && (!nm->looked || all || ctx_now() >= nm->next_ms))
             changed |= look_up(d, cur, i, nm);
     }
     upstreams_free(cur);
@@ -492,7 +498,7 @@ static int64_t next_due(const struct discover *d)
 {
     int64_t due = INT64_MAX;
     for (unsigned i = 0; i < d->nnames; i++)
-        if (!d->names[i].literal && d->o.dns && d->names[i].next_ms < due)
+        if (followed(d, &d->names[i]) && d->names[i].next_ms < due)
             due = d->names[i].next_ms;
     if (d->file && d->file_next_ms < due)
         due = d->file_next_ms;

@@ -12,8 +12,8 @@
  *   - NXDOMAIN or an empty answer: the members stay for hold_ms, then the upstream is emptied
  *     (its ids fail at once with the reason).
  * An upstream whose host is an IP literal is one member and never looked up. With 'dns' off
- * (--upstream-discovery static) each name is looked up once, when it enters the set, and its
- * members are fixed from then on. At most max_members members in all: the rest are left out
+ * (--upstream-discovery static) each name is looked up until it first answers (at start, or
+ * when it enters the set), and its members are fixed from then on. At most max_members members in all: the rest are left out
  * with a warning.
  *
  * Active health checks (health_path set): every health_every_ms each member gets a GET of the
