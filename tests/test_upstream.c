@@ -332,6 +332,89 @@ static void test_upstream_rejects_bad_sets(void)
     }
 }
 
+/* A set of three members of one upstream (10.0.9.1-3), with the load bound at 'factor'. */
+static struct upstreams *three_members(double factor)
+{
+    const char *t[] = {"http://items.test:8080/items/{id}"};
+    struct upstreams_opts o = {.policy = UPSTREAM_REPLICAS, .balance_factor = factor};
+    struct upstreams *base = NULL, *u = NULL;
+    char err[256];
+    if (upstreams_new(t, 1, &o, &base, err, sizeof(err)) != 0)
+        return NULL;
+    const char *addrs[] = {"10.0.9.1", "10.0.9.2", "10.0.9.3"};
+    struct upstream_spec sp = {.tmpl = t[0], .addrs = addrs, .naddrs = 3};
+    if (upstreams_with_members(base, &sp, 1, 0, &u, err, sizeof(err)) != 0)
+        fprintf(stderr, "\n  upstreams_with_members: %s\n", err);
+    upstreams_free(base);
+    return u;
+}
+
+/* Holds 'n' attempts in flight on member m (or lets them go, with n negative). */
+static void hold(struct upstreams *u, unsigned m, int n)
+{
+    for (int i = 0; i < (n > 0 ? n : -n); i++)
+        if (n > 0)
+            upstream_attempt_begin(u, m);
+        else
+            upstream_attempt_end(u, m);
+}
+
+/* The load bound weighs a member's attempts by how much slower it has been. With 3, 3 and 1
+ * attempts in flight (the 1 on the key's first choice): members that answer alike keep the key
+ * on its first choice (1 < ceil(1.25 x 8 / 3) = 4); once the first choice has been ten times
+ * slower, its one attempt counts ten (10 >= ceil(1.25 x 17 / 3) = 8) and the key goes to its
+ * second choice; without the bound (factor 0) it stays whatever the loads. */
+static void test_upstream_bound_weighs_slow_members(void)
+{
+    struct upstreams *alike = three_members(1.25), *slow = three_members(1.25),
+                     *off = three_members(0);
+    CU_ASSERT_FATAL(alike && slow && off);
+    uint16_t rank[UPSTREAM_MEMBERS_MAX];
+    CU_ASSERT_EQUAL_FATAL(upstreams_rank(alike, "k", 1, 0, rank), 3);
+    for (unsigned m = 0; m < 3; m++)
+        for (int i = 0; i < 16; i++) {
+            upstream_report(alike, m, UPSTREAM_OK, 5000, 0);
+            upstream_report(slow, m, UPSTREAM_OK, m == rank[0] ? 50000 : 5000, 0);
+            upstream_report(off, m, UPSTREAM_OK, m == rank[0] ? 50000 : 5000, 0);
+        }
+    struct upstreams *sets[] = {alike, slow, off};
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(test_pick(sets[i], "k", 0, 0), rank[0]); /* idle: the first choice */
+        hold(sets[i], rank[0], 1);
+        hold(sets[i], rank[1], 3);
+        hold(sets[i], rank[2], 3);
+    }
+    CU_ASSERT_EQUAL(test_pick(alike, "k", 0, 0), rank[0]);
+    CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 0), rank[1]);
+    CU_ASSERT_EQUAL(test_pick(off, "k", 0, 0), rank[0]);
+    for (int i = 0; i < 3; i++) {
+        hold(sets[i], rank[0], -1);
+        hold(sets[i], rank[1], -3);
+        hold(sets[i], rank[2], -3);
+        CU_ASSERT_EQUAL(upstream_in_flight(sets[i], rank[0]), 0);
+        upstreams_free(sets[i]);
+    }
+}
+
+/* Auto hedging waits for the fastest candidate: a key whose first choice is slow still gets a
+ * hedge delay from the fast members' latency, and none until some member has enough samples. */
+static void test_upstream_hedge_delay_is_the_fastest_candidates(void)
+{
+    struct upstreams *u = three_members(1.25);
+    CU_ASSERT_FATAL(u != NULL);
+    struct upstream_key k;
+    upstream_key_init(u, "k", 1, &k);
+    CU_ASSERT_EQUAL(upstreams_hedge_us(u, &k), -1);
+    for (int i = 0; i < 2 * UPSTREAM_P95_MIN_SAMPLES; i++) {
+        upstream_report(u, 0, UPSTREAM_OK, 50000, 0);
+        upstream_report(u, 1, UPSTREAM_OK, 5000, 0);
+    }
+    int64_t slow = upstream_hedge_us(u, 0), fast = upstream_hedge_us(u, 1);
+    CU_ASSERT(slow > 40000 && fast > 0 && fast < 7000);
+    CU_ASSERT_EQUAL(upstreams_hedge_us(u, &k), fast);
+    upstreams_free(u);
+}
+
 static CU_TestInfo upstream_tests[] = {
     {"rank: a stable permutation, first choices spread", test_upstream_rank_is_stable_and_spread},
     {"rendezvous: removing one moves only its keys", test_upstream_rendezvous_moves_only_the_removed},
@@ -340,6 +423,8 @@ static CU_TestInfo upstream_tests[] = {
     {"ejection: concurrent reports respect the cap", test_upstream_ejection_races},
     {"p95 estimate: needs samples, tracks, decays", test_upstream_p95_estimate},
     {"bad sets are refused with a reason", test_upstream_rejects_bad_sets},
+    {"load bound: a slow member's attempts weigh more", test_upstream_bound_weighs_slow_members},
+    {"auto hedge delay: the fastest candidate's", test_upstream_hedge_delay_is_the_fastest_candidates},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(upstream, upstream_tests)
