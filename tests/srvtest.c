@@ -674,6 +674,24 @@ bool srvtest_wait_stub_canceled(struct upstub *up, uint64_t n, int64_t ms)
     return test_wait_until(stub_reached, &w, ms);
 }
 
+struct metric_wait {
+    uint16_t port;
+    const char *name;
+    double n;
+};
+
+static bool metric_reached(void *arg)
+{
+    const struct metric_wait *w = arg;
+    return srvtest_metric(w->port, w->name) >= w->n;
+}
+
+bool srvtest_wait_metric(uint16_t port, const char *name, double n, int64_t ms)
+{
+    struct metric_wait w = {port, name, n};
+    return test_wait_until(metric_reached, &w, ms);
+}
+
 struct target_wait {
     struct upstub *up;
     const char *target;

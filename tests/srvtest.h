@@ -119,6 +119,9 @@ const cJSON *srvtest_results(const struct srvtest_resp *r);
 /* The value of an unlabelled metric line "name value" from /metrics, or -1. */
 double srvtest_metric(uint16_t port, const char *name);
 
+/* Waits up to 'ms' for the series 'name' (as srvtest_metric() reads it) to reach 'n'. */
+bool srvtest_wait_metric(uint16_t port, const char *name, double n, int64_t ms);
+
 /* A request on a background thread. */
 struct srvtest_bg {
     pthread_t thread;        /* runs the request */

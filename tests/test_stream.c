@@ -344,6 +344,9 @@ static void test_stream_server_spreads_large_batch(void)
     struct srvtest_raw *c = malloc(sizeof(*c));
     CU_ASSERT_FATAL(c != NULL && send_stream_request(c, e.port, body));
     CU_ASSERT(srvtest_wait_stub_in_flight(e.up, 2, SRVTEST_WAIT_MS));
+    /* Every id's flight exists (on a loaded machine the last ones may start after the first
+     * two requests are out) before the client goes. */
+    CU_ASSERT(srvtest_wait_metric(e.port, "fanout_flights_started_total", 64, SRVTEST_WAIT_MS));
     srvtest_raw_close(c);
     free(c);
     CU_ASSERT(srvtest_wait_srv_in_flight(e.srv, 0, SRVTEST_WAIT_MS));
