@@ -26,6 +26,7 @@
 
 #include "fetch/fetch.h"
 #include "server/batch/batch.h"
+#include "server/demo/set.h"
 #include "server/json.h"
 #include "server/upstream/discover.h"
 #include "fetch/upstream.h"
@@ -102,6 +103,9 @@ static const struct opt opts[] = {
      "on: concurrent requests for the same id share one upstream fetch (a request may opt out "
      "with \"coalesce\": false) [on]"},
     {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
+    {"demo-members", K_UINT, F(demo_members), 1, DEMO_SET_MAX,
+     "with --demo: N members on 127.0.0.2 to 127.0.0.N+1, one port, behind the name "
+     DEMO_SET_NAME ", which discovery finds (needs those loopback addresses, as Linux has) [1]"},
     {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
      "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
     {"limit", K_INT, F(limit), 1, 100000, "in-flight fetches per request (errgroup limit) [32]"},
@@ -205,6 +209,7 @@ void config_defaults(struct srv_config *c)
     c->connect_timeout_ms = 2000;
     c->upstream_policy = UPSTREAM_REPLICAS;
     c->coalesce = true;
+    c->demo_members = 1;
     c->spread_min = BATCH_SPREAD_MIN;
     c->eject_after = 5;
     c->eject_ms = 30000;
@@ -531,6 +536,8 @@ static int check_upstreams(const struct srv_config *c, char *err, size_t errlen)
     if (!c->demo && !c->upstream[0] && !c->demo_upstream_only && !file)
         return fail(err, errlen,
                     "--upstream is required (or --demo for the built-in demo upstream)");
+    if (c->demo_members > 1 && !c->demo)
+        return fail(err, errlen, "--demo-members %u needs --demo", c->demo_members);
     if (c->demo || c->demo_upstream_only)
         return 0;
     const char *t[UPSTREAMS_MAX + 1];
@@ -789,8 +796,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
                     c->coalesce ? "true" : "false");
     json_buf_printf(
         &b,
-        ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"spread_min\":%u,\"max_conns\":%u,"
-        "\"max_batch\":%u,"
+        ",\"demo\":%s,\"demo_members\":%u,\"demo_upstream_only\":%s,\"limit\":%d,"
+        "\"spread_min\":%u,\"max_conns\":%u,\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"upstream_buffer\":%zu,\"max_request_bytes\":%zu,"
         "\"max_response_bytes\":%zu,\"http_threads\":%u,"
@@ -799,8 +806,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
         "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
         ",\"max_clients_per_ip\":%u,\"max_memory\":%zu,\"linger_ms\":%" PRId64
         ",\"linger_bytes\":%zu}",
-        c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit,
-        c->spread_min, c->max_conns, c->max_batch, c->max_requests,
+        c->demo ? "true" : "false", c->demo_members, c->demo_upstream_only ? "true" : "false",
+        c->limit, c->spread_min, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->upstream_buffer, c->max_request_bytes,
         c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, log_level_name(c->log_level), c->max_clients,
