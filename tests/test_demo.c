@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "server/config.h"
 #include "server/demo/set.h"
 #include "tests/prom.h"
 #include "tests/srvtest.h"
@@ -684,6 +685,50 @@ static void test_demo_set_start_lookup_and_template(void)
     demo_set_stop(s);
 }
 
+/* Parses 'args' (NULL-terminated, after the program name) with no FANOUT_* upstream setting in
+ * the environment. */
+static int parse_args(struct srv_config *c, const char *const *args, char *err, size_t errlen)
+{
+    static const char *const vars[] = {"FANOUT_DEMO", "FANOUT_DEMO_MEMBERS", "FANOUT_UPSTREAM",
+                                       "FANOUT_UPSTREAMS_FILE", "FANOUT_DEMO_UPSTREAM_ONLY"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
+        unsetenv(vars[i]);
+    char *argv[16] = {"fanout"};
+    int argc = 1;
+    for (; args[argc - 1] && argc < 15; argc++)
+        argv[argc] = (char *)(uintptr_t)args[argc - 1];
+    enum config_action act;
+    config_defaults(c);
+    return config_parse(c, argc, argv, &act, err, errlen);
+}
+
+/* --demo-members: 1 by default, 1 to DEMO_SET_MAX, and only with --demo. */
+static void test_demo_members_flag(void)
+{
+    struct srv_config c;
+    char err[512];
+    CU_ASSERT_EQUAL(parse_args(&c, (const char *[]){"--demo", NULL}, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(c.demo_members, 1);
+    CU_ASSERT_EQUAL(
+        parse_args(&c, (const char *[]){"--demo", "--demo-members", "3", NULL}, err, sizeof(err)),
+        0);
+    CU_ASSERT_EQUAL(c.demo_members, 3);
+    CU_ASSERT_EQUAL(parse_args(&c, (const char *[]){"--demo", "--demo-members=16", NULL}, err,
+                               sizeof(err)),
+                    0);
+    const char *const *bad[] = {
+        (const char *[]){"--demo", "--demo-members", "0", NULL},
+        (const char *[]){"--demo", "--demo-members", "17", NULL},
+        (const char *[]){"--demo-members", "3", "--upstream", "http://h:1/{id}", NULL},
+        (const char *[]){"--demo-members", "2", "--demo-upstream-only", NULL},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        CU_ASSERT_EQUAL(parse_args(&c, bad[i], err, sizeof(err)), -EINVAL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "--demo-members"));
+    }
+}
+
 /* A server with --demo --demo-members N, its log on a memory file. */
 struct members_env {
     struct srv *srv;
@@ -903,6 +948,7 @@ static CU_TestInfo demo_tests[] = {
     {"stop with 50 requests mid-sleep is prompt and clean", test_demo_stop_with_requests_mid_sleep},
     {"timers, hang-ups and stop race cleanly", test_demo_races_timers_hangups_and_stop},
     {"down@ ids fail only on their member", test_demo_down_ids},
+    {"--demo-members: its bounds, only with --demo", test_demo_members_flag},
     {"demo set: start, lookup and template", test_demo_set_start_lookup_and_template},
     {"--demo-members 3: three members serve", test_demo_members_serve},
     {"--demo-members 3: one member down is ejected", test_demo_members_one_ejected},
