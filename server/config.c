@@ -26,6 +26,7 @@
 
 #include "fetch/fetch.h"
 #include "server/batch/batch.h"
+#include "server/demo/set.h"
 #include "server/json.h"
 #include "server/upstream/discover.h"
 #include "fetch/upstream.h"
@@ -46,22 +47,24 @@ struct opt {
 static const struct opt opts[] = {
     {"listen", K_LISTEN, 0, 0, 0, "address to serve, HOST:PORT (port 0 picks one) [0.0.0.0:8080]"},
     {"upstream", K_UPSTREAM, F(upstream), 0, 0,
-     "upstream URL template with {id}, e.g. http://items:8080/items/{id}; repeat for several "
-     "(FANOUT_UPSTREAM: a comma- or space-separated list), at most 64; required unless --demo"},
+     "upstream URL template with {id}, e.g. http://items:8080/items/{id}; every address its host "
+     "resolves to is a member; repeat for several (FANOUT_UPSTREAM: a comma- or space-separated "
+     "list), at most 64; required unless --upstreams-file or --demo"},
     {"upstream-policy", K_POLICY, F(upstream_policy), 0, 0,
-     "replicas (same data: retries and hedges go to the next upstream) or shards (disjoint "
-     "data: every attempt to the id's own) [replicas]"},
+     "replicas (every member of every upstream holds every id: an id ranks them all) or shards "
+     "(each upstream holds its own ids: an id picks its upstream, then ranks its members) "
+     "[replicas]"},
     {"eject-after", K_UINT, F(eject_after), 0, 1000000,
-     "consecutive failures (transport or 5xx) that eject an upstream; 0 never ejects [5]"},
+     "consecutive failures (transport or 5xx) that eject a member; 0 never ejects [5]"},
     {"eject-ms", K_MS, F(eject_ms), 1, 86400000,
-     "how long an upstream stays ejected, doubled on each repeat, ms [30000]"},
+     "how long a member stays ejected, doubled on each repeat, ms [30000]"},
     {"eject-max-ms", K_MS, F(eject_max_ms), 1, 86400000,
      "the longest ejection, ms [300000]"},
     {"max-ejected-pct", K_UINT, F(max_ejected_pct), 0, 100,
-     "most members ejected at once, percent of them [50]"},
+     "most members ejected at once, percent of all members (rounded down) [50]"},
     {"upstream-discovery", K_DISCOVERY, F(discovery_dns), 0, 0,
      "dns: every address an upstream's host resolves to (A and AAAA) is a member, looked up "
-     "again and again; static: looked up once at start [dns]"},
+     "again and again; static: looked up once, when the upstream enters the set [dns]"},
     {"resolve-every-ms", K_MS, F(resolve_every_ms), 100, 86400000,
      "between lookups of an upstream's name, jittered by +-20%, ms [5000]"},
     {"resolve-hold-ms", K_MS, F(resolve_hold_ms), 0, 86400000,
@@ -69,18 +72,20 @@ static const struct opt opts[] = {
      "upstream, ms [30000]"},
     {"upstreams-file", K_PATH, F(upstreams_file), 0, 0,
      "read the upstream templates from this file, one per line (# comments), again on SIGHUP "
-     "and when the file is replaced; excludes --upstream"},
+     "and when the file is replaced or changed (looked at every second); excludes --upstream "
+     "and --demo"},
     {"max-members", K_UINT, F(max_members), 1, UPSTREAM_MEMBERS_MAX,
-     "members in all upstreams together; more are left out with a warning [256]"},
+     "members in all upstreams together (1 to 4096); more are left out with a warning [256]"},
     {"slow-start-ms", K_MS, F(slow_start_ms), 0, 3600000,
      "a member that joins a running upstream ramps its share of ids from 10% to 100% over "
      "this long; 0: full share at once, ms [10000]"},
     {"balance-factor", K_FACTOR, F(balance_factor), 0, 100,
-     "bounded load: skip a member with more than F times the average attempts in flight; 0 "
-     "turns it off (1 to 100) [1.25]"},
+     "bounded load: a member with at least F times the average attempts in flight (plus one) "
+     "is tried after the members under it; 0 turns it off (1 to 100) [1.25]"},
     {"health-path", K_PATH, F(health_path), 0, 0,
      "GET this path on every member (e.g. /healthz); a new member takes traffic after its "
-     "first pass, an ejected one returns only after passing [none]"},
+     "first pass, --unhealthy-after failures take a member out, an ejected one returns only "
+     "after passing [none: no checks]"},
     {"health-every-ms", K_MS, F(health_every_ms), 100, 3600000,
      "between health checks of a member, ms [2000]"},
     {"health-timeout-ms", K_MS, F(health_timeout_ms), 1, 600000,
@@ -91,18 +96,21 @@ static const struct opt opts[] = {
      "failures in a row that make a member unhealthy [3]"},
     {"hedge-after-ms", K_HEDGE, F(hedge_after_ms), 0, 3600000,
      "send a hedged attempt when the first is still pending after N ms, or 'auto' (the "
-     "member's recent latency at 100 - 0.4 x --hedge-budget-pct percent: p98 with the 5% "
-     "budget, leaving the budget room for bursts); 0 turns hedging off [0]"},
+     "fastest candidate member's recent latency at 100 - 0.4 x --hedge-budget-pct percent: "
+     "p98 with the 5% budget, leaving the budget room for bursts); 0 turns hedging off [0]"},
     {"hedge-budget-pct", K_UINT, F(hedge_budget_pct), 0, 100,
-     "hedges at most this percent of fetches [5]"},
+     "hedges at most this percent of first attempts [5]"},
     {"retries", K_UINT, F(retries), 0, 10,
      "retries after a connect error, reset, empty reply or 502/503/504 [1]"},
     {"retry-budget-pct", K_UINT, F(retry_budget_pct), 0, 1000,
-     "retries at most this percent of fetches, plus 10 a second [20]"},
+     "retries at most this percent of first attempts, plus 10 a second [20]"},
     {"coalesce", K_ONOFF, F(coalesce), 0, 0,
      "on: concurrent requests for the same id share one upstream fetch (a request may opt out "
      "with \"coalesce\": false) [on]"},
     {"demo", K_BOOL, F(demo), 0, 0, "serve the built-in demo upstream on loopback and use it"},
+    {"demo-members", K_UINT, F(demo_members), 1, DEMO_SET_MAX,
+     "with --demo: N members on 127.0.0.2 to 127.0.0.N+1, one port, behind the name "
+     DEMO_SET_NAME ", which discovery finds (needs those loopback addresses, as Linux has) [1]"},
     {"demo-upstream-only", K_BOOL, F(demo_upstream_only), 0, 0,
      "serve only the demo upstream (GET /items/{id}, /healthz, /readyz) on --listen; no fanout"},
     {"limit", K_INT, F(limit), 1, 100000, "in-flight fetches per request (errgroup limit) [32]"},
@@ -110,7 +118,7 @@ static const struct opt opts[] = {
      "spread a batch's fetches over the fetch loops when at least N of its calls can be in "
      "flight at once; 0 never spreads [32]"},
     {"max-conns", K_UINT, F(max_conns), 1, 1000000,
-     "connections to the upstream, all fetch loops together [512]"},
+     "upstream connections, all members and fetch loops together [512]"},
     {"max-batch", K_UINT, F(max_batch), 1, 1000000, "ids per request [1000]"},
     {"max-requests", K_UINT, F(max_requests), 1, 1000000,
      "batch requests in flight before 503 overloaded [1024]"},
@@ -128,7 +136,7 @@ static const struct opt opts[] = {
     {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
     {"fetch-threads", K_UINT, F(fetch_threads), 1, 256, "upstream fetch loop threads [CPUs]"},
     {"drain-ms", K_MS, F(drain_ms), 0, 3600000,
-     "grace period for in-flight batches on SIGTERM [10000]"},
+     "grace period for in-flight batches on SIGTERM or SIGINT, ms [10000]"},
     {"log-level", K_LEVEL, F(log_level), 0, 0, "error, warn, info or debug [info]"},
     {"max-clients", K_UINT, F(max_clients), 1, 1000000, "client connections open at once [10000]"},
     {"idle-timeout-s", K_UINT, F(idle_timeout_s), 1, 86400,
@@ -206,6 +214,7 @@ void config_defaults(struct srv_config *c)
     c->connect_timeout_ms = 2000;
     c->upstream_policy = UPSTREAM_REPLICAS;
     c->coalesce = true;
+    c->demo_members = 1;
     c->spread_min = BATCH_SPREAD_MIN;
     c->eject_after = 5;
     c->eject_ms = 30000;
@@ -552,6 +561,8 @@ static int check_upstreams(const struct srv_config *c, char *err, size_t errlen)
     if (!c->demo && !c->upstream[0] && !c->demo_upstream_only && !file)
         return fail(err, errlen,
                     "--upstream is required (or --demo for the built-in demo upstream)");
+    if (c->demo_members > 1 && !c->demo)
+        return fail(err, errlen, "--demo-members %u needs --demo", c->demo_members);
     if (c->demo || c->demo_upstream_only)
         return 0;
     const char *t[UPSTREAMS_MAX + 1];
@@ -746,9 +757,9 @@ void config_usage(FILE *out)
                                            [K_FACTOR] = " F"};
         char flag[48];
         snprintf(flag, sizeof(flag), "--%s%s", o->name, meta[o->kind]);
-        fprintf(out, "  %-26s %s\n", flag, o->help);
+        fprintf(out, "  %-31s %s\n", flag, o->help);
     }
-    fprintf(out, "  %-26s %s\n  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--check-config",
+    fprintf(out, "  %-31s %s\n  %-31s %s\n  %-31s %s\n  %-31s %s\n", "--check-config",
             "validate flags and environment, print the effective config as JSON, exit",
             "--healthcheck[=PATH]",
             "GET PATH [/healthz] on the --listen port over loopback: exit 0 on 200, else 1",
@@ -810,8 +821,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
                     c->coalesce ? "true" : "false");
     json_buf_printf(
         &b,
-        ",\"demo\":%s,\"demo_upstream_only\":%s,\"limit\":%d,\"spread_min\":%u,\"max_conns\":%u,"
-        "\"max_batch\":%u,"
+        ",\"demo\":%s,\"demo_members\":%u,\"demo_upstream_only\":%s,\"limit\":%d,"
+        "\"spread_min\":%u,\"max_conns\":%u,\"max_batch\":%u,"
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"upstream_buffer\":%zu,\"max_request_bytes\":%zu,"
         "\"max_response_bytes\":%zu,\"http_threads\":%u,"
@@ -820,8 +831,8 @@ void config_print_json(const struct srv_config *c, FILE *out)
         "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
         ",\"max_clients_per_ip\":%u,\"max_memory\":%zu,\"linger_ms\":%" PRId64
         ",\"linger_bytes\":%zu}",
-        c->demo ? "true" : "false", c->demo_upstream_only ? "true" : "false", c->limit,
-        c->spread_min, c->max_conns, c->max_batch, c->max_requests,
+        c->demo ? "true" : "false", c->demo_members, c->demo_upstream_only ? "true" : "false",
+        c->limit, c->spread_min, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->upstream_buffer, c->max_request_bytes,
         c->max_response_bytes, c->http_threads,
         c->fetch_threads, c->drain_ms, log_level_name(c->log_level), c->max_clients,

@@ -44,6 +44,7 @@ struct srv_config {
     unsigned retries;           /* --retries: extra attempts after retryable failures */
     unsigned retry_budget_pct;  /* --retry-budget-pct: retries per 100 first attempts (+10/s) */
     bool demo;                  /* --demo: serve the built-in demo upstream and use it */
+    unsigned demo_members;      /* --demo-members: demo members behind one name (with --demo) */
     bool demo_upstream_only;    /* --demo-upstream-only: serve only the demo upstream on --listen */
     int limit;                  /* --limit: in-flight fetches per request */
     unsigned spread_min;        /* --spread-min: calls in flight at once that spread a batch

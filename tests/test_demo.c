@@ -1,5 +1,6 @@
 /* Tests for server/demo: routes, magic ids, id escaping, keep-alive, delays that hold no thread,
- * clients that hang up mid-delay, and demo_stop() with requests suspended. Clients are the
+ * clients that hang up mid-delay, and demo_stop() with requests suspended; the demo set (set.h),
+ * and a server with --demo --demo-members 3, whose members discovery finds. Clients are the
  * tests' HTTP client (tests/srvtest.h): one exchange at a time, or many at once driven from the
  * test's own thread. */
 #include "server/demo/demo.h"
@@ -9,12 +10,18 @@
 #include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "ctx/ctx.h"
+#include "server/config.h"
+#include "server/demo/set.h"
+#include "tests/prom.h"
 #include "tests/srvtest.h"
 #include "tests/support.h"
 
@@ -583,6 +590,348 @@ static void test_demo_races_timers_hangups_and_stop(void)
     CU_ASSERT(test_settles_to(threads, fds, SLOW_MS));
 }
 
+/* ---------------------------------------------------------------- members (set.h) */
+
+/* A down@<address> id fails with 503 only on the demo at that address. */
+static void test_demo_down_ids(void)
+{
+    struct demo *d = start();
+    static const struct {
+        const char *path;
+        long status;
+    } cases[] = {
+        {"/items/down@127.0.0.1", 503},    {"/items/down@127.0.0.1-7", 503},
+        {"/items/down%40127.0.0.1-8", 503}, {"/items/down@127.0.0.10-1", 200},
+        {"/items/down@127.0.0.2-1", 200},  {"/items/down@127.0.0.1.5", 200},
+        {"/items/down127.0.0.1", 200},     {"/items/down@", 200},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct srvtest_resp r;
+        get(d, cases[i].path, &r);
+        CU_ASSERT_EQUAL(r.status, cases[i].status);
+        if (r.status != cases[i].status)
+            fprintf(stderr, "\n  %s: %ld\n", cases[i].path, r.status);
+        if (cases[i].status == 503) {
+            const cJSON *e = cJSON_GetObjectItemCaseSensitive(r.json, "error");
+            CU_ASSERT(cJSON_IsString(e) && !strcmp(e->valuestring, "member down"));
+        }
+        srvtest_resp_free(&r);
+    }
+    demo_stop(d);
+}
+
+/* A set of one is the demo as --demo always ran it; a set of several shares one port on
+ * 127.0.0.2 and up, behind one name that its lookup answers; the rest goes to the system. */
+static void test_demo_set_start_lookup_and_template(void)
+{
+    char err[512] = "", buf[128], want[128];
+    struct demo_set *s = NULL;
+    CU_ASSERT_EQUAL(demo_set_start(0, &s, err, sizeof(err)), -EINVAL);
+    CU_ASSERT_EQUAL(demo_set_start(DEMO_SET_MAX + 1, &s, err, sizeof(err)), -EINVAL);
+    CU_ASSERT_PTR_NULL(s);
+
+    CU_ASSERT_FATAL(demo_set_start(1, &s, err, sizeof(err)) == 0);
+    CU_ASSERT_EQUAL(demo_set_count(s), 1);
+    CU_ASSERT_PTR_NULL(demo_set_member(s, 1));
+    demo_set_url_template(s, buf, sizeof(buf));
+    snprintf(want, sizeof(want), "http://127.0.0.1:%u/items/{id}",
+             (unsigned)demo_port(demo_set_member(s, 0)));
+    CU_ASSERT_STRING_EQUAL(buf, want);
+    demo_set_stop(s);
+    demo_set_stop(NULL);
+
+    int rc = demo_set_start(3, &s, err, sizeof(err));
+    if (rc == -EADDRNOTAVAIL) { /* no 127.0.0.2 here: the reason names what is missing */
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "127.0.0.2"));
+        return;
+    }
+    CU_ASSERT_FATAL(rc == 0);
+    CU_ASSERT_EQUAL(demo_set_count(s), 3);
+    unsigned port = demo_port(demo_set_member(s, 0));
+    for (unsigned i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(demo_port(demo_set_member(s, i)), port);
+        char host[32], path[64];
+        snprintf(host, sizeof(host), "127.0.0.%u", i + 2);
+        snprintf(path, sizeof(path), "/items/down@%s-x", host);
+        struct srvtest_resp r;
+        struct srvtest_call c = {.host = host, .path = path, .timeout_ms = SLOW_MS};
+        srvtest_call(NULL, (uint16_t)port, &c, &r); /* each member fails its own down@ */
+        CU_ASSERT_EQUAL(r.status, 503);
+        srvtest_resp_free(&r);
+        c.path = "/items/down@127.0.0.9-x";
+        srvtest_call(NULL, (uint16_t)port, &c, &r);
+        CU_ASSERT_EQUAL(r.status, 200);
+        srvtest_resp_free(&r);
+        struct demo_stats st;
+        demo_stats(demo_set_member(s, i), &st);
+        CU_ASSERT_EQUAL(st.requests, 2);
+    }
+    demo_set_url_template(s, buf, sizeof(buf));
+    snprintf(want, sizeof(want), "http://" DEMO_SET_NAME ":%u/items/{id}", port);
+    CU_ASSERT_STRING_EQUAL(buf, want);
+
+    char addrs[256];
+    CU_ASSERT_EQUAL(demo_set_lookup(s, DEMO_SET_NAME, addrs, sizeof(addrs)), 0);
+    CU_ASSERT_STRING_EQUAL(addrs, "127.0.0.2,127.0.0.3,127.0.0.4");
+    CU_ASSERT_EQUAL(demo_set_lookup(s, "Fanout-Demo.INTERNAL", addrs, sizeof(addrs)), 0);
+    CU_ASSERT_STRING_EQUAL(addrs, "127.0.0.2,127.0.0.3,127.0.0.4");
+    CU_ASSERT_EQUAL(demo_set_lookup(s, DEMO_SET_NAME, addrs, 20), 0); /* whole addresses only */
+    CU_ASSERT_STRING_EQUAL(addrs, "127.0.0.2,127.0.0.3");
+    CU_ASSERT_EQUAL(demo_set_lookup(s, DEMO_SET_NAME, addrs, 19), 0);
+    CU_ASSERT_STRING_EQUAL(addrs, "127.0.0.2");
+    CU_ASSERT_EQUAL(demo_set_lookup(s, "other.invalid", addrs, sizeof(addrs)), EAI_NONAME);
+    CU_ASSERT_EQUAL(demo_set_lookup(s, "127.0.0.1", addrs, sizeof(addrs)), 0);
+    CU_ASSERT_STRING_EQUAL(addrs, "127.0.0.1");
+    demo_set_stop(s);
+}
+
+/* Parses 'args' (NULL-terminated, after the program name) with no FANOUT_* upstream setting in
+ * the environment. */
+static int parse_args(struct srv_config *c, const char *const *args, char *err, size_t errlen)
+{
+    static const char *const vars[] = {"FANOUT_DEMO", "FANOUT_DEMO_MEMBERS", "FANOUT_UPSTREAM",
+                                       "FANOUT_UPSTREAMS_FILE", "FANOUT_DEMO_UPSTREAM_ONLY"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
+        unsetenv(vars[i]);
+    char *argv[16] = {"fanout"};
+    int argc = 1;
+    for (; args[argc - 1] && argc < 15; argc++)
+        argv[argc] = (char *)(uintptr_t)args[argc - 1];
+    enum config_action act;
+    config_defaults(c);
+    return config_parse(c, argc, argv, &act, err, errlen);
+}
+
+/* --demo-members: 1 by default, 1 to DEMO_SET_MAX, and only with --demo. */
+static void test_demo_members_flag(void)
+{
+    struct srv_config c;
+    char err[512];
+    CU_ASSERT_EQUAL(parse_args(&c, (const char *[]){"--demo", NULL}, err, sizeof(err)), 0);
+    CU_ASSERT_EQUAL(c.demo_members, 1);
+    CU_ASSERT_EQUAL(
+        parse_args(&c, (const char *[]){"--demo", "--demo-members", "3", NULL}, err, sizeof(err)),
+        0);
+    CU_ASSERT_EQUAL(c.demo_members, 3);
+    CU_ASSERT_EQUAL(parse_args(&c, (const char *[]){"--demo", "--demo-members=16", NULL}, err,
+                               sizeof(err)),
+                    0);
+    const char *const *bad[] = {
+        (const char *[]){"--demo", "--demo-members", "0", NULL},
+        (const char *[]){"--demo", "--demo-members", "17", NULL},
+        (const char *[]){"--demo-members", "3", "--upstream", "http://h:1/{id}", NULL},
+        (const char *[]){"--demo-members", "2", "--demo-upstream-only", NULL},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        CU_ASSERT_EQUAL(parse_args(&c, bad[i], err, sizeof(err)), -EINVAL);
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "--demo-members"));
+    }
+}
+
+/* A server with --demo --demo-members N, its log on a memory file. */
+struct members_env {
+    struct srv *srv;
+    uint16_t port;
+    int log_fd;
+};
+
+static bool members_start(struct members_env *e, unsigned n, int64_t eject_ms)
+{
+    struct srv_config c;
+    config_defaults(&c);
+    snprintf(c.listen_host, sizeof(c.listen_host), "127.0.0.1");
+    c.listen_port = 0;
+    c.demo = true;
+    c.demo_members = n;
+    c.http_threads = 2;
+    c.fetch_threads = 2;
+    c.drain_ms = 2000;
+    c.log_level = LOG_INFO;
+    if (eject_ms) {
+        c.eject_ms = c.eject_max_ms = eject_ms;
+        c.limit = 4;
+    }
+    e->log_fd = memfd_create("fanout-log", MFD_CLOEXEC);
+    CU_ASSERT_FATAL(e->log_fd >= 0);
+    char err[512] = "";
+    int rc = srv_new(&c, e->log_fd, &e->srv, err, sizeof(err));
+    if (rc == -EADDRNOTAVAIL) { /* no 127.0.0.2 here */
+        CU_ASSERT_PTR_NOT_NULL(strstr(err, "127.0.0.2"));
+        close(e->log_fd);
+        return false;
+    }
+    if (rc != 0)
+        fprintf(stderr, "\n  srv_new: %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    e->port = srv_port(e->srv);
+    return true;
+}
+
+/* Stops the server and returns its log (malloc'd). */
+static char *members_stop(struct members_env *e)
+{
+    CU_ASSERT_EQUAL(srv_free(e->srv), 0);
+    off_t len = lseek(e->log_fd, 0, SEEK_END);
+    char *log = calloc(1, (size_t)(len > 0 ? len : 0) + 1);
+    CU_ASSERT_FATAL(log != NULL);
+    if (len > 0)
+        CU_ASSERT(pread(e->log_fd, log, (size_t)len, 0) == len);
+    close(e->log_fd);
+    return log;
+}
+
+/* How many log lines hold every one of the strings a, b (b may be NULL). */
+static int log_lines(const char *log, const char *a, const char *b)
+{
+    int n = 0;
+    for (const char *p = log; *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        char line[1024];
+        snprintf(line, sizeof(line), "%.*s", (int)len, p);
+        n += strstr(line, a) && (!b || strstr(line, b));
+        p += len + (nl != NULL);
+    }
+    return n;
+}
+
+static bool members_scrape(uint16_t port, struct prom_scrape *sc)
+{
+    struct srvtest_resp r;
+    srvtest_get(port, "/metrics", &r);
+    char err[512] = "";
+    bool ok = r.status == 200 && r.body && prom_parse(r.body, r.len, "fanout_", sc, err,
+                                                      sizeof(err)) == 0;
+    if (!ok)
+        fprintf(stderr, "\n  scrape: %ld %s\n", r.status, err);
+    srvtest_resp_free(&r);
+    return ok;
+}
+
+/* A settled batch of n ids "<prefix><k>"; returns how many positions came back 200. */
+static int batch_ok(uint16_t port, const char *prefix, int n)
+{
+    size_t cap = (size_t)n * 48 + 64;
+    char *body = malloc(cap);
+    CU_ASSERT_FATAL(body != NULL);
+    size_t used = (size_t)snprintf(body, cap, "{\"mode\":\"settled\",\"ids\":[");
+    for (int k = 0; k < n; k++)
+        used += (size_t)snprintf(body + used, cap - used, "%s\"%s%d\"", k ? "," : "", prefix, k);
+    snprintf(body + used, cap - used, "]}");
+    struct srvtest_call c = {.body = body, .timeout_ms = SLOW_MS};
+    struct srvtest_resp r;
+    srvtest_call(NULL, port, &c, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    int ok = 0;
+    const cJSON *it;
+    const cJSON *res = srvtest_results(&r);
+    cJSON_ArrayForEach(it, res)
+    {
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(it, "status");
+        ok += cJSON_IsNumber(st) && st->valueint == 200;
+    }
+    srvtest_resp_free(&r);
+    free(body);
+    return ok;
+}
+
+/* --demo --demo-members 3: discovery finds three members behind the demo's name, each serves
+ * its share of ids (its own counters and the server's per-member metrics agree), and each was
+ * logged as added. */
+static void test_demo_members_serve(void)
+{
+    enum { N = 3, IDS = 90 };
+    struct members_env e;
+    if (!members_start(&e, N, 0))
+        return;
+    uint16_t mport = demo_port(srv_demo_member(e.srv, 0));
+    CU_ASSERT_PTR_NULL(srv_demo_member(e.srv, N));
+    char upstream[64];
+    snprintf(upstream, sizeof(upstream), DEMO_SET_NAME ":%u", (unsigned)mport);
+
+    struct srvtest_resp r;
+    srvtest_get(e.port, "/readyz", &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    srvtest_resp_free(&r);
+    CU_ASSERT_EQUAL(batch_ok(e.port, "item-", IDS), IDS);
+
+    struct prom_scrape sc;
+    CU_ASSERT_FATAL(members_scrape(e.port, &sc));
+    char lab[256];
+    snprintf(lab, sizeof(lab), "upstream=\"%s\"", upstream);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_members", lab, -1), N);
+    snprintf(lab, sizeof(lab), "result=\"ok\",upstream=\"%s\"", upstream);
+    CU_ASSERT(prom_value(&sc, "fanout_resolves_total", lab, -1) >= 1);
+    uint64_t total = 0;
+    for (unsigned i = 0; i < N; i++) {
+        struct demo_stats st;
+        demo_stats(srv_demo_member(e.srv, i), &st);
+        snprintf(lab, sizeof(lab), "member=\"127.0.0.%u:%u\",result=\"ok\",upstream=\"%s\"", i + 2,
+                 (unsigned)mport, upstream);
+        double fetched = prom_value(&sc, "fanout_upstream_fetches_total", lab, -1);
+        CU_ASSERT(st.requests > 0);
+        CU_ASSERT_EQUAL(fetched, (double)st.requests);
+        if (st.requests == 0 || fetched != (double)st.requests)
+            fprintf(stderr, "\n  member %u: %llu requests, %g fetches\n", i,
+                    (unsigned long long)st.requests, fetched);
+        total += st.requests;
+    }
+    CU_ASSERT_EQUAL(total, IDS);
+    prom_free(&sc);
+
+    char *log = members_stop(&e);
+    for (unsigned i = 0; i < N; i++) {
+        char member[64];
+        snprintf(member, sizeof(member), "\"member\":\"127.0.0.%u:%u\"", i + 2, (unsigned)mport);
+        CU_ASSERT_EQUAL(log_lines(log, "\"msg\":\"member added\"", member), 1);
+    }
+    CU_ASSERT_EQUAL(log_lines(log, "\"msg\":\"member added\"", NULL), N);
+    free(log);
+}
+
+/* One member failing (down@ ids) is ejected after --eject-after failures in a row: the log and
+ * the metrics say so, and the next batches go to the other two only. */
+static void test_demo_members_one_ejected(void)
+{
+    enum { N = 3, IDS = 90 };
+    struct members_env e;
+    if (!members_start(&e, N, 3600000))
+        return;
+    uint16_t mport = demo_port(srv_demo_member(e.srv, 0));
+    /* Settled: an id that failed on 127.0.0.3 and could not be retried is its own error. */
+    batch_ok(e.port, "down@127.0.0.3-", IDS);
+
+    struct prom_scrape sc;
+    CU_ASSERT_FATAL(members_scrape(e.port, &sc));
+    char lab[256];
+    snprintf(lab, sizeof(lab),
+             "member=\"127.0.0.3:%u\",upstream=\"" DEMO_SET_NAME ":%u\"", (unsigned)mport,
+             (unsigned)mport);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_ejected", lab, -1), 1);
+    CU_ASSERT_EQUAL(prom_value(&sc, "fanout_upstream_ejections_total", lab, -1), 1);
+    prom_free(&sc);
+
+    struct demo_stats before[N], after[N];
+    for (unsigned i = 0; i < N; i++)
+        demo_stats(srv_demo_member(e.srv, i), &before[i]);
+    CU_ASSERT_EQUAL(batch_ok(e.port, "after-", IDS), IDS);
+    for (unsigned i = 0; i < N; i++)
+        demo_stats(srv_demo_member(e.srv, i), &after[i]);
+    CU_ASSERT_EQUAL(after[1].requests, before[1].requests); /* 127.0.0.3: none */
+    CU_ASSERT(after[0].requests > before[0].requests);
+    CU_ASSERT(after[2].requests > before[2].requests);
+    CU_ASSERT_EQUAL(after[0].requests - before[0].requests + after[2].requests -
+                        before[2].requests, IDS);
+
+    char *log = members_stop(&e);
+    char member[64];
+    snprintf(member, sizeof(member), "\"member\":\"127.0.0.3:%u\"", (unsigned)mport);
+    CU_ASSERT_EQUAL(log_lines(log, "\"msg\":\"upstream ejected\"", member), 1);
+    CU_ASSERT_EQUAL(log_lines(log, "\"msg\":\"upstream ejected\"", NULL), 1);
+    free(log);
+}
+
 static CU_TestInfo demo_tests[] = {
     {"item JSON body and content type", test_demo_item_json},
     {"id escaping round trip", test_demo_id_escaping_round_trip},
@@ -598,6 +947,11 @@ static CU_TestInfo demo_tests[] = {
     {"client disconnect mid-sleep is counted and freed", test_demo_client_disconnect_mid_sleep},
     {"stop with 50 requests mid-sleep is prompt and clean", test_demo_stop_with_requests_mid_sleep},
     {"timers, hang-ups and stop race cleanly", test_demo_races_timers_hangups_and_stop},
+    {"down@ ids fail only on their member", test_demo_down_ids},
+    {"--demo-members: its bounds, only with --demo", test_demo_members_flag},
+    {"demo set: start, lookup and template", test_demo_set_start_lookup_and_template},
+    {"--demo-members 3: three members serve", test_demo_members_serve},
+    {"--demo-members 3: one member down is ejected", test_demo_members_one_ejected},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(demo, demo_tests)

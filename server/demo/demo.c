@@ -280,12 +280,26 @@ static bool drop_now(const char *id)
     return (int64_t)((x * 0x2545F4914F6CDD1DULL) % 100) < pct;
 }
 
+/* For a "down@<address>" id: true on the demo listening on that address (d->host, so
+ * "127.0.0.3" or "[::1]"), which must not go on with more of an address ("127.0.0.30"). */
+static bool down_here(const struct demo *d, const char *id)
+{
+    if (!has_prefix(id, "down@"))
+        return false;
+    size_t hl = strlen(d->host);
+    const char *rest = id + 5;
+    return strncmp(rest, d->host, hl) == 0 && !(rest[hl] >= '0' && rest[hl] <= '9') &&
+           rest[hl] != '.' && rest[hl] != ':';
+}
+
 /* Answers a GET of /items/<id>, once any delay is over. */
-static enum MHD_Result answer(struct MHD_Connection *conn, const char *id)
+static enum MHD_Result answer(const struct demo *d, struct MHD_Connection *conn, const char *id)
 {
     size_t n = strlen(id);
     if (drop_now(id))
         return MHD_NO; /* the connection is closed without an answer */
+    if (down_here(d, id))
+        return queue_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "member down", false, id, n);
     if (has_prefix(id, "fail"))
         return queue_error(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "injected failure", false, id, n);
     if (has_prefix(id, "text")) {
@@ -430,7 +444,7 @@ static enum MHD_Result finish_delay(struct demo *d, struct MHD_Connection *conn,
     }
     if (err != -ETIMEDOUT)
         return MHD_queue_response(conn, MHD_HTTP_SERVICE_UNAVAILABLE, d->shutting);
-    return answer(conn, item_id(url));
+    return answer(d, conn, item_id(url));
 }
 
 /* The watcher thread: cancels the requests whose clients hang up and resumes the woken ones. */
@@ -501,7 +515,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     int64_t ms = request_delay(conn, id);
     if (ms > 0)
         return start_delay(d, conn, req_cls, ms);
-    return answer(conn, id);
+    return answer(d, conn, id);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,

@@ -13,6 +13,9 @@
  *                   {"error":"injected status","status":NNN,"id":"<id>"}
  *   drop<P>*        with probability P percent (0..100) the connection is closed without an
  *                   answer (the client sees an empty reply); otherwise the item, as usual
+ *   down@<addr>*    on the demo listening on address <addr> (e.g. down@127.0.0.3-1): 503
+ *                   {"error":"member down","id":"<id>"}; on any other, the item as usual (so
+ *                   one member of a demo set fails, server/demo/set.h)
  * and a query ?ms=N on any id adds N ms of delay. GET /healthz and GET /readyz answer 200
  * {"status":"ok"} (probes for `fanout --demo-upstream-only` in a container). A request's total delay is capped at
  * DEMO_MAX_DELAY_MS. Any other path is 404 {"error":"not found"}, any method but GET is 405

@@ -51,7 +51,7 @@
 #include "server/batch/batch.h"
 #include "server/batch/budget.h"
 #include "server/batch/flight.h"
-#include "server/demo/demo.h"
+#include "server/demo/set.h"
 #include "server/http/guard.h"
 #include "server/http/srv_impl.h"
 #include "server/http/watch.h"
@@ -223,9 +223,9 @@ static void stop_budgets(struct srv *s)
     budget_destroy(&s->retry_budget);
 }
 
-/* The upstream set: --upstream's templates, or the demo upstream's (started here). */
-/* The upstream set: the demo's, or --upstream's or the file's, looked up once (the discover
- * thread starts after the fetch loops, which its health checks run on). */
+/* The upstream set: the demo's (its members started here; with several, their name is answered
+ * by the demo set's lookup), or --upstream's or the file's, looked up once (the discover thread
+ * starts after the fetch loops, which its health checks run on). */
 static int start_upstreams(struct srv *s, char *err, size_t errlen)
 {
     const struct srv_config *c = &s->cfg;
@@ -233,13 +233,17 @@ static int start_upstreams(struct srv *s, char *err, size_t errlen)
     unsigned ntmpl = 0;
     char *list = NULL;
     int rc;
+    fetch_lookup_fn lookup = s->seams.lookup;
+    void *lookup_arg = s->seams.lookup_arg;
     if (c->demo) {
-        if ((rc = demo_start("127.0.0.1", 0, &s->demo)) != 0) {
-            snprintf(err, errlen, "cannot start the demo upstream: %s", strerror(-rc));
+        if ((rc = demo_set_start(c->demo_members, &s->demo, err, errlen)) != 0)
             return rc;
-        }
-        demo_url_template(s->demo, s->upstream, sizeof(s->upstream));
+        demo_set_url_template(s->demo, s->upstream, sizeof(s->upstream));
         tmpls[ntmpl++] = s->upstream;
+        if (!lookup) { /* the demo's name is answered with its members' addresses */
+            lookup = demo_set_lookup;
+            lookup_arg = s->demo;
+        }
     } else if (!c->upstreams_file[0]) {
         if (!(list = strdup(c->upstream))) {
             snprintf(err, errlen, "out of memory");
@@ -264,8 +268,8 @@ static int start_upstreams(struct srv *s, char *err, size_t errlen)
         .hold_ms = c->resolve_hold_ms,
         .max_members = c->max_members,
         .file = c->upstreams_file[0] ? c->upstreams_file : NULL,
-        .lookup = s->seams.lookup,
-        .lookup_arg = s->seams.lookup_arg,
+        .lookup = lookup,
+        .lookup_arg = lookup_arg,
         .file_check_ms = s->seams.file_check_ms,
         .health_path = c->health_path[0] ? c->health_path : NULL,
         .health_every_ms = c->health_every_ms,
@@ -295,7 +299,7 @@ static void stop_upstreams(struct srv *s)
     discover_free(s->discover);
     s->discover = NULL;
     s->ups = NULL;
-    demo_stop(s->demo);
+    demo_set_stop(s->demo);
     s->demo = NULL;
 }
 
@@ -612,6 +616,11 @@ void srv_reload(struct srv *s)
 uint64_t srv_discover_passes(struct srv *s)
 {
     return discover_passes(s->discover);
+}
+
+struct demo *srv_demo_member(struct srv *s, unsigned i)
+{
+    return s->demo ? demo_set_member(s->demo, i) : NULL;
 }
 
 /* ---------------------------------------------------------------- drain and stop */

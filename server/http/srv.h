@@ -27,7 +27,8 @@ struct srv;
 
 /* What a test may put in place of the real thing (zero: the real thing). */
 struct srv_seams {
-    fetch_lookup_fn lookup;  /* how upstream names are looked up (discovery) */
+    fetch_lookup_fn lookup;  /* how upstream names are looked up (discovery); with --demo it
+                                also replaces the demo's own (demo_set_lookup()) */
     void *lookup_arg;
     int64_t file_check_ms;   /* how often the upstreams file is looked at; 0: 1000 */
 };
@@ -47,6 +48,10 @@ void srv_reload(struct srv *s);
 
 /* Passes of the discover thread so far (tests wait on it). */
 uint64_t srv_discover_passes(struct srv *s);
+
+/* With --demo: demo member i (0..--demo-members - 1, server/demo/set.h), else NULL. */
+struct demo;
+struct demo *srv_demo_member(struct srv *s, unsigned i);
 
 /* The bound port (useful with --listen HOST:0). */
 uint16_t srv_port(const struct srv *s);

@@ -25,7 +25,7 @@
 
 struct batch;
 struct ctx;
-struct demo;
+struct demo_set;
 struct discover;
 struct fetch;
 struct flights;
@@ -54,7 +54,7 @@ struct srv {
     struct guard *guard;           /* header and body deadlines, lingering closes */
     struct membudget mem;          /* --max-memory: bodies and answers held, all requests */
     struct log *log;               /* JSON line writer */
-    struct demo *demo;             /* built-in demo upstream, or NULL */
+    struct demo_set *demo;         /* built-in demo upstream (--demo), or NULL */
     struct ctx *root;              /* parent of every request ctx; canceled at shutdown */
     struct budget hedge_budget;    /* hedges: --hedge-budget-pct of first attempts */
     struct budget retry_budget;    /* retries: --retry-budget-pct plus 10 a second */
