@@ -547,13 +547,6 @@ scenario_end
 urow "upstream rolling restart (3)" "$sfailed of $stotal" "$(secs $roll_ms)" "until the last one was back in every fanout replica"
 gated+=("upstream rolling restart:$sfailed")
 
-echo
-ushow "scenario" "failed batches" "seconds" ""
-for r in "${urows[@]}"; do
-	IFS='|' read -r a b c d <<<"$r"
-	ushow "$a" "$b" "$c" "$d"
-done
-
 }
 
 # ---------------------------------------------------------------- 6. manifests
