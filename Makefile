@@ -51,7 +51,7 @@ LOAD_BIN  = $(BUILD)/bin/fanout-load
 # Suites run under 'timeout' so that a hang fails instead of blocking CI.
 TEST_TIMEOUT ?= 300
 
-.PHONY: all build deps test-deps layers test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-test slowhttp
+.PHONY: all build deps test-deps layers test asan tsan stress soak fuzz fuzz-deps fuzz-build bench run install clean load deploy-deps deploy-test slowhttp
 all: deps
 	@$(MAKE) --no-print-directory build
 
@@ -234,9 +234,34 @@ install: deps
 	@$(MAKE) --no-print-directory $(BIN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/fanout
 
+# What deploy/deploy-test.sh runs besides Docker itself, as command:Debian package: debootstrap
+# for the local base image, Compose for the cluster, ss (iproute2) for free ports, python3 and
+# curl for the figures. Installed like the libraries (apt-get as root or through sudo), or named.
+# Docker's engine and Go (deploy/validate needs 1.23 or later) are not Debian installs here: a
+# missing one is named.
+DEPLOY_TOOLS = debootstrap:debootstrap docker-compose:docker-compose ss:iproute2 python3:python3 curl:curl
+deploy-deps:
+	@need=; for t in $(DEPLOY_TOOLS); do c=$${t%%:*}; p=$${t#*:}; \
+	  if [ "$$c" = docker-compose ] && docker compose version >/dev/null 2>&1; then continue; fi; \
+	  command -v $$c >/dev/null 2>&1 || PATH=$$PATH:/usr/sbin:/sbin command -v $$c >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	    else echo "fanout: make deploy-test needs:$$need (run apt-get install as root)" >&2; exit 1; fi; \
+	    echo "fanout: installing what make deploy-test needs:$$need"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null || exit 1; \
+	  else \
+	    echo "fanout: make deploy-test needs:$$need (Debian names; install your system's equivalents)" >&2; exit 1; \
+	  fi; \
+	fi; \
+	command -v docker >/dev/null 2>&1 || { echo "fanout: make deploy-test needs Docker (the engine and its client)" >&2; exit 1; }; \
+	command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || \
+	  { echo "fanout: make deploy-test needs Go 1.23 or later (deploy/validate) in PATH or /usr/local/go" >&2; exit 1; }
+
 # Builds the container images (a local Debian base first, where none exists) and exercises the
-# image, the compose cluster and the Kubernetes manifests under Docker (deploy/deploy-test.sh).
-deploy-test:
+# image, the compose cluster, the upstream replicas fanout follows by name and the Kubernetes
+# manifests under Docker (deploy/deploy-test.sh). Installs its tools first (deploy-deps).
+deploy-test: deploy-deps
 	deploy/deploy-test.sh
 
 clean:

@@ -2,15 +2,21 @@
 //
 //	go run ./deploy/validate -k deploy/k8s              the kustomization and every resource it lists
 //	kubectl kustomize deploy/k8s | go run ./deploy/validate -     a rendered stream
-//	go run ./deploy/validate -k deploy/k8s -emit docker        docker run flags for the Deployment's container
-//	go run ./deploy/validate -k deploy/k8s -emit probes        "readiness PATH", "liveness PATH", "grace SECONDS"
+//	go run ./deploy/validate -k deploy/k8s -emit docker        docker run flags for fanout's container
+//	go run ./deploy/validate -k deploy/k8s -emit probes        "readiness PATH", "liveness PATH", "grace SECONDS", "prestop SECONDS"
+//	go run ./deploy/validate -k deploy/k8s -emit upstreams     "SERVICE DEPLOYMENT REPLICAS PORT" per upstream Service
+//	go run ./deploy/validate -k deploy/k8s -emit args -deployment items    another Deployment's container args
 //
 // Every object is decoded strictly into the Kubernetes API types (k8s.io/api): an unknown or
 // misspelt field, a duplicate key or a wrong type is an error. Then the objects are checked
-// against each other and against what fanout needs: selectors that match the pod labels, probes
-// on /readyz and /healthz, a restricted security context with a read-only root filesystem,
-// resources, a termination grace period above the drain plus the preStop pause, an HPA and a PDB
-// aimed at the Deployment. Exit status 0 when all is well, 1 with one line per problem otherwise.
+// against each other and against what fanout needs. fanout's Deployment is the one whose
+// container has FANOUT_UPSTREAM; every Deployment (fanout's and the upstreams') needs selectors
+// that match its pod labels, HTTP probes, a restricted security context with a read-only root
+// filesystem, resources, and a preStop pause within its grace period. fanout's probes are on
+// /readyz and /healthz and its grace period is above the drain plus the preStop pause; an HPA and
+// a PDB aim at it. A FANOUT_UPSTREAM host that names a Service here must name a headless one
+// (clusterIP: None) over one Deployment's pods, with the template's port a port of their
+// container. Exit status 0 when all is well, 1 with one line per problem otherwise.
 package main
 
 import (
@@ -194,31 +200,26 @@ func env(c *corev1.Container, objs *objects) map[string]string {
 	return out
 }
 
-func check(objs *objects) {
-	if len(objs.deployments) != 1 {
-		fail("want exactly one Deployment, got %d", len(objs.deployments))
-		return
-	}
-	d := objs.deployments[0]
-	if d.Spec.Replicas == nil || *d.Spec.Replicas != 3 {
-		fail("Deployment %s: want replicas: 3", d.Name)
-	}
+// podChecks checks what every Deployment here needs: a selector that matches its pods, one
+// container with HTTP readiness and liveness probes, requests and limits, the "restricted" Pod
+// Security Standard with a read-only root filesystem, and a preStop pause below the grace
+// period. It returns the container (nil when there is not exactly one).
+func podChecks(d *appsv1.Deployment) *corev1.Container {
 	sel, err := metav1.LabelSelectorAsSelector(d.Spec.Selector)
-	podLabels := labels.Set(d.Spec.Template.Labels)
-	if err != nil || d.Spec.Selector == nil || sel.Empty() || !sel.Matches(podLabels) {
+	if err != nil || d.Spec.Selector == nil || sel.Empty() || !sel.Matches(labels.Set(d.Spec.Template.Labels)) {
 		fail("Deployment %s: selector does not match the pod template's labels", d.Name)
 	}
 	pod := d.Spec.Template.Spec
 	if len(pod.Containers) != 1 {
 		fail("Deployment %s: want one container, got %d", d.Name, len(pod.Containers))
-		return
+		return nil
 	}
 	c := &pod.Containers[0]
-	if httpPath(c.ReadinessProbe) != "/readyz" {
-		fail("container %s: readinessProbe must GET /readyz", c.Name)
+	if httpPath(c.ReadinessProbe) == "" {
+		fail("container %s: no HTTP readinessProbe", c.Name)
 	}
-	if httpPath(c.LivenessProbe) != "/healthz" {
-		fail("container %s: livenessProbe must GET /healthz", c.Name)
+	if httpPath(c.LivenessProbe) == "" {
+		fail("container %s: no HTTP livenessProbe", c.Name)
 	}
 	for _, r := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
 		if _, ok := c.Resources.Requests[r]; !ok {
@@ -232,13 +233,13 @@ func check(objs *objects) {
 	psc, sc := pod.SecurityContext, c.SecurityContext
 	nonRoot := (psc != nil && psc.RunAsNonRoot != nil && *psc.RunAsNonRoot) || (sc != nil && sc.RunAsNonRoot != nil && *sc.RunAsNonRoot)
 	if !nonRoot {
-		fail("pod: runAsNonRoot must be true")
+		fail("Deployment %s: runAsNonRoot must be true", d.Name)
 	}
 	if psc == nil || psc.RunAsUser == nil || *psc.RunAsUser == 0 {
-		fail("pod: runAsUser must be a non-zero uid (the image's 10001)")
+		fail("Deployment %s: runAsUser must be a non-zero uid (the image's 10001)", d.Name)
 	}
 	if psc == nil || psc.SeccompProfile == nil || (psc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault && psc.SeccompProfile.Type != corev1.SeccompProfileTypeLocalhost) {
-		fail("pod: seccompProfile must be RuntimeDefault or Localhost")
+		fail("Deployment %s: seccompProfile must be RuntimeDefault or Localhost", d.Name)
 	}
 	if sc == nil || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
 		fail("container %s: allowPrivilegeEscalation must be false", c.Name)
@@ -252,36 +253,186 @@ func check(objs *objects) {
 	if sc != nil && sc.Privileged != nil && *sc.Privileged {
 		fail("container %s: privileged", c.Name)
 	}
+	if preStopSleep(c) == 0 {
+		fail("container %s: no preStop pause (sleep N)", c.Name)
+	}
+	if preStopSleep(c) >= grace(d) {
+		fail("Deployment %s: terminationGracePeriodSeconds %d must exceed the preStop pause %d s", d.Name, grace(d), preStopSleep(c))
+	}
+	return c
+}
+
+func grace(d *appsv1.Deployment) int64 {
+	if g := d.Spec.Template.Spec.TerminationGracePeriodSeconds; g != nil {
+		return *g
+	}
+	return 30
+}
+
+// fanoutDeployment is the Deployment whose container has FANOUT_UPSTREAM in its settings: fanout
+// itself (the others are upstreams). Nil, with a problem, unless there is exactly one.
+func fanoutDeployment(objs *objects) *appsv1.Deployment {
+	var found []*appsv1.Deployment
+	for _, d := range objs.deployments {
+		if cs := d.Spec.Template.Spec.Containers; len(cs) == 1 {
+			if _, ok := env(&cs[0], objs)["FANOUT_UPSTREAM"]; ok {
+				found = append(found, d)
+			}
+		}
+	}
+	if len(found) != 1 {
+		fail("want exactly one Deployment with FANOUT_UPSTREAM in its container's settings (fanout), got %d", len(found))
+		return nil
+	}
+	return found[0]
+}
+
+// deploymentNamed returns the Deployment called name, or nil with a problem.
+func deploymentNamed(objs *objects, name string) *appsv1.Deployment {
+	for _, d := range objs.deployments {
+		if d.Name == name {
+			return d
+		}
+	}
+	fail("no Deployment %q", name)
+	return nil
+}
+
+// selected returns the Deployments whose pods the Service selects.
+func selected(s *corev1.Service, objs *objects) []*appsv1.Deployment {
+	var out []*appsv1.Deployment
+	if len(s.Spec.Selector) == 0 {
+		return nil
+	}
+	sel := labels.SelectorFromSet(s.Spec.Selector)
+	for _, d := range objs.deployments {
+		if sel.Matches(labels.Set(d.Spec.Template.Labels)) {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// upstreamTarget is one FANOUT_UPSTREAM template whose host is a Service of these manifests.
+type upstreamTarget struct {
+	service    *corev1.Service
+	deployment *appsv1.Deployment
+	port       int32 // the template's port
+}
+
+var templateHost = regexp.MustCompile(`^[a-z][a-z0-9+.-]*://([^/:?#]+)(?::([0-9]+))?/`)
+
+// upstreamTargets checks each FANOUT_UPSTREAM template whose host names a Service here ("name",
+// "name.namespace", "name.namespace.svc[.cluster.local]"): the Service must be headless, so that
+// the name resolves to every ready pod (each one a member of fanout's), select one Deployment's
+// pods, and the template's port must be a port of that Deployment's container (fanout connects
+// to the pods directly: a headless Service maps no port).
+func upstreamTargets(upstream string, objs *objects) []upstreamTarget {
+	var out []upstreamTarget
+	for _, tmpl := range strings.FieldsFunc(upstream, func(r rune) bool { return r == ',' || r == ' ' }) {
+		m := templateHost.FindStringSubmatch(tmpl)
+		if m == nil {
+			fail("FANOUT_UPSTREAM: %q has no scheme://host/ to check", tmpl)
+			continue
+		}
+		host := strings.TrimSuffix(m[1], ".")
+		port := int32(80)
+		if m[2] != "" {
+			p, _ := strconv.ParseInt(m[2], 10, 32)
+			port = int32(p)
+		}
+		name, rest, _ := strings.Cut(host, ".")
+		if rest != "" && !strings.Contains(rest, ".") && rest != "svc" {
+			rest += ".svc" // "name.namespace"
+		}
+		if rest != "" && !strings.Contains("."+rest, ".svc") {
+			continue // a name outside the cluster
+		}
+		for _, s := range objs.services {
+			if s.Name != name {
+				continue
+			}
+			if s.Spec.ClusterIP != corev1.ClusterIPNone {
+				fail("FANOUT_UPSTREAM: Service %s must be headless (clusterIP: None): through a ClusterIP Service fanout sees one virtual address, not the pods", s.Name)
+			}
+			ds := selected(s, objs)
+			if len(ds) != 1 {
+				fail("FANOUT_UPSTREAM: Service %s selects the pods of %d Deployments, want 1", s.Name, len(ds))
+				continue
+			}
+			found := false
+			for _, p := range ds[0].Spec.Template.Spec.Containers[0].Ports {
+				found = found || p.ContainerPort == port
+			}
+			if !found {
+				fail("FANOUT_UPSTREAM: port %d is no container port of Deployment %s (a headless Service maps no port: fanout connects to the pods directly)", port, ds[0].Name)
+			}
+			out = append(out, upstreamTarget{s, ds[0], port})
+		}
+	}
+	return out
+}
+
+func check(objs *objects) {
+	d := fanoutDeployment(objs)
+	if d == nil {
+		return
+	}
+	if d.Spec.Replicas == nil || *d.Spec.Replicas != 3 {
+		fail("Deployment %s: want replicas: 3", d.Name)
+	}
+	for _, o := range objs.deployments {
+		if o != d {
+			podChecks(o)
+		}
+	}
+	c := podChecks(d)
+	if c == nil {
+		return
+	}
+	podLabels := labels.Set(d.Spec.Template.Labels)
+	if httpPath(c.ReadinessProbe) != "/readyz" {
+		fail("container %s: readinessProbe must GET /readyz", c.Name)
+	}
+	if httpPath(c.LivenessProbe) != "/healthz" {
+		fail("container %s: livenessProbe must GET /healthz", c.Name)
+	}
 	// A drain must never be cut short by SIGKILL.
 	settings := env(c, objs)
 	drainMs := int64(10000) // fanout's default
 	if v, ok := settings["FANOUT_DRAIN_MS"]; ok {
+		var err error
 		if drainMs, err = strconv.ParseInt(v, 10, 64); err != nil {
 			fail("FANOUT_DRAIN_MS: %q is not a number", v)
 		}
 	}
-	grace := int64(30)
-	if pod.TerminationGracePeriodSeconds != nil {
-		grace = *pod.TerminationGracePeriodSeconds
-	}
-	pause := preStopSleep(c)
-	if pause == 0 {
-		fail("container %s: no preStop pause (sleep N)", c.Name)
-	}
-	if grace*1000 <= drainMs+pause*1000 {
-		fail("terminationGracePeriodSeconds %d must exceed FANOUT_DRAIN_MS %d ms + preStop %d s", grace, drainMs, pause)
+	if pause := preStopSleep(c); grace(d)*1000 <= drainMs+pause*1000 {
+		fail("terminationGracePeriodSeconds %d must exceed FANOUT_DRAIN_MS %d ms + preStop %d s", grace(d), drainMs, pause)
 	}
 	if u, ok := settings["FANOUT_UPSTREAM"]; !ok || !strings.Contains(u, "{id}") {
 		fail("no FANOUT_UPSTREAM with {id} in the container's settings")
+	} else {
+		upstreamTargets(u, objs)
 	}
-	ports := map[string]int32{}
-	for _, p := range c.Ports {
-		ports[p.Name] = p.ContainerPort
+	if hp, ok := settings["FANOUT_HEALTH_PATH"]; ok && !strings.HasPrefix(hp, "/") {
+		fail("FANOUT_HEALTH_PATH: %q must start with /", hp)
 	}
 
+	// Every Service selects the pods of exactly one Deployment, on ports its container has;
+	// exactly one of them is fanout's.
+	fanoutServices := 0
 	for _, s := range objs.services {
-		if len(s.Spec.Selector) == 0 || !labels.SelectorFromSet(s.Spec.Selector).Matches(podLabels) {
-			fail("Service %s: selector does not match the pods", s.Name)
+		ds := selected(s, objs)
+		if len(ds) != 1 {
+			fail("Service %s: selector matches the pods of %d Deployments, want 1", s.Name, len(ds))
+			continue
+		}
+		if ds[0] == d {
+			fanoutServices++
+		}
+		ports := map[string]int32{}
+		for _, p := range ds[0].Spec.Template.Spec.Containers[0].Ports {
+			ports[p.Name] = p.ContainerPort
 		}
 		for _, p := range s.Spec.Ports {
 			if p.TargetPort.StrVal != "" {
@@ -291,8 +442,8 @@ func check(objs *objects) {
 			}
 		}
 	}
-	if len(objs.services) != 1 {
-		fail("want one Service, got %d", len(objs.services))
+	if fanoutServices != 1 {
+		fail("want one Service for fanout's pods, got %d", fanoutServices)
 	}
 	if len(objs.hpas) != 1 {
 		fail("want one HorizontalPodAutoscaler, got %d", len(objs.hpas))
@@ -325,8 +476,7 @@ func check(objs *objects) {
 
 // emitDocker prints `docker run` flags, one per line, that reproduce the Deployment's container
 // under Docker: user, read-only root, capabilities, no-new-privileges, limits and settings.
-func emitDocker(objs *objects) {
-	d := objs.deployments[0]
+func emitDocker(d *appsv1.Deployment, objs *objects) {
 	pod := d.Spec.Template.Spec
 	c := &pod.Containers[0]
 	psc, sc := pod.SecurityContext, c.SecurityContext
@@ -358,20 +508,37 @@ func emitDocker(objs *objects) {
 	fmt.Print(buf.String())
 }
 
-func emitProbes(objs *objects) {
-	d := objs.deployments[0]
+// emitArgs prints the container's command and args, one per line (what follows the image in
+// `docker run`; the image's entrypoint is fanout).
+func emitArgs(d *appsv1.Deployment) {
+	c := &d.Spec.Template.Spec.Containers[0]
+	for _, a := range append(append([]string{}, c.Command...), c.Args...) {
+		fmt.Println(a)
+	}
+}
+
+func emitProbes(d *appsv1.Deployment) {
 	c := &d.Spec.Template.Spec.Containers[0]
 	fmt.Printf("readiness %s\nliveness %s\n", httpPath(c.ReadinessProbe), httpPath(c.LivenessProbe))
-	grace := int64(30)
-	if d.Spec.Template.Spec.TerminationGracePeriodSeconds != nil {
-		grace = *d.Spec.Template.Spec.TerminationGracePeriodSeconds
+	fmt.Printf("grace %d\nprestop %d\n", grace(d), preStopSleep(c))
+}
+
+// emitUpstreams prints, for each FANOUT_UPSTREAM template whose host is a headless Service here,
+// "SERVICE DEPLOYMENT REPLICAS PORT".
+func emitUpstreams(d *appsv1.Deployment, objs *objects) {
+	for _, t := range upstreamTargets(env(&d.Spec.Template.Spec.Containers[0], objs)["FANOUT_UPSTREAM"], objs) {
+		replicas := int32(1)
+		if t.deployment.Spec.Replicas != nil {
+			replicas = *t.deployment.Spec.Replicas
+		}
+		fmt.Printf("%s %s %d %d\n", t.service.Name, t.deployment.Name, replicas, t.port)
 	}
-	fmt.Printf("grace %d\nprestop %d\n", grace, preStopSleep(c))
 }
 
 func main() {
 	dir := flag.String("k", "", "a kustomization directory: read kustomization.yaml and its resources")
-	emit := flag.String("emit", "", "after checking, print \"docker\" run flags or \"probes\"")
+	emit := flag.String("emit", "", "after checking, print \"docker\" run flags, the container's \"args\", \"probes\" or \"upstreams\"")
+	name := flag.String("deployment", "", "the Deployment -emit describes [fanout's: the one with FANOUT_UPSTREAM]")
 	flag.Parse()
 	objs := &objects{}
 	if *dir != "" {
@@ -403,16 +570,30 @@ func main() {
 		}
 		os.Exit(1)
 	}
+	d := fanoutDeployment(objs)
+	if *name != "" {
+		d = deploymentNamed(objs, *name)
+	}
+	if d == nil {
+		for _, p := range problems {
+			fmt.Fprintln(os.Stderr, "validate:", p)
+		}
+		os.Exit(1)
+	}
 	switch *emit {
 	case "docker":
-		emitDocker(objs)
+		emitDocker(d, objs)
+	case "args":
+		emitArgs(d)
 	case "probes":
-		emitProbes(objs)
+		emitProbes(d)
+	case "upstreams":
+		emitUpstreams(d, objs)
 	case "":
 		n := len(objs.deployments) + len(objs.services) + len(objs.configMaps) + len(objs.hpas) + len(objs.pdbs)
 		fmt.Printf("validate: %d objects decoded strictly and consistent\n", n)
 	default:
-		fmt.Fprintln(os.Stderr, "validate: -emit wants docker or probes")
+		fmt.Fprintln(os.Stderr, "validate: -emit wants docker, args, probes or upstreams")
 		os.Exit(2)
 	}
 }
