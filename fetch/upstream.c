@@ -540,8 +540,10 @@ static unsigned candidates(const struct upstreams *u, const struct upstream_key 
 }
 
 /* Member m's rendezvous score for key hash 'kh': the raw hash, or, while members ramp, the
- * weighted score w / -ln(h) with h the hash as a fraction in (0, 1) (scaled to an integer;
- * the order of members at full weight is the same either way). */
+ * weighted score w / -ln(h) with h the hash as a fraction in (0, 1), kept as its logarithm
+ * ln(w) - ln(-ln(h)) (about -6 .. 37) shifted and scaled onto the integers, so that scores
+ * differ as finely as the doubles do (the order of members at full weight is the same either
+ * way). */
 static uint64_t score(const struct upstreams *u, const struct member *m, uint64_t kh,
                       int64_t now_ms)
 {
@@ -554,9 +556,11 @@ static uint64_t score(const struct upstreams *u, const struct member *m, uint64_
         double lo = UPSTREAM_SLOW_START_MIN_PCT / 100.0;
         w = f < 0 ? lo : lo + (1.0 - lo) * f;
     }
-    double x = ((double)(h >> 11) + 0.5) * 0x1p-53; /* (0, 1) */
-    double sc = w / -log(x);                        /* > 0; ~1e-16 .. ~4e16 */
-    return sc >= 1e18 ? UINT64_MAX : (uint64_t)(sc * 1e1);
+    double x = ((double)(h >> 11) + 0.5) * 0x1p-53; /* (0, 1], 1 when rounded up */
+    double e = -log(x);                             /* ~1e-16 .. ~37, or 0 */
+    if (!(e > 0))
+        return UINT64_MAX;
+    return (uint64_t)((log(w) - log(e) + 64.0) * 0x1p56); /* (58 .. 101) * 2^56 */
 }
 
 /* Whether member m is in: not ejected, and healthy by its checks. */
