@@ -13,6 +13,7 @@
  * clears it (compare-and-swap, so exactly one) and lowers the counter. */
 #include "fetch/upstream.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -234,11 +235,17 @@ static bool opts_ok(const struct upstreams_opts *o)
 static bool addr_ok(const char *a)
 {
     size_t n = strlen(a);
+    unsigned char bin[sizeof(struct in6_addr)];
     if (n == 0 || n >= UPSTREAM_ADDR_MAX)
         return false;
-    if (a[0] == '[')
-        return n > 2 && a[n - 1] == ']' && strspn(a + 1, "0123456789abcdefABCDEF:.") == n - 2;
-    return strspn(a, "0123456789.") == n;
+    if (a[0] != '[')
+        return inet_pton(AF_INET, a, bin) == 1;
+    char inner[UPSTREAM_ADDR_MAX];
+    if (n < 3 || a[n - 1] != ']')
+        return false;
+    memcpy(inner, a + 1, n - 2);
+    inner[n - 2] = 0;
+    return inet_pton(AF_INET6, inner, bin) == 1;
 }
 
 /* ---------------------------------------------------------------- snapshots */
