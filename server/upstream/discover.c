@@ -200,6 +200,7 @@ static int name_init(struct name *nm, const char *tmpl)
                   (nm->host[0] == '[' && inet_pton(AF_INET6, inner, &a6) == 1);
     if (!(nm->tmpl = strdup(tmpl)))
         return -ENOMEM;
+    nm->backoff_ms = DISCOVER_BACKOFF_MIN_MS;
     return 0;
 }
 
