@@ -359,28 +359,38 @@ static int publish(struct discover *d, struct upstreams *cur, char *err, size_t 
     return rc;
 }
 
-/* Replaces the records by 'tmpls' (keeping the members of names that stay). */
+/* The record of the name with template 'tmpl', or NULL. */
+static struct name *find_name(struct discover *d, const char *tmpl)
+{
+    for (unsigned j = 0; j < d->nnames; j++)
+        if (d->names[j].tmpl && !strcmp(d->names[j].tmpl, tmpl))
+            return &d->names[j];
+    return NULL;
+}
+
+/* Replaces the records by 'tmpls' (keeping the members of names that stay). The new names are
+ * made first, so that a failure leaves the records as they were. */
 static int set_names(struct discover *d, const char *const *tmpls, unsigned n)
 {
     struct name *nn = calloc(n ? n : 1, sizeof(*nn));
     if (!nn)
         return -ENOMEM;
     for (unsigned i = 0; i < n; i++) {
-        struct name *old = NULL;
-        for (unsigned j = 0; j < d->nnames && !old; j++)
-            if (d->names[j].tmpl && !strcmp(d->names[j].tmpl, tmpls[i]))
-                old = &d->names[j];
-        if (old) {
-            nn[i] = *old;
-            memset(old, 0, sizeof(*old));
+        if (find_name(d, tmpls[i]))
             continue;
-        }
         int rc = name_init(&nn[i], tmpls[i]);
         if (rc != 0) {
             for (unsigned k = 0; k <= i; k++)
                 name_destroy(&nn[k]);
             free(nn);
             return rc;
+        }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        struct name *old = find_name(d, tmpls[i]);
+        if (old) {
+            nn[i] = *old;
+            memset(old, 0, sizeof(*old));
         }
     }
     for (unsigned j = 0; j < d->nnames; j++) {
