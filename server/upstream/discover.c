@@ -442,8 +442,9 @@ static int load_file(struct discover *d, char *err, size_t errlen)
         unsigned n = (unsigned)rc;
         rc = upstreams_new(t, n, &o, &probe, why, sizeof(why));
         upstreams_free(probe);
-        if (rc == 0)
-            rc = set_names(d, t, n);
+        if (rc == 0 && (rc = set_names(d, t, n)) == -EINVAL)
+            snprintf(why, sizeof(why), "a template's host is too long (at most %zu bytes)",
+                     sizeof(d->names[0].host) - 1);
     }
     if (rc < 0)
         snprintf(err, errlen, "%s: %s", d->file, rc == -ENOMEM ? "out of memory" : why);
