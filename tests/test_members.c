@@ -531,8 +531,10 @@ static void test_members_shards(void)
         unsigned n = upstream_members(s2, uk.shard, &first);
         for (unsigned a = 0; a < 3; a++) {
             unsigned got = test_pick(s2, k, a, 0);
-            none_wrong += n == 0 ? got != UPSTREAM_NONE
-                                 : got == UPSTREAM_NONE || upstream_member_upstream(s2, got) != uk.shard;
+            if (n == 0)
+                none_wrong += got != UPSTREAM_NONE;
+            else
+                none_wrong += got == UPSTREAM_NONE || upstream_member_upstream(s2, got) != uk.shard;
         }
     }
     CU_ASSERT_EQUAL(bad_shard, 0);
