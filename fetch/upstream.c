@@ -13,6 +13,7 @@
  * clears it (compare-and-swap, so exactly one) and lowers the counter. */
 #include "fetch/upstream.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -235,11 +236,17 @@ static bool opts_ok(const struct upstreams_opts *o)
 static bool addr_ok(const char *a)
 {
     size_t n = strlen(a);
+    unsigned char bin[sizeof(struct in6_addr)];
     if (n == 0 || n >= UPSTREAM_ADDR_MAX)
         return false;
-    if (a[0] == '[')
-        return n > 2 && a[n - 1] == ']' && strspn(a + 1, "0123456789abcdefABCDEF:.") == n - 2;
-    return strspn(a, "0123456789.") == n;
+    if (a[0] != '[')
+        return inet_pton(AF_INET, a, bin) == 1;
+    char inner[UPSTREAM_ADDR_MAX];
+    if (n < 3 || a[n - 1] != ']')
+        return false;
+    memcpy(inner, a + 1, n - 2);
+    inner[n - 2] = 0;
+    return inet_pton(AF_INET6, inner, bin) == 1;
 }
 
 /* ---------------------------------------------------------------- snapshots */
@@ -541,8 +548,10 @@ static unsigned candidates(const struct upstreams *u, const struct upstream_key 
 }
 
 /* Member m's rendezvous score for key hash 'kh': the raw hash, or, while members ramp, the
- * weighted score w / -ln(h) with h the hash as a fraction in (0, 1) (scaled to an integer;
- * the order of members at full weight is the same either way). */
+ * weighted score w / -ln(h) with h the hash as a fraction in (0, 1), kept as its logarithm
+ * ln(w) - ln(-ln(h)) (about -6 .. 37) shifted and scaled onto the integers, so that scores
+ * differ as finely as the doubles do (the order of members at full weight is the same either
+ * way). */
 static uint64_t score(const struct upstreams *u, const struct member *m, uint64_t kh,
                       int64_t now_ms)
 {
@@ -555,9 +564,11 @@ static uint64_t score(const struct upstreams *u, const struct member *m, uint64_
         double lo = UPSTREAM_SLOW_START_MIN_PCT / 100.0;
         w = f < 0 ? lo : lo + (1.0 - lo) * f;
     }
-    double x = ((double)(h >> 11) + 0.5) * 0x1p-53; /* (0, 1) */
-    double sc = w / -log(x);                        /* > 0; ~1e-16 .. ~4e16 */
-    return sc >= 1e18 ? UINT64_MAX : (uint64_t)(sc * 1e1);
+    double x = ((double)(h >> 11) + 0.5) * 0x1p-53; /* (0, 1], 1 when rounded up */
+    double e = -log(x);                             /* ~1e-16 .. ~37, or 0 */
+    if (!(e > 0))
+        return UINT64_MAX;
+    return (uint64_t)((log(w) - log(e) + 64.0) * 0x1p56); /* (58 .. 101) * 2^56 */
 }
 
 /* Whether member m is in: still in the live set, not ejected, and healthy by its checks. */

@@ -55,6 +55,7 @@ struct discover {
     unsigned nnames;
     char *answer;               /* ANSWER_SIZE bytes, the thread's */
     char (*parsed)[UPSTREAM_ADDR_MAX]; /* max_members addresses, the thread's */
+    char **tokens;              /* ANSWER_SIZE / 2: an answer's addresses, the thread's */
     struct stat file_st;        /* the file as last read */
     int64_t file_next_ms;       /* next look at the file */
     int64_t health_next_ms;     /* next health round */
@@ -200,28 +201,37 @@ static int name_init(struct name *nm, const char *tmpl)
                   (nm->host[0] == '[' && inet_pton(AF_INET6, inner, &a6) == 1);
     if (!(nm->tmpl = strdup(tmpl)))
         return -ENOMEM;
+    nm->backoff_ms = DISCOVER_BACKOFF_MIN_MS;
     return 0;
 }
 
 static int by_text(const void *a, const void *b)
 {
-    return strcmp(a, b);
+    return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Splits a lookup's comma-separated answer into sorted, distinct addresses. */
-static unsigned parse_answer(char *answer, char (*out)[UPSTREAM_ADDR_MAX], unsigned max)
+/* Splits a lookup's comma-separated answer into its distinct addresses, sorted, and keeps the
+ * first 'max' (so that the same addresses in any order give the same members). 'tok' has room
+ * for ANSWER_SIZE / 2 of them (each is a byte at least, and a comma). Returns how many it kept,
+ * and in *all how many there were. */
+static unsigned parse_answer(char *answer, char (*out)[UPSTREAM_ADDR_MAX], unsigned max,
+                             char **tok, unsigned *all)
 {
-    unsigned n = 0;
-    for (char *save = NULL, *t = strtok_r(answer, ",", &save); t && n < max;
+    unsigned nt = 0, n = 0;
+    for (char *save = NULL, *t = strtok_r(answer, ",", &save); t && nt < ANSWER_SIZE / 2;
          t = strtok_r(NULL, ",", &save))
         if (strlen(t) < UPSTREAM_ADDR_MAX)
-            snprintf(out[n++], UPSTREAM_ADDR_MAX, "%s", t);
-    qsort(out, n, UPSTREAM_ADDR_MAX, by_text);
-    unsigned k = 0;
-    for (unsigned i = 0; i < n; i++)
-        if (k == 0 || strcmp(out[k - 1], out[i]) != 0)
-            memmove(out[k++], out[i], UPSTREAM_ADDR_MAX);
-    return k;
+            tok[nt++] = t;
+    qsort(tok, nt, sizeof(*tok), by_text);
+    *all = 0;
+    for (unsigned i = 0; i < nt; i++) {
+        if (i > 0 && !strcmp(tok[i - 1], tok[i]))
+            continue;
+        ++*all;
+        if (n < max)
+            snprintf(out[n++], UPSTREAM_ADDR_MAX, "%s", tok[i]);
+    }
+    return n;
 }
 
 /* Logs the members that 'next' has and 'prev' had not ("member added"), and the reverse. */
@@ -271,7 +281,8 @@ static bool look_up(struct discover *d, struct upstreams *cur, unsigned idx, str
     int64_t now = ctx_now(); /* after the lookup, which may have taken a while */
     nm->looked = true;
     char(*addrs)[UPSTREAM_ADDR_MAX] = d->parsed;
-    unsigned n = rc == 0 ? parse_answer(d->answer, addrs, d->o.max_members) : 0;
+    unsigned all = 0;
+    unsigned n = rc == 0 ? parse_answer(d->answer, addrs, d->o.max_members, d->tokens, &all) : 0;
     bool empty = (rc == 0 && n == 0) || rc == EAI_NONAME
 #ifdef EAI_NODATA
                  || rc == EAI_NODATA
@@ -291,7 +302,12 @@ static bool look_up(struct discover *d, struct upstreams *cur, unsigned idx, str
         nm->empty_since = 0;
         nm->backoff_ms = DISCOVER_BACKOFF_MIN_MS;
         nm->next_ms = now + next_delay(d);
-        return set_members(d, nm, addrs, n);
+        bool changed = set_members(d, nm, addrs, n);
+        if (changed && all > n)
+            log_fieldsf(d->o.log, LOG_WARN, "members left out",
+                        ",\"upstream\":\"%s\",\"left_out\":%u,\"max_members\":%u", nm->label,
+                        all - n, d->o.max_members);
+        return changed;
     }
     const char *what = rc == 0 ? "no address" : gai_strerror(rc);
     if (!nm->failing)
@@ -358,28 +374,38 @@ static int publish(struct discover *d, struct upstreams *cur, char *err, size_t 
     return rc;
 }
 
-/* Replaces the records by 'tmpls' (keeping the members of names that stay). */
+/* The record of the name with template 'tmpl', or NULL. */
+static struct name *find_name(struct discover *d, const char *tmpl)
+{
+    for (unsigned j = 0; j < d->nnames; j++)
+        if (d->names[j].tmpl && !strcmp(d->names[j].tmpl, tmpl))
+            return &d->names[j];
+    return NULL;
+}
+
+/* Replaces the records by 'tmpls' (keeping the members of names that stay). The new names are
+ * made first, so that a failure leaves the records as they were. */
 static int set_names(struct discover *d, const char *const *tmpls, unsigned n)
 {
     struct name *nn = calloc(n ? n : 1, sizeof(*nn));
     if (!nn)
         return -ENOMEM;
     for (unsigned i = 0; i < n; i++) {
-        struct name *old = NULL;
-        for (unsigned j = 0; j < d->nnames && !old; j++)
-            if (d->names[j].tmpl && !strcmp(d->names[j].tmpl, tmpls[i]))
-                old = &d->names[j];
-        if (old) {
-            nn[i] = *old;
-            memset(old, 0, sizeof(*old));
+        if (find_name(d, tmpls[i]))
             continue;
-        }
         int rc = name_init(&nn[i], tmpls[i]);
         if (rc != 0) {
             for (unsigned k = 0; k <= i; k++)
                 name_destroy(&nn[k]);
             free(nn);
             return rc;
+        }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        struct name *old = find_name(d, tmpls[i]);
+        if (old) {
+            nn[i] = *old;
+            memset(old, 0, sizeof(*old));
         }
     }
     for (unsigned j = 0; j < d->nnames; j++) {
@@ -437,8 +463,9 @@ static int load_file(struct discover *d, char *err, size_t errlen)
         unsigned n = (unsigned)rc;
         rc = upstreams_new(t, n, &o, &probe, why, sizeof(why));
         upstreams_free(probe);
-        if (rc == 0)
-            rc = set_names(d, t, n);
+        if (rc == 0 && (rc = set_names(d, t, n)) == -EINVAL)
+            snprintf(why, sizeof(why), "a template's host is too long (at most %zu bytes)",
+                     sizeof(d->names[0].host) - 1);
     }
     if (rc < 0)
         snprintf(err, errlen, "%s: %s", d->file, rc == -ENOMEM ? "out of memory" : why);
@@ -608,7 +635,8 @@ int discover_new(const struct discover_opts *o, const char *const *templates, un
         return rc;
     }
     if ((o->file && !(d->file = strdup(o->file))) || !(d->answer = malloc(ANSWER_SIZE)) ||
-        !(d->parsed = malloc((size_t)o->max_members * UPSTREAM_ADDR_MAX)))
+        !(d->parsed = malloc((size_t)o->max_members * UPSTREAM_ADDR_MAX)) ||
+        !(d->tokens = malloc(ANSWER_SIZE / 2 * sizeof(*d->tokens))))
         rc = -ENOMEM;
     if (o->health_path && !(d->health_path = strdup(o->health_path)))
         rc = -ENOMEM;
@@ -693,6 +721,7 @@ void discover_free(struct discover *d)
     upstream_live_free(d->live);
     free(d->answer);
     free(d->parsed);
+    free(d->tokens);
     free(d->file);
     free(d->health_path);
     pthread_cond_destroy(&d->cv);
