@@ -65,6 +65,7 @@ struct member {
     atomic_int_fast64_t p95_us;        /* cached estimates, -1 until enough samples */
     atomic_int_fast64_t hedge_us;
     atomic_int_fast64_t ewma_us;       /* moving average of successful attempts, 0: none yet */
+    atomic_int_fast64_t ewma_ms;       /* when it was last moved (monotonic ms) */
     struct upstream_stats stats;       /* attempts by kind and their duration */
     atomic_bool gone;                  /* dropped from the live set: it may not stay ejected */
 };
@@ -588,18 +589,28 @@ static int last_try(unsigned m, const uint16_t *tried, unsigned ntried)
     return -1;
 }
 
-/* Member m's load for the bound: its attempts in flight, weighed by how much slower it has been
- * than the fastest candidate ('fastest_us', 0: nothing known), so that a member ten times
- * slower counts each attempt ten times. */
-static double load_of(const struct member *m, int64_t fastest_us)
+/* How much slower member m has been than the fastest candidate ('fastest_us', 0: nothing
+ * known): the ratio of their moving averages, or 1 below UPSTREAM_SLOW_RATIO (so that the noise
+ * between members that answer alike never moves a key). A member that has had no success for
+ * a while (it gets little traffic because it was slow) sees its ratio fade toward 1 with a time
+ * constant of UPSTREAM_SLOW_FADE_MS, so it is tried again now and then and a member that got
+ * fast again returns; its next answers set the ratio anew. */
+static double slowness(const struct member *m, int64_t fastest_us, int64_t now_ms)
 {
-    double n = atomic_load_explicit(&m->in_flight, memory_order_relaxed);
     int64_t avg = atomic_load_explicit(&m->ewma_us, memory_order_relaxed);
-    return fastest_us > 0 && avg > fastest_us ? n * (double)avg / (double)fastest_us : n;
+    if (fastest_us <= 0 || avg <= fastest_us)
+        return 1.0;
+    double r = (double)avg / (double)fastest_us;
+    int64_t age = now_ms - atomic_load_explicit(&m->ewma_ms, memory_order_relaxed);
+    if (age > 0)
+        r = 1.0 + (r - 1.0) * exp(-(double)age / UPSTREAM_SLOW_FADE_MS);
+    return r < UPSTREAM_SLOW_RATIO ? 1.0 : r; /* within it, members count as alike */
 }
 
-/* The tier of candidate j (see upstream.h), or 5 for a member that left the set. */
-static unsigned tier_of(const struct member *m, bool in, int t, double cap, int64_t fastest_us)
+/* The tier of candidate j (see upstream.h), or 5 for a member that left the set. Over the load
+ * bound means that one more attempt would take its load past the bound: (attempts in flight +
+ * 1) x slowness > cap, which for members that answer alike is attempts in flight >= cap. */
+static unsigned tier_of(const struct member *m, bool in, int t, double cap, double slow)
 {
     if (atomic_load_explicit(&m->gone, memory_order_relaxed))
         return 5;
@@ -607,7 +618,8 @@ static unsigned tier_of(const struct member *m, bool in, int t, double cap, int6
         return t >= 0 ? 4 : 3;
     if (t >= 0)
         return 2;
-    return cap < INFINITY && load_of(m, fastest_us) >= cap ? 1 : 0;
+    double n = atomic_load_explicit(&m->in_flight, memory_order_relaxed);
+    return (n + 1) * slow > cap ? 1 : 0;
 }
 
 unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const uint16_t *tried,
@@ -628,10 +640,11 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
     }
     double cap = INFINITY;
     if (u->opts.balance_factor > 0 && nin > 0) {
-        double load = 0;
+        double load = 0; /* attempts in flight on the members in, each weighed by slowness */
         for (unsigned j = 0; j < count; j++)
             if (in[j])
-                load += load_of(u->m[first + j], fastest);
+                load += atomic_load_explicit(&u->m[first + j]->in_flight, memory_order_relaxed) *
+                        slowness(u->m[first + j], fastest, now_ms);
         cap = ceil(u->opts.balance_factor * (load + 1) / nin);
     }
     unsigned best = UPSTREAM_NONE, best_tier = 5;
@@ -640,7 +653,8 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
     for (unsigned j = 0; j < count; j++) {
         struct member *m = u->m[first + j];
         int t = last_try(first + j, tried, ntried);
-        unsigned tier = tier_of(m, in[j], t, cap, fastest);
+        double slow = cap < INFINITY && in[j] && t < 0 ? slowness(m, fastest, now_ms) : 1.0;
+        unsigned tier = tier_of(m, in[j], t, cap, slow);
         if (tier >= 5 || tier > best_tier)
             continue; /* one that left the set gets no new attempt */
         uint64_t sc = score(u, m, k->hash, now_ms);
@@ -861,7 +875,7 @@ static void recompute_pcts(struct member *up, unsigned hedge_pct)
     atomic_store_explicit(&up->hedge_us, percentile(c, total, hedge_pct), memory_order_relaxed);
 }
 
-static void observe(struct member *up, int64_t us, unsigned hedge_pct)
+static void observe(struct member *up, int64_t us, unsigned hedge_pct, int64_t now_ms)
 {
     /* The moving average (weight 1/8 for the newest): racing updates may lose one, which an
      * average can afford. */
@@ -869,6 +883,7 @@ static void observe(struct member *up, int64_t us, unsigned hedge_pct)
     int64_t sample = us > 0 ? us : 1;
     atomic_store_explicit(&up->ewma_us, avg ? avg + (sample - avg) / 8 : sample,
                           memory_order_relaxed);
+    atomic_store_explicit(&up->ewma_ms, now_ms, memory_order_relaxed);
     atomic_fetch_add_explicit(&up->lat[lat_bucket(us > 0 ? (uint64_t)us : 0)], 1,
                               memory_order_relaxed);
     uint_fast32_t t = atomic_fetch_add_explicit(&up->lat_total, 1, memory_order_relaxed) + 1;
@@ -897,7 +912,7 @@ void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, i
         if (atomic_load_explicit(&up->consecutive, memory_order_relaxed))
             atomic_store_explicit(&up->consecutive, 0, memory_order_relaxed);
         if (latency_us >= 0)
-            observe(up, latency_us, s->opts.hedge_pct);
+            observe(up, latency_us, s->opts.hedge_pct, now_ms);
         return;
     }
     if (!s->max_ejected || upstream_ejected(s, i, now_ms))

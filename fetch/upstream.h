@@ -24,15 +24,18 @@
  * A member that has left the live set since the snapshot was taken (upstream_live_swap()) gets
  * no new attempt from it at all, so retries and hedges of requests already running follow the
  * set too; when no candidate is left, the pick is UPSTREAM_NONE.
- * The load bound (balance_factor F > 0; bounded-load rendezvous): a member whose load is
- * >= ceil(F * (the load of the candidates that are in + 1) / their number) is over it, a
- * member's load being its attempts in flight, each weighed by how much slower the member has
- * been than the fastest candidate (the ratio of their moving averages of successful attempts;
- * 1 for all while they answer alike, which is the plain bound on attempts in flight). So load
- * spills off a slow member, which collects attempts and counts each several times, while keys
- * keep their first choice when all is well. (Weighing by latency makes a member ten times
- * slower get about 1/100 of the fast ones' share instead of 1/10, which hedging can then
- * cover within its budget.) Slow start: a member added to a running set weighs from 10% up to
+ * The load bound (balance_factor F > 0; bounded-load rendezvous): a member is over it when one
+ * more attempt would take its load past ceil(F * (the load of the candidates that are in + 1)
+ * / their number), a member's load being its attempts in flight, each weighed by its slowness:
+ * how much slower it has been than the fastest candidate (the ratio of their moving averages
+ * of successful attempts, counted as 1 below UPSTREAM_SLOW_RATIO, and fading back toward 1
+ * while the member has no success to show, so that it is tried again now and then). For members that answer alike every weight is 1 and
+ * this is the published bound: attempts in flight >= ceil(F * (all in flight + 1) / members).
+ * So load spills off a slow member, which collects attempts and counts each several times,
+ * while keys keep their first choice when all is well. (On attempts alone a member ten times
+ * slower still gets about a tenth of a fast one's share, Little's law; more than a 5% hedge
+ * budget can cover. Weighed, an idle slow member is over the bound until the fast ones are
+ * loaded to its slowness.) Slow start: a member added to a running set weighs from 10% up to
  * 100% over slow_start_ms (weighted rendezvous, score = w / -ln(h)), so it takes its share
  * gradually and the ranking of the others does not move while it ramps.
  *
@@ -76,6 +79,8 @@
 #define UPSTREAM_ADDR_MAX 48        /* a member's address text, "[IPv6]" included, NUL too */
 #define UPSTREAM_WHY_MAX 160        /* an upstream's note on why it has no member */
 #define UPSTREAM_SLOW_START_MIN_PCT 10 /* a ramping member's weight at the start, percent */
+#define UPSTREAM_SLOW_FADE_MS 1000.0   /* how fast an unheard member's slowness fades (to 1/e) */
+#define UPSTREAM_SLOW_RATIO 1.5        /* slower than the fastest by less: counted as alike */
 
 enum upstream_policy { UPSTREAM_REPLICAS, UPSTREAM_SHARDS };
 

@@ -359,11 +359,13 @@ static void hold(struct upstreams *u, unsigned m, int n)
             upstream_attempt_end(u, m);
 }
 
-/* The load bound weighs a member's attempts by how much slower it has been. With 3, 3 and 1
- * attempts in flight (the 1 on the key's first choice): members that answer alike keep the key
- * on its first choice (1 < ceil(1.25 x 8 / 3) = 4); once the first choice has been ten times
- * slower, its one attempt counts ten (10 >= ceil(1.25 x 17 / 3) = 8) and the key goes to its
- * second choice; without the bound (factor 0) it stays whatever the loads. */
+/* The load bound weighs a member's attempts by its slowness (ten here): a key whose first choice
+ * is ten times slower goes to its second choice while the others are idle (one more attempt
+ * would weigh 10 > ceil(1.25 x 1 / 3) = 1), and with 3, 3 and 1 attempts in flight (the 1 on
+ * the first choice: 20 > ceil(1.25 x 17 / 3) = 8); once the fast ones hold 12 each it is the
+ * first choice again (10 <= ceil(1.25 x 25 / 3) = 11). Members that answer alike keep the key
+ * on its first choice (2 <= ceil(1.25 x 8 / 3) = 4), and so does no bound (factor 0). Unheard
+ * for a while, the slow member's slowness fades and it gets its key back when idle. */
 static void test_upstream_bound_weighs_slow_members(void)
 {
     struct upstreams *alike = three_members(1.25), *slow = three_members(1.25),
@@ -373,13 +375,15 @@ static void test_upstream_bound_weighs_slow_members(void)
     CU_ASSERT_EQUAL_FATAL(upstreams_rank(alike, "k", 1, 0, rank), 3);
     for (unsigned m = 0; m < 3; m++)
         for (int i = 0; i < 16; i++) {
-            upstream_report(alike, m, UPSTREAM_OK, 5000, 0);
+            upstream_report(alike, m, UPSTREAM_OK, m == rank[0] ? 6000 : 5000, 0); /* noise */
             upstream_report(slow, m, UPSTREAM_OK, m == rank[0] ? 50000 : 5000, 0);
             upstream_report(off, m, UPSTREAM_OK, m == rank[0] ? 50000 : 5000, 0);
         }
+    CU_ASSERT_EQUAL(test_pick(alike, "k", 0, 0), rank[0]); /* idle */
+    CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 0), rank[1]);
+    CU_ASSERT_EQUAL(test_pick(off, "k", 0, 0), rank[0]);
     struct upstreams *sets[] = {alike, slow, off};
     for (int i = 0; i < 3; i++) {
-        CU_ASSERT_EQUAL(test_pick(sets[i], "k", 0, 0), rank[0]); /* idle: the first choice */
         hold(sets[i], rank[0], 1);
         hold(sets[i], rank[1], 3);
         hold(sets[i], rank[2], 3);
@@ -387,11 +391,23 @@ static void test_upstream_bound_weighs_slow_members(void)
     CU_ASSERT_EQUAL(test_pick(alike, "k", 0, 0), rank[0]);
     CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 0), rank[1]);
     CU_ASSERT_EQUAL(test_pick(off, "k", 0, 0), rank[0]);
+    hold(slow, rank[0], -1);
+    hold(slow, rank[1], 9);
+    hold(slow, rank[2], 9);
+    CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 0), rank[0]); /* the fast ones are loaded */
+    hold(slow, rank[1], -12);
+    hold(slow, rank[2], -12);
+    CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 0), rank[1]);
+    CU_ASSERT_EQUAL(test_pick(slow, "k", 0, 10000), rank[0]); /* 10 s unheard: faded */
+    hold(alike, rank[0], -1);
+    hold(off, rank[0], -1);
     for (int i = 0; i < 3; i++) {
-        hold(sets[i], rank[0], -1);
-        hold(sets[i], rank[1], -3);
-        hold(sets[i], rank[2], -3);
-        CU_ASSERT_EQUAL(upstream_in_flight(sets[i], rank[0]), 0);
+        if (i != 1) {
+            hold(sets[i], rank[1], -3);
+            hold(sets[i], rank[2], -3);
+        }
+        for (unsigned m = 0; m < 3; m++)
+            CU_ASSERT_EQUAL(upstream_in_flight(sets[i], m), 0);
         upstreams_free(sets[i]);
     }
 }
