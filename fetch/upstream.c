@@ -591,10 +591,11 @@ static int last_try(unsigned m, const uint16_t *tried, unsigned ntried)
 
 /* How much slower member m has been than the fastest candidate ('fastest_us', 0: nothing
  * known): the ratio of their moving averages, or 1 below UPSTREAM_SLOW_RATIO (so that the noise
- * between members that answer alike never moves a key). A member that has had no success for
- * a while (it gets little traffic because it was slow) sees its ratio fade toward 1 with a time
- * constant of UPSTREAM_SLOW_FADE_MS, so it is tried again now and then and a member that got
- * fast again returns; its next answers set the ratio anew. */
+ * between members that answer alike never moves a key). A member not heard from for a while
+ * (it gets little traffic because it was slow) and with nothing in flight sees its ratio fade
+ * toward 1 with a time constant of UPSTREAM_SLOW_FADE_MS, so it is tried again now and then,
+ * one attempt at a time, and a member that got fast again returns; its answers set the ratio
+ * anew. */
 static double slowness(const struct member *m, int64_t fastest_us, int64_t now_ms)
 {
     int64_t avg = atomic_load_explicit(&m->ewma_us, memory_order_relaxed);
@@ -602,24 +603,35 @@ static double slowness(const struct member *m, int64_t fastest_us, int64_t now_m
         return 1.0;
     double r = (double)avg / (double)fastest_us;
     int64_t age = now_ms - atomic_load_explicit(&m->ewma_ms, memory_order_relaxed);
-    if (age > 0)
+    /* Faded only while it has nothing in flight: the retry is one attempt at a time. */
+    if (age > 0 && atomic_load_explicit(&m->in_flight, memory_order_relaxed) == 0)
         r = 1.0 + (r - 1.0) * exp(-(double)age / UPSTREAM_SLOW_FADE_MS);
     return r < UPSTREAM_SLOW_RATIO ? 1.0 : r; /* within it, members count as alike */
 }
 
-/* The tier of candidate j (see upstream.h), or 5 for a member that left the set. Over the load
- * bound means that one more attempt would take its load past the bound: (attempts in flight +
- * 1) x slowness > cap, which for members that answer alike is attempts in flight >= cap. */
-static unsigned tier_of(const struct member *m, bool in, int t, double cap, double slow)
+/* The tier of a candidate (see upstream.h), or 5 for a member that left the set, and in *order
+ * what orders candidates within their tier before the score (lower first): for the tried tiers
+ * the position of the latest try, for those over the load bound the load one more attempt
+ * would give them (so that, when every member is over, the least loaded gets it), else 0.
+ * Over the load bound means that one more attempt would take the member's load past the
+ * bound: (attempts in flight + 1) x slowness > cap, which for members that answer alike is
+ * attempts in flight >= cap. */
+static unsigned tier_of(const struct member *m, bool in, int t, double cap, double slow,
+                        double *order)
 {
+    *order = t;
     if (atomic_load_explicit(&m->gone, memory_order_relaxed))
         return 5;
     if (!in)
         return t >= 0 ? 4 : 3;
     if (t >= 0)
         return 2;
-    double n = atomic_load_explicit(&m->in_flight, memory_order_relaxed);
-    return (n + 1) * slow > cap ? 1 : 0;
+    *order = 0;
+    double more = (atomic_load_explicit(&m->in_flight, memory_order_relaxed) + 1.0) * slow;
+    if (more <= cap)
+        return 0;
+    *order = more;
+    return 1;
 }
 
 unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const uint16_t *tried,
@@ -648,22 +660,21 @@ unsigned upstreams_pick(struct upstreams *u, const struct upstream_key *k, const
         cap = ceil(u->opts.balance_factor * (load + 1) / nin);
     }
     unsigned best = UPSTREAM_NONE, best_tier = 5;
-    int best_try = 0;
+    double best_order = 0;
     uint64_t best_score = 0;
     for (unsigned j = 0; j < count; j++) {
         struct member *m = u->m[first + j];
         int t = last_try(first + j, tried, ntried);
         double slow = cap < INFINITY && in[j] && t < 0 ? slowness(m, fastest, now_ms) : 1.0;
-        unsigned tier = tier_of(m, in[j], t, cap, slow);
+        double order;
+        unsigned tier = tier_of(m, in[j], t, cap, slow, &order);
         if (tier >= 5 || tier > best_tier)
             continue; /* one that left the set gets no new attempt */
         uint64_t sc = score(u, m, k->hash, now_ms);
-        bool better = tier < best_tier || (t >= 0 && t < best_try) ||
-                      ((t < 0 || t == best_try) && sc > best_score);
-        if (better) {
+        if (tier < best_tier || order < best_order || (order == best_order && sc > best_score)) {
             best = first + j;
             best_tier = tier;
-            best_try = t;
+            best_order = order;
             best_score = sc;
         }
     }
@@ -921,6 +932,17 @@ void upstream_report(struct upstreams *s, unsigned i, enum upstream_outcome o, i
         return; /* a shard's only member: there is nowhere else to go */
     if (atomic_fetch_add(&up->consecutive, 1) + 1 >= s->opts.eject_after)
         eject(s, i, now_ms);
+}
+
+void upstream_report_lost(struct upstreams *u, unsigned i, int64_t elapsed_us, int64_t now_ms)
+{
+    struct member *m = u->m[i];
+    int64_t avg = atomic_load_explicit(&m->ewma_us, memory_order_relaxed);
+    if (avg <= 0)
+        return; /* nothing known yet to compare it with */
+    if (elapsed_us > avg)
+        atomic_store_explicit(&m->ewma_us, avg + (elapsed_us - avg) / 8, memory_order_relaxed);
+    atomic_store_explicit(&m->ewma_ms, now_ms, memory_order_relaxed); /* heard from, slow */
 }
 
 void upstream_count(struct upstreams *u, unsigned i, enum outcome_kind kind, int64_t us)

@@ -18,7 +18,8 @@
  * Attempt k of a key goes to the best candidate it has not tried yet, the tiers first:
  *   0. in (not ejected, and past its first health check when checks gate traffic) and under
  *      the load bound;
- *   1. in, but at or over the load bound;
+ *   1. in, but at or over the load bound (the least loaded first: when every member is over,
+ *      the overflow goes where it weighs least);
  *   2. in, tried already (the least recently tried first);
  *   3. out (ejected or failing its checks), not tried; 4. out and tried.
  * A member that has left the live set since the snapshot was taken (upstream_live_swap()) gets
@@ -245,6 +246,12 @@ unsigned upstream_in_flight(const struct upstreams *u, unsigned m);
 /* Reports an attempt's outcome (and, for a success, its latency) on member m. */
 void upstream_report(struct upstreams *u, unsigned m, enum upstream_outcome o, int64_t latency_us,
                      int64_t now_ms);
+
+/* An attempt on member m was aborted after 'elapsed_us' because another attempt of its key
+ * answered first: the member's latency is at least that, which moves its moving average up
+ * (never down), and it counts as hearing from the member (its slowness does not fade). Without this a slow member whose attempts all
+ * lose to hedges would look unheard and have its slowness fade. */
+void upstream_report_lost(struct upstreams *u, unsigned m, int64_t elapsed_us, int64_t now_ms);
 
 /* Whether member m is ejected at 'now_ms' (an expired ejection ends here, unless health
  * gating holds it until a pass). */

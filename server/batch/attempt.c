@@ -251,6 +251,7 @@ static void attempt_done(void *arg, struct fetch_result *r)
     struct attempt *t = arg;
     struct attempts *a = t->as;
     bool hedge = t->hedge;
+    unsigned t_up = t->up;
     a->pending--;
     a->in_flight--;
     struct outcome o = count_attempt(a, t->up, r);
@@ -260,6 +261,8 @@ static void attempt_done(void *arg, struct fetch_result *r)
         a->attempt_busy = false;
     else
         free(t);
+    if (a->decided && r->aborted && a->out.err == 0) /* it lost to a faster attempt */
+        upstream_report_lost(a->env.ups, t_up, r->elapsed_us, ctx_now());
     if (a->decided) { /* a loser, aborted or late: its body is not wanted */
         free(r->body);
         r->body = NULL;
