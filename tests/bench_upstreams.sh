@@ -23,6 +23,8 @@
 #
 #   tests/bench_upstreams.sh [-d SECONDS] [-r RATE] [SCENARIO...]   (default: s4 slow kill drop)
 #
+# WARMUP=SECONDS runs the same load unmeasured first (default 0; the slow scenario's rows below
+# were measured with 2, so that every member has answered before the measurement starts).
 # Prints one markdown table row per run: batches/s, success ratio, p50/p99/p99.9 ms, hedges
 # and retries sent, and upstream attempts beyond one per id (from fanout's /metrics). Needs
 # build/bin/fanout and build/bin/fanout-load (make), and for s4, hot and stream the harness's Go upstream
@@ -130,8 +132,13 @@ PY
 # flags; LOOP: "open" (-r $rate over 16 connections) or "closed N" (N connections).
 row() {
 	local j=$tmp/load.json h0 r0 a0 h1 r1 a1 loop
-	h0=$(metric fanout_hedges_sent_total) r0=$(metric fanout_retries_sent_total) a0=$(attempts)
 	if [[ ${LOOP:-open} == open ]]; then loop="-r $rate -c 16"; else loop="-c ${LOOP#closed }"; fi
+	if [[ ${WARMUP:-0} -gt 0 ]]; then # unmeasured: latency estimates and rankings settle
+		# shellcheck disable=SC2086
+		"$load" "http://127.0.0.1:$FPORT" -d "${WARMUP}s" $loop -t 2 --no-progress --min-success 0 \
+			$LOADARGS >/dev/null 2>&1
+	fi
+	h0=$(metric fanout_hedges_sent_total) r0=$(metric fanout_retries_sent_total) a0=$(attempts)
 	# shellcheck disable=SC2086
 	"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" $loop -t 2 --no-progress --min-success 0 \
 		--json $LOADARGS >"$j" 2>"$tmp/load.err"
@@ -147,7 +154,7 @@ for s in "${scen[@]}"; do
 	s4)
 		for h in ${HEDGES:-0 15 auto}; do
 			start_goup -delay 5ms -tail-frac 0.01 -tail-delay 100ms
-			FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
+			FLAGS="--limit 100 --hedge-after-ms $h ${S4_FLAGS:-} --log-level warn"
 			start_fanout "127.0.0.1:$gport/items/{id}"
 			LOADARGS="-b 100 --ids seq" LOOP=${S4_LOOP:-closed 4} row "S4, --hedge-after-ms $h" "one upstream, 1% at 100 ms${S4_LOOP:+, $S4_LOOP loop}" 100
 			stop_all
@@ -235,7 +242,7 @@ PY
 		for h in 0 15; do
 			for nd in "" --ndjson; do
 				start_goup -delay 5ms -tail-frac 0.01 -tail-delay 100ms
-				FLAGS="--limit 100 --hedge-after-ms $h --log-level warn"
+				FLAGS="--limit 100 --hedge-after-ms $h ${S4_FLAGS:-} --log-level warn"
 				start_fanout "127.0.0.1:$gport/items/{id}"
 				"$load" "http://127.0.0.1:$FPORT" -d "${dur}s" -c 4 -t 2 --no-progress --min-success 0 \
 					--json -b 100 --ids seq $nd >"$tmp/load.json" 2>"$tmp/load.err"
