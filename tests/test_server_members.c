@@ -3,7 +3,8 @@
  * an upstream left without members fails its ids at once and /readyz says so; a failing lookup
  * keeps the last members; the upstreams file is read on srv_reload() and when it is replaced;
  * health checks keep traffic off a new member until it passes; snapshot swaps race many batches
- * (for make tsan and make asan); threads and fds return to their baseline at srv_free().
+ * (for make tsan and make asan); a retry whose snapshot's members have all left goes to the
+ * set's members now; threads and fds return to their baseline at srv_free().
  *
  * The members are test upstreams (tests/upstub.h) on 127.0.0.2, 127.0.0.3 and 127.0.0.4, all
  * on one port, and the names ("items.test" and others) are answered by the test's own lookup
@@ -1023,6 +1024,48 @@ static void test_members_swaps_race_batches(void)
     rig_free(&r);
 }
 
+/* ---------------------------------------------------------------- retries follow the set */
+
+/* A retry after every member of the attempt's snapshot has left the set goes to the set's
+ * members now: the only member is replaced while an attempt is out on it, that attempt then
+ * fails (its stub goes away), and the retry is answered by the new member. */
+static void test_members_retry_follows_the_set(void)
+{
+    struct rig r;
+    rig_init(&r, 2);
+    dns_answer(&r.dns, NAME, "127.0.0.2");
+    struct srv_config c;
+    rig_config(&r, &c);
+    c.retries = 1;
+    CU_ASSERT_FATAL(rig_start(&r, &c, 0) == 0);
+    CU_ASSERT(wait_members(&r, 1));
+    /* 127.0.0.3 answers the id at once; 127.0.0.2 holds it for a minute. */
+    upstub_set_path_status(r.stub[1], "/items/sleep60000", 200);
+    struct srvtest_bg bg = {.port = r.sport,
+                            .call = {.body = "{\"timeout_ms\":30000,\"ids\":[\"sleep60000\"]}",
+                                     .timeout_ms = CLIENT_TIMEOUT_MS}};
+    CU_ASSERT_FATAL(srvtest_bg_start(&bg) == 0);
+    CU_ASSERT(UPSTUB_WAIT(r.stub[0], in_flight, 1, SRVTEST_WAIT_MS));
+
+    dns_answer(&r.dns, NAME, "127.0.0.3");
+    srv_reload(r.srv);
+    CU_ASSERT(wait_metric(&r, 0,
+                          "fanout_upstream_in_flight{upstream=\"" NAME ":%d\","
+                          "member=\"127.0.0.3:%d\"}",
+                          r.port, r.port));
+    CU_ASSERT(wait_members(&r, 1));
+    upstub_free(r.stub[0]); /* the attempt out on 127.0.0.2 fails: a retryable ending */
+    r.stub[0] = NULL;
+    srvtest_bg_join(&bg);
+    CU_ASSERT_EQUAL(bg.resp.status, 200);
+    if (bg.resp.status != 200)
+        fprintf(stderr, "\n  %ld %s\n", bg.resp.status, bg.resp.body ? bg.resp.body : "");
+    srvtest_resp_free(&bg.resp);
+    CU_ASSERT_EQUAL(upstub_count(r.stub[1], "/items/sleep60000"), 1);
+    CU_ASSERT(metric(&r, "fanout_retries_sent_total") >= 1);
+    rig_free(&r);
+}
+
 /* ---------------------------------------------------------------- 8. resources */
 
 /* Discovery, health checks, the file and member changes leave no thread and no fd behind once
@@ -1098,6 +1141,7 @@ static CU_TestInfo server_members_tests[] = {
     {"upstreams file replaced by rename(2), no reload", test_members_file_replaced},
     {"health checks keep a new member out until it passes", test_members_health_gates_new_member},
     {"1,000 batches racing member swaps", test_members_swaps_race_batches},
+    {"a retry after every member left goes to the set's members", test_members_retry_follows_the_set},
     {"threads and fds back to baseline after srv_free", test_members_release_everything},
     CU_TEST_INFO_NULL,
 };
