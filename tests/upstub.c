@@ -11,10 +11,11 @@
  * written only as fast as the socket accepts them. Delayed replies sit on the loop's timer list,
  * which bounds the epoll_wait timeout.
  *
- * Counters are atomics shared by all loops; the request log is a ring guarded by log_mu (the only
- * lock; no other lock is taken under it). */
+ * Counters are atomics shared by all loops; the request log (a ring) and the path with a status
+ * of its own are guarded by log_mu (the only lock; no other lock is taken under it). */
 #include "tests/upstub.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -112,8 +113,9 @@ struct stub_loop {
 };
 
 struct upstub {
-    int listen_fd;           /* non-blocking listener on 127.0.0.1 */
+    int listen_fd;           /* non-blocking listener on 'addr' */
     int port;                /* its port */
+    char addr[INET_ADDRSTRLEN]; /* the IPv4 address it listens on (127.0.0.1 unless given) */
     unsigned nloops;         /* loop threads */
     struct stub_loop *loops; /* nloops of them */
     atomic_uint_fast64_t requests, in_flight, max_in_flight, accepted, open, max_open, canceled,
@@ -122,6 +124,8 @@ struct upstub {
     struct upstub_req *log; /* ring of UPSTUB_LOG_SIZE entries */
     size_t log_next;        /* next slot to write; guarded by log_mu */
     size_t log_len;         /* valid entries, <= UPSTUB_LOG_SIZE; guarded by log_mu */
+    char fixed_path[UPSTUB_TARGET_MAX]; /* upstub_set_path_status(); guarded by log_mu */
+    int fixed_status;       /* its status, 0: none; guarded by log_mu */
 };
 
 /* Sentinels for epoll data: the listener and the stop eventfd. */
@@ -692,6 +696,26 @@ static bool conn_reply(struct conn *c, struct reply *r)
     return conn_flush(c);
 }
 
+/* A request for the path set by upstub_set_path_status() (the target before any '?') gets
+ * that status instead of what the routes said. */
+static void route_fixed(struct upstub *s, const char *target, size_t tlen, struct reply *r)
+{
+    const char *q = memchr(target, '?', tlen);
+    size_t plen = q ? (size_t)(q - target) : tlen;
+    pthread_mutex_lock(&s->log_mu);
+    int status = s->fixed_status;
+    bool match = status != 0 && strlen(s->fixed_path) == plen &&
+                 memcmp(s->fixed_path, target, plen) == 0;
+    pthread_mutex_unlock(&s->log_mu);
+    if (!match)
+        return;
+    free(r->body);
+    memset(r, 0, sizeof(*r));
+    r->kind = REPLY_NORMAL;
+    r->ctype = "application/json";
+    route_status(r, "", 0, status);
+}
+
 static const char *find_header(const char *hdrs, const char *end, const char *name, size_t *len)
 {
     size_t nl = strlen(name);
@@ -762,6 +786,7 @@ static int conn_parse(struct conn *c, bool *alive)
 
     struct reply r;
     route(target, tlen, &r);
+    route_fixed(s, target, tlen, &r);
     r.close = r.close || close;
     memmove(c->in, c->in + total, c->in_len - total);
     c->in_len -= total;
@@ -914,14 +939,17 @@ out:
 
 /* ---------------------------------------------------------------- API */
 
-static int listen_loopback(int *port)
+/* A listener on IPv4 'addr', port *port (0: a free one); the port bound goes to *port. */
+static int listen_at(const char *addr, int *port)
 {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)*port)};
+    if (*port < 0 || *port > 65535 || inet_pton(AF_INET, addr, &a.sin_addr) != 1)
+        return -EINVAL;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t alen = sizeof(a);
     if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(fd, 4096) < 0 ||
         getsockname(fd, (struct sockaddr *)&a, &alen) < 0) {
@@ -960,6 +988,11 @@ void upstub_free(struct upstub *s)
 
 int upstub_new(unsigned threads, struct upstub **out)
 {
+    return upstub_new_at(threads, "127.0.0.1", 0, out);
+}
+
+int upstub_new_at(unsigned threads, const char *addr, int port, struct upstub **out)
+{
     *out = NULL;
     if (threads == 0)
         threads = 1;
@@ -977,7 +1010,9 @@ int upstub_new(unsigned threads, struct upstub **out)
     for (unsigned i = 0; i < threads; i++)
         s->loops[i].epfd = s->loops[i].stop_fd = -1;
     s->nloops = threads;
-    int err = listen_loopback(&s->port);
+    snprintf(s->addr, sizeof(s->addr), "%s", addr);
+    s->port = port;
+    int err = listen_at(addr, &s->port);
     if (err < 0) {
         upstub_free(s);
         return err;
@@ -1020,7 +1055,7 @@ int upstub_port(const struct upstub *s)
 
 int upstub_url(const struct upstub *s, char *buf, size_t size, const char *path)
 {
-    int n = snprintf(buf, size, "http://127.0.0.1:%d%s", s->port, path ? path : "");
+    int n = snprintf(buf, size, "http://%s:%d%s", s->addr, s->port, path ? path : "");
     return n < 0 || (size_t)n >= size ? -ENOSPC : n;
 }
 
@@ -1117,6 +1152,14 @@ pid_t upstub_spawn(unsigned threads, int *port, int *ctl)
     close(up[0]);
     *ctl = down[1];
     return pid;
+}
+
+void upstub_set_path_status(struct upstub *s, const char *path, int status)
+{
+    pthread_mutex_lock(&s->log_mu);
+    snprintf(s->fixed_path, sizeof(s->fixed_path), "%s", path && status ? path : "");
+    s->fixed_status = path && status ? status : 0;
+    pthread_mutex_unlock(&s->log_mu);
 }
 
 uint64_t upstub_stat(struct upstub *s, size_t off)

@@ -1,6 +1,7 @@
 /* upstub: an in-process HTTP/1.1 upstream for tests and benchmarks.
  *
- * A raw-socket server on 127.0.0.1, port 0 (the kernel picks; see upstub_port()), run by a fixed
+ * A raw-socket server on 127.0.0.1, port 0 (the kernel picks; see upstub_port()), or on a given
+ * IPv4 address and port (upstub_new_at()), run by a fixed
  * number of event-loop threads started by upstub_new() and joined by upstub_free(). Keep-alive is
  * supported (HTTP/1.1 default; "Connection: close" and HTTP/1.0 close after the response).
  *
@@ -42,6 +43,8 @@
  *   Those that end "open" never complete: they stay in_flight until the client closes (then
  *   they count as canceled).
  *   anything else 200 application/json {"id":"<segment, percent-decoded, JSON-escaped>"}
+ * One whole path may be given a status of its own, changed at any time (upstub_set_path_status():
+ * a health path that fails, then passes).
  * New behaviours are one entry in the route table at the top of upstub.c.
  *
  * Every function is thread-safe. */
@@ -84,6 +87,15 @@ struct upstub_req {
  * Returns 0 and the stub in *out, or a negative errno (nothing left running). */
 int upstub_new(unsigned threads, struct upstub **out);
 
+/* upstub_new() listening on the IPv4 address 'addr' and 'port' (0: a free one). Linux answers
+ * on every address of 127.0.0.0/8, so stubs on 127.0.0.2 and 127.0.0.3 with one port are two
+ * addresses of one upstream. Returns -EADDRINUSE when that address and port are taken. */
+int upstub_new_at(unsigned threads, const char *addr, int port, struct upstub **out);
+
+/* From now on a request whose target (before any '?') is exactly 'path' gets 'status' with the
+ * body {"status":N}, whatever its last segment says; status 0 (or path NULL) ends that. */
+void upstub_set_path_status(struct upstub *s, const char *path, int status);
+
 /* Runs a stub with 'threads' loops in a forked child, so that the parent's CPU counters measure
  * a client alone. Call it before the parent starts any thread. Returns the child's pid, its port
  * in *port and in *ctl the pipe end whose close() stops the child (then waitpid() it), or -1. */
@@ -95,7 +107,7 @@ void upstub_free(struct upstub *s);
 /* The TCP port the stub listens on. */
 int upstub_port(const struct upstub *s);
 
-/* Writes "http://127.0.0.1:<port>" followed by 'path' (e.g. "/items/{id}", copied verbatim) into
+/* Writes "http://<address>:<port>" (127.0.0.1 unless upstub_new_at() said) followed by 'path' (e.g. "/items/{id}", copied verbatim) into
  * buf. Returns the length written, or -ENOSPC if it does not fit in 'size' (buf then holds a
  * truncated, NUL-terminated string when size > 0). */
 int upstub_url(const struct upstub *s, char *buf, size_t size, const char *path);

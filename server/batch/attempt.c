@@ -132,12 +132,34 @@ static void decide_canceled(struct attempts *a, int cause)
 
 /* ---------------------------------------------------------------- attempts and timers */
 
+/* The snapshot has no candidate left for the key (its members have left the set since it was
+ * taken, or it had none): with no attempt out (none holds a member index of it), the run moves
+ * on to the live set's current snapshot, forgetting the members tried in the old one. Returns
+ * whether it moved. */
+static bool follow_set(struct attempts *a)
+{
+    if (!a->env.live || a->in_flight > 0)
+        return false;
+    struct upstreams *cur = upstream_live_get(a->env.live);
+    if (cur == a->env.ups) {
+        upstreams_free(cur);
+        return false;
+    }
+    upstreams_free(a->newer);
+    a->newer = a->env.ups = cur;
+    a->ntried = 0;
+    upstream_key_init(cur, a->p.key, a->p.key_len, &a->key);
+    return true;
+}
+
 /* Starts attempt number a->started, with the owner's deadline. Returns 0, or an error (nothing
  * started). */
 static int start_attempt(struct attempts *a, bool hedge)
 {
     const struct attempt_env *env = &a->env;
     unsigned up = upstreams_pick(env->ups, &a->key, a->tried, a->ntried, ctx_now());
+    if (up == UPSTREAM_NONE && follow_set(a))
+        up = upstreams_pick(env->ups, &a->key, a->tried, a->ntried, ctx_now());
     if (up == UPSTREAM_NONE)
         return FETCH_EUNREACH;
     char stack[URL_STACK], *url = stack;
@@ -395,6 +417,8 @@ const char *attempts_no_member(const struct attempts *a)
 
 void attempts_destroy(struct attempts *a)
 {
+    upstreams_free(a->newer);
+    a->newer = NULL;
     free(a->body);
     free(a->detail);
     a->body = a->detail = NULL;

@@ -23,6 +23,9 @@
  *     fresh attempt with the time that is left;
  *   - anything else (a 4xx, a 500, a body too large, the deadline) is final: the latest
  *     attempt's ending is the outcome.
+ * Attempts pick from the snapshot the run started with. When it has no candidate left for the
+ * key (every member it had has left the set) as an attempt is due and no other is out, the run
+ * moves on to the live set's current snapshot (env.live) and picks from that.
  * Each attempt's deadline is the owner's deadline when it starts (sent upstream as
  * X-Request-Timeout-Ms). Every ending of an attempt is counted in the metrics by upstream, and
  * those that say something of the upstream's health are reported to upstream.h (ejection,
@@ -71,7 +74,11 @@ struct metrics;
 /* What the attempts run with: the server's, shared by every key (copied by attempts_init()). */
 struct attempt_env {
     struct fetch *fetch;          /* the engine */
-    struct upstreams *ups;        /* where keys are fetched from */
+    struct upstreams *ups;        /* where keys are fetched from (the snapshot a run starts
+                                     with) */
+    struct upstream_live *live;   /* the live set, or NULL: a run with nothing out whose
+                                     snapshot has no candidate left for its key moves on to
+                                     the live set's current snapshot */
     struct budget *hedge_budget;  /* shared by all keys */
     struct budget *retry_budget;  /* shared by all keys */
     struct metrics *metrics;      /* fetch, hedge, retry and per-upstream counters */
@@ -127,10 +134,11 @@ struct attempt_timer {
 
 /* One key's attempts (embedded in the owner; fields are the module's own). */
 struct attempts {
-    /* Set by attempts_init(), then read-only: */
+    /* Set by attempts_init(), then read-only (but env.ups, which moves on to 'newer'): */
     struct attempt_env env;
     struct attempts_params p;
     /* The loop thread only: */
+    struct upstreams *newer;   /* a snapshot taken from env.live (a reference), or NULL */
     bool decided;              /* the outcome is decided (the rest only winds down) */
     struct upstream_key key;   /* the key's hashes, for upstreams_pick() */
     uint16_t tried[ATTEMPT_TRIED_MAX]; /* members tried, oldest first (the latest ones kept) */

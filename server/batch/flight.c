@@ -408,6 +408,7 @@ static void init_attempts(struct flight *f)
     const struct flight_env *env = f->env;
     struct attempt_env ae = {.fetch = env->fetch,
                              .ups = f->ups,
+                             .live = env->ups,
                              .hedge_budget = env->hedge_budget,
                              .retry_budget = env->retry_budget,
                              .metrics = env->metrics,
