@@ -5,7 +5,7 @@
 #   0     ctx/                                        context: cancel, deadline, hooks
 #   1     pool/                                       channels, worker pool, errgroup
 #   2     fetch/                                      the curl-multi engine, URLs, upstreams
-#   3     server/json, server/membudget, server/version   leaves every wing may use
+#   3     server/json, server/membudget, server/rng, server/version   leaves every wing may use
 #   4     server/obs/  server/demo/                   logs and metrics; the demo upstream
 #   5     server/batch/                               one request's fan-out, no HTTP
 #   5     server/upstream/                            the live upstream set: discovery, checks
@@ -27,7 +27,7 @@ rank() {
 	ctx/*) echo 0 ;;
 	pool/*) echo 1 ;;
 	fetch/*) echo 2 ;;
-	server/json.* | server/membudget.* | server/version.h) echo 3 ;;
+	server/json.* | server/membudget.* | server/rng.* | server/version.h) echo 3 ;;
 	server/obs/* | server/demo/*) echo 4 ;;
 	server/batch/* | server/upstream/*) echo 5 ;;
 	server/config.*) echo 6 ;;

@@ -15,13 +15,13 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "ctx/ctx.h"
 #include "fetch/fetch.h"
 #include "fetch/upstream.h"
 #include "server/batch/budget.h"
 #include "server/obs/metrics.h"
+#include "server/rng.h"
 
 #define URL_STACK 2048 /* URLs up to this long are built on the stack */
 
@@ -47,22 +47,6 @@ int64_t attempt_backoff_cap(unsigned made)
     uint64_t cap = ((uint64_t)1 << (made + 1 < 20 ? made + 1 : 20)) - 1;
     cap *= ATTEMPT_BACKOFF_BASE_MS;
     return cap < ATTEMPT_BACKOFF_MAX_MS ? (int64_t)cap : ATTEMPT_BACKOFF_MAX_MS;
-}
-
-/* A uniform random number in [0, n] from a per-thread xorshift generator. */
-static uint64_t jitter(uint64_t n)
-{
-    static _Thread_local uint64_t s;
-    if (s == 0) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        s = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)(uintptr_t)&s ^ 0x9E3779B97F4A7C15ull;
-        s |= 1;
-    }
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    return n ? (s * 0x2545F4914F6CDD1DULL) % (n + 1) : 0;
 }
 
 /* ---------------------------------------------------------------- the outcome */
@@ -229,7 +213,7 @@ static bool try_retry(struct attempts *a)
     if (a->retries >= env->retries || ctx_err(a->p.ctx) != 0)
         return false;
     uint64_t cap = (uint64_t)attempt_backoff_cap(a->retries);
-    int64_t wait = (int64_t)(env->jitter ? env->jitter(cap) : jitter(cap));
+    int64_t wait = (int64_t)(env->jitter ? env->jitter(cap) : rng_upto(cap));
     int64_t deadline = a->p.owner->deadline(a->p.owner_arg), now = ctx_now();
     if (deadline != CTX_FOREVER && now + wait >= deadline)
         return false; /* it could not even start before the deadline */

@@ -59,6 +59,7 @@
 
 #include "ctx/ctx.h"
 #include "server/json.h"
+#include "server/rng.h"
 
 /* The cause a delayed request's ctx is canceled with when its client hangs up. */
 #define DEMO_ECLIENT (-ECONNRESET)
@@ -262,7 +263,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
         fputs(msg, stderr);
 }
 
-/* For a "drop<P>" id: true with probability P percent (a per-thread xorshift generator). */
+/* For a "drop<P>" id: true with probability P percent. */
 static bool drop_now(const char *id)
 {
     if (!has_prefix(id, "drop"))
@@ -271,13 +272,7 @@ static bool drop_now(const char *id)
     int64_t pct = read_number(id + 4, 100, &len);
     if (len == 0)
         return false;
-    static _Thread_local uint64_t x;
-    if (x == 0)
-        x = ((uint64_t)(uintptr_t)&x ^ (uint64_t)ctx_now() * 0x9E3779B97F4A7C15ull) | 1;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    return (int64_t)((x * 0x2545F4914F6CDD1DULL) % 100) < pct;
+    return (int64_t)rng_upto(99) < pct;
 }
 
 /* For a "down@<address>" id: true on the demo listening on that address (d->host, so

@@ -24,6 +24,7 @@
 
 #include "ctx/ctx.h"
 #include "server/obs/log.h"
+#include "server/rng.h"
 #include "server/upstream/health.h"
 
 #define ANSWER_SIZE 65536 /* a lookup's answer: about 1,300 IPv6 addresses */
@@ -69,19 +70,7 @@ struct discover {
 
 static uint64_t draw(const struct discover *d, uint64_t n)
 {
-    if (d->o.jitter)
-        return d->o.jitter(n);
-    static _Thread_local uint64_t s;
-    if (s == 0) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        s = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)(uintptr_t)&s ^ 0x9E3779B97F4A7C15ull;
-        s |= 1;
-    }
-    s ^= s << 13; /* xorshift64 */
-    s ^= s >> 7;
-    s ^= s << 17;
-    return n == UINT64_MAX ? s : s % (n + 1);
+    return d->o.jitter ? d->o.jitter(n) : rng_upto(n);
 }
 
 /* every_ms, jittered by +-20%. */
