@@ -651,7 +651,15 @@ static void test_fetch_cancel_mid_flight(void)
     CU_ASSERT(r.at - k.at < test_ms(500));
     CU_ASSERT_PTR_NULL(r.body);
     struct stub_cond gone = {.s = s, .canceled = 1};
-    CU_ASSERT(test_wait_until(stub_canceled_reached, &gone, WAIT_MS));
+    bool seen = test_wait_until(stub_canceled_reached, &gone, WAIT_MS);
+    CU_ASSERT(seen);
+    if (!seen) { /* what the stub saw instead, for a failure on a loaded machine */
+        struct upstub_stats us;
+        upstub_stats(s, &us);
+        fprintf(stderr, "\n  stub: requests %llu, in flight %llu, canceled %llu, open %llu\n",
+                (unsigned long long)us.requests, (unsigned long long)us.in_flight,
+                (unsigned long long)us.canceled, (unsigned long long)us.open);
+    }
     CU_ASSERT(test_wait_until(stub_idle, &gone, WAIT_MS));
     res_destroy(&r);
     ctx_free(c);
