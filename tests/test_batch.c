@@ -259,6 +259,37 @@ static void id_ranked(const struct rig *g, unsigned first, int second, char *out
 
 /* ---------------------------------------------------------------- hedging */
 
+/* What the hedge test reads before and after a batch, on its two replicas A and B. */
+struct hedge_counts {
+    uint64_t a_requests, b_requests; /* requests each stub received */
+    uint64_t a_canceled;             /* requests A saw closed before it answered */
+    uint64_t hedges_sent, hedges_won;
+    uint64_t a_lost, b_ok;           /* attempts on A that lost, on B that answered */
+};
+
+static void hedge_counts_read(struct rig *g, struct hedge_counts *c)
+{
+    c->a_requests = STUB(g->stub[0], requests);
+    c->b_requests = STUB(g->stub[1], requests);
+    c->a_canceled = STUB(g->stub[0], canceled);
+    c->hedges_sent = M(&g->m->hedges_sent);
+    c->hedges_won = M(&g->m->hedges_won);
+    c->a_lost = M(&upstream_stats(g->ups, 0)->fetches[OUTCOME_CANCELED]);
+    c->b_ok = M(&upstream_stats(g->ups, 1)->fetches[OUTCOME_OK]);
+}
+
+/* An id starting with 'prefix' that ranks A first and B second. */
+static void id_ranked_with(const struct rig *g, const char *prefix, char *out, size_t cap)
+{
+    for (unsigned i = 0;; i++) {
+        uint16_t rank[UPSTREAM_MEMBERS_MAX];
+        snprintf(out, cap, "%s%u", prefix, i);
+        upstreams_rank(g->ups, out, strlen(out), ctx_now(), rank);
+        if (rank[0] == 0 && rank[1] == 1)
+            return;
+    }
+}
+
 /* The first attempt hangs on A; after the hedge delay a second goes to B and wins; A's socket is
  * closed at once (seen at the stub); the metrics say one hedge sent and won. */
 static void test_batch_hedge_wins_and_loser_is_closed(void)
@@ -274,36 +305,28 @@ static void test_batch_hedge_wins_and_loser_is_closed(void)
      * then B) until a round has had it there. */
     uint64_t on_a = 0;
     for (unsigned round = 0; round < 5 && on_a == 0; round++) {
-        uint64_t a0 = STUB(g.stub[0], requests), b0 = STUB(g.stub[1], requests);
-        uint64_t c0 = STUB(g.stub[0], canceled), sent0 = M(&g.m->hedges_sent);
-        uint64_t won0 = M(&g.m->hedges_won);
-        uint64_t lost0 = M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]);
-        uint64_t ok0 = M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]);
-        char seed[12];
-        snprintf(seed, sizeof(seed), "r%u-", round);
-        for (unsigned i = 0;; i++) { /* an id ranked A first, B second */
-            uint16_t rank[UPSTREAM_MEMBERS_MAX];
-            snprintf(id, sizeof(id), "%s%u", seed, i);
-            upstreams_rank(g.ups, id, strlen(id), ctx_now(), rank);
-            if (rank[0] == 0 && rank[1] == 1)
-                break;
-        }
+        struct hedge_counts before, after;
+        hedge_counts_read(&g, &before);
+        char prefix[12];
+        snprintf(prefix, sizeof(prefix), "r%u-", round);
+        id_ranked_with(&g, prefix, id, sizeof(id)); /* A first, B second */
         snprintf(body, sizeof(body), "{\"ids\":[\"%s\"],\"timeout_ms\":30000}", id);
         CU_ASSERT_FATAL(run_body(&g, &r, body));
         CU_ASSERT_EQUAL(r.status, 200);
         CU_ASSERT_STRING_EQUAL(data_id(&r, 0), id); /* B's answer: its id, not "sleep60000-..." */
         CU_ASSERT(r.elapsed < test_ms(5000));
+        hedge_counts_read(&g, &after);
         /* One hedge to B, or (if B was slow to answer) a second one, back to A. */
-        uint64_t sent = M(&g.m->hedges_sent) - sent0;
+        uint64_t sent = after.hedges_sent - before.hedges_sent;
         CU_ASSERT(sent >= 1 && sent <= ATTEMPT_MAX_HEDGES);
-        CU_ASSERT_EQUAL(M(&g.m->hedges_won) - won0, 1);
-        CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 0)->fetches[OUTCOME_CANCELED]) - lost0, sent);
-        CU_ASSERT_EQUAL(M(&upstream_stats(g.ups, 1)->fetches[OUTCOME_OK]) - ok0, 1);
+        CU_ASSERT_EQUAL(after.hedges_won - before.hedges_won, 1);
+        CU_ASSERT_EQUAL(after.a_lost - before.a_lost, sent); /* every attempt on A lost */
+        CU_ASSERT_EQUAL(after.b_ok - before.b_ok, 1);
         /* Every attempt that reached A is closed there (the loser, at once). */
-        CU_ASSERT(STUB(g.stub[1], requests) - b0 == 1);
-        on_a = STUB(g.stub[0], requests) - a0;
+        CU_ASSERT_EQUAL(after.b_requests - before.b_requests, 1);
+        on_a = after.a_requests - before.a_requests;
         CU_ASSERT(on_a <= sent);
-        CU_ASSERT(WAIT_STUB(g.stub[0], canceled, c0 + on_a));
+        CU_ASSERT(WAIT_STUB(g.stub[0], canceled, before.a_canceled + on_a));
         run_free(&r);
     }
     CU_ASSERT(on_a >= 1);
