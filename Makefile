@@ -65,16 +65,9 @@ deps:
 	@command -v pkg-config >/dev/null 2>&1 || need=pkg-config; \
 	set -- $(DEB_PKGS); for p in $(PKGS); do \
 	  pkg-config --exists $$p 2>/dev/null || need="$$need $$1"; shift; done; \
-	if [ -n "$$need" ]; then \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
-	    else echo "fanout: missing build dependencies:$$need (run apt-get install as root)" >&2; exit 1; fi; \
-	    echo "fanout: installing build dependencies:$$need"; \
-	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$need pkg-config >/dev/null || exit 1; \
-	  else \
-	    echo "fanout: missing build dependencies: $$need (Debian names; install your system's equivalents of libcurl, libmicrohttpd, cJSON and CUnit development packages)" >&2; exit 1; \
-	  fi; \
-	fi
+	[ -z "$$need" ] || tests/apt-install.sh "build dependencies" \
+	  "install your system's equivalents of libcurl, libmicrohttpd, cJSON and CUnit development packages" \
+	  $$need pkg-config
 
 $(LIB): $(LIB_OBJS)
 	@mkdir -p $(@D)
@@ -244,16 +237,8 @@ deploy-deps:
 	@need=; for t in $(DEPLOY_TOOLS); do c=$${t%%:*}; p=$${t#*:}; \
 	  if [ "$$c" = docker-compose ] && docker compose version >/dev/null 2>&1; then continue; fi; \
 	  command -v $$c >/dev/null 2>&1 || PATH=$$PATH:/usr/sbin:/sbin command -v $$c >/dev/null 2>&1 || need="$$need $$p"; done; \
-	if [ -n "$$need" ]; then \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
-	    else echo "fanout: make deploy-test needs:$$need (run apt-get install as root)" >&2; exit 1; fi; \
-	    echo "fanout: installing what make deploy-test needs:$$need"; \
-	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null || exit 1; \
-	  else \
-	    echo "fanout: make deploy-test needs:$$need (Debian names; install your system's equivalents)" >&2; exit 1; \
-	  fi; \
-	fi; \
+	[ -z "$$need" ] || tests/apt-install.sh "what make deploy-test needs" \
+	  "install your system's equivalents" $$need || exit 1; \
 	command -v docker >/dev/null 2>&1 || { echo "fanout: make deploy-test needs Docker (the engine and its client)" >&2; exit 1; }; \
 	command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || \
 	  { echo "fanout: make deploy-test needs Go 1.23 or later (deploy/validate) in PATH or /usr/local/go" >&2; exit 1; }
