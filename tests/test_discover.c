@@ -567,6 +567,41 @@ static void test_discover_nxdomain_holds_then_empties(void)
     fake_destroy(&f);
 }
 
+struct why_want {
+    struct discover *d;
+    const char *tmpl;
+    const char *text;
+};
+
+static bool why_has(void *arg)
+{
+    struct why_want *w = arg;
+    char got[64], why[UPSTREAM_WHY_MAX];
+    live_members(w->d, w->tmpl, got, sizeof(got), why, sizeof(why));
+    return strstr(why, w->text) != NULL;
+}
+
+/* An upstream without members says its latest reason: a name that never answered first fails
+ * to be looked up (no answer), then is NXDOMAIN; the set is published again for the new reason
+ * though its members (none) did not change. */
+static void test_discover_why_follows_the_latest_answer(void)
+{
+    struct fake f;
+    fake_init(&f);
+    fake_set(&f, "svc.test", EAI_AGAIN, NULL);
+    struct discover_opts o = opts_for(&f);
+    const char *t[] = {SVC};
+    struct discover *d = start(&o, t, 1);
+    CU_ASSERT_FATAL(d != NULL);
+    struct why_want w = {d, SVC, "lookup failed"};
+    CU_ASSERT(test_wait_until(why_has, &w, WAIT_MS));
+    fake_set(&f, "svc.test", EAI_NONAME, NULL);
+    w.text = "NXDOMAIN";
+    CU_ASSERT(test_wait_until(why_has, &w, WAIT_MS));
+    discover_free(d);
+    fake_destroy(&f);
+}
+
 /* Static discovery looks each name up once (in discover_new()); later answers, reloads
  * included, change nothing. */
 static void test_discover_static_looks_up_once(void)
@@ -917,6 +952,7 @@ static CU_TestInfo discover_tests[] = {
      test_discover_failing_lookup_keeps_members},
     {"NXDOMAIN holds the members for hold_ms, then empties with a reason",
      test_discover_nxdomain_holds_then_empties},
+    {"no member: the reason follows the latest answer", test_discover_why_follows_the_latest_answer},
     {"static: looked up once", test_discover_static_looks_up_once},
     {"an IP literal upstream: one member, never looked up",
      test_discover_ip_literal_never_looked_up},

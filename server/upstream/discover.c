@@ -262,7 +262,7 @@ static bool set_members(struct discover *d, struct name *nm, char (*addrs)[UPSTR
 }
 
 /* Looks the name up now and applies the answer. Returns true if its members changed. */
-static bool look_up(struct discover *d, struct upstreams *cur, unsigned idx, struct name *nm)
+static bool look_up_once(struct discover *d, struct upstreams *cur, unsigned idx, struct name *nm)
 {
     fetch_lookup_fn fn = d->o.lookup ? d->o.lookup : fetch_lookup_default;
     d->answer[0] = 0;
@@ -406,6 +406,16 @@ static int set_names(struct discover *d, const char *const *tmpls, unsigned n)
     d->names = nn;
     d->nnames = n;
     return 0;
+}
+
+/* look_up_once(), and true also when an upstream without members has a new reason for it, so
+ * that the error its ids get says the latest one. */
+static bool look_up(struct discover *d, struct upstreams *cur, unsigned idx, struct name *nm)
+{
+    char was[UPSTREAM_WHY_MAX];
+    memcpy(was, nm->why, sizeof(was));
+    bool changed = look_up_once(d, cur, idx, nm);
+    return changed || (nm->naddrs == 0 && strcmp(was, nm->why) != 0);
 }
 
 /* Whether the name is looked up again: with dns, always; static, until it first answers (then
