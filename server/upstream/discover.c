@@ -597,7 +597,8 @@ static int first_set(struct discover *d, const char *const *templates, unsigned 
             return rc;
         n = d->nnames;
     } else if ((rc = set_names(d, templates, n)) != 0) {
-        snprintf(err, errlen, rc == -ENOMEM ? "out of memory" : "a template has no host");
+        snprintf(err, errlen, "%s",
+                 rc == -ENOMEM ? "out of memory" : "a template's host is empty or over 255 bytes");
         return rc;
     }
     const char *t[UPSTREAMS_MAX];
