@@ -43,8 +43,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const char *id = (const char *)data;
     char key[3 * 256];
     size_t kl = url_encode_key(id, size, key);
-    uint8_t rank[UPSTREAMS_MAX];
-    upstreams_rank(u, key, kl, rank);
+    uint16_t rank[UPSTREAMS_MAX];
+    /* templates alone: one member per upstream, named by it, so member t is template t */
+    if (upstreams_rank(u, key, kl, 0, rank) != NT)
+        abort();
     unsigned seen = 0;
     for (unsigned i = 0; i < NT; i++)
         seen |= 1u << rank[i];
