@@ -133,6 +133,9 @@ unsigned fetch_loops(const struct fetch *f)
 
 unsigned fetch_pick_loop(struct fetch *f)
 {
+    struct fetch_loop *own = fetch__current(f);
+    if (own)
+        return (unsigned)(own - f->loops);
     return atomic_fetch_add_explicit(&f->next_loop, 1, memory_order_relaxed) % f->nloops;
 }
 

@@ -127,8 +127,33 @@ int fetch_new(const struct fetch_opts *o, struct fetch **out);
 /* Number of loops. */
 unsigned fetch_loops(const struct fetch *f);
 
-/* A loop index for a new request (round-robin). Thread-safe. */
+/* A loop index for a new request: the calling thread's own loop when it is one of f's (a request
+ * that arrived on a loop stays there: no handoff), else round-robin. Thread-safe. */
 unsigned fetch_pick_loop(struct fetch *f);
+
+/* A descriptor a loop polls with curl's sockets, and what to run when it is ready: how a loop
+ * also serves an HTTP front end's event set (libmicrohttpd's epoll descriptor), so that one
+ * thread serves a request from its first byte to its answer. */
+struct fetch_source {
+    int fd;                           /* polled for input */
+    void (*run)(void *arg);           /* on the loop thread, when fd is readable, when the
+                                         timeout it asked for has passed, or first thing after
+                                         it is set */
+    int64_t (*timeout_ms)(void *arg); /* on the loop thread before each sleep: ms until run()
+                                         is due anyway, or -1 for none; may be NULL */
+    void *arg;
+};
+
+/* Sets loop 'loop''s source to a copy of *src, or clears it (src NULL). Returns 0 once the loop
+ * runs with it: from then on the previous source's callbacks are not running and are never
+ * called again. Returns FETCH_ESHUTDOWN when fetch_free() has begun, -EINVAL for a loop index
+ * out of range or a call from one of f's loop threads (it waits for the loop). Thread-safe. */
+int fetch_loop_source(struct fetch *f, unsigned loop, const struct fetch_source *src);
+
+/* On one of f's loop threads that has a source: its run() is due before the loop sleeps again
+ * (the source has work its descriptor does not show, such as a connection resumed on this
+ * thread). Elsewhere a no-op. */
+void fetch_source_kick(struct fetch *f);
 
 /* Queues a GET on loop 'loop' bound to 'c' (the engine takes its own ctx reference). Returns 0, in
  * which case r->cb is called exactly once with the outcome, on that loop's thread (never from

@@ -114,6 +114,9 @@ struct fetch_loop {
     struct fetch__event_list fired;     /* events fired, callbacks not run yet; mu */
     bool stopping;           /* fetch_free() began; mu */
     bool dns_ready;          /* the resolver answered some lookup; mu */
+    struct fetch_source src_asked; /* the source fetch_loop_source() asked for (fd -1: none); mu */
+    uint64_t src_gen, src_taken;   /* requests made and taken by the loop; mu */
+    pthread_cond_t src_cv;   /* signalled when the loop has taken a source request; mu */
     /* Loop thread only: */
     struct xfer_queue waiting;   /* admitted, not started: FIFO */
     struct xfer_queue resolving; /* waiting for the resolver, outside curl: FIFO */
@@ -127,6 +130,8 @@ struct fetch_loop {
     /* Set by the loop's own callbacks instead of a wakeup (kept away from the fields under mu:
      * a combined load of neighbouring bytes would race with their writers): */
     bool self_inbox;            /* work was queued or an event fired: another pass first */
+    struct fetch_source src;    /* the source polled with curl's sockets (fd -1: none) */
+    bool src_due;               /* its run() is due before the loop sleeps again */
     struct xfer *active;        /* started (in the multi): doubly linked */
     unsigned nactive;           /* length of 'active' */
     unsigned limit;             /* most transfers in the multi at once */
@@ -221,6 +226,9 @@ void fetch__loop_stop(struct fetch_loop *l);
 
 /* Whether the calling thread is l's loop thread. */
 bool fetch__on_loop(const struct fetch_loop *l);
+
+/* The calling thread's loop when it is one of f's, else NULL. */
+struct fetch_loop *fetch__current(const struct fetch *f);
 
 /* Arms x's ctx hook and hands 'x' (new, x->loop set) to its loop. Returns 0, or FETCH_ESHUTDOWN
  * when the loop is stopping: then 'x' is the caller's again, its hook disarmed. Any thread. */

@@ -52,6 +52,11 @@ bool fetch__on_loop(const struct fetch_loop *l)
     return this_loop == l;
 }
 
+struct fetch_loop *fetch__current(const struct fetch *f)
+{
+    return this_loop && this_loop->f == f ? this_loop : NULL;
+}
+
 /* ---------------------------------------------------------------- canceled transfers */
 
 static void canceled_push(struct xfer_canceled_list *q, struct xfer *x)
@@ -268,9 +273,34 @@ static void take(struct fetch_loop *l, struct take *t)
     l->fired.head = l->fired.tail = NULL;
     t->stop = l->stopping;
     t->dns = l->dns_ready;
+    if (l->src_taken != l->src_gen) { /* a new source: its run() first, before any sleep */
+        l->src = l->src_asked;
+        l->src_due = l->src.fd >= 0;
+        l->src_taken = l->src_gen;
+        pthread_cond_broadcast(&l->src_cv);
+    }
     l->self_inbox = false;
     l->dns_ready = false;
     pthread_mutex_unlock(&l->mu);
+}
+
+/* Sleeps in curl_multi_poll() for at most 'wait' ms, or until the source's timeout, with the
+ * source's descriptor among curl's; notes whether the source is due. */
+static void sleep_poll(struct fetch_loop *l, int wait)
+{
+    if (l->src.fd < 0) {
+        curl_multi_poll(l->multi, NULL, 0, wait, NULL);
+        return;
+    }
+    int64_t src_ms = l->src.timeout_ms ? l->src.timeout_ms(l->src.arg) : -1;
+    bool src_wait = src_ms >= 0 && src_ms <= wait;
+    if (src_wait)
+        wait = (int)src_ms;
+    int64_t t0 = src_wait ? fetch__now_us() : 0;
+    struct curl_waitfd wfd = {.fd = l->src.fd, .events = CURL_WAIT_POLLIN};
+    curl_multi_poll(l->multi, &wfd, 1, wait, NULL);
+    if (wfd.revents || (src_wait && fetch__now_us() - t0 >= src_ms * 1000))
+        l->src_due = true;
 }
 
 void *fetch__loop_main(void *arg)
@@ -278,6 +308,10 @@ void *fetch__loop_main(void *arg)
     struct fetch_loop *l = arg;
     this_loop = l;
     for (;;) {
+        if (l->src_due) { /* first, so that what it hands the loop is taken in this pass */
+            l->src_due = false;
+            l->src.run(l->src.arg);
+        }
         struct take t;
         take(l, &t);
         if (t.stop) {
@@ -300,14 +334,41 @@ void *fetch__loop_main(void *arg)
         int64_t dns_next = fetch__resolving_expire(l);
         if (dns_next >= 0 && (next < 0 || dns_next < next))
             next = dns_next;
-        if ((l->waiting.head && l->nactive < l->limit) || l->canceled_own.head || l->self_inbox)
-            continue; /* slots freed, or callbacks canceled or queued something: another turn */
-        int wait = next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms;
-        curl_multi_poll(l->multi, NULL, 0, wait, NULL);
+        if ((l->waiting.head && l->nactive < l->limit) || l->canceled_own.head || l->self_inbox ||
+            l->src_due)
+            continue; /* slots freed, callbacks canceled or queued something, or the source is
+                         due: another turn */
+        sleep_poll(l, next >= 0 && next < l->poll_ms ? (int)next : l->poll_ms);
     }
     /* Callbacks run by the drain cannot have queued anything: fetch_get() saw 'stopping'. */
     fetch__easy_free_spares(l);
     return NULL;
+}
+
+void fetch_source_kick(struct fetch *f)
+{
+    struct fetch_loop *l = fetch__current(f);
+    if (l && l->src.fd >= 0)
+        l->src_due = true;
+}
+
+int fetch_loop_source(struct fetch *f, unsigned loop, const struct fetch_source *src)
+{
+    if (loop >= f->nloops || fetch__current(f) || (src && (src->fd < 0 || !src->run)))
+        return -EINVAL;
+    struct fetch_loop *l = &f->loops[loop];
+    pthread_mutex_lock(&l->mu);
+    if (l->stopping) {
+        pthread_mutex_unlock(&l->mu);
+        return FETCH_ESHUTDOWN;
+    }
+    l->src_asked = src ? *src : (struct fetch_source){.fd = -1};
+    uint64_t gen = ++l->src_gen;
+    curl_multi_wakeup(l->multi);
+    while (l->src_taken < gen) /* take() answers every request, also on its way out */
+        pthread_cond_wait(&l->src_cv, &l->mu);
+    pthread_mutex_unlock(&l->mu);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- life */
@@ -324,6 +385,12 @@ int fetch__loop_init(struct fetch *f, struct fetch_loop *l, unsigned cap)
     err = -pthread_cond_init(&l->events_cv, NULL);
     if (err)
         goto fail_mutex;
+    err = -pthread_cond_init(&l->src_cv, NULL);
+    if (err) {
+        pthread_cond_destroy(&l->events_cv);
+        goto fail_mutex;
+    }
+    l->src.fd = l->src_asked.fd = -1;
     curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)cap);
     curl_multi_setopt(l->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)cap);
     l->limit = f->opts.h2c ? cap * FETCH__H2_STREAMS_PER_CONN : cap;
@@ -351,6 +418,7 @@ void fetch__loop_destroy(struct fetch_loop *l)
     curl_multi_cleanup(l->multi);
     free(l->spare);
     free(l->timers);
+    pthread_cond_destroy(&l->src_cv);
     pthread_cond_destroy(&l->events_cv);
     pthread_mutex_destroy(&l->mu);
 }

@@ -33,7 +33,7 @@
 #include "fetch/url.h"
 
 enum kind { K_LISTEN, K_UPSTREAM, K_BOOL, K_ONOFF, K_INT, K_UINT, K_MS, K_SIZE, K_LEVEL, K_POLICY,
-            K_HEDGE, K_DISCOVERY, K_PATH, K_FACTOR };
+            K_HEDGE, K_DISCOVERY, K_LOOPS, K_PATH, K_FACTOR };
 
 struct opt {
     const char *name; /* flag without the leading dashes */
@@ -135,6 +135,10 @@ static const struct opt opts[] = {
      "request body, bytes [1MiB]"},
     {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
     {"fetch-threads", K_UINT, F(fetch_threads), 1, 256, "upstream fetch loop threads [CPUs]"},
+    {"loop-model", K_LOOPS, F(loop_shared), 0, 0,
+     "shared: each fetch loop also serves its own client connections, so one thread serves a "
+     "request from its first byte to its answer (--http-threads is not used); split: "
+     "--http-threads HTTP threads hand each batch to a fetch loop and back [split]"},
     {"drain-ms", K_MS, F(drain_ms), 0, 3600000,
      "grace period for in-flight batches on SIGTERM or SIGINT, ms [10000]"},
     {"log-level", K_LEVEL, F(log_level), 0, 0, "error, warn, info or debug [info]"},
@@ -392,6 +396,24 @@ static int set_factor(struct srv_config *c, const struct opt *o, const char *v, 
 }
 
 /* Sets one option from text; 'label' names where it came from ("--limit", "FANOUT_LIMIT"). */
+/* The flags that name one of two words. */
+static int set_choice(struct srv_config *c, const struct opt *o, const char *v, const char *label,
+                      char *err, size_t errlen)
+{
+    static const char *const words[][2] = {[K_POLICY] = {"replicas", "shards"},
+                                           [K_DISCOVERY] = {"static", "dns"},
+                                           [K_LOOPS] = {"split", "shared"}};
+    const char *const *w = words[o->kind];
+    bool second = !strcmp(v, w[1]);
+    if (!second && strcmp(v, w[0]) != 0)
+        return fail(err, errlen, "%s: want %s or %s, got \"%s\"", label, w[0], w[1], v);
+    if (o->kind == K_POLICY)
+        c->upstream_policy = second ? UPSTREAM_SHARDS : UPSTREAM_REPLICAS;
+    else
+        *(bool *)((char *)c + o->off) = second;
+    return 0;
+}
+
 static int set_opt(struct srv_config *c, const struct opt *o, const char *v, const char *label,
                    char *err, size_t errlen)
 {
@@ -403,20 +425,11 @@ static int set_opt(struct srv_config *c, const struct opt *o, const char *v, con
     case K_UPSTREAM:
         return add_upstreams(c, v, strncmp(label, "FANOUT_", 7) == 0, label, err, errlen);
     case K_POLICY:
-        if (!strcmp(v, "replicas"))
-            c->upstream_policy = UPSTREAM_REPLICAS;
-        else if (!strcmp(v, "shards"))
-            c->upstream_policy = UPSTREAM_SHARDS;
-        else
-            return fail(err, errlen, "%s: want replicas or shards, got \"%s\"", label, v);
-        return 0;
+    case K_DISCOVERY:
+    case K_LOOPS:
+        return set_choice(c, o, v, label, err, errlen);
     case K_HEDGE:
         return set_hedge(c, o, v, label, err, errlen);
-    case K_DISCOVERY:
-        if (strcmp(v, "dns") != 0 && strcmp(v, "static") != 0)
-            return fail(err, errlen, "%s: want dns or static, got \"%s\"", label, v);
-        c->discovery_dns = !strcmp(v, "dns");
-        return 0;
     case K_PATH:
         return set_path(c, o, v, label, err, errlen);
     case K_FACTOR:
@@ -754,6 +767,7 @@ void config_usage(FILE *out)
                                            [K_SIZE] = " SIZE",     [K_LEVEL] = " LEVEL",
                                            [K_POLICY] = " POLICY", [K_HEDGE] = " MS|auto",
                                            [K_DISCOVERY] = " dns|static", [K_PATH] = " PATH",
+                                           [K_LOOPS] = " shared|split",
                                            [K_FACTOR] = " F"};
         char flag[48];
         snprintf(flag, sizeof(flag), "--%s%s", o->name, meta[o->kind]);
@@ -826,7 +840,7 @@ void config_print_json(const struct srv_config *c, FILE *out)
         "\"max_requests\":%u,\"timeout_ms\":%" PRId64 ",\"max_timeout_ms\":%" PRId64
         ",\"max_body\":%zu,\"upstream_buffer\":%zu,\"max_request_bytes\":%zu,"
         "\"max_response_bytes\":%zu,\"http_threads\":%u,"
-        "\"fetch_threads\":%u,\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
+        "\"fetch_threads\":%u,\"loop_model\":\"%s\",\"drain_ms\":%" PRId64 ",\"log_level\":\"%s\","
         "\"max_clients\":%u,\"idle_timeout_s\":%u,\"connect_timeout_ms\":%" PRId64 ",\"h2c\":%s,"
         "\"header_timeout_ms\":%" PRId64 ",\"body_timeout_ms\":%" PRId64
         ",\"max_clients_per_ip\":%u,\"max_memory\":%zu,\"linger_ms\":%" PRId64
@@ -835,7 +849,7 @@ void config_print_json(const struct srv_config *c, FILE *out)
         c->limit, c->spread_min, c->max_conns, c->max_batch, c->max_requests,
         c->timeout_ms, c->max_timeout_ms, c->max_body, c->upstream_buffer, c->max_request_bytes,
         c->max_response_bytes, c->http_threads,
-        c->fetch_threads, c->drain_ms, log_level_name(c->log_level), c->max_clients,
+        c->fetch_threads, c->loop_shared ? "shared" : "split", c->drain_ms, log_level_name(c->log_level), c->max_clients,
         c->idle_timeout_s, c->connect_timeout_ms, c->h2c ? "true" : "false", c->header_timeout_ms,
         c->body_timeout_ms, c->max_clients_per_ip, c->max_memory, c->linger_ms, c->linger_bytes);
     if (!json_buf_failed(&b))

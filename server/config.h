@@ -58,7 +58,8 @@ struct srv_config {
     size_t upstream_buffer;     /* --upstream-buffer: libcurl's receive buffer per fetch, bytes */
     size_t max_request_bytes;   /* --max-request-bytes: request body, bytes */
     size_t max_response_bytes;  /* --max-response-bytes: one batch response, bytes */
-    unsigned http_threads;      /* --http-threads: libmicrohttpd worker threads */
+    unsigned http_threads;      /* --http-threads: libmicrohttpd worker threads (split) */
+    bool loop_shared;           /* --loop-model shared: the fetch loops serve HTTP too */
     unsigned fetch_threads;     /* --fetch-threads: fetch loop threads */
     int64_t drain_ms;           /* --drain-ms: grace period on SIGTERM */
     enum log_level log_level;   /* --log-level */

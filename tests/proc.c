@@ -440,6 +440,7 @@ uint16_t listen_port_of(pid_t pid)
             if (inodes[k] != 0 && inodes[k] == ino) {
                 found = (uint16_t)port;
                 matches++;
+                break; /* one socket may be open on several descriptors */
             }
     }
     fclose(f);

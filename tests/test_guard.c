@@ -148,7 +148,7 @@ static struct conn *conn_open(struct listener *l, struct guard *g)
     CU_ASSERT_FATAL(srvtest_raw_open(&c->cl, l->port));
     c->sfd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
     CU_ASSERT_FATAL(c->sfd >= 0);
-    c->gc = guard_conn_open(g, c->sfd);
+    c->gc = guard_conn_open(g, c->sfd, NULL);
     CU_ASSERT_FATAL(c->gc != NULL);
     return c;
 }

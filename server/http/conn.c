@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "fetch/fetch.h"
@@ -268,14 +269,22 @@ static enum MHD_Result serve_metrics(struct req *r)
 
 /* ---------------------------------------------------------------- batches */
 
+void conn_resume(struct srv *s, struct MHD_Connection *conn)
+{
+    MHD_resume_connection(conn);
+    fetch_source_kick(s->fetch);
+}
+
 /* The batch is done (on its fetch loop's thread): hand the connection back to a worker. */
 static void on_batch_done(void *arg)
 {
     struct req *r = arg;
     if (r->watched)
         watch_remove(r->s->watch, r->watch_token);
-    atomic_store(&r->batch_done, true);
-    MHD_resume_connection(r->conn); /* last touch of the request from this thread */
+    struct srv *s = r->s;
+    struct MHD_Connection *conn = r->conn;
+    atomic_store(&r->batch_done, true); /* last touch of the request from this thread */
+    conn_resume(s, conn);
 }
 
 /* Back on a worker after the resume: the answer, or a close when the client went away. */
@@ -360,7 +369,7 @@ static enum MHD_Result start_batch(struct req *r, struct request *rq)
         r->start_err = rc;
         batch_free(r->batch);
         r->batch = NULL;
-        MHD_resume_connection(r->conn);
+        conn_resume(s, r->conn);
     }
     return MHD_YES;
 }
@@ -719,7 +728,14 @@ void conn_on_connection(void *cls, struct MHD_Connection *conn, void **socket_co
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-        *socket_context = ci ? guard_conn_open(s->guard, ci->connect_fd) : NULL;
+        const union MHD_ConnectionInfo *ai =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        struct guard_conn *gc =
+            ci ? guard_conn_open(s->guard, ci->connect_fd, ai ? ai->client_addr : NULL) : NULL;
+        *socket_context = gc;
+        /* Over --max-clients-per-ip: closed unanswered (libmicrohttpd sees the end at once). */
+        if (guard_conn_refused(gc))
+            shutdown(ci->connect_fd, SHUT_RDWR);
     } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
         guard_conn_close(s->guard, *socket_context);
         *socket_context = NULL;

@@ -47,8 +47,20 @@ struct guard_conn {
     int64_t first_byte;      /* when a waiting connection's first byte was seen, or 0; mu */
     uint64_t mark;           /* bytes received when it began waiting; mu */
     bool mark_set;           /* 'mark' was read after the phase began; mu */
+    struct peer *peer;       /* its address's count, or NULL (no limit, or out of memory); mu */
+    bool refused;            /* over --max-clients-per-ip: to be closed unanswered */
     struct guard_conn *prev, *next; /* registry; mu */
 };
+
+/* Connections open from one address (max_per_ip). */
+struct peer {
+    struct peer *next;       /* in its bucket */
+    unsigned char addr[16];  /* IPv4 (first 4 bytes) or IPv6 */
+    unsigned char len;       /* 4 or 16 */
+    unsigned n;              /* connections registered from it */
+};
+
+#define PEER_BUCKETS 256
 
 struct lingerer {
     int fd;                     /* our duplicate of the descriptor */
@@ -68,6 +80,7 @@ struct guard {
     struct lingerer *lingerers; /* lingering sockets */
     unsigned nlinger;           /* their number */
     bool stop;                  /* guard_free() was called */
+    struct peer *peers[PEER_BUCKETS]; /* connections per address (max_per_ip); mu */
 };
 
 /* Bytes the kernel received on 'fd' so far, or false if it cannot say. */
@@ -300,13 +313,78 @@ void guard_free(struct guard *g)
         g->conns = c->next;
         free(c);
     }
+    for (unsigned i = 0; i < PEER_BUCKETS; i++) /* none either, once every connection closed */
+        while (g->peers[i]) {
+            struct peer *p = g->peers[i];
+            g->peers[i] = p->next;
+            free(p);
+        }
     pthread_mutex_destroy(&g->mu);
     close(g->wake);
     close(g->ep);
     free(g);
 }
 
-struct guard_conn *guard_conn_open(struct guard *g, int fd)
+/* The address bytes of 'sa' (IPv4, or IPv6 with a mapped IPv4 address as IPv4), or 0. */
+static size_t peer_key(const struct sockaddr *sa, unsigned char out[16])
+{
+    if (sa && sa->sa_family == AF_INET) {
+        memcpy(out, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+        return 4;
+    }
+    if (!sa || sa->sa_family != AF_INET6)
+        return 0;
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(a)) {
+        memcpy(out, a->s6_addr + 12, 4);
+        return 4;
+    }
+    memcpy(out, a->s6_addr, 16);
+    return 16;
+}
+
+/* mu held: counts a connection from 'sa' in c->peer; false when that passes max_per_ip. */
+static bool peer_take(struct guard *g, struct guard_conn *c, const struct sockaddr *sa)
+{
+    unsigned char key[16];
+    size_t len = g->o.max_per_ip ? peer_key(sa, key) : 0;
+    if (!len)
+        return true;
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ key[i]) * 16777619u;
+    struct peer **slot = &g->peers[h % PEER_BUCKETS], *p = *slot;
+    while (p && (p->len != len || memcmp(p->addr, key, len) != 0))
+        p = p->next;
+    if (!p) {
+        if (!(p = calloc(1, sizeof(*p))))
+            return true; /* not counted: out of memory is no reason to refuse */
+        memcpy(p->addr, key, len);
+        p->len = (unsigned char)len;
+        p->next = *slot;
+        *slot = p;
+    }
+    c->peer = p;
+    return ++p->n <= g->o.max_per_ip;
+}
+
+/* mu held: the connection of 'c' no longer counts for its address. */
+static void peer_give(struct guard *g, struct guard_conn *c)
+{
+    struct peer *p = c->peer;
+    if (!p || --p->n > 0)
+        return;
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < p->len; i++)
+        h = (h ^ p->addr[i]) * 16777619u;
+    struct peer **pp = &g->peers[h % PEER_BUCKETS];
+    while (*pp != p)
+        pp = &(*pp)->next;
+    *pp = p->next;
+    free(p);
+}
+
+struct guard_conn *guard_conn_open(struct guard *g, int fd, const struct sockaddr *peer)
 {
     struct guard_conn *c = calloc(1, sizeof(*c));
     if (!c)
@@ -315,6 +393,7 @@ struct guard_conn *guard_conn_open(struct guard *g, int fd)
     c->fd = fd;
     atomic_init(&c->phase, PH_WAITING);
     pthread_mutex_lock(&g->mu);
+    c->refused = !peer_take(g, c, peer);
     c->mark = 0; /* a new connection: any byte it received is its first request's */
     c->mark_set = true;
     c->next = g->conns;
@@ -367,10 +446,16 @@ void guard_conn_close(struct guard *g, struct guard_conn *c)
         g->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    if (want && atomic_load(&c->phase) != PH_TIMED_OUT)
+    peer_give(g, c);
+    if (want && !c->refused && atomic_load(&c->phase) != PH_TIMED_OUT)
         linger_start(g, c->fd);
     pthread_mutex_unlock(&g->mu);
     free(c);
+}
+
+bool guard_conn_refused(const struct guard_conn *c)
+{
+    return c && c->refused;
 }
 
 bool guard_headers_done(struct guard_conn *c)

@@ -30,6 +30,7 @@
 
 struct guard;
 struct guard_conn;
+struct sockaddr;
 
 struct guard_opts {
     int64_t header_timeout_ms; /* first byte to end of headers; 0: none */
@@ -37,6 +38,7 @@ struct guard_opts {
     int64_t linger_ms;         /* longest lingering close; 0: no lingering */
     size_t linger_bytes;       /* most bytes read and dropped while lingering */
     unsigned max_lingering;    /* lingering sockets at once; more close at once */
+    unsigned max_per_ip;       /* connections open from one address at once; 0: no limit */
     /* Called on the guard thread, under no lock, for each request answered 408: 'in_body' tells
      * which deadline; 'request_id' is the id the answer carries. May be NULL. */
     void (*on_timeout)(void *arg, bool in_body, const char *request_id);
@@ -52,9 +54,13 @@ int guard_new(const struct guard_opts *o, struct guard **out);
  * stopped (no connection is registered any more). NULL is a no-op. */
 void guard_free(struct guard *g);
 
-/* A connection was accepted on 'fd' (MHD_CONNECTION_NOTIFY_STARTED). Returns its record, or
- * NULL when out of memory (the connection then runs without deadlines). */
-struct guard_conn *guard_conn_open(struct guard *g, int fd);
+/* A connection from 'peer' (its address, or NULL) was accepted on 'fd'
+ * (MHD_CONNECTION_NOTIFY_STARTED). Returns its record, or NULL when out of memory (the
+ * connection then runs without deadlines). */
+struct guard_conn *guard_conn_open(struct guard *g, int fd, const struct sockaddr *peer);
+
+/* The connection of 'c' passed max_per_ip: close it unanswered. It counts until it closes. */
+bool guard_conn_refused(const struct guard_conn *c);
 
 /* The connection is about to be closed (MHD_CONNECTION_NOTIFY_CLOSED; its descriptor is still
  * open): unregisters and frees 'c', and lingers when it was asked to or bytes are unread. */

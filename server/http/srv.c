@@ -116,10 +116,11 @@ static void log_startup(struct srv *s)
     json_buf_init(&b);
     log_begin(&b, LOG_INFO, "starting");
     json_buf_printf(&b,
-                    ",\"version\":\"%s\",\"pid\":%ld,\"port\":%u,\"http_threads\":%u,"
-                    "\"fetch_threads\":%u",
-                    FANOUT_VERSION, (long)getpid(), s->port, s->cfg.http_threads,
-                    s->cfg.fetch_threads);
+                    ",\"version\":\"%s\",\"pid\":%ld,\"port\":%u,\"loop_model\":\"%s\","
+                    "\"http_threads\":%u,\"fetch_threads\":%u",
+                    FANOUT_VERSION, (long)getpid(), s->port,
+                    s->cfg.loop_shared ? "shared" : "split",
+                    s->cfg.http_threads, s->cfg.fetch_threads);
     json_buf_append_str(&b, ",\"upstream\":");
     json_append_string(&b, s->upstream, strlen(s->upstream));
     json_buf_append_str(&b, ",\"upstreams\":[");
@@ -427,6 +428,8 @@ static int start_guard(struct srv *s, char *err, size_t errlen)
                             .linger_ms = s->cfg.linger_ms,
                             .linger_bytes = s->cfg.linger_bytes,
                             .max_lingering = LINGER_MAX,
+                            .max_per_ip = s->cfg.max_clients_per_ip, /* one count for every
+                                                                        daemon */
                             .on_timeout = conn_on_guard_timeout,
                             .new_id = conn_new_id,
                             .arg = s};
@@ -474,39 +477,107 @@ static int bind_listen(const struct srv_config *c, const struct sockaddr_storage
     return fd;
 }
 
-/* Starts libmicrohttpd on the listening socket 'lfd'; NULL when it refuses (its reason is
- * logged through mhd_logger()). */
-static struct MHD_Daemon *start_mhd(struct srv *s, int lfd, bool ipv6)
+/* Starts a libmicrohttpd daemon on the listening socket 'lfd': its own thread pool (split), or
+ * polled by the caller (shared: 'n' daemons, one per fetch loop, share the connection limits).
+ * NULL when it refuses (its reason is logged through mhd_logger()). */
+static struct MHD_Daemon *start_mhd(struct srv *s, int lfd, bool ipv6, unsigned n)
 {
     const struct srv_config *c = &s->cfg;
-    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
-                     MHD_USE_ERROR_LOG;
+    unsigned flags = (c->loop_shared ? MHD_USE_EPOLL : MHD_USE_EPOLL_INTERNAL_THREAD) |
+                     MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO | MHD_USE_ERROR_LOG;
     if (ipv6)
         flags |= MHD_USE_IPv6;
+    unsigned limit = c->max_clients / n ? c->max_clients / n : 1;
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_logger, s}, /* first, to catch all */
         {MHD_OPTION_LISTEN_SOCKET, lfd, NULL},
         {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)conn_on_connection, s},
-        {MHD_OPTION_PER_IP_CONNECTION_LIMIT, c->max_clients_per_ip, NULL},
 #if MHD_VERSION >= 0x00097701
         /* libmicrohttpd 1.0: refuse what RFC 9112 lets a server refuse (obs-fold, bare CR or
          * LF, whitespace before a colon, malformed chunk sizes) at its strictest level. */
         {MHD_OPTION_CLIENT_DISCIPLINE_LVL, 3, NULL},
 #endif
-        {MHD_OPTION_CONNECTION_LIMIT, c->max_clients, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, limit, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, c->idle_timeout_s, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 4096, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)conn_on_completed, s},
-        {c->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, c->http_threads,
-         NULL},
+        {!c->loop_shared && c->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
+         c->http_threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
     return MHD_start_daemon(flags, 0, NULL, NULL, conn_on_request, s, MHD_OPTION_ARRAY, opts,
                             MHD_OPTION_END);
 }
 
-/* The last step: the listening socket, then the daemon on it, and the port it got. */
+/* A shared loop's source (fetch.h): its daemon's connections and listener. */
+static void mhd_source_run(void *arg)
+{
+    MHD_run(arg);
+}
+
+static int64_t mhd_source_timeout(void *arg)
+{
+    MHD_UNSIGNED_LONG_LONG ms;
+    if (MHD_get_timeout(arg, &ms) != MHD_YES)
+        return -1;
+    return ms > (MHD_UNSIGNED_LONG_LONG)INT32_MAX ? INT32_MAX : (int64_t)ms;
+}
+
+/* Shared: hands daemon i to fetch loop i, which polls it from now on. */
+static int attach_mhd(struct srv *s, unsigned i, char *err, size_t errlen)
+{
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd[i], MHD_DAEMON_INFO_EPOLL_FD);
+    struct fetch_source src = {.fd = di ? di->epoll_fd : -1,
+                               .run = mhd_source_run,
+                               .timeout_ms = mhd_source_timeout,
+                               .arg = s->mhd[i]};
+    int rc = di ? fetch_loop_source(s->fetch, i, &src) : -EIO;
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot hand the HTTP front end to fetch loop %u", i);
+        return rc == -EINVAL ? -EIO : rc;
+    }
+    s->nsources = i + 1;
+    return 0;
+}
+
+/* The daemons on 'lfd' (taken): one, or one per fetch loop on duplicates of it (shared). */
+static int start_mhds(struct srv *s, int lfd, bool ipv6, char *err, size_t errlen)
+{
+    const struct srv_config *c = &s->cfg;
+    unsigned n = c->loop_shared ? fetch_loops(s->fetch) : 1;
+    if (!(s->mhd = calloc(n, sizeof(*s->mhd)))) {
+        close(lfd);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        int fd = i + 1 < n ? fcntl(lfd, F_DUPFD_CLOEXEC, 0) : lfd; /* the last takes lfd */
+        if (fd < 0 || !(s->mhd[i] = start_mhd(s, fd, ipv6, n))) {
+            int e = fd < 0 ? errno : EIO;
+            if (fd >= 0)
+                close(fd);
+            if (fd != lfd)
+                close(lfd);
+            snprintf(err, errlen, "cannot start the HTTP front end on %s:%u (%s)",
+                     c->listen_host, c->listen_port,
+                     fd < 0 ? strerror(e) : "libmicrohttpd's reason is in the log above");
+            return -e;
+        }
+        s->nmhd = i + 1;
+        if (c->loop_shared) {
+            int rc = attach_mhd(s, i, err, errlen);
+            if (rc != 0) {
+                if (fd != lfd)
+                    close(lfd);
+                return rc;
+            }
+        }
+    }
+    return 0;
+}
+
+/* The last step: the listening socket, then the daemons on it, and the port it got. */
 static int start_daemon(struct srv *s, char *err, size_t errlen)
 {
     const struct srv_config *c = &s->cfg;
@@ -518,25 +589,26 @@ static int start_daemon(struct srv *s, char *err, size_t errlen)
     if (lfd < 0)
         return lfd == -EINVAL ? -EADDRNOTAVAIL : lfd; /* exit 1: the system refused, not the
                                                          config */
-    if (!(s->mhd = start_mhd(s, lfd, ss.ss_family == AF_INET6))) {
-        close(lfd);
-        snprintf(err, errlen, "cannot start the HTTP front end on %s:%u (libmicrohttpd's reason "
-                 "is in the log above)", c->listen_host, c->listen_port);
-        return -EIO;
-    }
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     s->port = c->listen_port;
     if (getsockname(lfd, (struct sockaddr *)&bound, &blen) == 0)
         s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                     : ((struct sockaddr_in *)&bound)->sin_port);
-    return 0;
+    return start_mhds(s, lfd, ss.ss_family == AF_INET6, err, errlen);
 }
 
+/* Shared: each loop lets go of its daemon first (fetch_loop_source() returns once it has), so
+ * that no loop runs a daemon while it stops. */
 static void stop_daemon(struct srv *s)
 {
-    if (s->mhd)
-        MHD_stop_daemon(s->mhd);
+    for (unsigned i = 0; i < s->nsources; i++)
+        fetch_loop_source(s->fetch, i, NULL);
+    s->nsources = 0;
+    for (unsigned i = 0; i < s->nmhd; i++)
+        MHD_stop_daemon(s->mhd[i]);
+    s->nmhd = 0;
+    free(s->mhd);
     s->mhd = NULL;
 }
 
@@ -636,12 +708,16 @@ struct demo *srv_demo_member(struct srv *s, unsigned i)
  * ready, and closes it as usual in MHD_stop_daemon(). */
 static void close_listener(struct srv *s)
 {
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_LISTEN_FD);
-    int efd = eventfd(0, EFD_CLOEXEC);
-    if (!di || efd < 0 || dup3(efd, di->listen_fd, O_CLOEXEC) < 0)
-        log_msg(s->log, LOG_WARN, "could not close the listening socket; it stays open until exit");
-    if (efd >= 0)
-        close(efd);
+    for (unsigned i = 0; i < s->nmhd; i++) {
+        const union MHD_DaemonInfo *di =
+            MHD_get_daemon_info(s->mhd[i], MHD_DAEMON_INFO_LISTEN_FD);
+        int efd = eventfd(0, EFD_CLOEXEC);
+        if (!di || efd < 0 || dup3(efd, di->listen_fd, O_CLOEXEC) < 0)
+            log_msg(s->log, LOG_WARN,
+                    "could not close the listening socket; it stays open until exit");
+        if (efd >= 0)
+            close(efd);
+    }
 }
 
 void srv_drain_start(struct srv *s)
@@ -650,8 +726,7 @@ void srv_drain_start(struct srv *s)
         return;
     log_fieldsf(s->log, LOG_INFO, "draining", ",\"in_flight\":%" PRIdFAST64 ",\"drain_ms\":%" PRId64,
                atomic_load(&s->active), s->cfg.drain_ms);
-    if (s->mhd)
-        close_listener(s);
+    close_listener(s);
 }
 
 int64_t srv_in_flight(struct srv *s)

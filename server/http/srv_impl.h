@@ -45,7 +45,10 @@ enum route { R_BATCH, R_HEALTHZ, R_READYZ, R_METRICS, R_NOT_FOUND, R_BAD_METHOD 
 
 struct srv {
     struct srv_config cfg;         /* effective configuration */
-    struct MHD_Daemon *mhd;        /* the front end */
+    struct MHD_Daemon **mhd;       /* the front end: one daemon (split), or one per fetch loop
+                                      polled by it (shared) */
+    unsigned nmhd;                 /* daemons started */
+    unsigned nsources;             /* daemons attached to their loop (shared) */
     struct fetch *fetch;           /* the upstream engine */
     struct upstream_live *ups;     /* the upstream set: its current snapshot */
     struct discover *discover;     /* keeps it: lookups, the upstreams file, health checks */
@@ -122,6 +125,10 @@ void conn_on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                        enum MHD_RequestTerminationCode toe);
 void conn_on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                         enum MHD_ConnectionNotificationCode toe);
+
+/* Resumes 'conn' (suspended for a batch or a stream) and, on a shared loop, has the loop run
+ * its daemon before it sleeps (libmicrohttpd processes a resume at its next run). */
+void conn_resume(struct srv *s, struct MHD_Connection *conn);
 
 /* The guard's callbacks (struct guard_opts; 'arg' is the server). */
 void conn_on_guard_timeout(void *arg, bool in_body, const char *request_id);

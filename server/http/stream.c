@@ -82,7 +82,7 @@ static void stream_wake(struct stream *st)
 {
     if (st->suspended && !st->gone) {
         st->suspended = false;
-        MHD_resume_connection(st->conn);
+        conn_resume(st->s, st->conn);
     }
 }
 
