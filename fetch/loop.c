@@ -299,7 +299,8 @@ static void sleep_poll(struct fetch_loop *l, int wait)
     int64_t t0 = src_wait ? fetch__now_us() : 0;
     struct curl_waitfd wfd = {.fd = l->src.fd, .events = CURL_WAIT_POLLIN};
     curl_multi_poll(l->multi, &wfd, 1, wait, NULL);
-    if (wfd.revents || (src_wait && fetch__now_us() - t0 >= src_ms * 1000))
+    /* poll() may end a little before its timeout: within a millisecond counts as due */
+    if (wfd.revents || (src_wait && fetch__now_us() - t0 >= src_ms * 1000 - 1000))
         l->src_due = true;
 }
 
