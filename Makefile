@@ -125,9 +125,12 @@ test-deps: deps
 layers:
 	@tests/layers.sh
 
+# The server suites that also run under --loop-model split (the default is shared).
+TEST_ALSO_SPLIT = test_server_api test_server_life test_stream test_http test_faults test_ops
+
 test: all test-deps layers
 	FANOUT_BIN=$(BIN) FANOUT_LOAD_BIN=$(LOAD_BIN) TEST_TIMEOUT=$(TEST_TIMEOUT) TEST_WRAP="$(TEST_WRAP)" \
-	  TEST_LOG_DIR=$(BUILD)/test-logs tests/run.sh $(TEST_BINS)
+	  TEST_LOG_DIR=$(BUILD)/test-logs TEST_ALSO_SPLIT="$(TEST_ALSO_SPLIT)" tests/run.sh $(TEST_BINS)
 
 # Sanitizer runs: separate trees, never combined. A sanitizer report fails the run.
 export ASAN_OPTIONS ?= detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1

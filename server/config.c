@@ -133,12 +133,12 @@ static const struct opt opts[] = {
      "one batch response, bytes (duplicates count at each position) [64MiB]"},
     {"max-request-bytes", K_SIZE, F(max_request_bytes), 2, (int64_t)1 << 30,
      "request body, bytes [1MiB]"},
-    {"http-threads", K_UINT, F(http_threads), 1, 256, "HTTP front-end threads [CPUs]"},
+    {"http-threads", K_UINT, F(http_threads), 1, 256, "libmicrohttpd threads with --loop-model split [CPUs]"},
     {"fetch-threads", K_UINT, F(fetch_threads), 1, 256, "upstream fetch loop threads [CPUs]"},
     {"loop-model", K_LOOPS, F(loop_shared), 0, 0,
      "shared: each fetch loop also serves its own client connections, so one thread serves a "
      "request from its first byte to its answer (--http-threads is not used); split: "
-     "--http-threads HTTP threads hand each batch to a fetch loop and back [split]"},
+     "--http-threads HTTP threads hand each batch to a fetch loop and back [shared]"},
     {"drain-ms", K_MS, F(drain_ms), 0, 3600000,
      "grace period for in-flight batches on SIGTERM or SIGINT, ms [10000]"},
     {"log-level", K_LEVEL, F(log_level), 0, 0, "error, warn, info or debug [info]"},
@@ -225,6 +225,7 @@ void config_defaults(struct srv_config *c)
     c->eject_max_ms = 300000;
     c->max_ejected_pct = 50;
     c->discovery_dns = true;
+    c->loop_shared = true;
     c->resolve_every_ms = 5000;
     c->resolve_hold_ms = 30000;
     c->max_members = 256;

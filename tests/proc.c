@@ -35,19 +35,20 @@ bool have_bin(void)
     return false;
 }
 
-/* The environment without FANOUT_* (hermetic) plus 'extra' ("NAME=value", NULL-terminated, may
+/* The environment without FANOUT_* (hermetic; but $TEST_LOOP_MODEL becomes FANOUT_LOOP_MODEL)
+ * plus 'extra' ("NAME=value", NULL-terminated, may
  * be NULL). ThreadSanitizer's options gain atexit_sleep_ms=0: TSan otherwise sleeps a second in
  * an exit that leaves threads running, which is exactly what a second signal does. The strings
  * are borrowed (from environ, 'extra' or a static buffer); free() the vector. Test thread only. */
 static char **make_env(char *const *extra)
 {
-    static char tsan[1024];
+    static char tsan[1024], model[64];
     size_t n = 1, k = 0;
     while (environ[n - 1])
         n++;
     for (size_t i = 0; extra && extra[i]; i++)
         n++;
-    char **env = calloc(n + 1, sizeof(*env));
+    char **env = calloc(n + 2, sizeof(*env));
     if (!env)
         return NULL;
     const char *old = "";
@@ -59,6 +60,11 @@ static char **make_env(char *const *extra)
     }
     snprintf(tsan, sizeof(tsan), "TSAN_OPTIONS=%s%satexit_sleep_ms=0", old, *old ? ":" : "");
     env[k++] = tsan;
+    const char *lm = getenv("TEST_LOOP_MODEL"); /* the suite runs under the other loop model */
+    if (lm && *lm) {
+        snprintf(model, sizeof(model), "FANOUT_LOOP_MODEL=%s", lm);
+        env[k++] = model;
+    }
     for (size_t i = 0; extra && extra[i]; i++)
         env[k++] = extra[i];
     env[k] = NULL;

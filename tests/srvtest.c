@@ -41,6 +41,9 @@ void srvtest_config(const struct srvtest_env *e, struct srv_config *c)
     c->fetch_threads = 2;
     c->limit = 8;
     c->drain_ms = 2000;
+    const char *lm = getenv("TEST_LOOP_MODEL"); /* make test runs the server suites in both */
+    if (lm && *lm)
+        c->loop_shared = strcmp(lm, "split") != 0;
     c->log_level = LOG_ERROR;
     const char *lv = getenv("SRVTEST_LOG");
     if (lv && !strcmp(lv, "debug"))

@@ -667,6 +667,88 @@ static void test_guard_answer(void)
     close(sv[1]);
 }
 
+/* ---------------------------------------------------------------- connections per address */
+
+static struct sockaddr_storage addr_of(const char *ip)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, ip, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+    } else {
+        CU_ASSERT_FATAL(inet_pton(AF_INET6, ip, &v6->sin6_addr) == 1);
+        v6->sin6_family = AF_INET6;
+    }
+    return ss;
+}
+
+/* A record for a connection from 'ip' (NULL: no address), on no real descriptor. */
+static struct guard_conn *open_from(struct guard *g, const char *ip)
+{
+    struct sockaddr_storage ss;
+    if (ip)
+        ss = addr_of(ip);
+    struct guard_conn *c = guard_conn_open(g, -1, ip ? (struct sockaddr *)&ss : NULL);
+    CU_ASSERT_FATAL(c != NULL);
+    return c;
+}
+
+static void test_guard_per_address(void)
+{
+    struct seen s;
+    seen_init(&s);
+    struct guard_opts o = {.max_per_ip = 2, .on_timeout = on_timeout, .new_id = new_id, .arg = &s};
+    struct guard *g = NULL;
+    CU_ASSERT_FATAL(guard_new(&o, &g) == 0);
+    struct guard_conn *a1 = open_from(g, "10.0.0.1"), *a2 = open_from(g, "10.0.0.1");
+    CU_ASSERT_FALSE(guard_conn_refused(a1));
+    CU_ASSERT_FALSE(guard_conn_refused(a2));
+    struct guard_conn *a3 = open_from(g, "::ffff:10.0.0.1"); /* the same address, mapped */
+    CU_ASSERT_TRUE(guard_conn_refused(a3));
+    struct guard_conn *b1 = open_from(g, "10.0.0.2"); /* another address has its own count */
+    CU_ASSERT_FALSE(guard_conn_refused(b1));
+    struct guard_conn *v[3];
+    for (int i = 0; i < 3; i++)
+        v[i] = open_from(g, "2001:db8::1");
+    CU_ASSERT_FALSE(guard_conn_refused(v[0]));
+    CU_ASSERT_FALSE(guard_conn_refused(v[1]));
+    CU_ASSERT_TRUE(guard_conn_refused(v[2]));
+    struct guard_conn *n1 = open_from(g, NULL), *n2 = open_from(g, NULL), *n3 = open_from(g, NULL);
+    CU_ASSERT_FALSE(guard_conn_refused(n3)); /* no address: not counted */
+    /* A refused connection counts until it closes: one close leaves the address full. */
+    guard_conn_close(g, a1);
+    struct guard_conn *a4 = open_from(g, "10.0.0.1");
+    CU_ASSERT_TRUE(guard_conn_refused(a4));
+    guard_conn_close(g, a3);
+    guard_conn_close(g, a4);
+    struct guard_conn *a5 = open_from(g, "10.0.0.1");
+    CU_ASSERT_FALSE(guard_conn_refused(a5));
+    struct guard_conn *all[] = {a2, a5, b1, v[0], v[1], v[2], n1, n2, n3};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        guard_conn_close(g, all[i]);
+    /* Every count is back to zero: two more from each address are accepted. */
+    struct guard_conn *again[4] = {open_from(g, "10.0.0.1"), open_from(g, "10.0.0.1"),
+                                   open_from(g, "2001:db8::1"), open_from(g, "2001:db8::1")};
+    for (int i = 0; i < 4; i++) {
+        CU_ASSERT_FALSE(guard_conn_refused(again[i]));
+        guard_conn_close(g, again[i]);
+    }
+    guard_free(g);
+    /* 0: no limit. */
+    o.max_per_ip = 0;
+    CU_ASSERT_FATAL(guard_new(&o, &g) == 0);
+    struct guard_conn *m[5];
+    for (int i = 0; i < 5; i++) {
+        m[i] = open_from(g, "10.0.0.1");
+        CU_ASSERT_FALSE(guard_conn_refused(m[i]));
+    }
+    for (int i = 0; i < 5; i++)
+        guard_conn_close(g, m[i]);
+    guard_free(g);
+}
+
 static CU_TestInfo guard_tests[] = {
     {"header deadline from the first byte; idle and kept-alive connections left alone",
      test_guard_header_deadline},
@@ -683,6 +765,8 @@ static CU_TestInfo guard_tests[] = {
      test_guard_linger_cap_timeout_and_free},
     {"a NULL record runs without deadlines", test_guard_null_record},
     {"guard_answer: a whole answer on the socket, or false", test_guard_answer},
+    {"max_per_ip: counted per address (IPv4-mapped as IPv4) until each closes",
+     test_guard_per_address},
     CU_TEST_INFO_NULL,
 };
 TEST_SUITE(guard, guard_tests)
