@@ -20,7 +20,9 @@
  *
  * Besides transfers, a loop runs timers (fetch_after(), bound to a ctx) and one-shot events
  * (fetch_event_*(): the caller's memory, fired once from any thread, with no ctx), so that other
- * threads can hand work or wake a waiter on a loop thread. */
+ * threads can hand work or wake a waiter on a loop thread; and it may poll one source of its own
+ * (fetch_loop_source(): a descriptor and a callback, such as an HTTP server's event set), so that
+ * one thread serves requests and their fetches. */
 #ifndef FANOUT_FETCH_H
 #define FANOUT_FETCH_H
 

@@ -20,11 +20,19 @@
  * its own after its hook queued it; completion then takes it off the list again
  * (fetch__canceled_forget()), after ctx_hook_remove(), which waits for a running hook.
  *
- * Each pass: take the inbox, the canceled list, the fired events and the flags; admit new
- * transfers and timers (a ctx already done completes them without starting); abort the canceled
- * ones; run the fired events' callbacks; move waiting transfers into the multi while fewer than
- * 'limit' are active; curl_multi_perform(); complete what curl reports done; fire due timers;
- * curl_multi_poll() until curl has work, a timer is due or a wakeup arrives. 'limit' is the
+ * Source: a loop may poll one descriptor besides curl's (fetch_loop_source(): the HTTP daemon's
+ * epoll set in the shared loop model). Its run() comes first in a pass, so that what it hands
+ * the loop (a batch's zero-delay timer) is taken in the same pass; it is due when the descriptor
+ * was readable, when the time its timeout_ms() asked for has passed, or after a kick. A change
+ * of source is taken in take(), which wakes the thread that asked for it: between two passes,
+ * so the old source's callbacks are never running then.
+ *
+ * Each pass: run the source if it is due; take the inbox, the canceled list, the fired events
+ * and the flags; admit new transfers and timers (a ctx already done completes them without
+ * starting); abort the canceled ones; run the fired events' callbacks; move waiting transfers
+ * into the multi while fewer than 'limit' are active; curl_multi_perform(); complete what curl
+ * reports done; fire due timers; curl_multi_poll() (with the source's descriptor) until curl
+ * has work, a timer or the source is due, or a wakeup arrives. 'limit' is the
  * loop's connection cap (HTTP/1.1: one transfer per connection), or 100 streams per connection
  * for h2c, so curl's own PENDING queue stays empty: its timeout clock would otherwise run while a
  * transfer waits, and 7.88 walks PENDING handles on every perform (LIBRARY-NOTES 2.2, 2.3). The

@@ -1,12 +1,14 @@
 /* conn: the per-connection request machine: libmicrohttpd's handler calls for one request,
  * from its headers through its body to its answer and completion, and its access log line.
  *
- * THREADS: every function here runs on a libmicrohttpd worker (the connection's), except
- * on_batch_done(), which runs on the batch's fetch loop thread, and conn_on_guard_timeout()
- * and conn_new_id(), which the guard thread calls. A batch request is parsed here (request.h),
- * admitted (admit.h) and run by batch.h on a fetch loop; its connection is suspended meanwhile
- * and resumed from that loop's thread when the batch is done; the answer is rendered (render.h)
- * and queued back on a worker. A streamed answer is stream.h's.
+ * THREADS: every function here runs on the thread that runs the connection's daemon (a fetch
+ * loop with --loop-model shared, a libmicrohttpd worker with split), except on_batch_done(),
+ * which runs on the batch's fetch loop thread, and conn_on_guard_timeout() and conn_new_id(),
+ * which the guard thread calls. A batch request is parsed here (request.h), admitted (admit.h)
+ * and run by batch.h on a fetch loop (shared: the connection's own, fetch_pick_loop()); its
+ * connection is suspended meanwhile and resumed from that loop's thread when the batch is done
+ * (conn_resume()); the answer is rendered (render.h) and queued on the connection's thread. A
+ * streamed answer is stream.h's.
  *
  * ANSWERS: responses are queued on the handler call after the first, never on the first
  * (libmicrohttpd 0.9.75 closes the connection otherwise), except a body refused by its

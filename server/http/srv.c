@@ -15,9 +15,16 @@
  * GAUGES: the drain waits on 'active' (admit.h), which falls only when libmicrohttpd reports a
  * request complete (its answer sent), so nothing is cut off mid-write.
  *
+ * LOOP MODELS: shared (the default) starts one daemon per fetch loop in external-polling mode,
+ * each on its own duplicate of the listening socket, and hands each to its loop as the loop's
+ * source (fetch_loop_source()): the loop polls the daemon's epoll descriptor with curl's sockets
+ * and runs MHD_run() when it is ready, so a connection's requests, batches and answers all stay
+ * on that loop's thread. stop_daemon() takes each daemon back from its loop before stopping it.
+ * split starts one daemon with its own --http-threads workers, which hand batches to the loops.
+ *
  * THREADS: srv_new(), srv_drain*() and srv_free() run on the owner's thread (main's); the
- * daemon's workers call conn.c's handlers and mhd_logger(); outlier ejection's events come from
- * whichever thread noticed them. Counters are relaxed atomics (metrics.h); a scrape reads them
+ * daemons' threads (the fetch loops, or split's workers) call conn.c's handlers and
+ * mhd_logger(); outlier ejection's events come from whichever thread noticed them. Counters are relaxed atomics (metrics.h); a scrape reads them
  * without a lock.
  *
  * OWNERSHIP: the server owns every part it starts and frees them in srv_free(); the daemon owns

@@ -1,7 +1,8 @@
 /* srv: the fanout HTTP server: libmicrohttpd front end, batch fan-out, probes and metrics.
  *
- * srv_new() starts every thread the server will ever have: the libmicrohttpd workers
- * (--http-threads), the fetch loops (--fetch-threads) and their two resolver threads, the
+ * srv_new() starts every thread the server will ever have: the fetch loops (--fetch-threads),
+ * which with --loop-model shared also run one libmicrohttpd daemon each (split: the
+ * libmicrohttpd workers of --http-threads besides), their two resolver threads, the
  * disconnect watch, the connection guard, the log writer, the ctx timer and, with --demo, the
  * demo upstream. srv_drain() and srv_free() stop them; nothing
  * is started per request or per fetch.
