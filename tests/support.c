@@ -1,4 +1,5 @@
-/* Test support: the suite registry behind TEST_SUITE and /proc probes for leak checks. */
+/* Test support: the suite registry behind TEST_SUITE, /proc probes for leak checks, and a quiet
+ * fetch engine. */
 #include "tests/support.h"
 
 #include <dirent.h>
@@ -9,6 +10,7 @@
 #include <time.h>
 
 #include "ctx/ctx.h"
+#include "fetch/fetch.h"
 #include "fetch/upstream.h"
 
 static struct test_suite *suites;
@@ -218,4 +220,15 @@ unsigned test_pick(struct upstreams *u, const char *key, unsigned k, int64_t now
         tried[n++] = (uint16_t)m;
     }
     return m;
+}
+
+struct fetch *test_quiet_engine(unsigned loops)
+{
+    struct fetch_opts o;
+    fetch_opts_default(&o);
+    o.loops = loops;
+    o.max_conns = loops;
+    o.idle_poll_ms = 600000;
+    struct fetch *f = NULL;
+    return fetch_new(&o, &f) == 0 ? f : NULL;
 }

@@ -73,4 +73,10 @@ void test_key_ranked(const struct upstreams *u, unsigned first, int second, char
  * gone where upstreams_pick() sent them. */
 unsigned test_pick(struct upstreams *u, const char *key, unsigned k, int64_t now_ms);
 
+/* A fetch engine of 'loops' loops (one upstream connection each) that never polls on its own
+ * (idle poll of ten minutes), so a lost wakeup shows as a test that waits out its bound; NULL
+ * if it cannot start. */
+struct fetch;
+struct fetch *test_quiet_engine(unsigned loops);
+
 #endif

@@ -18,17 +18,6 @@
 
 #define WAIT_MS test_ms(10000) /* bound for anything that should happen "soon" */
 
-static struct fetch *engine(unsigned loops)
-{
-    struct fetch_opts o;
-    fetch_opts_default(&o);
-    o.loops = loops;
-    o.max_conns = loops;
-    o.idle_poll_ms = 600000;
-    struct fetch *f = NULL;
-    return fetch_new(&o, &f) == 0 ? f : NULL;
-}
-
 /* Set around fetch_event_fire() calls made from loop callbacks: a callback run from inside a
  * fire on the same thread would see it. */
 static _Thread_local int in_fire;
@@ -118,7 +107,7 @@ static void *fire_thread(void *arg)
  * second fire returns false and changes nothing. */
 static void test_event_fire_from_another_thread(void)
 {
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     pthread_t loop1 = thread_of_loop(f, 1);
     struct rec r = {0};
@@ -158,7 +147,7 @@ static void loop_fires_cb(void *arg, struct fetch_result *r)
 
 static void test_event_fire_from_loop_thread(void)
 {
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     pthread_t loop0 = thread_of_loop(f, 0), loop1 = thread_of_loop(f, 1);
     struct rec own = {0}, other = {0};
@@ -197,7 +186,7 @@ static void *duel_thread(void *arg)
 static void test_event_fire_twice_one_callback(void)
 {
     enum { ROUNDS = 200 };
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     unsigned bad = 0;
     for (int i = 0; i < ROUNDS; i++) {
@@ -246,7 +235,7 @@ static void at_shutdown_cb(void *arg, struct fetch_result *r)
 static void test_event_shutdown(void)
 {
     enum { N = 50 };
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     struct rec r[N];
     memset(r, 0, sizeof(r));
@@ -307,7 +296,7 @@ static void test_event_fire_races_free(void)
     for (int round = 0; round < ROUNDS; round++) {
         memset(r, 0, N * sizeof(*r));
         memset(won, 0, N * sizeof(*won));
-        struct fetch *f = engine(2);
+        struct fetch *f = test_quiet_engine(2);
         CU_ASSERT_FATAL(f != NULL);
         for (int i = 0; i < N; i++)
             CU_ASSERT_EQUAL(fetch_event_init(f, (unsigned)i % 2, &r[i].ev, rec_cb, &r[i]), 0);
@@ -367,7 +356,7 @@ static void *storm_thread(void *arg)
 static void test_event_many_threads(void)
 {
     enum { N = 20000, THREADS = 4 };
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     pthread_t loops[2] = {thread_of_loop(f, 0), thread_of_loop(f, 1)};
     struct rec *r = calloc(N, sizeof(*r));
@@ -438,7 +427,7 @@ static bool again_done(void *arg)
 
 static void test_event_rearmed_from_callback(void)
 {
-    struct fetch *f = engine(1);
+    struct fetch *f = test_quiet_engine(1);
     CU_ASSERT_FATAL(f != NULL);
     struct again a = {.f = f};
     CU_ASSERT_EQUAL(fetch_event_init(f, 0, &a.ev, again_cb, &a), 0);

@@ -20,17 +20,6 @@
 
 #define WAIT_MS test_ms(10000) /* bound for anything that should happen "soon" */
 
-static struct fetch *engine(unsigned loops)
-{
-    struct fetch_opts o;
-    fetch_opts_default(&o);
-    o.loops = loops;
-    o.max_conns = loops;
-    o.idle_poll_ms = 600000;
-    struct fetch *f = NULL;
-    return fetch_new(&o, &f) == 0 ? f : NULL;
-}
-
 /* A source on a pipe: run() drains it and counts. */
 struct src {
     struct fetch *f;
@@ -108,7 +97,7 @@ static bool reached(void *arg)
 
 static void test_source_descriptor_wakes_loop(void)
 {
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     struct src s;
     CU_ASSERT_FATAL(src_init(&s, f));
@@ -133,7 +122,7 @@ static bool timeouts_served(void *arg) /* three wake-ups served, none asked for 
 
 static void test_source_timeout(void)
 {
-    struct fetch *f = engine(1);
+    struct fetch *f = test_quiet_engine(1);
     CU_ASSERT_FATAL(f != NULL);
     struct src s;
     CU_ASSERT_FATAL(src_init(&s, f));
@@ -174,7 +163,7 @@ static bool on_loop_done(void *arg)
 
 static void test_source_kick_and_clear(void)
 {
-    struct fetch *f = engine(2);
+    struct fetch *f = test_quiet_engine(2);
     CU_ASSERT_FATAL(f != NULL);
     struct src s;
     CU_ASSERT_FATAL(src_init(&s, f));
@@ -209,7 +198,7 @@ static void test_source_kick_and_clear(void)
 
 static void test_source_bad_arguments(void)
 {
-    struct fetch *f = engine(1);
+    struct fetch *f = test_quiet_engine(1);
     CU_ASSERT_FATAL(f != NULL);
     struct src s;
     CU_ASSERT_FATAL(src_init(&s, f));
