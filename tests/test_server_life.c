@@ -495,6 +495,45 @@ static void test_server_releases_everything(void)
     }
 }
 
+/* The threads a server runs while it serves a batch, over the test's own and its stub's. */
+static int server_threads(bool shared, unsigned http, unsigned fetch)
+{
+    ctx_shutdown();
+    struct srvtest_env e;
+    CU_ASSERT_FATAL(srvtest_env_init(&e) == 0);
+    int base = test_thread_count();
+    struct srv_config cfg;
+    srvtest_config(&e, &cfg);
+    cfg.loop_shared = shared;
+    cfg.http_threads = http;
+    cfg.fetch_threads = fetch;
+    CU_ASSERT_FATAL(srvtest_start(&e, &cfg) == 0);
+    struct srvtest_resp r;
+    srvtest_post(e.port, "{\"ids\":[\"t1\",\"t2\",\"t3\"]}", NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    srvtest_resp_free(&r);
+    int n = test_thread_count() - base;
+    srvtest_env_free(&e);
+    ctx_shutdown();
+    return n;
+}
+
+/* Shared: the fetch loops serve HTTP, and --http-threads starts nothing; split: one daemon
+ * thread, or --http-threads workers. The rest is a fixed set whatever the sizes. */
+static void test_server_thread_count(void)
+{
+    int shared2 = server_threads(true, 3, 2), shared3 = server_threads(true, 1, 3);
+    int split2 = server_threads(false, 3, 2), split1 = server_threads(false, 1, 2);
+    CU_ASSERT_EQUAL(shared3, shared2 + 1);
+    CU_ASSERT_EQUAL(split2, shared2 + 3);
+    CU_ASSERT_EQUAL(split1, shared2 + 1);
+    /* 2 loops, 2 resolvers, discover, guard, watch, log writer, ctx's timer */
+    CU_ASSERT_EQUAL(shared2, 9);
+    if (shared2 != 9 || split2 != shared2 + 3)
+        fprintf(stderr, "\n  threads: shared %d (3 loops: %d), split %d (1 worker: %d)\n",
+                shared2, shared3, split2, split1);
+}
+
 /* ---------------------------------------------------------------- concurrency */
 
 /* Many batches at once with every outcome, from several client threads: each gets its own answer
@@ -852,6 +891,7 @@ static CU_TestInfo server_life_tests[] = {
     {"drain deadline: the batch gets 503", test_server_drain_deadline_answers_503},
     {"srv_free with a batch in flight", test_server_free_with_batch_in_flight},
     {"threads, fds and memory released at shutdown", test_server_releases_everything},
+    {"threads: the loops (which serve HTTP when shared) and a fixed set", test_server_thread_count},
     {"concurrent batches with mixed outcomes", test_server_concurrent_mixed_batches},
     {"drain and stop under load", test_server_drain_under_load},
     {"watch: hang-up cancels, removed entries never do", test_server_watch_hangup_cancels},
