@@ -127,7 +127,10 @@ void conn_on_connection(void *cls, struct MHD_Connection *conn, void **socket_co
                         enum MHD_ConnectionNotificationCode toe);
 
 /* Resumes 'conn' (suspended for a batch or a stream) and, on a shared loop, has the loop run
- * its daemon before it sleeps (libmicrohttpd processes a resume at its next run). */
+ * its daemon before it sleeps (libmicrohttpd processes a resume at its next run, and in
+ * external polling its wake-up does not reach the loop's poll). With --loop-model shared every
+ * resume is made on the connection's own loop, where its batch runs, so the kick is that
+ * loop's. */
 void conn_resume(struct srv *s, struct MHD_Connection *conn);
 
 /* The guard's callbacks (struct guard_opts; 'arg' is the server). */
