@@ -717,14 +717,17 @@ static void test_guard_per_address(void)
     CU_ASSERT_TRUE(guard_conn_refused(v[2]));
     struct guard_conn *n1 = open_from(g, NULL), *n2 = open_from(g, NULL), *n3 = open_from(g, NULL);
     CU_ASSERT_FALSE(guard_conn_refused(n3)); /* no address: not counted */
-    /* A refused connection counts until it closes: one close leaves the address full. */
-    guard_conn_close(g, a1);
+    /* A refused connection is not counted: with a3 still open, one close makes room. */
     struct guard_conn *a4 = open_from(g, "10.0.0.1");
     CU_ASSERT_TRUE(guard_conn_refused(a4));
-    guard_conn_close(g, a3);
-    guard_conn_close(g, a4);
+    guard_conn_close(g, a1);
     struct guard_conn *a5 = open_from(g, "10.0.0.1");
     CU_ASSERT_FALSE(guard_conn_refused(a5));
+    struct guard_conn *a6 = open_from(g, "10.0.0.1"); /* full again */
+    CU_ASSERT_TRUE(guard_conn_refused(a6));
+    guard_conn_close(g, a3);
+    guard_conn_close(g, a4);
+    guard_conn_close(g, a6);
     struct guard_conn *all[] = {a2, a5, b1, v[0], v[1], v[2], n1, n2, n3};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         guard_conn_close(g, all[i]);
@@ -765,7 +768,7 @@ static CU_TestInfo guard_tests[] = {
      test_guard_linger_cap_timeout_and_free},
     {"a NULL record runs without deadlines", test_guard_null_record},
     {"guard_answer: a whole answer on the socket, or false", test_guard_answer},
-    {"max_per_ip: counted per address (IPv4-mapped as IPv4) until each closes",
+    {"max_per_ip: counted per address (IPv4-mapped as IPv4) until each closes; refusals not",
      test_guard_per_address},
     CU_TEST_INFO_NULL,
 };

@@ -364,8 +364,12 @@ static bool peer_take(struct guard *g, struct guard_conn *c, const struct sockad
         p->next = *slot;
         *slot = p;
     }
+    if (p->n >= g->o.max_per_ip)
+        return false; /* refused: closed at once, and never counted (a client retrying at
+                         once must not find its own refused connections holding the count) */
     c->peer = p;
-    return ++p->n <= g->o.max_per_ip;
+    p->n++;
+    return true;
 }
 
 /* mu held: the connection of 'c' no longer counts for its address. */

@@ -59,7 +59,7 @@ void guard_free(struct guard *g);
  * connection then runs without deadlines). */
 struct guard_conn *guard_conn_open(struct guard *g, int fd, const struct sockaddr *peer);
 
-/* The connection of 'c' passed max_per_ip: close it unanswered. It counts until it closes. */
+/* The connection of 'c' would pass max_per_ip: close it unanswered. It is not counted. */
 bool guard_conn_refused(const struct guard_conn *c);
 
 /* The connection is about to be closed (MHD_CONNECTION_NOTIFY_CLOSED; its descriptor is still
