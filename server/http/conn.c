@@ -728,16 +728,18 @@ void conn_on_connection(void *cls, struct MHD_Connection *conn, void **socket_co
 {
     struct srv *s = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        /* Each answer is read before the next call: libmicrohttpd 1.0 returns them all in one
+         * union of the connection's, which the next call overwrites. */
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-        const union MHD_ConnectionInfo *ai =
-            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-        struct guard_conn *gc =
-            ci ? guard_conn_open(s->guard, ci->connect_fd, ai ? ai->client_addr : NULL) : NULL;
+        int fd = ci ? ci->connect_fd : -1;
+        ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        const struct sockaddr *peer = ci ? ci->client_addr : NULL;
+        struct guard_conn *gc = fd >= 0 ? guard_conn_open(s->guard, fd, peer) : NULL;
         *socket_context = gc;
         /* Over --max-clients-per-ip: closed unanswered (libmicrohttpd sees the end at once). */
         if (guard_conn_refused(gc))
-            shutdown(ci->connect_fd, SHUT_RDWR);
+            shutdown(fd, SHUT_RDWR);
     } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
         guard_conn_close(s->guard, *socket_context);
         *socket_context = NULL;
