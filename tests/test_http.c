@@ -15,6 +15,7 @@
  * pacing is the trickling clients', who must send slowly to be slow. */
 #include <CUnit/CUnit.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -286,8 +287,12 @@ static void write_first(uint16_t port, const char *req, size_t len, const char *
                         size_t tail_len, struct srvtest_raw *r)
 {
     CU_ASSERT_FATAL(srvtest_raw_open(r, port));
-    bool sent = srvtest_raw_write(r, req, len) && (!tail || srvtest_raw_write(r, tail, tail_len));
+    bool head = srvtest_raw_write(r, req, len);
+    bool sent = head && (!tail || srvtest_raw_write(r, tail, tail_len));
     CU_ASSERT(sent);
+    if (!sent)
+        fprintf(stderr, "\n  write-first: %s of %.40s... not sent: %s\n", head ? "the rest" : "the head",
+                req, strerror(errno));
     srvtest_raw_read(r, NULL, WAIT_MS);
     srvtest_raw_close(r);
 }
@@ -297,7 +302,12 @@ static void test_http_write_first_clients_read_the_error(void)
     if (!have_bin())
         return;
     struct env e;
-    char *args[] = {"--max-request-bytes", "64KiB", NULL};
+    /* Lingering ends when the client closes; its time bound (5 s by default) is set far out so
+     * that a client slowed by a loaded machine still gets its whole body through. */
+    char linger[32];
+    int64_t lms = test_ms(20000);
+    snprintf(linger, sizeof(linger), "%" PRId64, lms < 60000 ? lms : 60000); /* its maximum */
+    char *args[] = {"--max-request-bytes", "64KiB", "--linger-ms", linger, NULL};
     CU_ASSERT_FATAL(start(&e, args));
     size_t big = 4u << 20;
     char *body = malloc(big);
