@@ -440,7 +440,10 @@ static void conn_readable(struct conn *c, int64_t now)
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     if (c->state != C_BUSY) { /* idle: the server closed it (or sent what nobody asked for) */
-        if (n > 0)
+        /* A 408 on an idle connection is the server (or a proxy in front of it, such as
+         * haproxy with a connection that never carried a request) closing it, as RFC 9110
+         * 15.5.9 allows: a close, not a wrong answer. Anything else unasked for is. */
+        if (n > 0 && !(n >= 12 && !memcmp(w->rbuf, "HTTP/1.", 7) && !memcmp(w->rbuf + 8, " 408", 4)))
             w->st.proto_errors++;
         conn_close(c, now);
         conn_open(c, now);
